@@ -1,0 +1,114 @@
+"""The `alignkit` command line.
+
+    alignkit run RECIPE --config CONFIG [key.path=value ...] [--nproc N]
+    alignkit ls
+    alignkit validate CONFIG [--recipe RECIPE]
+
+CONFIG is a YAML path or the name of a shipped config (`configs/RECIPE/NAME.yaml`).
+New knobs go into the config tree, never into new flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from alignkit.config import ConfigError, configs_dir, find_config, load_config
+from alignkit.data.io import DataError
+
+__all__ = ["RECIPES", "app", "main", "recipe_module"]
+
+# name -> module with `Config` (a RecipeConfig) and `main(cfg)`.
+RECIPES = {
+    "sft": "alignkit.recipes.sft",
+    "distill": "alignkit.recipes.distill",
+}
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Align generative models: SFT, distillation, DPO, reward models, RLHF, SteerLM, DRaFT+.")
+
+
+def recipe_module(name: str):
+    if name not in RECIPES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(RECIPES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown recipe {name!r}{hint} (recipes: {', '.join(RECIPES)})")
+    return importlib.import_module(RECIPES[name])
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _load(recipe: str, config: str, overrides: list[str]):
+    module = recipe_module(recipe)
+    cfg = load_config(module.Config, find_config(recipe, config), overrides)
+    if cfg.recipe not in (None, recipe):
+        raise ConfigError(f"this config is for recipe {cfg.recipe!r}, not {recipe!r}")
+    cfg.recipe = recipe
+    return module, cfg
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Argument(help="recipe name, see `alignkit ls`")],
+    config: Annotated[str, typer.Option("--config", "-c", help="config path or shipped config name")],
+    nproc: Annotated[int, typer.Option(help="processes to launch with torchrun")] = 1,
+) -> None:
+    """Run a recipe. Extra arguments `a.b=c` override config values."""
+    overrides = list(ctx.args)
+    try:
+        module, cfg = _load(recipe, config, overrides)  # validate before launching anything
+        if nproc > 1 and "LOCAL_RANK" not in os.environ:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   "-m", "alignkit.cli", "run", recipe, "--config", str(find_config(recipe, config)), *overrides]
+            raise typer.Exit(code=subprocess.call(cmd))
+        module.main(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@app.command("ls")
+def list_recipes() -> None:
+    """List recipes and their shipped configs."""
+    root = configs_dir()
+    for name, module_path in RECIPES.items():
+        configs = sorted(p.stem for p in (root / name).glob("*.yaml"))
+        typer.echo(f"{name:20s} {', '.join(configs) or '-'}")
+
+
+@app.command()
+def validate(
+    config: Annotated[str, typer.Argument(help="config path")],
+    recipe: Annotated[str | None, typer.Option(help="recipe (default: the config's `recipe` key or its folder name)")] = None,
+) -> None:
+    """Check a config without running it."""
+    try:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        recipe = recipe or (data.get("recipe") if isinstance(data, dict) else None) or path.parent.name
+        _load(recipe, str(path), [])
+    except (ConfigError, DataError) as exc:
+        _fail(str(exc))
+    typer.secho(f"ok: {config} is a valid {recipe} config", fg=typer.colors.GREEN)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Typed recipe configs: YAML in, validated pydantic models out.
+
+Every recipe declares one config class built from the sections below. Defaults live
+in the classes and nowhere else. Loading a config
+
+  1. reads the YAML file (a path, or the name of a shipped config `configs/RECIPE/NAME.yaml`),
+  2. applies `a.b.c=value` overrides (values parsed as YAML scalars: `3`, `1e-4`, `true`, `[1,2]`),
+  3. rejects unknown keys (naming the key and its nearest valid spelling), missing
+     required values (naming the key) and wrong types (naming the key and the expected type)
+     before any work starts.
+
+The fully resolved config is written to `output_dir/config.yaml` by the recipe.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "Section",
+    "ModelConfig",
+    "RandomInitConfig",
+    "LoraConfig",
+    "DatasetConfig",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "DistributedConfig",
+    "RecipeConfig",
+    "configs_dir",
+    "find_config",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem, reported with the key's dotted path."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --- model -------------------------------------------------------------------------------
+
+
+class RandomInitConfig(Section):
+    """A randomly initialised model built from an HF config, for tests and benchmarks."""
+
+    architecture: str = "llama"  # any `model_type` AutoConfig knows: llama, mistral, qwen2, qwen3, gpt2, gemma2, ...
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    merge_on_save: bool = True  # write merged weights to final/ (else the adapter alone)
+
+
+class ModelConfig(Section):
+    path: str | None = None  # a local Hugging Face model directory
+    random_init: RandomInitConfig | None = None  # build a random model instead of loading `path`
+    tokenizer_path: str | None = None  # defaults to `path`; with random_init and no path, the built-in byte tokenizer
+    # fp32: everything fp32. bf16_autocast: fp32 master weights, bf16 matmuls.
+    # bf16: weights in bf16 too (half the memory; the optimizer state is bf16 as well).
+    precision: Literal["fp32", "bf16_autocast", "bf16"] = "fp32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _path_or_random_init(self) -> "ModelConfig":
+        if self.path is None and self.random_init is None:
+            raise ValueError("set `path` (a local HF model directory) or `random_init`")
+        return self
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+class DatasetConfig(Section):
+    path: str  # .jsonl, .json, .parquet file, or a directory written by `datasets.save_to_disk`
+    split: str | None = None  # for DatasetDict directories
+    limit: int | None = None  # use only the first N records
+
+
+class DataConfig(Section):
+    train: DatasetConfig
+    validation: DatasetConfig | None = None
+    max_seq_len: int = 512
+    # What to do with an example longer than max_seq_len: drop it (and count it), truncate it
+    # (from the right; dropped if no loss token survives), or stop with an error naming it.
+    overlength: Literal["drop", "truncate", "error"] = "drop"
+    # Pack several examples into each row of max_seq_len tokens (position ids restart,
+    # attention is block-diagonal), so no compute is spent on padding.
+    pack: bool = True
+    chat_template: str | None = None  # overrides the tokenizer's chat template
+    system_prompt: str | None = None  # prepended to conversations that have none
+
+
+# --- optimisation and training loop ------------------------------------------------------
+
+
+class OptimConfig(Section):
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final lr / peak lr for linear and cosine
+    grad_clip: float | None = 1.0
+
+
+class TrainConfig(Section):
+    max_steps: int | None = None  # optimizer steps; defaults to `epochs` passes over the data
+    epochs: int = 1
+    global_batch_size: int = 16  # examples (packed rows when data.pack) per optimizer step, over all ranks
+    micro_batch_size: int = 4  # per forward pass per rank; accumulation = global / (micro * world)
+    eval_every: int | None = None  # steps; None: only at the end
+    eval_batches: int | None = None  # cap on validation micro-batches per evaluation
+    log_every: int = 1
+    seed: int = 1234
+
+
+class CheckpointConfig(Section):
+    every: int | None = None  # steps between resumable checkpoints; None: none until the end
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest complete checkpoint in output_dir, if any
+    save_final: bool = True  # write final/ in Hugging Face format
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = True
+    wandb_project: str | None = None  # used only when wandb is installed
+    mlflow_experiment: str | None = None  # used only when mlflow is installed
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+
+
+class DistributedConfig(Section):
+    strategy: Literal["fsdp", "ddp"] = "fsdp"  # used only under torchrun with more than one process
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+
+
+class RecipeConfig(Section):
+    """Fields every recipe config has."""
+
+    recipe: str | None = None  # the recipe this config is for; checked by `alignkit run`
+    output_dir: str
+    model: ModelConfig
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def configs_dir() -> Path:
+    """The shipped configs: `alignkit/configs` in a wheel, `configs/` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError("cannot find the shipped configs directory (looked in alignkit/configs and ./configs)")
+
+
+def find_config(recipe: str, name_or_path: str) -> Path:
+    """A config path as given, or the shipped `configs/RECIPE/NAME.yaml`."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    shipped = configs_dir() / recipe / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    available = sorted(p.stem for p in (configs_dir() / recipe).glob("*.yaml"))
+    hint = difflib.get_close_matches(name_or_path, available, n=1)
+    raise ConfigError(
+        f"no config {name_or_path!r} for recipe {recipe!r}"
+        + (f"; did you mean {hint[0]!r}?" if hint else "")
+        + f" (shipped: {', '.join(available) or 'none'})"
+    )
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values are YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _section_classes(annotation: Any) -> list[type[Section]]:
+    """The Section classes an annotation may hold (`X`, `X | None`, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [c for arg in typing.get_args(annotation) for c in _section_classes(arg)]
+    return []
+
+
+def _check_keys(data: Any, cls: type[Section], prefix: str) -> None:
+    """Fail on the first unknown key, naming it and its nearest valid spelling."""
+    if not isinstance(data, dict):
+        return
+    fields = cls.model_fields
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            valid = ", ".join(fields)
+            raise ConfigError(f"unknown config key '{dotted}'{hint} (valid keys here: {valid})")
+        for sub in _section_classes(fields[key].annotation)[:1]:
+            _check_keys(value, sub, f"{dotted}.")
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+    if error["type"] == "missing":
+        return f"missing required config value '{key}'"
+    if error["type"] == "value_error":
+        return f"invalid config '{key or '<root>'}': {error['msg'].removeprefix('Value error, ')}"
+    return f"config key '{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def validate(cls: type[Section], data: dict[str, Any]) -> Section:
+    """Build `cls` from a plain dict, with errors that name the offending key."""
+    _check_keys(data, cls, "")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        # pydantic reports each union branch separately; keep one line per key.
+        lines = list(dict.fromkeys(_describe(e) for e in exc.errors()))
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(cls: type[Section], path: str | Path, overrides: list[str] | None = None) -> Section:
+    """Read a YAML config file, apply overrides, and validate it against `cls`."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    data = _merge(data, parse_overrides(overrides or []))
+    return validate(cls, data)
+
+
+def save_config(config: Section, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,79 @@
+"""Turn SFT records of any accepted format into one conversation format.
+
+Accepted (each record is one JSON object):
+- prompt/response: `{"prompt": str, "response": str}`; NeMo-Aligner's `{"input", "output"}` and
+  TRL's `{"prompt", "completion"}` too. A prompt or response may also be a list of messages.
+- chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`;
+  NeMo-Aligner's `{"system": str, "conversations": [{"from": "User"|"Assistant", "value": str}]}` too.
+
+The result is a list of `{"role", "content"}` messages; the loss later covers the assistant
+messages only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alignkit.data.io import DataError, Record
+
+__all__ = ["Message", "ROLES", "messages_from_value", "to_messages"]
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+_PAIRS = (("prompt", "response"), ("input", "output"), ("prompt", "completion"))
+
+
+def messages_from_value(value: Any, default_role: str, where: str) -> list[Message]:
+    """A string (one message of `default_role`) or a list of role/content dicts."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, list):
+        return [_check_message(m, where, i) for i, m in enumerate(value)]
+    raise DataError(f"{where}: expected a string or a list of messages, got {type(value).__name__}")
+
+
+def _check_message(message: Any, where: str, index: int) -> Message:
+    if not isinstance(message, dict):
+        raise DataError(f"{where}: message {index} is not an object")
+    if "from" in message and "role" not in message:  # NeMo-Aligner: {"from": "User", "value": ...}
+        message = {"role": str(message["from"]).lower(), "content": message.get("value")}
+    for key in ("role", "content"):
+        if key not in message:
+            raise DataError(f"{where}: message {index} has no field '{key}'")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise DataError(f"{where}: message {index} has role {role!r}; expected one of {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise DataError(f"{where}: message {index} content must be a string, got {type(content).__name__}")
+    return {"role": role, "content": content}
+
+
+def to_messages(record: Record, system_prompt: str | None = None) -> list[Message]:
+    """The conversation in `record`, validated: some assistant turn, known roles, string contents."""
+    data, where = record.data, record.source
+    if "messages" in data:
+        messages = messages_from_value(data["messages"], "user", where)
+    elif "conversations" in data:
+        messages = messages_from_value(data["conversations"], "user", where)
+        if data.get("system"):
+            messages = [{"role": "system", "content": data["system"]}, *messages]
+    else:
+        for prompt_key, response_key in _PAIRS:
+            if prompt_key in data and response_key in data:
+                messages = messages_from_value(data[prompt_key], "user", where) + messages_from_value(
+                    data[response_key], "assistant", where
+                )
+                break
+        else:
+            present = [k for pair in _PAIRS for k in pair if k in data]
+            missing = next((p[1] if p[0] in data else p[0] for p in _PAIRS if p[0] in data or p[1] in data), None)
+            detail = f"missing field '{missing}'" if missing and present else "no conversation fields"
+            raise DataError(
+                f"{where}: {detail} (expected prompt/response, input/output, messages or conversations; "
+                f"found fields: {', '.join(sorted(data)) or 'none'})"
+            )
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant message to learn from")
+    return messages

@@ -1,0 +1,94 @@
+"""Read dataset records from JSONL, JSON, Parquet or a `datasets.save_to_disk` directory.
+
+Every record comes with its provenance (`file:line` for JSONL, `file:row N` otherwise), so a
+problem found later in a record (a missing field, an over-long example) names where it is.
+JSONL is parsed line by line here so that a malformed line is reported with its number;
+the other formats go through the `datasets` library.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DataError", "Record", "read_records"]
+
+
+class DataError(ValueError):
+    """Bad input data, with the file and line (or row) it came from."""
+
+
+@dataclass(frozen=True)
+class Record:
+    data: dict[str, Any]
+    source: str  # "path:line" or "path:row N"
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
+    records: list[Record] = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(data, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(data).__name__}")
+            records.append(Record(data, f"{path}:{line_no}"))
+    return records
+
+
+def _from_dataset(dataset, path: Path, limit: int | None) -> list[Record]:
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return [Record(dict(dataset[i]), f"{path}:row {i}") for i in range(n)]
+
+
+def read_records(path: str | Path, split: str | None = None, limit: int | None = None) -> list[Record]:
+    """All records of a dataset file or directory (the first `limit` if given).
+
+    `builtin:NAME?n=N&seed=S` names a generated dataset (see `alignkit.tasks.builtin`).
+    """
+    if str(path).startswith("builtin:"):
+        from alignkit.tasks.builtin import builtin_records
+
+        records = builtin_records(str(path))
+        return records if limit is None else records[:limit]
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"dataset not found: {path}")
+    if path.is_dir():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split is None:
+                if len(loaded) != 1:
+                    raise DataError(f"{path}: has splits {list(loaded)}; choose one with `split`")
+                split = next(iter(loaded))
+            if split not in loaded:
+                raise DataError(f"{path}: no split {split!r} (has {list(loaded)})")
+            loaded = loaded[split]
+        return _from_dataset(loaded, path, limit)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, limit)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+            raise DataError(f"{path}: a .json dataset must be a list of objects (use .jsonl for one object per line)")
+        data = data if limit is None else data[:limit]
+        return [Record(x, f"{path}:row {i}") for i, x in enumerate(data)]
+    if suffix == ".parquet":
+        import datasets
+
+        return _from_dataset(datasets.Dataset.from_parquet(str(path)), path, limit)
+    raise DataError(f"{path}: unsupported dataset format {suffix!r} (use .jsonl, .json, .parquet or a saved datasets directory)")

@@ -1,0 +1,127 @@
+"""Chat rendering and tokenization with an assistant-only loss mask.
+
+A conversation is rendered with the tokenizer's chat template. The characters that belong to
+each assistant turn are found by rendering prefixes of the conversation (the text up to the
+generation prompt before the turn, and the text including the turn); tokens overlapping
+those characters carry loss, every other token does not. A template that is not
+prefix-consistent (rendering fewer messages does not give a prefix of the full text) is
+reported as an error rather than guessed around, since it would silently corrupt the mask.
+
+Examples are stored already shifted for next-token prediction: `target_ids[t]` is the token
+that position `t` must predict, or -100. Packing rows then never leaks a target across two
+examples.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from alignkit.data.formats import Message
+from alignkit.data.io import DataError
+
+__all__ = ["IGNORE", "EncodeStats", "Example", "encode_conversation", "render_with_spans", "fit_length"]
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    target_ids: list[int]  # shifted: target_ids[t] is what position t predicts (IGNORE: no loss)
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_targets(self) -> int:
+        return sum(t != IGNORE for t in self.target_ids)
+
+
+@dataclass
+class EncodeStats:
+    total: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> count
+    truncated: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.kept}/{self.total} examples kept"]
+        parts += [f"{n} dropped ({reason})" for reason, n in self.dropped.items()]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated")
+        return ", ".join(parts)
+
+
+def _render(tokenizer, messages, template, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+    )
+
+
+def render_with_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], template: str | None, where: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the (start, end) character span of each assistant turn."""
+    if template is None and tokenizer.chat_template is None:
+        raise DataError(
+            f"{where}: the tokenizer has no chat template; set data.chat_template "
+            "(a Jinja template over `messages`)"
+        )
+    full = _render(tokenizer, messages, template)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], template, add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1], template)
+        if i and not (through.startswith(before) and full.startswith(through)):
+            raise DataError(
+                f"{where}: the chat template is not prefix-consistent around assistant turn {i}, "
+                "so the assistant tokens cannot be located; use a template that renders each turn "
+                "independently (set data.chat_template)"
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], template: str | None, where: str
+) -> Example:
+    """Token ids and shifted targets; targets cover assistant turns (their end token included)."""
+    text, spans = render_with_spans(tokenizer, messages, template, where)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = encoding["input_ids"]
+    labels = [IGNORE] * len(ids)
+    span_index = 0
+    for t, (start, end) in enumerate(encoding["offset_mapping"]):
+        while span_index < len(spans) and spans[span_index][1] <= start:
+            span_index += 1
+        if span_index < len(spans) and start < spans[span_index][1] and end > spans[span_index][0]:
+            labels[t] = ids[t]
+    return Example(input_ids=ids, target_ids=labels[1:] + [IGNORE], source=where)
+
+
+def fit_length(example: Example, max_seq_len: int, policy: str, stats: EncodeStats) -> Example | None:
+    """Apply the over-length policy; returns None (and counts why) for a dropped example."""
+    n = len(example.input_ids)
+    if n > max_seq_len:
+        if policy == "error":
+            raise DataError(
+                f"{example.source}: example has {n} tokens, more than data.max_seq_len={max_seq_len} "
+                "(set data.overlength to 'drop' or 'truncate' to handle such examples)"
+            )
+        if policy == "drop":
+            stats.dropped[f"longer than max_seq_len={max_seq_len}"] += 1
+            return None
+        example = Example(example.input_ids[:max_seq_len], example.target_ids[:max_seq_len], example.source, example.extra)
+        if example.num_targets == 0:
+            stats.dropped["prompt fills max_seq_len, no response token left"] += 1
+            return None
+        stats.truncated += 1
+    if example.num_targets == 0:
+        stats.dropped["no loss token"] += 1
+        return None
+    return example

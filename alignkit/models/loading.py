@@ -1,0 +1,187 @@
+"""Load, build and save causal LMs in Hugging Face format (safetensors).
+
+`load_tokenizer` and `load_causal_lm` read a local HF directory (any architecture that
+`AutoModelForCausalLM` knows) or build a random model from `model.random_init`.
+`save_causal_lm` writes `final/`-style directories that `from_pretrained` loads,
+merging LoRA adapters into the weights when asked. Saving is atomic: the files are
+written into a temporary sibling directory that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from alignkit.config import LoraConfig, ModelConfig
+from alignkit.models.tokenizer import byte_tokenizer
+
+__all__ = [
+    "apply_lora",
+    "autocast",
+    "load_causal_lm",
+    "load_tokenizer",
+    "random_init_config",
+    "save_causal_lm",
+    "unwrap",
+]
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    path = cfg.tokenizer_path or cfg.path
+    if path is None:
+        return byte_tokenizer()
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # Padding positions never reach a loss, so any existing token will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def random_init_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
+    """An HF config for `cfg.random_init`, sized to the tokenizer."""
+    ri = cfg.random_init
+    assert ri is not None
+    common = dict(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=ri.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if ri.architecture == "gpt2":  # GPT-2 names its sizes differently and has no GQA
+        return AutoConfig.for_model(
+            "gpt2", n_embd=ri.hidden_size, n_layer=ri.num_layers, n_head=ri.num_heads,
+            n_inner=ri.intermediate_size, n_positions=ri.max_position_embeddings, **common,
+        )
+    return AutoConfig.for_model(
+        ri.architecture,
+        hidden_size=ri.hidden_size,
+        num_hidden_layers=ri.num_layers,
+        num_attention_heads=ri.num_heads,
+        num_key_value_heads=ri.num_kv_heads,
+        intermediate_size=ri.intermediate_size,
+        max_position_embeddings=ri.max_position_embeddings,
+        head_dim=ri.hidden_size // ri.num_heads,
+        **common,
+    )
+
+
+def _dtype(cfg: ModelConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> nn.Module:
+    """The model `cfg` describes, with LoRA applied if enabled. Random init is seeded."""
+    if cfg.path is not None:
+        if not (Path(cfg.path) / "config.json").is_file():
+            raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {cfg.path}")
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=_dtype(cfg), attn_implementation=cfg.attn_implementation
+        )
+    else:
+        hf_config = random_init_config(cfg, tokenizer)
+        with _seeded(seed):
+            model = AutoModelForCausalLM.from_config(
+                hf_config, dtype=_dtype(cfg), attn_implementation=cfg.attn_implementation
+            )
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+            f"{model.get_input_embeddings().num_embeddings}: they do not belong together"
+        )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP (FSDP2 shards in place and needs no unwrapping)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for `bf16_autocast`, a no-op context otherwise."""
+    if precision == "bf16_autocast":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_causal_lm(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    merge_lora: bool = True,
+) -> Path:
+    """Write `state_dict` (full, unsharded, on CPU) as an HF model directory, atomically.
+
+    `model` provides only the architecture: a fresh skeleton is built on the meta device and
+    the weights are assigned into it, so a sharded or wrapped training model is never
+    modified. A LoRA model is merged into plain weights (`merge_lora`) or saved as an adapter.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        hf_model = unwrap(model)
+        with torch.device("meta"):
+            if _is_peft(hf_model):
+                from peft import get_peft_model
+
+                base_config = hf_model.get_base_model().config
+                skeleton = get_peft_model(
+                    AutoModelForCausalLM.from_config(base_config), hf_model.peft_config["default"]
+                )
+            else:
+                skeleton = AutoModelForCausalLM.from_config(hf_model.config)
+        skeleton.load_state_dict(state_dict, assign=True, strict=True)
+        skeleton.tie_weights()  # a no-op unless the config ties input and output embeddings
+        if _is_peft(skeleton) and merge_lora:
+            skeleton = skeleton.merge_and_unload()
+        skeleton.config.use_cache = True
+        skeleton.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

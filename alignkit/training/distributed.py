@@ -1,0 +1,113 @@
+"""Process-group set-up, model wrapping (FSDP2 or DDP) and collectives.
+
+The same recipe runs as one plain process or under torchrun: `init_distributed` reads the
+torchrun environment if present. On CPU the backend is gloo, on GPU NCCL. FSDP2
+(`torch.distributed.fsdp.fully_shard`) shards each decoder layer and then the root;
+`full_state_dict` gathers unsharded CPU weights (and optimizer state) for saving.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Dist", "all_reduce_sum", "barrier", "full_state_dict", "init_distributed", "shutdown", "wrap_model"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(backend: str = "auto") -> Dist:
+    """Join the torchrun process group if there is one; otherwise a world of one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum over ranks (in place); CPU tensors are fine under gloo."""
+    if d.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _decoder_layer_classes(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return names
+
+
+def wrap_model(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
+    """Move to the device and, with several processes, shard (FSDP2) or replicate (DDP)."""
+    model.to(d.device)
+    if not d.enabled:
+        return model
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    layer_classes = _decoder_layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise RuntimeError(f"FSDP: found no decoder layers to shard in {type(model).__name__}")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Unsharded model (and optimizer) state on CPU. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    from alignkit.models.loading import unwrap
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    target = unwrap(model)
+    if optimizer is None:
+        return get_model_state_dict(target, options=options), None
+    return get_state_dict(target, optimizer, options=options)

@@ -1,0 +1,217 @@
+"""The optimisation loop every training recipe shares, as plain functions.
+
+A recipe hands `fit` its model, its items (packed rows, preference pairs, ...), a `collate`
+that turns items into a micro-batch, and a `loss_fn(model, batch) -> (loss_sum, metric_sums)`.
+`fit` owns what must be identical everywhere: the deterministic batch plan, gradient
+accumulation normalised by the global number of loss units (target tokens, or examples for
+sequence-level losses, counted over all micro-batches and ranks before the first forward),
+clipping, the schedule, evaluation, checkpoints, resume and logging.
+
+Normalisation: each micro-batch backpropagates `loss_sum * world_size / global_units`.
+DDP and FSDP average gradients over ranks (divide by world_size), so the update is exactly
+the gradient of `sum of all unit losses / global_units`, whatever the micro-batch size,
+accumulation count or number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from alignkit.config import RecipeConfig, save_config
+from alignkit.data.batching import PAD_SLOT, BatchPlan
+from alignkit.models.loading import autocast, save_causal_lm
+from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.training.distributed import Dist, all_reduce_sum, full_state_dict, init_distributed, wrap_model
+from alignkit.training.logging import MetricLogger, get_logger
+from alignkit.training.optim import build_optimizer, build_scheduler
+
+__all__ = ["Run", "fit", "evaluate", "save_final", "start_run"]
+
+Batch = dict[str, Any]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Run:
+    cfg: RecipeConfig
+    dist: Dist
+    output_dir: Path
+
+    @property
+    def log(self):
+        return get_logger()
+
+    def autocast(self):
+        return autocast(self.cfg.model.precision, self.dist.device)
+
+
+def start_run(cfg: RecipeConfig) -> Run:
+    """Join the process group, seed every RNG, create output_dir and save the resolved config."""
+    d = init_distributed(cfg.distributed.backend)
+    seed = cfg.train.seed + d.rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    output_dir = Path(cfg.output_dir)
+    if d.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    return Run(cfg=cfg, dist=d, output_dir=output_dir)
+
+
+def _no_grad_sync(model: nn.Module, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def _grad_norm(model: nn.Module, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _reduce_metrics(sums: dict[str, torch.Tensor], units: float, d: Dist, prefix: str = "") -> dict[str, float]:
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    packed = all_reduce_sum(torch.stack([sums[k].detach().float().cpu() for k in keys]), d)
+    return {f"{prefix}{k}": float(v) / max(units, 1.0) for k, v in zip(keys, packed.tolist())}
+
+
+def _micro_batches(plan_batches: list[list[int]], items: Sequence, collate) -> list[Batch]:
+    return [collate([items[i] if i != PAD_SLOT else None for i in mb]) for mb in plan_batches]
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def evaluate(run: Run, model: nn.Module, plan: BatchPlan, items: Sequence, collate, loss_fn: LossFn,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Metric means over the validation items (sums over all ranks / global loss units)."""
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    units = 0
+    batches = plan.eval_micro_batches()
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    with torch.no_grad():
+        for batch in _micro_batches(batches, items, collate):
+            units += batch["num_units"]
+            with run.autocast():
+                loss_sum, metrics = loss_fn(model, _to_device(batch, run.dist.device))
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+    total_units = float(all_reduce_sum(torch.tensor(float(units)), run.dist))
+    model.train()
+    return _reduce_metrics(sums, total_units, run.dist, prefix="val/")
+
+
+def fit(
+    run: Run,
+    model: nn.Module,
+    train_items: Sequence,
+    item_length: Callable[[Any], int],
+    collate: Callable[[list], Batch],
+    loss_fn: LossFn,
+    eval_items: Sequence | None = None,
+) -> nn.Module:
+    """Train `model` on `train_items`; returns the (wrapped) trained model."""
+    cfg, d = run.cfg, run.dist
+    tc = cfg.train
+    model = wrap_model(model, d, cfg.distributed.strategy)
+    model.train()
+    plan = BatchPlan([item_length(x) for x in train_items], tc.global_batch_size, tc.micro_batch_size,
+                     d.rank, d.world_size, tc.seed)
+    eval_plan = (
+        BatchPlan([item_length(x) for x in eval_items], tc.global_batch_size, tc.micro_batch_size,
+                  d.rank, d.world_size, tc.seed, shuffle=False)
+        if eval_items else None
+    )
+    total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * plan.steps_per_epoch
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
+
+    start_step = 0
+    checkpoints = run.output_dir / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints) if cfg.checkpoint.resume else None
+    if resume_from is not None:
+        start_step = load_checkpoint(resume_from, model, optimizer, scheduler, d)["step"]
+        run.log.info(f"resumed from {resume_from} (step {start_step} of {total_steps})")
+
+    logger = MetricLogger(run.output_dir, cfg.logging, total_steps, d.is_main,
+                          run_config=cfg.model_dump(mode="json"), resumed_step=start_step)
+    run.log.info(
+        f"training {total_steps} steps: {len(train_items)} items, {plan.steps_per_epoch} steps/epoch, "
+        f"global batch {tc.global_batch_size} = {tc.micro_batch_size} micro x {plan.accumulation_steps} "
+        f"accumulation x {d.world_size} processes"
+    )
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        batches = _micro_batches(plan.micro_batches(step), train_items, collate)
+        local = torch.tensor([sum(b["num_units"] for b in batches), sum(b["num_tokens"] for b in batches)],
+                             dtype=torch.float64)
+        global_units, global_tokens = all_reduce_sum(local, d).tolist()
+        scale = d.world_size / max(global_units, 1.0)
+        sums: dict[str, torch.Tensor] = {}
+        for k, batch in enumerate(batches):
+            with _no_grad_sync(model, sync=k == len(batches) - 1), run.autocast():
+                loss_sum, metrics = loss_fn(model, _to_device(batch, d.device))
+            (loss_sum * scale).backward()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+        grad_norm = _grad_norm(model, cfg.optim.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        if done % tc.log_every == 0 or done == total_steps:
+            metrics_out = _reduce_metrics(sums, global_units, d)
+            if not math.isfinite(metrics_out.get("loss", 0.0)) or not math.isfinite(grad_norm):
+                raise FloatingPointError(f"step {done}: non-finite loss or gradient (loss={metrics_out.get('loss')}, grad_norm={grad_norm})")
+            elapsed = time.perf_counter() - t0
+            metrics_out.update({
+                "lr": lr, "grad_norm": grad_norm, "epoch": step / max(plan.steps_per_epoch, 1),
+                "throughput/tokens_per_s": global_tokens / elapsed, "perf/step_time_s": elapsed,
+            })
+            logger.log(done, metrics_out)
+        if eval_plan is not None and tc.eval_every and done % tc.eval_every == 0 and done != total_steps:
+            logger.log(done, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches))
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total_steps:
+            save_checkpoint(checkpoints, done, model, optimizer, scheduler, d, cfg.checkpoint.keep_last)
+
+    if eval_plan is not None:
+        logger.log(total_steps, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches))
+    if start_step < total_steps:
+        save_checkpoint(checkpoints, total_steps, model, optimizer, scheduler, d, cfg.checkpoint.keep_last)
+    logger.close()
+    return model
+
+
+def save_final(run: Run, model: nn.Module, tokenizer) -> Path | None:
+    """Gather the full weights (a collective) and write output_dir/final in HF format (rank 0)."""
+    state, _ = full_state_dict(model)
+    out = run.output_dir / "final"
+    if run.dist.is_main:
+        save_causal_lm(model, state, tokenizer, out, merge_lora=run.cfg.model.lora.merge_on_save)
+        run.log.info(f"saved {out}")
+    return out
