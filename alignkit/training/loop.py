@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -198,6 +200,8 @@ def fit(
             logger.log(done, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches))
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total_steps:
             save_checkpoint(checkpoints, done, model, optimizer, scheduler, d, cfg.checkpoint.keep_last)
+        if os.environ.get("ALIGNKIT_TEST_KILL_AT_STEP") == str(done):  # fault injection for resume tests
+            os.kill(os.getpid(), signal.SIGKILL)
 
     if eval_plan is not None:
         logger.log(total_steps, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches))

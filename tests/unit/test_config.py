@@ -1,0 +1,74 @@
+import pytest
+
+from alignkit.config import ConfigError, find_config, load_config, parse_overrides
+from alignkit.recipes.sft import Config as SFTConfig
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+output_dir: out
+model: {random_init: {architecture: llama}}
+data: {train: {path: x.jsonl}}
+"""
+
+
+def test_valid_config_gets_defaults(tmp_path):
+    cfg = load_config(SFTConfig, write(tmp_path, BASE))
+    assert cfg.train.global_batch_size == 16 and cfg.optim.schedule == "cosine" and cfg.data.pack is True
+
+
+def test_overrides_parse_yaml_scalars(tmp_path):
+    cfg = load_config(SFTConfig, write(tmp_path, BASE),
+                      ["optim.lr=2e-5", "train.max_steps=7", "data.pack=false", "model.lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.optim.lr == 2e-5 and cfg.train.max_steps == 7 and cfg.data.pack is False
+    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_names_key_and_nearest_spelling(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.learning_rat'.*") as err:
+        load_config(SFTConfig, write(tmp_path, BASE), ["optim.learning_rat=1"])
+    with pytest.raises(ConfigError, match=r"'train\.max_step'; did you mean 'train\.max_steps'"):
+        load_config(SFTConfig, write(tmp_path, BASE), ["train.max_step=3"])
+    with pytest.raises(ConfigError, match=r"'data\.train\.pth'; did you mean 'data\.train\.path'"):
+        load_config(SFTConfig, write(tmp_path, BASE + "\n"), ["data.train.pth=y"])
+    assert "valid keys here" in str(err.value)
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"'ouput_dir'; did you mean 'output_dir'"):
+        load_config(SFTConfig, write(tmp_path, BASE + "ouput_dir: y\n"))
+
+
+def test_missing_required_value_names_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"missing required config value 'data\.train\.path'"):
+        load_config(SFTConfig, write(tmp_path, "output_dir: o\nmodel: {path: m}\ndata: {train: {split: a}}\n"))
+    with pytest.raises(ConfigError, match=r"missing required config value 'output_dir'"):
+        load_config(SFTConfig, write(tmp_path, "model: {path: m}\ndata: {train: {path: a}}\n"))
+
+
+def test_wrong_type_names_key_and_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'train\.max_steps': Input should be a valid integer.*'ten'"):
+        load_config(SFTConfig, write(tmp_path, BASE), ["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match=r"'model\.precision'.*'fp32', 'bf16_autocast' or 'bf16'"):
+        load_config(SFTConfig, write(tmp_path, BASE), ["model.precision=fp16"])
+
+
+def test_model_needs_path_or_random_init(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.*set `path`"):
+        load_config(SFTConfig, write(tmp_path, "output_dir: o\nmodel: {precision: fp32}\ndata: {train: {path: a}}\n"))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_overrides(["lr"])
+
+
+def test_find_config_shipped_and_suggestion():
+    assert find_config("sft", "tiny").name == "tiny.yaml"
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        find_config("sft", "tinny")
