@@ -61,6 +61,8 @@ class Run:
 def start_run(cfg: RecipeConfig) -> Run:
     """Join the process group, seed every RNG, create output_dir and save the resolved config."""
     d = init_distributed(cfg.distributed.backend)
+    if not d.is_main:  # one voice in the console: other ranks report only problems
+        get_logger().setLevel("WARNING")
     seed = cfg.train.seed + d.rank
     random.seed(seed)
     np.random.seed(seed)

@@ -1,0 +1,41 @@
+# Two commands work on a fresh machine: `make demo` and `make test`.
+# Set-up is part of each: create .venv if missing, install torch==2.13.0 FIRST, then the
+# package and its extras under a constraint that keeps torch at 2.13.0 (an unpinned torch
+# would pull a multi-GB CUDA build). A second run skips what is already installed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.alignkit-installed
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
+		|| $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test]"
+	$(PY) -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not distributed"
+
+demo: setup
+	$(VENV)/bin/alignkit demo
+
+bench: setup
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[bench]"
+	$(PY) benchmarks/sft_vs_trl.py
+
+clean:
+	rm -rf runs

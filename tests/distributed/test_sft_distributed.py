@@ -1,0 +1,60 @@
+"""2 gloo processes under torchrun give the same training as 1 process on the same global batch."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.distributed
+
+COMMON = ["run", "sft", "--config", "tiny", "train.max_steps=6", "data.validation=null", "logging.tensorboard=false",
+          "train.global_batch_size=8", "train.micro_batch_size=2"]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    result = run_cli(*COMMON, f"output_dir={out}")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_processes_match_one(tmp_path, single, strategy):
+    out = tmp_path / strategy
+    result = run_cli(*COMMON, f"output_dir={out}", f"distributed.strategy={strategy}", "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    assert "2 processes" in result.stderr
+    assert losses(out) == pytest.approx(losses(single), rel=1e-5)
+    a, b = load_file(str(single / "final/model.safetensors")), load_file(str(out / "final/model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_fsdp_resume_in_two_processes(tmp_path):
+    out = tmp_path / "resume"
+    args = [*COMMON, f"output_dir={out}", "checkpoint.every=2", "--nproc", "2"]
+    first = run_cli(*args, env={"ALIGNKIT_TEST_KILL_AT_STEP": "3"})
+    assert first.returncode != 0 and (out / "checkpoints/step_2/COMPLETE").is_file()
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "step 2 of 6" in second.stderr
+    straight = tmp_path / "straight"
+    assert run_cli(*COMMON, f"output_dir={straight}", "--nproc", "2").returncode == 0
+    assert losses(out) == pytest.approx(losses(straight), rel=1e-6)
+
+
+def test_lora_under_fsdp(tmp_path):
+    out = tmp_path / "lora"
+    result = run_cli(*COMMON, f"output_dir={out}", "model.lora.enabled=true", "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    sd = load_file(str(out / "final/model.safetensors"))
+    assert not any("lora" in k for k in sd)
+    assert losses(out)[-1] < losses(out)[0]
