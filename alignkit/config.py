@@ -89,6 +89,9 @@ class ModelConfig(Section):
     precision: Literal["fp32", "bf16_autocast", "bf16"] = "fp32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer (not the whole model: the loss-position hooks and the
+    # varying packed shapes would force recompiles). Pays ~20 s once; worth it for long runs.
+    compile: bool = False
     lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")

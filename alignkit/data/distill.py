@@ -63,7 +63,9 @@ def teacher_fingerprint(teacher: ModelConfig, seed: int) -> dict:
     weights on every start would cost more than the cache saves); retraining a teacher into
     the same directory changes the times, so it is not mistaken for the old one.
     """
-    spec = teacher.model_dump(mode="json", exclude={"gradient_checkpointing", "lora"})
+    # Only what changes the logits: not memory/speed knobs, not the tokenizer (the data is
+    # tokenized with the student's, and the vocabularies are checked to be equal).
+    spec = teacher.model_dump(mode="json", include={"path", "random_init", "precision"})
     if teacher.path is not None:
         root = Path(teacher.path).resolve()
         spec["path"] = str(root)
@@ -109,6 +111,9 @@ def save_topk(path: str | Path, topk: TopK, metadata: dict[str, str] | None = No
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a shared cache must be readable
         save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:

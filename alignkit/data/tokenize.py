@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from alignkit.data.formats import Message
 from alignkit.data.io import DataError
 
-__all__ = ["IGNORE", "EncodeStats", "Example", "encode_conversation", "render_with_spans", "fit_length"]
+__all__ = ["IGNORE", "EncodeStats", "Example", "encode_conversation", "encode_text", "fit_length", "render_with_spans"]
 
 IGNORE = -100
 
@@ -102,6 +102,12 @@ def encode_conversation(
         if span_index < len(spans) and start < spans[span_index][1] and end > spans[span_index][0]:
             labels[t] = ids[t]
     return Example(input_ids=ids, target_ids=labels[1:] + [IGNORE], source=where)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, where: str) -> Example:
+    """Plain text for language-model (pre)training: every token carries loss, EOS appended."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Example(input_ids=ids, target_ids=ids[1:] + [IGNORE], source=where)
 
 
 def fit_length(example: Example, max_seq_len: int, policy: str, stats: EncodeStats) -> Example | None:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "all_reduce_sum", "barrier", "full_state_dict", "init_distributed", "shutdown", "wrap_model"]
+__all__ = ["Dist", "all_reduce_sum", "barrier", "decoder_layers", "full_state_dict", "init_distributed", "shutdown", "wrap_model"]
 
 
 @dataclass(frozen=True)
@@ -68,16 +68,21 @@ def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
     return tensor
 
 
-def _decoder_layer_classes(model: nn.Module) -> set[str]:
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (the classes HF lists in `_no_split_modules`)."""
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or [])
-    return names
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def wrap_model(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
-    """Move to the device and, with several processes, shard (FSDP2) or replicate (DDP)."""
+def wrap_model(model: nn.Module, d: Dist, strategy: str, compile_layers: bool = False) -> nn.Module:
+    """Move to the device, optionally compile each decoder layer, and with several processes
+    shard (FSDP2) or replicate (DDP)."""
     model.to(d.device)
+    if compile_layers:
+        for layer in decoder_layers(model):
+            layer.compile(dynamic=True)
     if not d.enabled:
         return model
     if strategy == "ddp":
@@ -88,8 +93,7 @@ def wrap_model(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world_size,))
-    layer_classes = _decoder_layer_classes(model)
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    layers = decoder_layers(model)
     if not layers:
         raise RuntimeError(f"FSDP: found no decoder layers to shard in {type(model).__name__}")
     for layer in layers:

@@ -140,7 +140,7 @@ def fit(
     """Train `model` on `train_items`; returns the (wrapped) trained model."""
     cfg, d = run.cfg, run.dist
     tc = cfg.train
-    model = wrap_model(model, d, cfg.distributed.strategy)
+    model = wrap_model(model, d, cfg.distributed.strategy, compile_layers=cfg.model.compile)
     model.train()
     plan = BatchPlan([item_length(x) for x in train_items], tc.global_batch_size, tc.micro_batch_size,
                      d.rank, d.world_size, tc.seed)

@@ -75,3 +75,11 @@ def test_overlength_policies(tokenizer):
     assert stats.truncated == 1
     assert sum(stats.dropped.values()) == 2
     assert "no response token left" in stats.summary()
+
+
+def test_text_records_train_on_every_token(tokenizer):
+    from alignkit.data.tokenize import encode_text
+
+    example = encode_text(tokenizer, "abc", "t:1")
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+    assert example.target_ids == example.input_ids[1:] + [IGNORE]
