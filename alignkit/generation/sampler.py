@@ -1,0 +1,153 @@
+"""Batched sampling with a KV cache: greedy, temperature, top-k, top-p, stop strings.
+
+`generate` takes tokenized prompts of different lengths, left-pads them into one batch,
+runs the prompt once, then decodes one token per step from the cache. Rows that finish
+(EOS or a stop string) are dropped from the batch and the cache, so the cost of a step
+follows the number of rows still running.
+
+Log-probabilities: `Completion.logprobs[t]` is log p(token_t | prefix) under the model's own
+distribution (temperature 1, no top-k/top-p truncation), the quantity a training forward
+pass computes, so RL recipes can use them as the old policy's log-probs. (Peers differ:
+some report the truncated sampling distribution's log-probs, biased by log of the kept mass.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Completion", "SamplingParams", "generate"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    n: int = 1  # samples per prompt
+    stop: tuple[str, ...] = ()  # stop strings (the text is cut before them)
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    is_end: bool  # ended by EOS or a stop string, not by max_new_tokens
+    finish_reason: str = field(default="length")  # "eos" | "stop" | "length"
+
+
+def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p on (B, V) logits."""
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(cuts) if cuts else None
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    decode=None,
+) -> list[Completion]:
+    """Sample `params.n` completions for each tokenized prompt.
+
+    Args:
+        model: a Hugging Face causal LM (eval mode is set here).
+        prompts: token ids per prompt (any lengths).
+        eos_token_id: id(s) that end a completion (kept in token_ids, not in text).
+        decode: `list[int] -> str` (e.g. `tokenizer.decode`), needed for text and stop strings.
+
+    Returns:
+        completions ordered by prompt, then sample: index i * n + j is sample j of prompt i.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    rows = [p for p in prompts for _ in range(params.n)]
+    width = max(len(p) for p in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+    for i, p in enumerate(rows):  # left padding: every row's next token lands in the same column
+        input_ids[i, width - len(p):] = torch.tensor(p, device=device)
+        mask[i, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    alive = torch.arange(batch, device=device)  # original row of each running row
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    logps: list[list[float]] = [[] for _ in range(batch)]
+    reasons = ["length"] * batch
+    texts: list[str | None] = [None] * batch
+    step_ids, step_positions = input_ids, positions
+    for _ in range(params.max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1, :].float()  # (R, V)
+        if params.temperature == 0:
+            next_tokens = logits.argmax(-1)
+        else:
+            probs = _filter_logits(logits, params).softmax(-1)
+            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token_logps = logits.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
+        finished = torch.isin(next_tokens, eos)
+        for r, (row, tok, lp) in enumerate(zip(alive.tolist(), next_tokens.tolist(), token_logps.tolist())):
+            tokens[row].append(tok)
+            logps[row].append(lp)
+            if finished[r]:
+                reasons[row] = "eos"
+            elif params.stop and decode is not None:
+                text = decode(tokens[row])
+                cut = _stop_cut(text, params.stop)
+                if cut is not None:
+                    reasons[row], texts[row] = "stop", text[:cut]
+                    finished[r] = True
+        keep = (~finished).nonzero().squeeze(-1)
+        if keep.numel() == 0:
+            break
+        if keep.numel() < alive.numel():  # shrink the batch and its cache to the running rows
+            cache.batch_select_indices(keep)
+            alive, next_tokens, mask = alive[keep], next_tokens[keep], mask[keep]
+            step_positions = step_positions[keep]
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
+        step_ids = next_tokens[:, None]
+        step_positions = step_positions[:, -1:] + 1
+
+    completions = []
+    for row in range(batch):
+        ids = tokens[row]
+        text = texts[row]
+        if text is None and decode is not None:
+            text = decode(ids[:-1] if reasons[row] == "eos" else ids)
+        completions.append(Completion(prompt_index=row // params.n, token_ids=ids, logprobs=logps[row],
+                                      text=text or "", is_end=reasons[row] != "length",
+                                      finish_reason=reasons[row]))
+    return completions

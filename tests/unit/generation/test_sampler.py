@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from alignkit.generation.sampler import SamplingParams, _filter_logits, generate
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    model = tiny_model(tokenizer, seed=3).eval()
+    questions = ["hi", "What is 12 + 30?", "Reverse the word 'stone'. " * 3]
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                       tokenize=False), add_special_tokens=False)["input_ids"]
+               for q in questions]
+    return model, prompts
+
+
+def hf_greedy(model, prompt, eos, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_equals_argmax_decoding_with_rows_finishing_early(tokenizer, setup):
+    model, prompts = setup
+    # many "end" ids, so rows stop at different steps and the batch shrinks mid-way
+    eos = list(range(40, 120))
+    outs = generate(model, prompts, SamplingParams(max_new_tokens=24, temperature=0), eos, tokenizer.pad_token_id,
+                    tokenizer.decode)
+    lengths = set()
+    for prompt, completion in zip(prompts, outs):
+        assert completion.token_ids == hf_greedy(model, prompt, eos, 24)
+        lengths.add(len(completion.token_ids))
+        assert completion.is_end == (completion.token_ids[-1] in eos)
+    assert len(lengths) > 1 or all(c.is_end for c in outs)
+
+
+def test_sampled_logprobs_match_a_forward_pass(tokenizer, setup):
+    model, prompts = setup
+    outs = generate(model, prompts, SamplingParams(max_new_tokens=16, temperature=1.0, n=3, seed=0),
+                    tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)
+    assert len(outs) == 9 and [c.prompt_index for c in outs] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for c in outs:
+        prompt = prompts[c.prompt_index]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + c.token_ids])).logits.float()
+        reference = logits.log_softmax(-1)[0, len(prompt) - 1 : -1].gather(-1, torch.tensor(c.token_ids)[:, None])
+        assert torch.allclose(reference.squeeze(-1), torch.tensor(c.logprobs), atol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible_and_samples_differ(tokenizer, setup):
+    model, prompts = setup
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=4, seed=7)
+    a = generate(model, prompts[:1], params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)
+    b = generate(model, prompts[:1], params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert len({tuple(c.token_ids) for c in a}) > 1
+
+
+def test_stop_strings_cut_the_text(tokenizer, setup):
+    model, prompts = setup
+    free = generate(model, prompts[:1], SamplingParams(max_new_tokens=20, temperature=0), tokenizer.eos_token_id,
+                    tokenizer.pad_token_id, tokenizer.decode)[0]
+    stop = free.text[5:7]
+    assert stop
+    cut = generate(model, prompts[:1], SamplingParams(max_new_tokens=20, temperature=0, stop=(stop,)),
+                   tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)[0]
+    assert cut.finish_reason == "stop" and cut.is_end
+    assert cut.text == free.text[: free.text.find(stop)]
+    assert free.token_ids[: len(cut.token_ids)] == cut.token_ids and len(cut.token_ids) < len(free.token_ids)
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    top_k = _filter_logits(logits, SamplingParams(top_k=2))
+    assert torch.isinf(top_k[0, 2:]).all() and torch.isfinite(top_k[0, :2]).all()
+    top_p = _filter_logits(logits, SamplingParams(top_p=0.8))  # 0.5 + 0.3 reaches 0.8: keep two
+    assert torch.isfinite(top_p[0, :2]).all() and torch.isinf(top_p[0, 2:]).all()
+    top_p = _filter_logits(logits, SamplingParams(top_p=0.81))
+    assert torch.isfinite(top_p[0, :3]).all() and torch.isinf(top_p[0, 3])
