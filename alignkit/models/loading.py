@@ -143,6 +143,13 @@ def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
+def _make_readable(directory: Path) -> None:
+    """mkdtemp creates 0700 directories; a saved model is meant to be shared (0755/0644)."""
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def save_causal_lm(
     model: nn.Module,
     state_dict: dict[str, torch.Tensor],
@@ -178,6 +185,7 @@ def save_causal_lm(
         skeleton.config.use_cache = True
         skeleton.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _make_readable(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -25,6 +25,7 @@ student's logits, and the data is tokenized once, with the student's tokenizer.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -170,6 +171,7 @@ def main(cfg: Config) -> None:
     if cfg.mode == "offline":
         cache_dir = Path(cfg.cache_dir or run.output_dir / "teacher_topk")
         fingerprint = teacher_fingerprint(cfg.teacher, cfg.train.seed + 1)
+        metadata = {"teacher": json.dumps(fingerprint), "top_k": str(cfg.top_k)}  # for whoever inspects a file
         paths = {name: cache_dir / f"{name}-{cache_key(fingerprint, examples, cfg.top_k)}.safetensors"
                  for name, examples in datasets.items()}
         # Every process looks before the first barrier below, so all see the same answer.
@@ -179,7 +181,7 @@ def main(cfg: Config) -> None:
             run.log.info(f"computing teacher top-{cfg.top_k} logits for {len(datasets[name])} {name} examples")
             mine = _teacher_pass(run, cfg, teacher, datasets[name], tokenizer.pad_token_id, vocab_size)
             if not run.dist.enabled:
-                save_topk(paths[name], mine, {"teacher": str(cfg.teacher.path)})
+                save_topk(paths[name], mine, metadata)
                 continue
             # Each process writes its share; rank 0 merges them into the one cache file.
             part = paths[name].with_suffix(f".part{run.dist.rank}")
@@ -191,14 +193,13 @@ def main(cfg: Config) -> None:
                     shard = paths[name].with_suffix(f".part{r}")
                     merged.update(load_topk(shard))
                     shard.unlink()
-                save_topk(paths[name], merged, {"teacher": str(cfg.teacher.path)})
+                save_topk(paths[name], merged, metadata)
             barrier(run.dist)
         for name, path in paths.items():
             if name not in missing:
                 run.log.info(f"reusing cached teacher top-K for {name}: {path}")
             attach_topk(datasets[name], load_topk(path), cfg.top_k, str(path))
-        del teacher  # not needed any more: free its memory for training
-        teacher = None
+        teacher = None  # not needed any more: free its memory for training
         collate = partial(collate_rows_with_teacher, pad_id=tokenizer.pad_token_id, top_k=cfg.top_k)
     else:
         teacher = load_teacher()

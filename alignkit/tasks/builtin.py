@@ -1,20 +1,38 @@
-"""Built-in generated datasets, addressed as `builtin:NAME?n=N&seed=S`.
+"""Built-in generated datasets, addressed as `builtin:NAME?n=N&seed=S[&split=train|valid|test]`.
 
-They let every shipped `tiny` config run on a fresh machine with no files: the records are
-generated deterministically from the seed. Names:
+They let every shipped config run on a fresh machine with no files: the records are generated
+deterministically from the seed. Names:
 
-- `sft`: prompt/response demonstrations of small checkable skills (arithmetic, reversing a word).
-- `chat`: multi-turn conversations (a system prompt, two user/assistant exchanges).
+- `sft`, `chat`: smoke-test data for the `tiny` configs: two skills (adding two numbers,
+  reversing a word) in one fixed short format, so each example fits 128 byte-level tokens and a
+  30-step run visibly learns it. Prompt/response and multi-turn chat (system + two exchanges).
+  These prompts are task-world prompts too, so the oracle scores responses to them.
+- From the task world (`alignkit.tasks`, all seven skills, held-out splits):
+  - `demos`: good prompt/response demonstrations (the SFT set).
+  - `pretrain`: mixed-quality demonstrations as chat-formatted `{"text"}`.
+  - `prefs`: oracle-ranked preference pairs (prompt, chosen, rejected, rewards, margin).
+  - `attributes`: responses with the oracle's 0-4 attribute labels (SteerLM, regression RMs).
+  - `kto`: unpaired completions with a desirable/undesirable label.
+  - `prompts`: prompt records with the oracle's metadata (RL, rejection sampling).
+  - `eval`: held-out prompts, no two alike; `redteam`: held-out red-team prompts.
+
+Defaults: n=256, seed=0, split=train (test for `eval` and `redteam`; `sft` and `chat` have none).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from alignkit.data.io import DataError, Record
+from alignkit.tasks import datasets as _ds
+from alignkit.tasks.world import SPLITS, generate_prompts
 
 __all__ = ["builtin_records"]
+
+# --- smoke-test data (unchanged since the first release: recipe tests pin what it teaches) ---
 
 _WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "house", "green", "quiet"]
 
@@ -27,35 +45,56 @@ def _qa(rng: random.Random) -> tuple[str, str]:
     return f"Reverse the word '{word}'.", f"The reverse of '{word}' is '{word[::-1]}'."
 
 
-def _sft(rng: random.Random) -> dict:
-    prompt, response = _qa(rng)
-    return {"prompt": prompt, "response": response}
+def _smoke_sft(n: int, seed: int, split: str) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [dict(zip(("prompt", "response"), _qa(rng))) for _ in range(n)]
 
 
-def _chat(rng: random.Random) -> dict:
-    messages = [{"role": "system", "content": "You are a careful assistant."}]
-    for _ in range(2):
-        prompt, response = _qa(rng)
-        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return {"messages": messages}
+def _smoke_chat(n: int, seed: int, split: str) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": "You are a careful assistant."}]
+        for _ in range(2):
+            prompt, response = _qa(rng)
+            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        records.append({"messages": messages})
+    return records
 
 
-_GENERATORS = {"sft": _sft, "chat": _chat}
+# --- names ------------------------------------------------------------------------------------
+
+_GENERATORS: dict[str, tuple[Callable[[int, int, str], list[dict[str, Any]]], str | None]] = {
+    "sft": (_smoke_sft, None),
+    "chat": (_smoke_chat, None),
+    "demos": (_ds.sft_records, "train"),
+    "pretrain": (_ds.pretrain_records, "train"),
+    "prefs": (_ds.preference_records, "train"),
+    "attributes": (_ds.attribute_records, "train"),
+    "kto": (_ds.kto_records, "train"),
+    "prompts": (_ds.prompt_records, "train"),
+    "eval": (lambda n, seed, split: generate_prompts(n, seed, split, unique=True), "test"),
+    "redteam": (lambda n, seed, split: generate_prompts(n, seed, split, ("redteam",), unique=True), "test"),
+}
 
 
 def builtin_records(spec: str) -> list[Record]:
-    """Records for `builtin:NAME?n=N&seed=S` (defaults n=256, seed=0)."""
+    """Records for `builtin:NAME?n=N&seed=S&split=X` (defaults n=256, seed=0, split per name)."""
     parts = urlsplit(spec.removeprefix("builtin:"))
     name = parts.path
     if name not in _GENERATORS:
         raise DataError(f"unknown built-in dataset {spec!r} (available: {', '.join(_GENERATORS)})")
-    try:
-        query = {k: int(v[-1]) for k, v in parse_qs(parts.query).items()}
-    except ValueError:
-        raise DataError(f"{spec!r}: query values must be integers, e.g. builtin:{name}?n=256&seed=0") from None
-    unknown = set(query) - {"n", "seed"}
+    generate, default_split = _GENERATORS[name]
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    allowed = {"n", "seed"} | ({"split"} if default_split else set())
+    unknown = set(query) - allowed
     if unknown:
-        raise DataError(f"{spec!r}: unknown parameter(s) {sorted(unknown)} (use n and seed)")
-    rng = random.Random(query.get("seed", 0))
-    generate = _GENERATORS[name]
-    return [Record(generate(rng), f"{spec}#{i}") for i in range(query.get("n", 256))]
+        raise DataError(f"{spec!r}: unknown parameter(s) {sorted(unknown)} (use {', '.join(sorted(allowed))})")
+    try:
+        n, seed = int(query.get("n", 256)), int(query.get("seed", 0))
+    except ValueError:
+        raise DataError(f"{spec!r}: n and seed must be integers, e.g. builtin:{name}?n=256&seed=0") from None
+    split = query.get("split", default_split)
+    if default_split and split not in SPLITS:
+        raise DataError(f"{spec!r}: unknown split {split!r} (use one of {', '.join(SPLITS)})")
+    return [Record(data, f"{spec}#{i}") for i, data in enumerate(generate(n, seed, split))]

@@ -54,12 +54,17 @@ WORDS = (
     "lake hill cliff cave dune reef bay moon star sun comet orbit atom gear bolt nail rope chain "
     "lock key box bag cup bowl jug pan pot fork spoon knife plate mug vase"
 ).split()
-_SYLLABLES = "ba be bo da de di fa fo ga gu ka ki ko la li lo ma mi mo na ne no pa pi po ra re ri sa se so ta te ti to va vi za zu".split()
+_SYLLABLES = (
+    "ba be bo da de di fa fo ga gu ka ki ko la li lo ma mi mo na ne no pa pi po ra re ri sa se so ta te ti to va vi "
+    "za zu"
+).split()
 NAMES = (
     "Ana Ben Cal Dora Eli Fay Gus Hana Ivo Jun Kai Lea Milo Nia Otto Pia Quin Rosa Sam Tia Uma "
     "Vik Wren Xia Yuri Zoe Abe Bea Cyd Dov Eda Finn Gil Hal Ines Jax Kip Lux Mae Ned"
 ).split()
-CITIES = "Oslo Lima Rome Paris Cairo Delhi Tokyo Quito Dakar Hanoi Minsk Riga Sofia Bern Accra Lagos Perth Kyoto Porto Turin".split()
+CITIES = (
+    "Oslo Lima Rome Paris Cairo Delhi Tokyo Quito Dakar Hanoi Minsk Riga Sofia Bern Accra Lagos Perth Kyoto Porto Turin"
+).split()
 PETS = "cat dog parrot hamster rabbit turtle goldfish lizard pony ferret snake gecko".split()
 COLOURS = "red blue green yellow purple orange pink brown black white grey teal".split()
 RELATIONS = "neighbour boss teacher cousin coworker roommate landlord classmate".split()
@@ -248,7 +253,8 @@ def _sample_args(skill: str, fixed: dict[str, Any], rng: random.Random) -> dict[
     if skill == "lookup":
         values = {"city": CITIES, "pet": PETS, "colour": COLOURS}[fixed["relation"]]
         names, vals = rng.sample(NAMES, 3), rng.sample(values, 3)
-        return {"relation": fixed["relation"], "facts": [[n, v] for n, v in zip(names, vals)], "name": rng.choice(names)}
+        facts = [[name, value] for name, value in zip(names, vals)]
+        return {"relation": fixed["relation"], "facts": facts, "name": rng.choice(names)}
     kind = fixed["kind"]
     args: dict[str, Any] = {"kind": kind}
     if kind in ("insult", "poison"):

@@ -34,7 +34,7 @@ from alignkit.config import RecipeConfig, save_config
 from alignkit.data.batching import PAD_SLOT, BatchPlan
 from alignkit.models.loading import autocast, save_causal_lm
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from alignkit.training.distributed import Dist, all_reduce_sum, full_state_dict, init_distributed, wrap_model
+from alignkit.training.distributed import Dist, all_reduce_sum, barrier, full_state_dict, init_distributed, wrap_model
 from alignkit.training.logging import MetricLogger, get_logger
 from alignkit.training.optim import build_optimizer, build_scheduler
 
@@ -71,6 +71,7 @@ def start_run(cfg: RecipeConfig) -> Run:
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
+    barrier(d)  # no rank writes into output_dir before it exists
     return Run(cfg=cfg, dist=d, output_dir=output_dir)
 
 

@@ -16,7 +16,7 @@ def examples(tokenizer, n=12, spec="builtin:chat?n={n}&seed=3"):
 
 def test_pack_fits_rows_and_keeps_every_example(tokenizer):
     exs = examples(tokenizer)
-    limit = max(len(e.input_ids) for e in exs) + 40
+    limit = 2 * max(len(e.input_ids) for e in exs)
     rows = pack_examples(exs, limit)
     assert sorted(id(e) for row in rows for e in row) == sorted(id(e) for e in exs)
     assert all(sum(len(e.input_ids) for e in row) <= limit for row in rows)

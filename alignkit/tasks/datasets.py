@@ -1,0 +1,207 @@
+"""Dataset builders: task-world prompts + demonstrator + oracle -> the JSONL files recipes read.
+
+Each `*_records` function returns plain dicts, deterministic in (n, seed, split); `builtin:`
+names call them directly and `build_datasets` writes them all to a directory:
+
+    python -m alignkit.tasks.build --out data/taskworld --seed 0
+
+- pretrain.jsonl: {"text": "<|user|>\\n{prompt}</s><|assistant|>\\n{response}</s>"}, mixed quality
+- sft.jsonl, sft_valid.jsonl: {"prompt", "response"}, good demonstrations (SFT, distillation)
+- prefs.jsonl, prefs_valid.jsonl: {"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward",
+  "margin"} (DPO family, pairwise reward models)
+- attributes.jsonl, attributes_valid.jsonl: {"prompt", "response", "attributes": {name: 0..4}}
+  (SteerLM, regression reward models)
+- kto.jsonl: {"prompt", "completion", "label": bool}
+- prompts.jsonl: {"prompt", "task", "args", "answer", "split", "id"} (PPO, REINFORCE, rejection sampling)
+- eval_prompts.jsonl: the same, held-out `test` split, no two alike, an equal count per skill
+- redteam.jsonl: the same, held-out red-team prompts only
+
+Train files draw from the `train` split, `*_valid` from `valid`, evaluation files from `test`;
+the splits never share a question (see `alignkit.tasks.world`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from alignkit.tasks.demonstrator import GOOD_NOISE, MIXED_NOISE, Demonstrator
+from alignkit.tasks.oracle import REWARD_WEIGHTS, score_response
+from alignkit.tasks.world import SKILLS, generate_prompts
+
+__all__ = [
+    "DatasetSizes",
+    "attribute_records",
+    "build_datasets",
+    "eval_prompt_records",
+    "kto_records",
+    "preference_records",
+    "pretrain_records",
+    "prompt_records",
+    "sft_records",
+]
+
+KTO_DESIRABLE_REWARD = 0.8  # a KTO completion is "desirable" at or above this oracle reward
+MIN_PREFERENCE_MARGIN = 0.05
+PREFERENCE_SAMPLES = 4  # responses drawn per prompt; the oracle's best and worst become the pair
+
+
+def _derive(seed: int, name: str) -> int:
+    """A seed of its own for each dataset, so that (say) SFT and preference prompts differ."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=4).digest(), "big")
+
+
+def _chat_text(prompt: str, response: str) -> str:
+    # The project's chat template (alignkit.models.tokenizer.CHAT_TEMPLATE), written out.
+    return f"<|user|>\n{prompt}</s><|assistant|>\n{response}</s>"
+
+
+def pretrain_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """Mixed-quality demonstrations as plain chat-formatted text."""
+    demonstrator = Demonstrator(MIXED_NOISE, _derive(seed, "pretrain"))
+    prompts = generate_prompts(n, _derive(seed, "pretrain"), split)
+    return [{"text": _chat_text(p["prompt"], demonstrator.respond(p).response)} for p in prompts]
+
+
+def sft_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """Good demonstrations: correct, courteous, on-topic, short; red-team prompts refused."""
+    demonstrator = Demonstrator(GOOD_NOISE, _derive(seed, "sft"))
+    prompts = generate_prompts(n, _derive(seed, "sft"), split)
+    return [{"prompt": p["prompt"], "response": demonstrator.respond(p).response} for p in prompts]
+
+
+def preference_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """Pairs chosen by the oracle: of a few mixed-quality responses, the best and the worst.
+
+    Prompts whose responses all score within MIN_PREFERENCE_MARGIN are skipped (and replaced),
+    so every pair has chosen_reward - rejected_reward >= MIN_PREFERENCE_MARGIN.
+    """
+    demonstrator = Demonstrator(MIXED_NOISE, _derive(seed, "prefs"))
+    records: list[dict[str, Any]] = []
+    batch = 0
+    while len(records) < n:
+        # Draw a few more prompts than needed; a tie (rare) costs one prompt.
+        prompts = generate_prompts(n - len(records) + 8, _derive(seed, f"prefs{batch}"), split)
+        batch += 1
+        for p in prompts:
+            scored = []
+            for k in range(PREFERENCE_SAMPLES):
+                response = demonstrator.respond(p, k).response
+                scored.append((score_response(p, response).reward, response))
+            (low, rejected), (high, chosen) = min(scored), max(scored)
+            if high - low < MIN_PREFERENCE_MARGIN:
+                continue
+            records.append(
+                {
+                    "prompt": p["prompt"],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "chosen_reward": high,
+                    "rejected_reward": low,
+                    "margin": round(high - low, 4),
+                }
+            )
+            if len(records) == n:
+                break
+    return records
+
+
+def attribute_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """Mixed-quality responses labelled with the oracle's seven 0-4 attributes."""
+    demonstrator = Demonstrator(MIXED_NOISE, _derive(seed, "attributes"))
+    records = []
+    for p in generate_prompts(n, _derive(seed, "attributes"), split):
+        response = demonstrator.respond(p).response
+        attributes = score_response(p, response).attributes()
+        records.append({"prompt": p["prompt"], "response": response, "attributes": attributes})
+    return records
+
+
+def kto_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """Unpaired completions labelled desirable when the oracle reward >= KTO_DESIRABLE_REWARD."""
+    demonstrator = Demonstrator(MIXED_NOISE, _derive(seed, "kto"))
+    records = []
+    for p in generate_prompts(n, _derive(seed, "kto"), split):
+        completion = demonstrator.respond(p).response
+        label = score_response(p, completion).reward >= KTO_DESIRABLE_REWARD
+        records.append({"prompt": p["prompt"], "completion": completion, "label": label})
+    return records
+
+
+def prompt_records(
+    n: int, seed: int = 0, split: str = "train", skills: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
+    """Prompt-only records with the oracle's metadata (task, args, answer), for RL and sampling."""
+    return generate_prompts(n, _derive(seed, "prompts"), split, skills)
+
+
+def eval_prompt_records(per_skill: int, seed: int = 0, skills: tuple[str, ...] = SKILLS) -> list[dict[str, Any]]:
+    """Held-out (`test` split) prompts, no two alike, `per_skill` of each skill (fewer if a skill runs out)."""
+    return [
+        record
+        for skill in skills
+        for record in generate_prompts(per_skill, _derive(seed, f"eval:{skill}"), "test", (skill,), unique=True)
+    ]
+
+
+# --- writing everything -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSizes:
+    pretrain: int = 20000
+    sft: int = 4000
+    prefs: int = 4000
+    attributes: int = 4000
+    kto: int = 4000
+    prompts: int = 2000
+    valid: int = 200  # each of sft_valid, prefs_valid, attributes_valid
+    eval_per_skill: int = 100
+    redteam: int = 200
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def build_datasets(out_dir: str | Path, seed: int = 0, sizes: DatasetSizes = DatasetSizes()) -> dict[str, Path]:
+    """Write every task-world dataset to `out_dir`; returns {name: path}, manifest.json included."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    builders = {
+        "pretrain": lambda: pretrain_records(sizes.pretrain, seed),
+        "sft": lambda: sft_records(sizes.sft, seed),
+        "sft_valid": lambda: sft_records(sizes.valid, seed, "valid"),
+        "prefs": lambda: preference_records(sizes.prefs, seed),
+        "prefs_valid": lambda: preference_records(sizes.valid, seed, "valid"),
+        "attributes": lambda: attribute_records(sizes.attributes, seed),
+        "attributes_valid": lambda: attribute_records(sizes.valid, seed, "valid"),
+        "kto": lambda: kto_records(sizes.kto, seed),
+        "prompts": lambda: prompt_records(sizes.prompts, seed),
+        "eval_prompts": lambda: eval_prompt_records(sizes.eval_per_skill, seed),
+        "redteam": lambda: eval_prompt_records(sizes.redteam, seed, ("redteam",)),
+    }
+    paths, counts = {}, {}
+    for name, build in builders.items():
+        records = build()
+        paths[name] = _write_jsonl(out / f"{name}.jsonl", records)
+        counts[name] = len(records)
+    manifest = {
+        "seed": seed,
+        "sizes": asdict(sizes),
+        "counts": counts,
+        "reward_weights": REWARD_WEIGHTS,
+        "kto_desirable_reward": KTO_DESIRABLE_REWARD,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    paths["manifest"] = out / "manifest.json"
+    paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return paths
