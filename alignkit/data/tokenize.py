@@ -105,8 +105,11 @@ def encode_conversation(
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, where: str) -> Example:
-    """Plain text for language-model (pre)training: every token carries loss, EOS appended."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """Plain text for language-model (pre)training: every token carries loss; EOS appended
+    unless the text already ends with it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
     return Example(input_ids=ids, target_ids=ids[1:] + [IGNORE], source=where)
 
 

@@ -42,9 +42,15 @@ def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
-def _byte_level(model: models.Model) -> Tokenizer:
+def _byte_level(model: models.Model, split_digits: bool = False) -> Tokenizer:
     tokenizer = Tokenizer(model)
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # One token per digit (as in Llama and Qwen) lets a small model learn arithmetic digit
+    # by digit instead of memorising a token for every number.
+    tokenizer.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits else byte_level
+    )
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
@@ -59,9 +65,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return _wrap(tokenizer)
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on `texts`; special tokens take ids 0..6."""
-    tokenizer = _byte_level(models.BPE(unk_token="<unk>"))
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, split_digits: bool = True) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts`; special tokens take ids 0..6; digits split by default."""
+    tokenizer = _byte_level(models.BPE(unk_token="<unk>"), split_digits)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,

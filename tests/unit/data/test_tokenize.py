@@ -83,3 +83,4 @@ def test_text_records_train_on_every_token(tokenizer):
     example = encode_text(tokenizer, "abc", "t:1")
     assert example.input_ids[-1] == tokenizer.eos_token_id
     assert example.target_ids == example.input_ids[1:] + [IGNORE]
+    assert encode_text(tokenizer, "abc</s>", "t:2").input_ids == example.input_ids  # no doubled EOS
