@@ -106,6 +106,49 @@ def validate(
     typer.secho(f"ok: {config} is a valid {recipe} config", fg=typer.colors.GREEN)
 
 
+@app.command()
+def demo(
+    stages: Annotated[str, typer.Option(help="comma-separated stages, or 'all' (default: data,tokenizer,base,sft)")] = "",
+    output_dir: Annotated[str, typer.Option("--output-dir", help="where the demo writes")] = "runs/demo",
+) -> None:
+    """Run the end-to-end demo on the task world (stages whose inputs are unchanged are reused)."""
+    from alignkit.demo import run_demo
+
+    try:
+        run_demo([s for s in stages.split(",") if s] or None, output_dir)
+    except (ConfigError, DataError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="HF model directory to evaluate")],
+    reference: Annotated[str | None, typer.Option(help="reference model directory: win rate and KL")] = None,
+    prompts: Annotated[str, typer.Option(help="prompt records (JSONL with a 'prompt' field) or builtin:eval?n=...")] = "builtin:eval?n=350&seed=0",
+    out: Annotated[str, typer.Option(help="output directory for eval.json and eval.png")] = "runs/eval",
+    max_new_tokens: int = 96,
+    temperature: float = 0.7,
+    seed: int = 0,
+) -> None:
+    """Sample responses to held-out task-world prompts and score them with the oracle."""
+    from alignkit.data.io import read_records
+    from alignkit.evaluation.evaluate import evaluate_model, plot_results, write_json
+    from alignkit.generation.sampler import SamplingParams
+
+    try:
+        records = [r.data for r in read_records(prompts)]
+        if not records or "prompt" not in records[0]:
+            raise DataError(f"{prompts}: expected prompt records with a 'prompt' field")
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        result = evaluate_model(model, records, params, reference_dir=reference)
+    except (DataError, FileNotFoundError, OSError) as exc:
+        _fail(str(exc))
+    write_json(result.to_json(records), Path(out) / "eval.json")
+    plot_results({Path(model).name: result.metrics}, Path(out) / "eval.png")
+    for key, value in result.metrics.items():
+        typer.echo(f"{key:32s} {value:.4f}")
+
+
 def main() -> None:
     app()
 

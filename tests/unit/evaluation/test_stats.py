@@ -1,0 +1,25 @@
+import numpy as np
+import pytest
+
+from alignkit.evaluation.stats import bootstrap_ci, mean_with_ci, win_rate
+
+
+def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_more_data():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(0.5, 0.2, 50), rng.normal(0.5, 0.2, 2000)
+    lo_s, hi_s = bootstrap_ci(small)
+    lo_l, hi_l = bootstrap_ci(large)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert (hi_l - lo_l) < (hi_s - lo_s) / 3
+    # for a normal mean the 95% interval is about +-1.96 standard errors
+    assert (hi_l - lo_l) / 2 == pytest.approx(1.96 * large.std() / np.sqrt(large.size), rel=0.15)
+
+
+def test_constant_values_have_a_point_interval():
+    assert mean_with_ci("x", [0.25] * 10) == {"x": 0.25, "x_ci_low": 0.25, "x_ci_high": 0.25}
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1.0, 0.5, 0.2], [0.5, 0.5, 0.9]) == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="paired"):
+        win_rate([1.0], [1.0, 2.0])
