@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,6 +151,8 @@ def _run_stage(stage: Stage, demo: Demo, log) -> None:
             demo.results[stage.name] = saved["metrics"]
             return
     log.info(f"demo: running stage {stage.name}")
+    if demo.path(stage.name).exists():  # stale results (and checkpoints) must not be resumed from
+        shutil.rmtree(demo.path(stage.name))
     start = time.perf_counter()
     metrics = stage.run(demo)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
@@ -176,12 +179,13 @@ def _with_dependencies(names: list[str]) -> list[Stage]:
 
 
 def _add_win_rates(demo: Demo, stages: list[Stage]) -> None:
-    """Win rate of every model stage against base and sft, from the stored per-prompt rewards."""
+    """Win rate of every later model stage against base and sft, from the stored per-prompt rewards."""
     rewards = {s.name: json.loads(demo.path(s.name, "eval.json").read_text())["rewards"]
                for s in stages if s.is_model}
+    order = list(rewards)
     for name in rewards:
         for reference in ("base", "sft"):
-            if reference in rewards and reference != name:
+            if reference in rewards and order.index(reference) < order.index(name):
                 demo.results[name].update(mean_with_ci(f"win_rate_vs_{reference}",
                                                        win_rate(rewards[name], rewards[reference])))
 
