@@ -120,6 +120,18 @@ def demo(
         _fail(str(exc))
 
 
+@app.command("build-data")
+def build_data(
+    out: Annotated[str, typer.Option(help="output directory")] = "runs/data",
+    seed: int = 0,
+) -> None:
+    """Write every task-world dataset (pretraining corpus, SFT, preferences, attributes, prompts, ...)."""
+    from alignkit.tasks import build_datasets
+
+    for name, path in build_datasets(out, seed=seed).items():
+        typer.echo(f"{name:18s} {path}")
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="HF model directory to evaluate")],
