@@ -29,6 +29,7 @@ __all__ = ["RECIPES", "app", "main", "recipe_module"]
 RECIPES = {
     "sft": "alignkit.recipes.sft",
     "distill": "alignkit.recipes.distill",
+    "dpo": "alignkit.recipes.dpo",
 }
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

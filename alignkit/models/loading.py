@@ -102,7 +102,9 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+        # seeded like the base weights: every rank must start from the same adapters
+        with _seeded(seed):
+            model = apply_lora(model, cfg.lora)
     return model
 
 

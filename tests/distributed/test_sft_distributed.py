@@ -51,10 +51,12 @@ def test_fsdp_resume_in_two_processes(tmp_path):
     assert losses(out) == pytest.approx(losses(straight), rel=1e-6)
 
 
-def test_lora_under_fsdp(tmp_path):
-    out = tmp_path / "lora"
+def test_lora_under_fsdp_matches_one_process(tmp_path):
+    out, one = tmp_path / "lora", tmp_path / "lora1"
     result = run_cli(*COMMON, f"output_dir={out}", "model.lora.enabled=true", "--nproc", "2")
     assert result.returncode == 0, result.stderr
+    assert run_cli(*COMMON, f"output_dir={one}", "model.lora.enabled=true").returncode == 0
+    assert losses(out) == pytest.approx(losses(one), rel=1e-5)  # same adapters on every rank
     sd = load_file(str(out / "final/model.safetensors"))
     assert not any("lora" in k for k in sd)
     assert losses(out)[-1] < losses(out)[0]

@@ -1,0 +1,225 @@
+"""Preference pairs end to end: records -> validated messages -> masked token ids -> one packed row per pair.
+
+Accepted records (one JSON object each):
+- `{"prompt", "chosen", "rejected"}` (TRL, Anthropic HH style). `prompt` is a string (one user
+  message) or a list of messages (a multi-turn context, a system message, ...); `chosen` and
+  `rejected` are strings or lists of assistant messages.
+- NeMo-Aligner's `{"prompt", "chosen_response", "rejected_response"}`, same value types.
+- Optional `chosen_reward` / `rejected_reward` (numbers): the ground truth of the `rpo_*` losses,
+  which require them.
+
+Each pair becomes two examples, prompt+chosen and prompt+rejected, whose targets cover the
+response's assistant turns only (never an assistant turn inside the prompt). Both go into ONE
+row (`collate_pairs`): position ids restart at each sequence, so one forward pass scores both
+without padding between them and without either attending to the other. `seq_index` maps each
+target position to its sequence (pair j: chosen 2j, rejected 2j+1), so per-sequence
+log-probabilities are a segment sum over the targets (see `sequence_logps`).
+
+The over-length policy (`data.overlength`) applies to each sequence, and a pair is kept or
+dropped as a whole: `truncate` cuts the end of a response (the prompt comes first and carries no
+targets), and a pair whose prompt alone fills `max_seq_len` is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from alignkit.config import DataConfig, DatasetConfig
+from alignkit.data.batching import collate_rows
+from alignkit.data.formats import Message, messages_from_value
+from alignkit.data.io import DataError, Record, read_records
+from alignkit.data.tokenize import IGNORE, EncodeStats, Example, fit_length, render_with_spans
+
+__all__ = [
+    "PreferencePair",
+    "collate_pairs",
+    "encode_pair",
+    "load_preference_pairs",
+    "pair_length",
+    "parse_preference",
+    "sequence_logps",
+]
+
+_RESPONSE_KEYS = (("chosen", "rejected"), ("chosen_response", "rejected_response"))
+
+
+@dataclass
+class PreferencePair:
+    chosen: Example  # prompt + chosen response; targets on the response only
+    rejected: Example  # prompt + rejected response
+    source: str
+    chosen_reward: float | None = None  # ground truth, if the record has one
+    rejected_reward: float | None = None
+    # Summed reference log-probs of each response, attached from the cache (cached mode).
+    reference: tuple[float, float] | None = field(default=None, repr=False)
+
+
+@dataclass
+class ParsedPreference:
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    chosen_reward: float | None
+    rejected_reward: float | None
+
+
+def _response(value, where: str, key: str) -> list[Message]:
+    messages = messages_from_value(value, "assistant", f"{where}: field '{key}'")
+    if not messages:
+        raise DataError(f"{where}: field '{key}' is an empty list")
+    roles = {m["role"] for m in messages}
+    if roles != {"assistant"}:
+        raise DataError(
+            f"{where}: field '{key}' must be a string or a list of assistant messages (found roles "
+            f"{sorted(roles)}); put the conversation before the response into 'prompt'"
+        )
+    return messages
+
+
+def _reward(data: dict, key: str, where: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: field '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def parse_preference(record: Record, system_prompt: str | None = None,
+                     require_rewards: bool = False) -> ParsedPreference:
+    """The record's prompt messages, chosen and rejected responses and optional rewards."""
+    data, where = record.data, record.source
+    keys = next((pair for pair in _RESPONSE_KEYS if pair[0] in data or pair[1] in data), None)
+    if "prompt" not in data or keys is None or not all(k in data for k in keys):
+        missing = [k for k in ("prompt", *(keys or _RESPONSE_KEYS[0])) if k not in data]
+        raise DataError(
+            f"{where}: missing field(s) {', '.join(repr(k) for k in missing)} (a preference record has "
+            "prompt + chosen + rejected, or prompt + chosen_response + rejected_response; found fields: "
+            f"{', '.join(sorted(data)) or 'none'})"
+        )
+    prompt = messages_from_value(data["prompt"], "user", f"{where}: field 'prompt'")
+    if not prompt:
+        raise DataError(f"{where}: field 'prompt' is an empty list")
+    if prompt[-1]["role"] == "assistant":
+        raise DataError(f"{where}: the prompt ends with an assistant message; the response must follow a user turn")
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system_prompt}, *prompt]
+    chosen_reward, rejected_reward = _reward(data, "chosen_reward", where), _reward(data, "rejected_reward", where)
+    if require_rewards and (chosen_reward is None or rejected_reward is None):
+        absent = [k for k, v in (("chosen_reward", chosen_reward), ("rejected_reward", rejected_reward)) if v is None]
+        raise DataError(
+            f"{where}: missing {' and '.join(absent)}: the rpo_* losses regress on ground-truth rewards, "
+            "so every record needs chosen_reward and rejected_reward"
+        )
+    return ParsedPreference(prompt, _response(data[keys[0]], where, keys[0]), _response(data[keys[1]], where, keys[1]),
+                            chosen_reward, rejected_reward)
+
+
+def _encode_response(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], response: list[Message],
+                     template: str | None, where: str) -> Example:
+    """prompt + response token ids; shifted targets on the response's assistant turns only."""
+    text, spans = render_with_spans(tokenizer, [*prompt, *response], template, where)
+    spans = spans[sum(m["role"] == "assistant" for m in prompt):]  # drop assistant turns of the prompt
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = encoding["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for t, (start, end) in enumerate(encoding["offset_mapping"]):
+        if any(start < b and end > a for a, b in spans):
+            labels[t] = ids[t]
+    return Example(input_ids=ids, target_ids=labels[1:] + [IGNORE], source=where)
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, parsed: ParsedPreference, template: str | None,
+                where: str) -> PreferencePair:
+    return PreferencePair(
+        chosen=_encode_response(tokenizer, parsed.prompt, parsed.chosen, template, where),
+        rejected=_encode_response(tokenizer, parsed.prompt, parsed.rejected, template, where),
+        source=where, chosen_reward=parsed.chosen_reward, rejected_reward=parsed.rejected_reward,
+    )
+
+
+def _fit_pair(pair: PreferencePair, data: DataConfig, stats: EncodeStats) -> PreferencePair | None:
+    """The over-length policy per sequence; the pair is kept (maybe truncated) or dropped whole."""
+    scratch = EncodeStats()
+    chosen = fit_length(pair.chosen, data.max_seq_len, data.overlength, scratch)
+    rejected = fit_length(pair.rejected, data.max_seq_len, data.overlength, scratch)
+    if chosen is None or rejected is None:
+        stats.dropped[next(iter(scratch.dropped))] += 1
+        return None
+    stats.truncated += scratch.truncated > 0
+    pair.chosen, pair.rejected = chosen, rejected
+    return pair
+
+
+def load_preference_pairs(dataset: DatasetConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                          require_rewards: bool = False) -> tuple[list[PreferencePair], EncodeStats]:
+    """Tokenized pairs after the over-length policy (stats count pairs)."""
+    records = read_records(dataset.path, dataset.split, dataset.limit)
+    stats = EncodeStats(total=len(records))
+    pairs = []
+    for record in records:
+        parsed = parse_preference(record, data.system_prompt, require_rewards)
+        pair = _fit_pair(encode_pair(tokenizer, parsed, data.chat_template, record.source), data, stats)
+        if pair is not None:
+            pairs.append(pair)
+    stats.kept = len(pairs)
+    return pairs, stats
+
+
+def pair_length(pair: PreferencePair) -> int:
+    return len(pair.chosen.input_ids) + len(pair.rejected.input_ids)
+
+
+def collate_pairs(pairs: Sequence[PreferencePair | None], pad_id: int) -> dict[str, torch.Tensor | int]:
+    """A micro-batch of pairs -> one row per pair, [prompt+chosen | prompt+rejected].
+
+    Returns `collate_rows`'s `input_ids`, `position_ids`, `target_ids` (B, T) and `num_tokens`,
+    with `num_units` = the number of real pairs (the normaliser of pair-level losses), and for
+    the P real pairs, in order:
+        seq_index          (N,) sequence of each target position, row-major like `logits_at`:
+                           2j for pair j's chosen response, 2j+1 for its rejected one
+        seq_num_targets    (2P,) response tokens per sequence (same interleaving)
+        chosen_reward_gt, rejected_reward_gt   (P,) ground truth (NaN where absent)
+        reference_chosen_logps, reference_rejected_logps   (P,) cached summed reference
+                           log-probs, present when every pair has them
+    A `None` pair (an evaluation filler) becomes a target-free row and no sequence.
+    """
+    real = [p for p in pairs if p is not None]
+    batch = collate_rows([[p.chosen, p.rejected] if p is not None else None for p in pairs], pad_id)
+    counts = [n for p in real for n in (p.chosen.num_targets, p.rejected.num_targets)]
+    batch["num_units"] = len(real)
+    batch["seq_index"] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+    batch["seq_num_targets"] = torch.tensor(counts, dtype=torch.long)
+
+    def floats(values):
+        return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
+
+    batch["chosen_reward_gt"] = floats([p.chosen_reward for p in real])
+    batch["rejected_reward_gt"] = floats([p.rejected_reward for p in real])
+    if all(p.reference is not None for p in real):  # (vacuously for a filler-only batch)
+        batch["reference_chosen_logps"] = torch.tensor([p.reference[0] for p in real], dtype=torch.float32)
+        batch["reference_rejected_logps"] = torch.tensor([p.reference[1] for p in real], dtype=torch.float32)
+    return batch
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, seq_index: torch.Tensor,
+                   num_sequences: int) -> torch.Tensor:
+    """Summed log-probabilities per sequence from the logits at its target positions.
+
+    Args:
+        logits: (N, V) logits at the target positions (`logits_at` with `target_ids != IGNORE`).
+        targets: (N,) the target token at each of those positions.
+        seq_index: (N,) which sequence each position belongs to.
+        num_sequences: S, the number of sequences.
+
+    Returns:
+        (S,) float32: sum over each sequence's targets of log p(target).
+    """
+    token_logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    out = torch.zeros(num_sequences, dtype=token_logps.dtype, device=logits.device)
+    return out.index_add_(0, seq_index, token_logps)

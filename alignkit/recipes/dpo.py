@@ -1,0 +1,303 @@
+"""Direct preference optimisation (DPO) and its family: IPO, cDPO, hinge, robust DPO, RPO,
+SimPO and ORPO.
+
+DPO (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a
+Reward Model") fits a policy to preference pairs (x, y_chosen, y_rejected) without a reward
+model or sampling: the implicit reward beta * log(pi_theta(y|x) / pi_ref(y|x)) of the chosen
+response is pushed above the rejected one's (eq. 7). The frozen reference pi_ref is the
+starting policy. Variants differ only in the per-pair loss of the reward gap
+(`alignkit.losses.preference`), picked by `loss.type`:
+
+    dpo (label_smoothing > 0: cDPO)  ipo  hinge  robust  rpo_sq  rpo_bwd_kl  rpo_fwd_kl
+    simpo  orpo   (reference-free: no reference log-probs at all)
+
+Per pair:  loss = preference_weight * L_pref + sft_weight * NLL(chosen), where NLL(chosen) is
+the chosen response's negative log-likelihood averaged over its tokens (RPO in TRL's sense).
+The unit of normalisation is one pair: the loop divides by the number of pairs in the step.
+
+Reference log-probabilities (`reference.mode`):
+  cached  computed once before training by the starting policy and cached on disk, keyed by
+          the reference model and the tokenized data; reused by later runs and on resume.
+  online  a frozen reference scores every micro-batch next to the policy.
+With LoRA the reference is the base model with its adapters disabled: no second copy.
+Before training the recipe checks that policy and reference agree on the first batch (they
+are the same model at step 0) and warns loudly if they do not.
+
+Chosen and rejected responses go through the model in ONE padding-free forward pass: each
+pair is one row [prompt+chosen | prompt+rejected] with restarting position ids.
+
+    alignkit run dpo --config tiny
+    alignkit run dpo --config my.yaml model.path=runs/sft/final loss.type=ipo loss.beta=0.5 --nproc 8
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import model_validator
+from safetensors.torch import load_file, save_file
+
+from alignkit.config import ConfigError, DataConfig, RecipeConfig, Section
+from alignkit.data.distill import cache_key, teacher_fingerprint
+from alignkit.data.preference import PreferencePair, collate_pairs, load_preference_pairs, pair_length, sequence_logps
+from alignkit.data.tokenize import IGNORE
+from alignkit.losses.preference import dpo_loss, orpo_loss, simpo_loss
+from alignkit.models.forward import logits_at
+from alignkit.models.loading import load_causal_lm, load_tokenizer, unwrap
+from alignkit.training.distributed import all_reduce_sum
+from alignkit.training.loop import fit, save_final, start_run
+
+__all__ = ["Config", "PreferenceLossConfig", "ReferenceConfig", "main", "policy_logps"]
+
+LossType = Literal["dpo", "ipo", "hinge", "robust", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "simpo", "orpo"]
+REFERENCE_FREE = ("simpo", "orpo")
+NEEDS_REWARDS = ("rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")
+
+
+class PreferenceLossConfig(Section):
+    type: LossType = "dpo"
+    beta: float = 0.1  # KL strength (IPO's tau; SimPO's reward scale, ORPO's lambda)
+    label_smoothing: float = 0.0  # dpo: cDPO's label-flip rate; robust: rDPO's; simpo: smoothing
+    gt_reward_scale: float = 1.0  # eta, scales the ground-truth reward gap (rpo_* only)
+    simpo_gamma: float = 1.0  # SimPO's target reward margin gamma (simpo only)
+    preference_weight: float = 1.0
+    # Weight of NLL(chosen response), averaged over its tokens, per pair. None: 1 for orpo
+    # (its L_SFT term, ORPO eq. 6), 0 otherwise.
+    sft_weight: float | None = None
+    # Per-token mean instead of sum of the response log-probs. None: on for simpo and orpo
+    # (which are defined on means), off otherwise.
+    average_logprobs: bool | None = None
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "PreferenceLossConfig":
+        if self.type in REFERENCE_FREE and self.average_logprobs is False:
+            raise ValueError(f"loss.average_logprobs: {self.type} is defined on per-token mean log-probs")
+        if self.preference_weight == 0 and not self.sft_weight:
+            raise ValueError("loss.preference_weight and loss.sft_weight are both 0: nothing to train")
+        return self
+
+    @property
+    def sft(self) -> float:
+        return self.sft_weight if self.sft_weight is not None else float(self.type == "orpo")
+
+    @property
+    def average(self) -> bool:
+        return self.average_logprobs if self.average_logprobs is not None else self.type in REFERENCE_FREE
+
+
+class ReferenceConfig(Section):
+    # The reference is the starting policy (model.*); with LoRA, the base model, adapters off.
+    mode: Literal["cached", "online"] = "cached"
+    cache_dir: str | None = None  # default <output_dir>/reference_logps
+    # Max |policy - reference| summed log-prob per sequence allowed at step 0 before warning.
+    # None: 1e-3 in fp32, 0.5 with bf16 (rounding accumulates over the response tokens).
+    check_tolerance: float | None = None
+
+
+class Config(RecipeConfig):
+    data: DataConfig
+    loss: PreferenceLossConfig = PreferenceLossConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+
+
+# --- log-probabilities: both responses of every pair in one forward pass ------------------
+
+
+def policy_logps(model, batch) -> torch.Tensor:
+    """(2P,) summed response log-probs, interleaved [chosen_0, rejected_0, chosen_1, ...]."""
+    select = batch["target_ids"] != IGNORE  # (B, T)
+    logits = logits_at(model, batch["input_ids"], batch["position_ids"], select)  # (N, V)
+    return sequence_logps(logits, batch["target_ids"][select], batch["seq_index"], batch["seq_num_targets"].numel())
+
+
+@contextlib.contextmanager
+def _adapters_disabled(model):
+    """The base model of a LoRA policy (the reference); a plain model as is."""
+    peft = unwrap(model)
+    with peft.disable_adapter() if hasattr(peft, "disable_adapter") else contextlib.nullcontext():
+        yield
+
+
+@torch.no_grad()
+def _reference_logps(reference, batch, lora: bool) -> torch.Tensor:
+    with _adapters_disabled(reference) if lora else contextlib.nullcontext():
+        return policy_logps(reference, batch)
+
+
+def loss_fn(model, batch, cfg: Config, reference=None):
+    lc = cfg.loss
+    logps = policy_logps(model, batch)  # (2P,) sums
+    counts = batch["seq_num_targets"].to(logps.dtype)  # (2P,)
+    chosen_nll = -(logps[0::2] / counts[0::2])  # (P,) per-token NLL of each chosen response
+    if lc.average:
+        logps = logps / counts
+    chosen, rejected = logps[0::2], logps[1::2]  # (P,)
+    if lc.type == "simpo":
+        pref, metrics = simpo_loss(chosen, rejected, beta=lc.beta, gamma=lc.simpo_gamma,
+                                   label_smoothing=lc.label_smoothing)
+    elif lc.type == "orpo":
+        pref, metrics = orpo_loss(chosen, rejected, beta=lc.beta)
+    else:
+        if reference is not None:  # online
+            ref = _reference_logps(reference, batch, cfg.model.lora.enabled)
+        else:  # cached sums
+            ref = torch.stack([batch["reference_chosen_logps"], batch["reference_rejected_logps"]], 1).reshape(-1)
+        if lc.average:
+            ref = ref / counts
+        pref, metrics = dpo_loss(
+            chosen, rejected, ref[0::2], ref[1::2], beta=lc.beta, loss_type=lc.type,
+            label_smoothing=lc.label_smoothing, chosen_rewards_gt=batch["chosen_reward_gt"],
+            rejected_rewards_gt=batch["rejected_reward_gt"], gt_reward_scale=lc.gt_reward_scale,
+        )
+    sft = chosen_nll.sum()
+    loss = lc.preference_weight * pref + lc.sft * sft
+    metrics.update({"loss": loss.detach(), "preference_loss": pref.detach(), "sft_loss": sft.detach()})
+    return loss, metrics
+
+
+# --- cached reference log-probs ---------------------------------------------------------
+
+_FORMAT = "dpo-reference-logps-1"
+
+
+def _cache_path(cache_dir: Path, name: str, fingerprint: dict, pairs: list[PreferencePair]) -> Path:
+    flat = [e for p in pairs for e in (p.chosen, p.rejected)]
+    return cache_dir / f"{name}-{cache_key({'format': _FORMAT, 'reference': fingerprint}, flat, top_k=0)}.safetensors"
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a shared cache must be readable
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _score_pairs(run, cfg: Config, model, pairs: list[PreferencePair], pad_id: int) -> torch.Tensor:
+    """(E, 2) summed reference log-probs [chosen, rejected] of every pair; each process scores
+    a share and the shares are summed over processes."""
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    mine = list(range(run.dist.rank, len(pairs), run.dist.world_size))
+    step = cfg.train.micro_batch_size
+    model.eval()
+    for start in range(0, len(mine), step):
+        index = mine[start : start + step]
+        batch = {k: v.to(run.dist.device) if torch.is_tensor(v) else v
+                 for k, v in collate_pairs([pairs[i] for i in index], pad_id).items()}
+        with run.autocast():
+            logps = _reference_logps(model, batch, cfg.model.lora.enabled)  # (2P,)
+        out[index] = logps.double().cpu().reshape(-1, 2)
+    model.train()
+    device = run.dist.device if run.dist.enabled and run.dist.device.type == "cuda" else "cpu"
+    return all_reduce_sum(out.to(device), run.dist).cpu()
+
+
+def _cached_reference(run, cfg: Config, model, datasets: dict[str, list[PreferencePair]], pad_id: int) -> None:
+    cache_dir = Path(cfg.reference.cache_dir or run.output_dir / "reference_logps")
+    fingerprint = teacher_fingerprint(cfg.model, cfg.train.seed)
+    paths = {name: _cache_path(cache_dir, name, fingerprint, pairs) for name, pairs in datasets.items()}
+    # Every process looks before any scoring (a collective), so all see the same answer.
+    missing = {name for name, path in paths.items() if not path.is_file()}
+    for name, pairs in datasets.items():
+        path = paths[name]
+        if name not in missing:
+            run.log.info(f"reusing cached reference log-probs for {name}: {path}")
+            logps = load_file(str(path))["logps"]
+            if logps.shape != (len(pairs), 2):
+                raise ValueError(
+                    f"{path}: holds {tuple(logps.shape)} log-probs for {len(pairs)} pairs; delete it to recompute")
+        else:
+            run.log.info(f"computing reference log-probs for {len(pairs)} {name} pairs")
+            logps = _score_pairs(run, cfg, model, pairs, pad_id)
+            if run.dist.is_main:
+                _save_atomic(path, {"logps": logps.contiguous()}, {"reference": json.dumps(fingerprint)})
+        for pair, (c, r) in zip(pairs, logps.tolist()):
+            pair.reference = (c, r)
+
+
+@torch.no_grad()
+def _check_step0(run, cfg: Config, model, reference, pairs: list[PreferencePair], pad_id: int) -> float:
+    """Policy == reference at step 0: compare them on the first micro-batch, warn if not."""
+    batch = {k: v.to(run.dist.device) if torch.is_tensor(v) else v
+             for k, v in collate_pairs(pairs[: cfg.train.micro_batch_size], pad_id).items()}
+    model.eval()
+    with run.autocast():
+        policy = policy_logps(model, batch)
+        if reference is not None:
+            ref = _reference_logps(reference, batch, cfg.model.lora.enabled)
+        else:
+            ref = torch.stack([batch["reference_chosen_logps"], batch["reference_rejected_logps"]], 1).reshape(-1)
+    model.train()
+    diff = float((policy.double() - ref.double().to(policy.device)).abs().max())
+    bf16 = cfg.model.precision != "fp32"
+    tolerance = cfg.reference.check_tolerance or (0.5 if bf16 else 1e-3)
+    if diff > tolerance:
+        run.log.warning(
+            f"policy and reference log-probs differ at step 0 by up to {diff:.4g} per sequence (tolerance "
+            f"{tolerance}): they should be the same model. A stale reference cache, a different precision "
+            "or batch shape when the cache was made, or non-deterministic kernels; the DPO rewards are offset"
+        )
+    else:
+        run.log.info(f"step-0 check: policy and reference log-probs agree (max difference {diff:.2g})")
+    return diff
+
+
+def main(cfg: Config) -> None:
+    run = start_run(cfg)
+    lc = cfg.loss
+    if lc.type in NEEDS_REWARDS and lc.label_smoothing:
+        raise ConfigError(f"loss.label_smoothing is not used by loss.type={lc.type}")
+
+    # --- policy, tokenizer and preference pairs ---------------------------------------------
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id
+    model = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+    datasets: dict[str, list[PreferencePair]] = {}
+    for name, spec in (("train", cfg.data.train), ("validation", cfg.data.validation)):
+        if spec is not None:
+            datasets[name], stats = load_preference_pairs(spec, cfg.data, tokenizer,
+                                                          require_rewards=lc.type in NEEDS_REWARDS)
+            run.log.info(f"{name} data {spec.path}: {stats.summary().replace('examples', 'pairs')}")
+    if not datasets["train"]:
+        raise ConfigError(f"no training pair left after data.overlength={cfg.data.overlength}")
+
+    # --- reference log-probs: the starting policy, cached on disk or scored online ----------
+    reference = None
+    if lc.type not in REFERENCE_FREE:
+        model.to(run.dist.device)
+        if cfg.reference.mode == "cached":
+            _cached_reference(run, cfg, model, datasets, pad_id)
+        elif cfg.model.lora.enabled:
+            reference = model  # the same module: adapters are switched off around its forward
+        else:
+            reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+            reference = reference.to(run.dist.device).eval().requires_grad_(False)
+        _check_step0(run, cfg, model, reference, datasets["train"], pad_id)
+
+    # --- train: minimise preference_weight * L_pref + sft_weight * NLL(chosen) per pair -----
+    collate = partial(collate_pairs, pad_id=pad_id)
+
+    def train_loss(policy, batch):
+        # With LoRA online the reference is the policy itself, as wrapped by `fit`.
+        ref = policy if reference is model else reference
+        return loss_fn(policy, batch, cfg, ref)
+
+    model = fit(run, model, datasets["train"], pair_length, collate, train_loss, datasets.get("validation"))
+
+    # --- save in Hugging Face format ---------------------------------------------------------
+    if cfg.checkpoint.save_final:
+        save_final(run, model, tokenizer)
