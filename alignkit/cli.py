@@ -22,6 +22,7 @@ import yaml
 
 from alignkit.config import ConfigError, configs_dir, find_config, load_config
 from alignkit.data.io import DataError
+from alignkit.training.distributed import shutdown
 
 __all__ = ["RECIPES", "app", "main", "recipe_module"]
 
@@ -76,6 +77,10 @@ def run(
                    "-m", "alignkit.cli", "run", recipe, "--config", str(find_config(recipe, config)), *overrides]
             raise typer.Exit(code=subprocess.call(cmd))
         module.main(cfg)
+        # Leave the process group explicitly: gloo's worker threads torn down by the interpreter's
+        # exit abort the process ("terminate called without an active exception"). Only on success:
+        # a failed rank must exit at once so that torchrun stops the others, not wait at a barrier.
+        shutdown()
     except (ConfigError, DataError, FileNotFoundError) as exc:
         _fail(str(exc))
 

@@ -52,7 +52,9 @@ def init_distributed(backend: str = "auto") -> Dist:
 
 
 def shutdown() -> None:
+    """Wait for every rank, then leave the process group (a no-op in a world of one)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -9,6 +9,7 @@ reward margin grows.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import statistics
@@ -183,7 +184,7 @@ def test_two_processes_match_one(cached_run, tmp_path):
         [r[k] for r in train_rows(one) for k in keys], rel=1e-4, abs=1e-5)
 
 
-def test_step0_check_warns_when_policy_and_reference_differ(tokenizer, caplog, monkeypatch):
+def test_step0_check_warns_when_policy_and_reference_differ(tokenizer):
     """The check itself, in process: a reference that is not the policy is reported loudly."""
     from types import SimpleNamespace
 
@@ -199,12 +200,19 @@ def test_step0_check_warns_when_policy_and_reference_differ(tokenizer, caplog, m
     run = SimpleNamespace(dist=SimpleNamespace(device=torch.device("cpu")), log=get_logger(),
                           autocast=lambda: torch.autocast("cpu", enabled=False))
     policy = tiny_model(tokenizer, seed=0)
-    monkeypatch.setattr(get_logger(), "propagate", True)  # let caplog see the records
-    with caplog.at_level("INFO"):
+    # A handler of our own on the alignkit logger: caplog depends on propagation and on what
+    # other tests left attached to the root logger.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    get_logger().addHandler(handler)
+    try:
         assert recipe._check_step0(run, cfg, policy, tiny_model(tokenizer, seed=0), pairs, 0) == 0
         diff = recipe._check_step0(run, cfg, policy, tiny_model(tokenizer, seed=1), pairs, 0)
+    finally:
+        get_logger().removeHandler(handler)
     assert diff > 1e-3
-    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    warnings = [r for r in records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "differ at step 0 by up to" in warnings[0].getMessage()
 
 
