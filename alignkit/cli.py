@@ -3,6 +3,7 @@
     alignkit run RECIPE --config CONFIG [key.path=value ...] [--nproc N]
     alignkit ls
     alignkit validate CONFIG [--recipe RECIPE]
+    alignkit score --model RM --data FILE [--out FILE]
 
 CONFIG is a YAML path or the name of a shipped config (`configs/RECIPE/NAME.yaml`).
 New knobs go into the config tree, never into new flags.
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 import yaml
 
@@ -31,6 +33,7 @@ RECIPES = {
     "sft": "alignkit.recipes.sft",
     "distill": "alignkit.recipes.distill",
     "dpo": "alignkit.recipes.dpo",
+    "reward_model": "alignkit.recipes.reward_model",
 }
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -165,6 +168,57 @@ def evaluate(
     plot_results({Path(model).name: result.metrics}, Path(out) / "eval.png")
     for key, value in result.metrics.items():
         typer.echo(f"{key:32s} {value:.4f}")
+
+
+@app.command()
+def score(
+    model: Annotated[str, typer.Option(help="reward model directory (what `alignkit run reward_model` saves)")],
+    data: Annotated[str, typer.Option(help="records: {prompt, response} (or completion), or preference pairs")],
+    out: Annotated[str | None, typer.Option(help="write the records with their scores here (JSONL)")] = None,
+    normalize: Annotated[bool, typer.Option(help="standardise rewards with the model's mean and std")] = False,
+    batch_size: int = 16,
+) -> None:
+    """Score responses (or both sides of preference pairs) with a reward model."""
+    import json
+
+    from alignkit.data.io import read_records
+    from alignkit.data.preference import _RESPONSE_KEYS
+    from alignkit.rewards import LocalRewardModel
+
+    try:
+        records = read_records(data)
+        if not records:
+            raise DataError(f"{data}: no records")
+        rm = LocalRewardModel(model, batch_size=batch_size, normalize=normalize)
+        first = records[0].data
+        pair_keys = next((k for k in _RESPONSE_KEYS if k[0] in first), None)
+        sides = list(pair_keys) if pair_keys else ["completion" if "completion" in first else "response"]
+        for r in records:
+            missing = [k for k in ("prompt", *sides) if k not in r.data]
+            if missing:
+                raise DataError(f"{r.source}: missing field(s) {', '.join(missing)} (every record must have "
+                                f"{', '.join(('prompt', *sides))}, like the first)")
+        scored = {side: rm.score([r.data["prompt"] for r in records], [r.data[side] for r in records])
+                  for side in sides}
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    rows = []
+    for i, r in enumerate(records):
+        row = dict(r.data)
+        for side in sides:
+            prefix = "" if len(sides) == 1 else f"{side}_"
+            row[f"{prefix}score"] = float(scored[side].rewards[i])
+            if len(rm.names) > 1:
+                row[f"{prefix}score_attributes"] = dict(zip(rm.names, scored[side].attributes[i].tolist()))
+        rows.append(row)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    rewards = torch.cat([scored[side].rewards for side in sides])
+    typer.echo(f"records {len(records)}  reward mean {float(rewards.mean()):.4f}  std {float(rewards.std()):.4f}")
+    if pair_keys:
+        accuracy = float((scored[sides[0]].rewards > scored[sides[1]].rewards).float().mean())
+        typer.echo(f"pairwise accuracy {accuracy:.4f}")
 
 
 def main() -> None:

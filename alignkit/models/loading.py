@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from alignkit.config import LoraConfig, ModelConfig
 from alignkit.models.tokenizer import byte_tokenizer
@@ -26,6 +32,7 @@ __all__ = [
     "apply_lora",
     "autocast",
     "load_causal_lm",
+    "load_sequence_scorer",
     "load_tokenizer",
     "random_init_config",
     "save_causal_lm",
@@ -81,30 +88,59 @@ def _dtype(cfg: ModelConfig) -> torch.dtype:
 
 def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> nn.Module:
     """The model `cfg` describes, with LoRA applied if enabled. Random init is seeded."""
-    if cfg.path is not None:
-        if not (Path(cfg.path) / "config.json").is_file():
-            raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {cfg.path}")
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=_dtype(cfg), attn_implementation=cfg.attn_implementation
-        )
-    else:
-        hf_config = random_init_config(cfg, tokenizer)
-        with _seeded(seed):
-            model = AutoModelForCausalLM.from_config(
-                hf_config, dtype=_dtype(cfg), attn_implementation=cfg.attn_implementation
+    return _load(cfg, tokenizer, seed, AutoModelForCausalLM, "CAUSAL_LM")
+
+
+def load_sequence_scorer(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int,
+                         seed: int = 0) -> nn.Module:
+    """A causal LM with a linear `score` head of `num_labels` outputs on its hidden states
+    (`AutoModelForSequenceClassification`): a reward model, or a critic.
+
+    From a causal LM directory the backbone is loaded and the head is new; it starts at ZERO
+    (every reward 0 at step 0, so a Bradley-Terry loss starts at log 2 on every rank). From a
+    sequence-classification directory with the same number of labels the head is loaded too.
+    """
+    return _load(cfg, tokenizer, seed, AutoModelForSequenceClassification, "SEQ_CLS", num_labels=num_labels)
+
+
+def _load(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int, auto_class, task_type: str,
+          **config_kwargs) -> nn.Module:
+    # Seeded: weights that from_pretrained initialises (a new head) must be equal on every rank.
+    with _seeded(seed):
+        if cfg.path is not None:
+            if not (Path(cfg.path) / "config.json").is_file():
+                raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {cfg.path}")
+            model, info = auto_class.from_pretrained(
+                cfg.path, dtype=_dtype(cfg), attn_implementation=cfg.attn_implementation,
+                output_loading_info=True, **config_kwargs,
             )
+            new_weights = set(info.get("missing_keys", []))
+        else:
+            hf_config = random_init_config(cfg, tokenizer)
+            for key, value in config_kwargs.items():
+                setattr(hf_config, key, value)
+            model = auto_class.from_config(hf_config, dtype=_dtype(cfg), attn_implementation=cfg.attn_implementation)
+            new_weights = {name for name, _ in model.named_parameters()}
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
             f"{model.get_input_embeddings().num_embeddings}: they do not belong together"
         )
+    if task_type == "SEQ_CLS":
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        head = model.get_submodule("score")
+        if any(name.startswith("score.") for name in new_weights):
+            with torch.no_grad():
+                for param in head.parameters():
+                    param.zero_()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if cfg.lora.enabled:
         # seeded like the base weights: every rank must start from the same adapters
         with _seeded(seed):
-            model = apply_lora(model, cfg.lora)
+            model = apply_lora(model, cfg.lora, task_type)
     return model
 
 
@@ -115,7 +151,8 @@ def _seeded(seed: int):
         yield
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap `model` with LoRA adapters. task_type SEQ_CLS also trains the (new) score head in full."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -124,7 +161,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, peft_config)
 
@@ -158,12 +195,15 @@ def save_causal_lm(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     merge_lora: bool = True,
+    auto_class=AutoModelForCausalLM,
+    config_updates: dict | None = None,
 ) -> Path:
     """Write `state_dict` (full, unsharded, on CPU) as an HF model directory, atomically.
 
-    `model` provides only the architecture: a fresh skeleton is built on the meta device and
-    the weights are assigned into it, so a sharded or wrapped training model is never
-    modified. A LoRA model is merged into plain weights (`merge_lora`) or saved as an adapter.
+    `model` provides only the architecture: a fresh skeleton of `auto_class` is built on the
+    meta device and the weights are assigned into it, so a sharded or wrapped training model is
+    never modified. A LoRA model is merged into plain weights (`merge_lora`) or saved as an
+    adapter. `config_updates` are set on the saved config (e.g. a reward model's statistics).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -175,16 +215,16 @@ def save_causal_lm(
                 from peft import get_peft_model
 
                 base_config = hf_model.get_base_model().config
-                skeleton = get_peft_model(
-                    AutoModelForCausalLM.from_config(base_config), hf_model.peft_config["default"]
-                )
+                skeleton = get_peft_model(auto_class.from_config(base_config), hf_model.peft_config["default"])
             else:
-                skeleton = AutoModelForCausalLM.from_config(hf_model.config)
+                skeleton = auto_class.from_config(hf_model.config)
         skeleton.load_state_dict(state_dict, assign=True, strict=True)
         skeleton.tie_weights()  # a no-op unless the config ties input and output embeddings
         if _is_peft(skeleton) and merge_lora:
             skeleton = skeleton.merge_and_unload()
         skeleton.config.use_cache = True
+        for key, value in (config_updates or {}).items():
+            setattr(skeleton.config, key, value)
         skeleton.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _make_readable(tmp)

@@ -42,6 +42,9 @@ __all__ = ["Run", "fit", "evaluate", "save_final", "start_run"]
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# Turns the reduced metric means into the logged metrics, for metrics that are ratios of two
+# sums (a per-attribute error over that attribute's count, a standard deviation from moments).
+Summarize = Callable[[dict[str, float]], dict[str, float]]
 
 
 @dataclass
@@ -109,7 +112,7 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def evaluate(run: Run, model: nn.Module, plan: BatchPlan, items: Sequence, collate, loss_fn: LossFn,
-             max_batches: int | None = None) -> dict[str, float]:
+             max_batches: int | None = None, summarize: Summarize | None = None) -> dict[str, float]:
     """Metric means over the validation items (sums over all ranks / global loss units)."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -126,7 +129,8 @@ def evaluate(run: Run, model: nn.Module, plan: BatchPlan, items: Sequence, colla
                 sums[key] = sums.get(key, 0) + value.detach().float()
     total_units = float(all_reduce_sum(torch.tensor(float(units)), run.dist))
     model.train()
-    return _reduce_metrics(sums, total_units, run.dist, prefix="val/")
+    metrics = _reduce_metrics(sums, total_units, run.dist)
+    return {f"val/{k}": v for k, v in (summarize(metrics) if summarize else metrics).items()}
 
 
 def fit(
@@ -137,6 +141,7 @@ def fit(
     collate: Callable[[list], Batch],
     loss_fn: LossFn,
     eval_items: Sequence | None = None,
+    summarize: Summarize | None = None,
 ) -> nn.Module:
     """Train `model` on `train_items`; returns the (wrapped) trained model."""
     cfg, d = run.cfg, run.dist
@@ -191,6 +196,8 @@ def fit(
         done = step + 1
         if done % tc.log_every == 0 or done == total_steps:
             metrics_out = _reduce_metrics(sums, global_units, d)
+            if summarize is not None:
+                metrics_out = summarize(metrics_out)
             if not math.isfinite(metrics_out.get("loss", 0.0)) or not math.isfinite(grad_norm):
                 raise FloatingPointError(f"step {done}: non-finite loss or gradient (loss={metrics_out.get('loss')}, grad_norm={grad_norm})")
             elapsed = time.perf_counter() - t0
@@ -200,14 +207,14 @@ def fit(
             })
             logger.log(done, metrics_out)
         if eval_plan is not None and tc.eval_every and done % tc.eval_every == 0 and done != total_steps:
-            logger.log(done, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches))
+            logger.log(done, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches, summarize))
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total_steps:
             save_checkpoint(checkpoints, done, model, optimizer, scheduler, d, cfg.checkpoint.keep_last)
         if os.environ.get("ALIGNKIT_TEST_KILL_AT_STEP") == str(done):  # fault injection for resume tests
             os.kill(os.getpid(), signal.SIGKILL)
 
     if eval_plan is not None:
-        logger.log(total_steps, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches))
+        logger.log(total_steps, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches, summarize))
     if start_step < total_steps:
         save_checkpoint(checkpoints, total_steps, model, optimizer, scheduler, d, cfg.checkpoint.keep_last)
     logger.close()
