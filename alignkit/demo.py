@@ -67,14 +67,15 @@ def _tokenizer(demo: Demo) -> dict[str, Any]:
     return {"vocab_size": len(tokenizer)}
 
 
-def _train(demo: Demo, stage: str, overrides: list[str]) -> None:
-    """Run the recipe named in configs/demo/STAGE.yaml in this process."""
+def _train(demo: Demo, stage: str, overrides: list[str], config: str | None = None, output: Path | None = None) -> None:
+    """Run the recipe named in configs/demo/CONFIG.yaml (default: the stage's name) in this process."""
     from alignkit.cli import recipe_module
 
-    path = find_config("demo", stage)
+    path = find_config("demo", config or stage)
     recipe = load_config_recipe(path)
     module = recipe_module(recipe)
-    cfg = load_config(module.Config, path, [f"output_dir={demo.path(stage)}", "logging.progress=lines", *overrides])
+    cfg = load_config(module.Config, path,
+                      [f"output_dir={output or demo.path(stage)}", "logging.progress=lines", *overrides])
     module.main(cfg)
 
 
@@ -111,22 +112,50 @@ def _sft(demo: Demo) -> dict[str, Any]:
     return _evaluate(demo, "sft", reference="base")
 
 
+def _dpo(demo: Demo) -> dict[str, Any]:
+    _train(demo, "dpo", [f"model.path={demo.path('sft', 'final')}",
+                         f"data.train.path={demo.path('data', 'prefs.jsonl')}",
+                         f"data.validation.path={demo.path('data', 'prefs_valid.jsonl')}"])
+    return _evaluate(demo, "dpo", reference="sft")
+
+
+def _reward_model(demo: Demo) -> dict[str, Any]:
+    """A Bradley-Terry model (pairwise accuracy on held-out oracle-judged pairs) and an attribute
+    model (Pearson r of each predicted attribute with the oracle's, on held-out responses)."""
+    sft = f"model.path={demo.path('sft', 'final')}"
+    _train(demo, "reward_model", [sft, f"data.train.path={demo.path('data', 'prefs.jsonl')}",
+                                  f"data.validation.path={demo.path('data', 'prefs_valid.jsonl')}"],
+           output=demo.path("reward_model", "bt"))
+    _train(demo, "reward_model", [sft, f"data.train.path={demo.path('data', 'attributes.jsonl')}",
+                                  f"data.validation.path={demo.path('data', 'attributes_valid.jsonl')}"],
+           config="attribute_model", output=demo.path("reward_model", "attributes"))
+    bt = json.loads(demo.path("reward_model", "bt", "eval.json").read_text())
+    attributes = json.loads(demo.path("reward_model", "attributes", "eval.json").read_text())
+    correct = round(bt["pairwise_accuracy"] * bt["pairs"])
+    metrics = mean_with_ci("pairwise_accuracy", [1.0] * correct + [0.0] * (bt["pairs"] - correct))
+    metrics["pairs"] = bt["pairs"]
+    metrics.update({k: v for k, v in attributes.items() if k.startswith(("pearson/", "mae/"))})
+    return metrics
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     run: Callable[[Demo], dict[str, Any]]
     needs: tuple[str, ...]
-    config: str | None = None  # configs/demo/NAME.yaml, part of the fingerprint
-    is_model: bool = False  # evaluated and reported in the table
+    configs: tuple[str, ...] = ()  # configs/demo/NAME.yaml, part of the fingerprint
+    is_model: bool = False  # a generative model: evaluated on the held-out prompts, in the table
 
 
 STAGES = [
     Stage("data", _data, ()),
     Stage("tokenizer", _tokenizer, ("data",)),
-    Stage("base", _base, ("tokenizer",), config="base", is_model=True),
-    Stage("sft", _sft, ("base",), config="sft", is_model=True),
+    Stage("base", _base, ("tokenizer",), configs=("base",), is_model=True),
+    Stage("sft", _sft, ("base",), configs=("sft",), is_model=True),
+    Stage("dpo", _dpo, ("sft",), configs=("dpo",), is_model=True),
+    Stage("reward_model", _reward_model, ("sft",), configs=("reward_model", "attribute_model")),
 ]
-DEFAULT_STAGES = ["data", "tokenizer", "base", "sft"]
+DEFAULT_STAGES = ["data", "tokenizer", "base", "sft", "dpo", "reward_model"]
 
 
 # --- orchestration ---------------------------------------------------------------------------
@@ -134,8 +163,7 @@ DEFAULT_STAGES = ["data", "tokenizer", "base", "sft"]
 
 def _fingerprint(stage: Stage, demo: Demo) -> str:
     parts = [stage.name, str(DEMO_VERSION), repr(EVAL_SAMPLING)]
-    if stage.config:
-        parts.append(find_config("demo", stage.config).read_text())
+    parts += [find_config("demo", name).read_text() for name in stage.configs]
     parts += [demo.fingerprints[n] for n in stage.needs]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -204,6 +232,24 @@ def _table(demo: Demo, stages: list[Stage]) -> str:
     return "\n".join([header, *rows])
 
 
+def _reward_model_lines(demo: Demo, stages: list[Stage]) -> list[str]:
+    if "reward_model" not in [s.name for s in stages]:
+        return []
+    m = demo.results["reward_model"]
+    names = [k.removeprefix("pearson/") for k in m if k.startswith("pearson/")]
+    return [
+        f"Reward model (Bradley-Terry): pairwise accuracy {m['pairwise_accuracy']:.3f} "
+        f"[{m['pairwise_accuracy_ci_low']:.3f}, {m['pairwise_accuracy_ci_high']:.3f}] on {m['pairs']} held-out pairs.",
+        "",
+        "Attribute model (regression), Pearson r with the oracle on held-out responses:",
+        "",
+        "| " + " | ".join(names) + " |",
+        "|" + "---|" * len(names),
+        "| " + " | ".join(f"{m[f'pearson/{n}']:.2f}" for n in names) + " |",
+        "",
+    ]
+
+
 def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "runs/demo") -> dict[str, Any]:
     """Run (or reuse) the requested stages and their dependencies; write the report."""
     log = get_logger()
@@ -215,17 +261,20 @@ def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "run
         _run_stage(stage, demo, log)
     _add_win_rates(demo, stages)
     models = {s.name: demo.results[s.name] for s in stages if s.is_model}
-    write_json(models, demo.path("summary.json"))
+    summary = {s.name: demo.results[s.name] for s in stages if s.is_model or s.name == "reward_model"}
+    write_json(summary, demo.path("summary.json"))
     plot = plot_results(models, demo.path("reward.png"), "task-world oracle evaluation (held-out prompts)")
     table = _table(demo, stages)
     report = [
         "# alignkit demo report", "",
         f"Held-out prompts: {len(demo.eval_prompts())} (100 per skill), sampled at temperature "
         f"{EVAL_SAMPLING.temperature}, up to {EVAL_SAMPLING.max_new_tokens} tokens, scored by the task-world oracle.",
-        "", table, "", f"![reward]({plot.name})", "",
+        "", table, "", f"![reward]({plot.name})", "", *_reward_model_lines(demo, stages),
         "Stage timings (s): " + ", ".join(f"{s.name} {demo.results[s.name].get('seconds', 0):.0f}" for s in stages),
     ]
     demo.path("report.md").write_text("\n".join(report) + "\n")
     print(table)
+    for line in _reward_model_lines(demo, stages):
+        print(line)
     print(f"\nreport: {demo.path('report.md')}  summary: {demo.path('summary.json')}")
     return models

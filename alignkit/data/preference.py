@@ -39,6 +39,7 @@ __all__ = [
     "PreferencePair",
     "collate_pairs",
     "encode_pair",
+    "load_kto_pairs",
     "load_preference_pairs",
     "pair_length",
     "parse_preference",
@@ -57,6 +58,9 @@ class PreferencePair:
     rejected_reward: float | None = None
     # Summed reference log-probs of each response, attached from the cache (cached mode).
     reference: tuple[float, float] | None = field(default=None, repr=False)
+    # KTO: `chosen` is the example's own completion, `rejected` a MISMATCHED one (the next
+    # record's completion after this prompt), and `label` says whether the completion is desirable.
+    label: bool | None = None
 
 
 @dataclass
@@ -171,6 +175,59 @@ def load_preference_pairs(dataset: DatasetConfig, data: DataConfig, tokenizer: P
     return pairs, stats
 
 
+def _kto_label(record: Record) -> bool:
+    data, where = record.data, record.source
+    if "label" in data:
+        if not isinstance(data["label"], bool):
+            raise DataError(f"{where}: field 'label' must be true (desirable) or false, got {data['label']!r}")
+        return data["label"]
+    if data.get("preference") in ("chosen", "rejected"):  # NeMo-Aligner
+        return data["preference"] == "chosen"
+    raise DataError(f"{where}: missing field 'label' (true/false; or NeMo-Aligner's 'preference': "
+                    f"'chosen'|'rejected'); found fields: {', '.join(sorted(data)) or 'none'}")
+
+
+def load_kto_pairs(dataset: DatasetConfig, data: DataConfig,
+                   tokenizer: PreTrainedTokenizerBase) -> tuple[list[PreferencePair], EncodeStats]:
+    """KTO's unpaired examples as pairs [own completion | mismatched completion] with a label.
+
+    Records: `{"prompt", "completion", "label": bool}` (TRL), or `{"prompt", "response",
+    "preference": "chosen"|"rejected"}` (NeMo-Aligner). The mismatched completion of record i is
+    record i+1's (the last wraps to the first): a completion the policy was not asked for, whose
+    log-ratio estimates KL(pi_theta || pi_ref), KTO's reference point (Ethayarajh et al. 2024).
+    TRL shifts completions within each batch instead; a fixed pairing keeps the cached reference
+    log-probs valid across epochs.
+    """
+    records = read_records(dataset.path, dataset.split, dataset.limit)
+    stats = EncodeStats(total=len(records))
+    parsed = []
+    for record in records:
+        d, where = record.data, record.source
+        key = "response" if "response" in d and "completion" not in d else "completion"
+        missing = [k for k in ("prompt", key) if k not in d]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {', '.join(repr(k) for k in missing)} (a KTO record has "
+                            "prompt, completion and label)")
+        prompt = messages_from_value(d["prompt"], "user", f"{where}: field 'prompt'")
+        if data.system_prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": data.system_prompt}, *prompt]
+        parsed.append((prompt, _response(d[key], where, key), _kto_label(record), where))
+    if len(parsed) == 1:
+        raise DataError(f"{dataset.path}: KTO needs at least 2 records (the reference point pairs each prompt "
+                        "with another record's completion)")
+    pairs = []
+    for i, (prompt, completion, label, where) in enumerate(parsed):
+        other = parsed[(i + 1) % len(parsed)][1]
+        pair = PreferencePair(chosen=_encode_response(tokenizer, prompt, completion, data.chat_template, where),
+                              rejected=_encode_response(tokenizer, prompt, other, data.chat_template, where),
+                              source=where, label=label)
+        pair = _fit_pair(pair, data, stats)
+        if pair is not None:
+            pairs.append(pair)
+    stats.kept = len(pairs)
+    return pairs, stats
+
+
 def pair_length(pair: PreferencePair) -> int:
     return len(pair.chosen.input_ids) + len(pair.rejected.input_ids)
 
@@ -199,6 +256,8 @@ def collate_pairs(pairs: Sequence[PreferencePair | None], pad_id: int) -> dict[s
     def floats(values):
         return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
 
+    if real and all(p.label is not None for p in real):  # KTO
+        batch["kto_label"] = torch.tensor([p.label for p in real], dtype=torch.bool)
     batch["chosen_reward_gt"] = floats([p.chosen_reward for p in real])
     batch["rejected_reward_gt"] = floats([p.rejected_reward for p in real])
     if all(p.reference is not None for p in real):  # (vacuously for a filler-only batch)

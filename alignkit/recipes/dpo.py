@@ -10,6 +10,11 @@ starting policy. Variants differ only in the per-pair loss of the reward gap
 
     dpo (label_smoothing > 0: cDPO)  ipo  hinge  robust  rpo_sq  rpo_bwd_kl  rpo_fwd_kl
     simpo  orpo   (reference-free: no reference log-probs at all)
+    kto           (unpaired data: {"prompt", "completion", "label"}; Ethayarajh et al. 2024)
+
+KTO reuses the pair machinery: each example becomes [own completion | a mismatched completion]
+(`alignkit.data.preference.load_kto_pairs`); the mismatched log-ratios give the reference point
+z_0 = max(0, mean(log pi/pi_ref)), estimated over each micro-batch (as TRL does per device).
 
 Per pair:  loss = preference_weight * L_pref + sft_weight * NLL(chosen), where NLL(chosen) is
 the chosen response's negative log-likelihood averaged over its tokens (RPO in TRL's sense).
@@ -46,9 +51,16 @@ from safetensors.torch import load_file, save_file
 
 from alignkit.config import ConfigError, DataConfig, RecipeConfig, Section
 from alignkit.data.distill import cache_key, teacher_fingerprint
-from alignkit.data.preference import PreferencePair, collate_pairs, load_preference_pairs, pair_length, sequence_logps
+from alignkit.data.preference import (
+    PreferencePair,
+    collate_pairs,
+    load_kto_pairs,
+    load_preference_pairs,
+    pair_length,
+    sequence_logps,
+)
 from alignkit.data.tokenize import IGNORE
-from alignkit.losses.preference import dpo_loss, orpo_loss, simpo_loss
+from alignkit.losses.preference import dpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
 from alignkit.models.forward import logits_at
 from alignkit.models.loading import load_causal_lm, load_tokenizer, unwrap
 from alignkit.training.distributed import all_reduce_sum
@@ -56,7 +68,7 @@ from alignkit.training.loop import fit, save_final, start_run
 
 __all__ = ["Config", "PreferenceLossConfig", "ReferenceConfig", "main", "policy_logps"]
 
-LossType = Literal["dpo", "ipo", "hinge", "robust", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "simpo", "orpo"]
+LossType = Literal["dpo", "ipo", "hinge", "robust", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "simpo", "orpo", "kto"]
 REFERENCE_FREE = ("simpo", "orpo")
 NEEDS_REWARDS = ("rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")
 
@@ -67,9 +79,11 @@ class PreferenceLossConfig(Section):
     label_smoothing: float = 0.0  # dpo: cDPO's label-flip rate; robust: rDPO's; simpo: smoothing
     gt_reward_scale: float = 1.0  # eta, scales the ground-truth reward gap (rpo_* only)
     simpo_gamma: float = 1.0  # SimPO's target reward margin gamma (simpo only)
+    desirable_weight: float = 1.0  # KTO's lambda_D (kto only)
+    undesirable_weight: float = 1.0  # KTO's lambda_U (kto only)
     preference_weight: float = 1.0
-    # Weight of NLL(chosen response), averaged over its tokens, per pair. None: 1 for orpo
-    # (its L_SFT term, ORPO eq. 6), 0 otherwise.
+    # Weight of NLL(chosen response), averaged over its tokens, per pair (kto: per desirable
+    # example). None: 1 for orpo (its L_SFT term, ORPO eq. 6), 0 otherwise.
     sft_weight: float | None = None
     # Per-token mean instead of sum of the response log-probs. None: on for simpo and orpo
     # (which are defined on means), off otherwise.
@@ -139,18 +153,27 @@ def loss_fn(model, batch, cfg: Config, reference=None):
     if lc.average:
         logps = logps / counts
     chosen, rejected = logps[0::2], logps[1::2]  # (P,)
-    if lc.type == "simpo":
+    ref = None
+    if lc.type not in REFERENCE_FREE:
+        if reference is not None:  # online
+            ref = _reference_logps(reference, batch, cfg.model.lora.enabled)
+        else:  # cached sums
+            ref = torch.stack([batch["reference_chosen_logps"], batch["reference_rejected_logps"]], 1).reshape(-1)
+        ref = ref.to(logps.device) / counts if lc.average else ref.to(logps.device)
+    if lc.type == "kto":
+        # Pairs are [own completion | mismatched completion]; the mismatched log-ratios estimate
+        # KL(policy || reference), the reference point z_0 (detached), over this micro-batch.
+        labels = batch.get("kto_label", torch.zeros(0, dtype=torch.bool)).to(logps.device)  # (P,)
+        z = kto_reference_point(rejected.detach(), ref[1::2]) if len(labels) else 0.0
+        pref, metrics = kto_loss(chosen, ref[0::2], labels, z, beta=lc.beta,
+                                 desirable_weight=lc.desirable_weight, undesirable_weight=lc.undesirable_weight)
+        chosen_nll = chosen_nll * labels  # SFT on desirable completions only
+    elif lc.type == "simpo":
         pref, metrics = simpo_loss(chosen, rejected, beta=lc.beta, gamma=lc.simpo_gamma,
                                    label_smoothing=lc.label_smoothing)
     elif lc.type == "orpo":
         pref, metrics = orpo_loss(chosen, rejected, beta=lc.beta)
     else:
-        if reference is not None:  # online
-            ref = _reference_logps(reference, batch, cfg.model.lora.enabled)
-        else:  # cached sums
-            ref = torch.stack([batch["reference_chosen_logps"], batch["reference_rejected_logps"]], 1).reshape(-1)
-        if lc.average:
-            ref = ref / counts
         pref, metrics = dpo_loss(
             chosen, rejected, ref[0::2], ref[1::2], beta=lc.beta, loss_type=lc.type,
             label_smoothing=lc.label_smoothing, chosen_rewards_gt=batch["chosen_reward_gt"],
@@ -256,6 +279,36 @@ def _check_step0(run, cfg: Config, model, reference, pairs: list[PreferencePair]
     return diff
 
 
+def _check_kto_balance(run, lc: PreferenceLossConfig, pairs: list[PreferencePair]) -> None:
+    """KTO's paper recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3]; say so when it is not."""
+    desirable = sum(p.label for p in pairs)
+    undesirable = len(pairs) - desirable
+    run.log.info(f"KTO data: {desirable} desirable, {undesirable} undesirable examples")
+    if desirable == 0 or undesirable == 0:
+        raise ConfigError("KTO needs both desirable and undesirable examples in the training data")
+    ratio = lc.desirable_weight * desirable / (lc.undesirable_weight * undesirable)
+    if not 1.0 <= ratio <= 4 / 3:
+        run.log.warning(
+            f"KTO: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {ratio:.3g}, outside "
+            f"the recommended [1, 4/3] (Ethayarajh et al. 2024); e.g. loss.desirable_weight="
+            f"{lc.undesirable_weight * undesirable / desirable * 1.15:.3g}")
+
+
+def summarize_kto(metrics: dict[str, float]) -> dict[str, float]:
+    """KTO's per-class sums (divided by all examples) -> means over desirable / undesirable ones."""
+    out = {k: v for k, v in metrics.items() if not k.startswith("count/")}
+    for side in ("chosen", "rejected"):
+        count = metrics.get(f"count/{side}", 0.0)
+        for key in (f"rewards/{side}", f"logps/{side}"):
+            if key in out and count > 0:
+                out[key] = out[key] / count
+            else:  # no example of this class in the batch: no mean to report
+                out.pop(key, None)
+    if metrics.get("count/chosen", 0.0) > 0 and metrics.get("count/rejected", 0.0) > 0:
+        out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
+
 def main(cfg: Config) -> None:
     run = start_run(cfg)
     lc = cfg.loss
@@ -269,11 +322,16 @@ def main(cfg: Config) -> None:
     datasets: dict[str, list[PreferencePair]] = {}
     for name, spec in (("train", cfg.data.train), ("validation", cfg.data.validation)):
         if spec is not None:
-            datasets[name], stats = load_preference_pairs(spec, cfg.data, tokenizer,
-                                                          require_rewards=lc.type in NEEDS_REWARDS)
+            if lc.type == "kto":
+                datasets[name], stats = load_kto_pairs(spec, cfg.data, tokenizer)
+            else:
+                datasets[name], stats = load_preference_pairs(spec, cfg.data, tokenizer,
+                                                              require_rewards=lc.type in NEEDS_REWARDS)
             run.log.info(f"{name} data {spec.path}: {stats.summary().replace('examples', 'pairs')}")
     if not datasets["train"]:
         raise ConfigError(f"no training pair left after data.overlength={cfg.data.overlength}")
+    if lc.type == "kto":
+        _check_kto_balance(run, lc, datasets["train"])
 
     # --- reference log-probs: the starting policy, cached on disk or scored online ----------
     reference = None
@@ -296,7 +354,8 @@ def main(cfg: Config) -> None:
         ref = policy if reference is model else reference
         return loss_fn(policy, batch, cfg, ref)
 
-    model = fit(run, model, datasets["train"], pair_length, collate, train_loss, datasets.get("validation"))
+    model = fit(run, model, datasets["train"], pair_length, collate, train_loss, datasets.get("validation"),
+                summarize_kto if lc.type == "kto" else None)
 
     # --- save in Hugging Face format ---------------------------------------------------------
     if cfg.checkpoint.save_final:

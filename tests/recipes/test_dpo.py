@@ -245,3 +245,18 @@ def test_every_loss_type_in_process(tokenizer, loss_type):
         assert metrics["rewards/accuracy"] == 3
     empty_loss, empty = recipe.loss_fn(model, collate_pairs([None, None], 0), cfg)
     assert float(empty_loss.detach()) == 0 and all(float(v) == 0 for v in empty.values())
+
+
+def test_kto_on_unpaired_data(tmp_path):
+    """At step 1 policy == reference: rho = 0 and z_0 = 0, so every example's loss is
+    1 - sigma(0) = 0.5 exactly; then desirable completions gain implicit reward over undesirable ones."""
+    out = tmp_path / "kto"
+    dpo(out, "loss.type=kto", "optim.lr=5e-4", "data.train.path=builtin:kto?n=256&seed=0",
+        "data.validation.path=builtin:kto?n=64&seed=1&split=valid", "checkpoint.every=null")
+    train = train_rows(out)
+    assert train[0]["loss"] == pytest.approx(0.5, abs=1e-6) and train[0]["kl"] == 0
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "kl"} <= train[0].keys()
+    assert not any(k.startswith("count/") for k in train[0])
+    assert statistics.mean(r["loss"] for r in train[-10:]) < statistics.mean(r["loss"] for r in train[:10]) - 0.02
+    assert statistics.mean(r["rewards/margin"] for r in train[-10:] if "rewards/margin" in r) > 0.2
+    AutoModelForCausalLM.from_pretrained(out / "final")

@@ -202,3 +202,40 @@ def test_cached_reference_logps_collate_in_pair_order(pairs, tokenizer):
     finally:
         for pair in pairs:
             pair.reference = None
+
+
+# --- KTO: unpaired examples as [own completion | mismatched completion] --------------------
+
+
+def test_kto_pairs_each_prompt_with_the_next_records_completion(tmp_path, tokenizer):
+    from alignkit.data.preference import load_kto_pairs
+
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "p0", "completion": "c0", "label": True},
+        {"prompt": "p1", "completion": "c1", "label": False},
+        {"prompt": "p2", "response": "c2", "preference": "chosen"},  # NeMo-Aligner's names
+    ]))
+    cfg = DataConfig(train=DatasetConfig(path=str(path)))
+    pairs, stats = load_kto_pairs(cfg.train, cfg, tokenizer)
+    assert stats.kept == 3 and [p.label for p in pairs] == [True, False, True]
+    assert [targets_text(tokenizer, p.chosen) for p in pairs] == ["c0</s>", "c1</s>", "c2</s>"]
+    assert [targets_text(tokenizer, p.rejected) for p in pairs] == ["c1</s>", "c2</s>", "c0</s>"]  # wraps
+    assert all(f"p{i}" in tokenizer.decode(p.rejected.input_ids) for i, p in enumerate(pairs))
+    batch = collate_pairs([pairs[0], None, pairs[1]], tokenizer.pad_token_id)
+    assert batch["kto_label"].tolist() == [True, False]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "p", "completion": "c", "label": "yes"}, r"kto.jsonl:1: field 'label' must be true"),
+    ({"prompt": "p", "completion": "c"}, r"kto.jsonl:1: missing field 'label'"),
+    ({"prompt": "p", "label": True}, r"kto.jsonl:1: missing field\(s\) 'completion'"),
+])
+def test_kto_bad_records_are_named(tmp_path, tokenizer, record, message):
+    from alignkit.data.preference import load_kto_pairs
+
+    path = tmp_path / "kto.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps({"prompt": "q", "completion": "d", "label": True}) + "\n")
+    cfg = DataConfig(train=DatasetConfig(path=str(path)))
+    with pytest.raises(DataError, match=message):
+        load_kto_pairs(cfg.train, cfg, tokenizer)
