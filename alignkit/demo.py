@@ -30,8 +30,11 @@ from alignkit.training.logging import get_logger
 __all__ = ["DEFAULT_STAGES", "STAGES", "run_demo"]
 
 # Bump when a change to the code behind the stages should invalidate cached results.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 EVAL_SAMPLING = SamplingParams(max_new_tokens=96, temperature=0.7, seed=0)
+DPO_ROUNDS = 2  # iterative DPO: each round samples fresh pairs from the previous round's model
+DPO_SAMPLES = 4  # answers per training prompt for the on-policy DPO pairs
+DPO_SAMPLING = SamplingParams(max_new_tokens=96, temperature=1.0, seed=0)
 
 
 @dataclass
@@ -56,6 +59,10 @@ def _data(demo: Demo) -> dict[str, Any]:
 
     paths = build_datasets(demo.path("data"), seed=0)
     return {"files": {name: str(p) for name, p in paths.items()}}
+
+
+def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 def _tokenizer(demo: Demo) -> dict[str, Any]:
@@ -113,10 +120,28 @@ def _sft(demo: Demo) -> dict[str, Any]:
 
 
 def _dpo(demo: Demo) -> dict[str, Any]:
-    _train(demo, "dpo", [f"model.path={demo.path('sft', 'final')}",
-                         f"data.train.path={demo.path('data', 'prefs.jsonl')}",
-                         f"data.validation.path={demo.path('data', 'prefs_valid.jsonl')}"])
-    return _evaluate(demo, "dpo", reference="sft")
+    """Iterative on-policy DPO: each round, the current model answers the training prompts, the
+    oracle judges the answers into pairs, and DPO trains from (and against) the current model."""
+    from alignkit.evaluation.evaluate import sampled_preference_pairs
+
+    prompts = [json.loads(line) for line in demo.path("data", "prompts.jsonl").read_text().splitlines()]
+    model = demo.path("sft", "final")
+    counts = []
+    for round_ in range(1, DPO_ROUNDS + 1):
+        out = demo.path("dpo") if round_ == DPO_ROUNDS else demo.path("dpo", f"round_{round_}")
+        out.mkdir(parents=True, exist_ok=True)
+        sampling = SamplingParams(**{**DPO_SAMPLING.__dict__, "seed": DPO_SAMPLING.seed + round_})
+        pairs = sampled_preference_pairs(model, prompts, samples=DPO_SAMPLES, params=sampling)
+        write_jsonl(pairs, out / "pairs.jsonl")
+        counts.append(len(pairs))
+        get_logger().info(f"demo: DPO round {round_}: {len(pairs)} on-policy pairs from {len(prompts)} prompts "
+                          f"x {DPO_SAMPLES} answers of {model}")
+        _train(demo, "dpo", [f"model.path={model}", f"data.train.path={out / 'pairs.jsonl'}",
+                             f"data.validation.path={demo.path('data', 'prefs_valid.jsonl')}"], output=out)
+        model = out / "final"
+    metrics = _evaluate(demo, "dpo", reference="sft")
+    metrics["pairs_per_round"] = counts
+    return metrics
 
 
 def _reward_model(demo: Demo) -> dict[str, Any]:
@@ -145,6 +170,8 @@ class Stage:
     needs: tuple[str, ...]
     configs: tuple[str, ...] = ()  # configs/demo/NAME.yaml, part of the fingerprint
     is_model: bool = False  # a generative model: evaluated on the held-out prompts, in the table
+    in_summary: bool = False  # a stage that is not a generative model but reports metrics (reward models)
+    settings: tuple = ()  # constants of the stage's code that its results depend on (fingerprinted)
 
 
 STAGES = [
@@ -152,8 +179,8 @@ STAGES = [
     Stage("tokenizer", _tokenizer, ("data",)),
     Stage("base", _base, ("tokenizer",), configs=("base",), is_model=True),
     Stage("sft", _sft, ("base",), configs=("sft",), is_model=True),
-    Stage("dpo", _dpo, ("sft",), configs=("dpo",), is_model=True),
-    Stage("reward_model", _reward_model, ("sft",), configs=("reward_model", "attribute_model")),
+    Stage("dpo", _dpo, ("sft",), configs=("dpo",), is_model=True, settings=(DPO_ROUNDS, DPO_SAMPLES, DPO_SAMPLING)),
+    Stage("reward_model", _reward_model, ("sft",), configs=("reward_model", "attribute_model"), in_summary=True),
 ]
 DEFAULT_STAGES = ["data", "tokenizer", "base", "sft", "dpo", "reward_model"]
 
@@ -163,6 +190,8 @@ DEFAULT_STAGES = ["data", "tokenizer", "base", "sft", "dpo", "reward_model"]
 
 def _fingerprint(stage: Stage, demo: Demo) -> str:
     parts = [stage.name, str(DEMO_VERSION), repr(EVAL_SAMPLING)]
+    if stage.settings:
+        parts.append(repr(stage.settings))
     parts += [find_config("demo", name).read_text() for name in stage.configs]
     parts += [demo.fingerprints[n] for n in stage.needs]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -261,13 +290,13 @@ def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "run
         _run_stage(stage, demo, log)
     _add_win_rates(demo, stages)
     models = {s.name: demo.results[s.name] for s in stages if s.is_model}
-    summary = {s.name: demo.results[s.name] for s in stages if s.is_model or s.name == "reward_model"}
+    summary = {s.name: demo.results[s.name] for s in stages if s.is_model or s.in_summary}
     write_json(summary, demo.path("summary.json"))
     plot = plot_results(models, demo.path("reward.png"), "task-world oracle evaluation (held-out prompts)")
     table = _table(demo, stages)
     report = [
         "# alignkit demo report", "",
-        f"Held-out prompts: {len(demo.eval_prompts())} (100 per skill), sampled at temperature "
+        f"Held-out prompts: {len(demo.eval_prompts())} (an equal number per skill), sampled at temperature "
         f"{EVAL_SAMPLING.temperature}, up to {EVAL_SAMPLING.max_new_tokens} tokens, scored by the task-world oracle.",
         "", table, "", f"![reward]({plot.name})", "", *_reward_model_lines(demo, stages),
         "Stage timings (s): " + ", ".join(f"{s.name} {demo.results[s.name].get('seconds', 0):.0f}" for s in stages),

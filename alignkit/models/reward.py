@@ -24,7 +24,7 @@ from torch import nn
 
 from alignkit.models.loading import unwrap
 
-__all__ = ["RewardModelInfo", "score_head", "score_sequences", "sequence_scores"]
+__all__ = ["RewardModelInfo", "init_head_to_mean", "score_head", "score_sequences", "sequence_scores"]
 
 
 def score_head(model: nn.Module) -> nn.Module:
@@ -59,6 +59,46 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, position_ids: tor
         handle.remove()
     scores = captured[-1]  # (B, T, A)
     return scores.reshape(-1, scores.shape[-1])[ends.reshape(-1)]
+
+
+@torch.no_grad()
+def init_head_to_mean(model: nn.Module, sequences: list[list[int]], pad_id: int, target_mean: torch.Tensor,
+                      batch_size: int = 16) -> float:
+    """Set the head so that it predicts `target_mean` (A,) on typical inputs: W = mu u^T / |u|^2,
+    with u the mean last-token hidden state over `sequences` (the head has no bias).
+
+    Why: a regression head that starts at zero faces a loss dominated by the labels' mean (0-4
+    attributes: MSE ~7 against a variance ~1). Adam then moves the whole backbone toward one
+    output for every input, and the features that tell responses apart collapse (observed: all
+    Pearson r ~0 on the task world). Starting at the mean leaves only the variation to learn.
+    Returns the relative spread of the initial predictions, std / |mean|, for the log.
+    """
+    from alignkit.data.batching import collate_rows
+    from alignkit.data.reward import scored_example
+
+    head = score_head(model)
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+    was_training = model.training
+    model.eval()
+    hidden = []
+    try:
+        for start in range(0, len(sequences), batch_size):
+            batch = collate_rows([[scored_example(s, "")] for s in sequences[start : start + batch_size]], pad_id)
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            states = captured.pop()  # (B, T, d)
+            hidden.append(states.reshape(-1, states.shape[-1])[(batch["target_ids"] != -100).reshape(-1)].float())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    h = torch.cat(hidden)  # (N, d)
+    u = h.mean(0)  # (d,)
+    weight = torch.outer(target_mean.float(), u) / u.dot(u)  # (A, d)
+    for name, param in head.named_parameters():
+        if name.endswith("weight"):
+            param.copy_(weight.to(param.dtype))
+    predictions = h @ weight.T  # (N, A)
+    return float((predictions.std(0) / predictions.mean(0).abs().clamp_min(1e-6)).mean())
 
 
 @dataclass

@@ -48,7 +48,7 @@ from alignkit.data.reward import (
 )
 from alignkit.losses.reward import bradley_terry_loss, regression_loss
 from alignkit.models.loading import load_sequence_scorer, load_tokenizer, save_causal_lm
-from alignkit.models.reward import RewardModelInfo, score_sequences, sequence_scores
+from alignkit.models.reward import RewardModelInfo, init_head_to_mean, score_head, score_sequences, sequence_scores
 from alignkit.training.distributed import all_reduce_sum, full_state_dict
 from alignkit.training.loop import fit, start_run
 
@@ -89,6 +89,8 @@ class Config(RecipeConfig):
     loss: RewardLossConfig = RewardLossConfig()
     # Training sequences scored after training for the reward's mean and std (0: no statistics).
     normalization_samples: int = 1024
+    # regression: start a new head at the training labels' means (see models.reward.init_head_to_mean).
+    init_head_to_mean: bool = True
 
 
 # --- losses on one micro-batch -------------------------------------------------------------
@@ -209,6 +211,16 @@ def main(cfg: Config) -> None:
         run.log.info(f"{name} data {spec.path}: {stats.summary().replace('examples', kind)}")
     if not datasets["train"]:
         raise ConfigError(f"no training data left after data.overlength={cfg.data.overlength}")
+
+    new_head = not any(p.any() for p in score_head(model).parameters())  # new heads start at zero
+    if lc.type == "regression" and cfg.init_head_to_mean and new_head:
+        # Start the new head at the labels' mean: only the variation is left to learn.
+        sample = datasets["train"][:256]
+        targets = torch.tensor([e.targets for e in sample])  # (N, A), NaN = missing
+        mean = torch.nan_to_num(targets.nanmean(0), nan=0.0)
+        spread = init_head_to_mean(model, [e.example.input_ids for e in sample], pad_id, mean)
+        run.log.info(f"regression head initialised to the label means ({', '.join(f'{m:.2f}' for m in mean)}); "
+                     f"initial prediction spread {spread:.2g} of the mean")
 
     # --- train: minimise the ranking or regression loss -------------------------------------
     if lc.type == "regression":

@@ -160,7 +160,7 @@ class DatasetSizes:
     kto: int = 4000
     prompts: int = 2000
     valid: int = 200  # each of sft_valid, prefs_valid, attributes_valid
-    eval_per_skill: int = 100
+    eval_per_skill: int = 200
     redteam: int = 200
 
 

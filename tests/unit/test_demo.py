@@ -64,3 +64,20 @@ def test_changed_upstream_invalidates_downstream(tmp_path, stages, monkeypatch):
 def test_unknown_stage_is_named(tmp_path, stages):
     with pytest.raises(ValueError, match=r"unknown demo stage\(s\) \['dpoo'\]"):
         demo_module.run_demo(["dpoo"], tmp_path)
+
+
+def test_changed_stage_settings_invalidate_the_stage(tmp_path, stages, monkeypatch):
+    demo_module.run_demo(["m2"], tmp_path)
+    changed = [demo_module.Stage(st.name, st.run, st.needs, is_model=st.is_model, settings=(1,) if st.name == "m2" else ())
+               for st in demo_module.STAGES]
+    monkeypatch.setattr(demo_module, "STAGES", changed)
+    demo_module.run_demo(["m2"], tmp_path)
+    assert stages == ["a", "m1", "m2", "m2"]
+
+
+def test_reporting_stages_enter_the_summary(tmp_path, stages, monkeypatch):
+    report = demo_module.Stage("rm", lambda demo: {"pairwise_accuracy": 0.9}, ("a",), in_summary=True)
+    monkeypatch.setattr(demo_module, "STAGES", [*demo_module.STAGES, report])
+    demo_module.run_demo(["m1", "rm"], tmp_path)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert set(saved) == {"m1", "rm"} and saved["rm"] == {"pairwise_accuracy": 0.9, "seconds": saved["rm"]["seconds"]}

@@ -98,3 +98,17 @@ def test_lora_trains_the_head_in_full(tokenizer):
     with pytest.raises(ValueError, match="no `score` head"):
         sequence_scores(load_causal_lm(ModelConfig(random_init=TINY), tokenizer), torch.ones(1, 2, dtype=torch.long),
                         torch.arange(2)[None], torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_init_head_to_mean_predicts_the_label_mean_on_average(tokenizer):
+    from alignkit.models.reward import init_head_to_mean
+
+    model = load_sequence_scorer(ModelConfig(random_init=TINY), tokenizer, 2).eval()
+    seqs = [tokenizer(f"<|user|>\nq{i}</s><|assistant|>\n{'a' * i}</s>", add_special_tokens=False)["input_ids"]
+            for i in range(1, 9)]
+    target = torch.tensor([2.5, -1.0])
+    spread = init_head_to_mean(model, seqs, tokenizer.pad_token_id, target, batch_size=3)
+    out = score_sequences(model, seqs, tokenizer.pad_token_id, 4, torch.device("cpu"))
+    # W = mu u^T / |u|^2 with u the mean hidden state, so the mean prediction is exactly mu
+    torch.testing.assert_close(out.mean(0), target, atol=1e-4, rtol=1e-4)
+    assert 0 < spread < 1 and out.std(0).max() > 0  # inputs still tell apart
