@@ -42,12 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary trained on the task-world pairs")
+    p.add_argument("--model-vocab", type=int, default=None,
+                   help="the model's vocabulary size (>= --vocab; extra rows unused): the LM head cost of a real "
+                        "model, e.g. 32000 (Llama 2) or 128256 (Llama 3)")
     p.add_argument("--pairs", type=int, default=16, help="global batch in preference pairs")
     p.add_argument("--alignkit-micro", type=int, default=16, help="alignkit micro-batch (pairs)")
     p.add_argument("--trl-micro", type=int, default=8, help="TRL per-device batch (pairs)")
     p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--compile", choices=["on", "off"], default="off", help="per-layer compile (alignkit), torch_compile (TRL)")
+    p.add_argument("--alignkit-compile", choices=["on", "off"], default="on", help="model.compile (per-layer torch.compile)")
+    p.add_argument("--trl-compile", choices=["on", "off", "rm-only"], default="rm-only",
+                   help="TrainingArguments.torch_compile; 'rm-only': TRL 1.16's DPOTrainer fails with "
+                        "torch_compile + precompute_ref_log_probs ('LlamaForCausalLM does not support len()')")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -55,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.warmup, a.hidden, a.layers, a.heads = 3, 1, 128, 2, 4
+        a.alignkit_compile, a.trl_compile = "off", "off"
     return a
 
 
@@ -74,7 +81,7 @@ def prepare(workdir: Path, a: argparse.Namespace) -> dict:
                                     vocab_size=a.vocab)
     data = workdir / "pairs.jsonl"
     data.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in records))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=a.hidden, num_hidden_layers=a.layers,
+    config = LlamaConfig(vocab_size=max(len(tokenizer), a.model_vocab or 0), hidden_size=a.hidden, num_hidden_layers=a.layers,
                          num_attention_heads=a.heads, num_key_value_heads=a.heads,
                          intermediate_size=int(round(a.hidden * 2.6875 / 16) * 16), max_position_embeddings=2048,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -88,9 +95,10 @@ def prepare(workdir: Path, a: argparse.Namespace) -> dict:
              for r in records for k in ("chosen", "rejected")]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     return {"workdir": str(workdir), "model_dir": str(workdir / "model"), "data": str(data), "records": len(records),
-            "params": sum(p.numel() for p in model.parameters()), "mean_len": sum(lengths) / len(lengths),
+            "params": sum(p.numel() for p in model.parameters()), "vocab": config.vocab_size, "mean_len": sum(lengths) / len(lengths),
             "steps": a.steps, "warmup": a.warmup, "pairs": a.pairs, "alignkit_micro": a.alignkit_micro,
-            "trl_micro": a.trl_micro, "max_len": a.max_len, "compile": a.compile == "on", "lr": 5e-5}
+            "trl_micro": a.trl_micro, "max_len": a.max_len, "alignkit_compile": a.alignkit_compile == "on",
+            "trl_compile": a.trl_compile, "lr": 5e-5}
 
 
 # --- workers --------------------------------------------------------------------------------
@@ -121,7 +129,7 @@ def worker_alignkit(task: str, spec: dict) -> dict:
     out = Path(spec["workdir"]) / f"alignkit_{task}"
     cfg = {
         "recipe": recipe, "output_dir": str(out),
-        "model": {"path": spec["model_dir"], "precision": "bf16_autocast", "compile": spec["compile"]},
+        "model": {"path": spec["model_dir"], "precision": "bf16_autocast", "compile": spec["alignkit_compile"]},
         "data": {"train": {"path": spec["data"]}, "max_seq_len": spec["max_len"]},
         "optim": {"lr": spec["lr"], "schedule": "constant", "weight_decay": 0.0},
         "train": {"max_steps": spec["warmup"] + spec["steps"], "global_batch_size": spec["pairs"],
@@ -163,7 +171,8 @@ def worker_trl(task: str, spec: dict) -> dict:
                   per_device_train_batch_size=spec["trl_micro"],
                   gradient_accumulation_steps=spec["pairs"] // spec["trl_micro"], learning_rate=spec["lr"],
                   lr_scheduler_type="constant", weight_decay=0.0, bf16=True, use_cpu=True,
-                  torch_compile=spec["compile"], logging_steps=1, save_strategy="no", report_to="none",
+                  torch_compile=spec["trl_compile"] == "on" or (spec["trl_compile"] == "rm-only" and task == "rm"),
+                  logging_steps=1, save_strategy="no", report_to="none",
                   disable_tqdm=True, seed=0, max_length=spec["max_len"])
     t0 = time.perf_counter()
     if task == "dpo":
@@ -220,9 +229,10 @@ def main(argv=None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="preference_vs_trl_"))
     spec = prepare(workdir, a)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: Llama hidden {a.hidden}, "
-          f"{a.layers} layers, {spec['params'] / 1e6:.1f}M params; data: task-world pairs, mean "
+          f"{a.layers} layers, vocabulary {spec['vocab']}, {spec['params'] / 1e6:.1f}M params; data: task-world pairs, mean "
           f"{spec['mean_len']:.0f} tokens per sequence; global batch {a.pairs} pairs; {a.warmup} warm-up + "
-          f"{a.steps} measured steps; bf16 autocast; compile {a.compile}", flush=True)
+          f"{a.steps} measured steps; bf16 autocast; compile: alignkit {a.alignkit_compile}, TRL {a.trl_compile}",
+          flush=True)
     results = {}
     for task in (["dpo", "rm"] if a.task == "both" else [a.task]):
         for name in ("alignkit", "trl"):

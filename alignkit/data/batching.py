@@ -26,22 +26,35 @@ __all__ = ["BatchPlan", "collate_rows", "pack_examples", "PAD_SLOT"]
 PAD_SLOT = -1  # an index in a micro-batch that stands for "no item": a loss-free filler row
 
 
-def pack_examples(examples: Sequence[Example], max_seq_len: int) -> list[list[Example]]:
-    """Group examples into rows of at most max_seq_len tokens (best-fit decreasing)."""
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    rows: list[list[Example]] = []
-    free: list[tuple[int, int]] = []  # sorted (free space, row index)
+def pack_indices(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group item indices into bins of total length <= capacity (best-fit decreasing; an item
+    longer than capacity gets a bin of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free space, bin index)
     for i in order:
-        need = len(examples[i].input_ids)
+        need = lengths[i]
         slot = bisect.bisect_left(free, (need, -1))
         if slot < len(free):
-            space, row = free.pop(slot)
-            rows[row].append(examples[i])
-            bisect.insort(free, (space - need, row))
+            space, b = free.pop(slot)
+            bins[b].append(i)
+            bisect.insort(free, (space - need, b))
         else:
-            rows.append([examples[i]])
-            bisect.insort(free, (max_seq_len - need, len(rows) - 1))
-    return rows
+            bins.append([i])
+            bisect.insort(free, (capacity - need, len(bins) - 1))
+    return bins
+
+
+def pack_examples(examples: Sequence[Example], max_seq_len: int) -> list[list[Example]]:
+    """Group examples into rows of at most max_seq_len tokens (best-fit decreasing)."""
+    return [[examples[i] for i in row] for row in pack_indices([len(e.input_ids) for e in examples], max_seq_len)]
+
+
+def pack_micro_batch(lengths: Sequence[int]) -> list[list[int]]:
+    """Rows for one micro-batch of variable-length groups (e.g. the two sequences of a preference
+    pair, which must stay in one row): packed into as few rows as fit the longest group, so the
+    padded (B, T) batch wastes little. Returns the groups' indices, row by row."""
+    return pack_indices(lengths, max(lengths, default=1))
 
 
 class BatchPlan:

@@ -30,7 +30,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from alignkit.config import DataConfig, DatasetConfig
-from alignkit.data.batching import collate_rows
+from alignkit.data.batching import collate_rows, pack_micro_batch
 from alignkit.data.formats import Message, messages_from_value
 from alignkit.data.io import DataError, Record, read_records
 from alignkit.data.tokenize import IGNORE, EncodeStats, Example, fit_length, render_with_spans
@@ -244,10 +244,18 @@ def collate_pairs(pairs: Sequence[PreferencePair | None], pad_id: int) -> dict[s
         chosen_reward_gt, rejected_reward_gt   (P,) ground truth (NaN where absent)
         reference_chosen_logps, reference_rejected_logps   (P,) cached summed reference
                            log-probs, present when every pair has them
-    A `None` pair (an evaluation filler) becomes a target-free row and no sequence.
+    A row may hold several pairs: the pairs are packed into as few rows as fit the longest pair
+    (`pack_micro_batch`), and every per-pair tensor lists them in that row-major order;
+    `order[j]` is the position in `pairs` of the j-th. `None` pairs (evaluation fillers) carry
+    nothing and are left out; a micro-batch of fillers only is one target-free row.
     """
-    real = [p for p in pairs if p is not None]
-    batch = collate_rows([[p.chosen, p.rejected] if p is not None else None for p in pairs], pad_id)
+    present = [i for i, p in enumerate(pairs) if p is not None]
+    rows = pack_micro_batch([pair_length(pairs[i]) for i in present])
+    order = [present[j] for row in rows for j in row]  # row-major: the order of the sequences
+    real = [pairs[i] for i in order]
+    batch = collate_rows([[s for j in row for s in (pairs[present[j]].chosen, pairs[present[j]].rejected)]
+                          for row in rows] or [None], pad_id)
+    batch["order"] = order
     counts = [n for p in real for n in (p.chosen.num_targets, p.rejected.num_targets)]
     batch["num_units"] = len(real)
     batch["seq_index"] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))

@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from alignkit.config import DataConfig, DatasetConfig
-from alignkit.data.batching import collate_rows
+from alignkit.data.batching import collate_rows, pack_micro_batch
 from alignkit.data.formats import Message, messages_from_value
 from alignkit.data.io import DataError, Record, read_records
 from alignkit.data.preference import parse_preference
@@ -183,14 +183,21 @@ def load_attribute_examples(dataset: DatasetConfig, data: DataConfig, tokenizer:
 
 
 def collate_reward_pairs(pairs: Sequence[RewardPair | None], pad_id: int) -> dict:
-    """One row per pair, [prompt+chosen | prompt+rejected] (packed, restarting positions).
+    """Pairs as [prompt+chosen | prompt+rejected] groups with restarting positions, packed into as
+    few rows as fit the longest pair (several pairs per row, little padding).
 
     Adds to `collate_rows`'s tensors: `ends` (B, T) bool, the last token of every sequence
-    (chosen 2j, rejected 2j+1 in row-major order); `margin` (P,) (NaN where absent);
-    `num_units` = P real pairs. A None pair is an evaluation filler: a row without sequences.
+    (chosen 2j, rejected 2j+1 in row-major order, j in packed order); `margin` (P,) in the same
+    order (NaN where absent); `order[j]`, the position in `pairs` of the j-th pair;
+    `num_units` = P real pairs. None pairs (evaluation fillers) are
+    left out; a micro-batch of fillers only is one row without sequences.
     """
-    real = [p for p in pairs if p is not None]
-    batch = collate_rows([[p.chosen, p.rejected] if p is not None else None for p in pairs], pad_id)
+    present = [i for i, p in enumerate(pairs) if p is not None]
+    rows = pack_micro_batch([len(pairs[i].chosen.input_ids) + len(pairs[i].rejected.input_ids) for i in present])
+    grouped = [[pairs[present[j]] for j in row] for row in rows]
+    real = [p for row in grouped for p in row]
+    batch = collate_rows([[s for p in row for s in (p.chosen, p.rejected)] for row in grouped] or [None], pad_id)
+    batch["order"] = [present[j] for row in rows for j in row]
     batch["ends"] = batch.pop("target_ids") != IGNORE
     batch["margin"] = torch.tensor([math.nan if p.margin is None else p.margin for p in real], dtype=torch.float32)
     batch["num_units"] = len(real)

@@ -222,8 +222,8 @@ def _score_pairs(run, cfg: Config, model, pairs: list[PreferencePair], pad_id: i
         batch = {k: v.to(run.dist.device) if torch.is_tensor(v) else v
                  for k, v in collate_pairs([pairs[i] for i in index], pad_id).items()}
         with run.autocast():
-            logps = _reference_logps(model, batch, cfg.model.lora.enabled)  # (2P,)
-        out[index] = logps.double().cpu().reshape(-1, 2)
+            logps = _reference_logps(model, batch, cfg.model.lora.enabled)  # (2P,) in packed order
+        out[[index[j] for j in batch["order"]]] = logps.double().cpu().reshape(-1, 2)
     model.train()
     device = run.dist.device if run.dist.enabled and run.dist.device.type == "cuda" else "cpu"
     return all_reduce_sum(out.to(device), run.dist).cpu()

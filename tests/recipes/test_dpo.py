@@ -231,9 +231,10 @@ def test_every_loss_type_in_process(tokenizer, loss_type):
     pairs, _ = load_preference_pairs(cfg.data.train.model_copy(update={"path": "builtin:prefs?n=3"}), cfg.data,
                                      tokenizer, require_rewards=True)
     model = tiny_model(tokenizer)
+    batch = collate_pairs(pairs, 0)
     with torch.no_grad():
-        logps = recipe.policy_logps(model, collate_pairs(pairs, 0))
-    for pair, (c, r) in zip(pairs, logps.reshape(-1, 2).tolist()):
+        logps = recipe.policy_logps(model, batch)
+    for pair, (c, r) in zip([pairs[i] for i in batch["order"]], logps.reshape(-1, 2).tolist()):
         pair.reference = (c - 1.0, r + 1.0)  # the policy already prefers chosen by 2 nats
     loss, metrics = recipe.loss_fn(model, collate_pairs([pairs[0], None, pairs[1], pairs[2]], 0), cfg)
     loss.backward()

@@ -103,3 +103,14 @@ def test_eval_plan_gives_every_rank_the_same_number_of_batches():
     assert len(batches[0]) == len(batches[1])
     real = sorted(i for b in batches for mb in b for i in mb if i != PAD_SLOT)
     assert real == list(range(7))
+
+
+def test_pack_micro_batch_fills_rows_as_wide_as_the_longest_group():
+    from alignkit.data.batching import pack_micro_batch
+
+    rows = pack_micro_batch([10, 4, 5, 3, 6, 2])
+    lengths = [10, 4, 5, 3, 6, 2]
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 3  # 30 tokens in rows of 10: no padding at all
+    assert pack_micro_batch([]) == []

@@ -151,23 +151,29 @@ def pairs(tokenizer):
 
 
 def test_collate_keeps_pairs_together(pairs, tokenizer):
-    batch = collate_pairs([pairs[0], None, pairs[1]], tokenizer.pad_token_id)
-    assert batch["num_units"] == 2
-    assert batch["input_ids"].shape[0] == 3  # one row per pair, the filler row included
-    assert batch["target_ids"][1].eq(IGNORE).all()
-    # Row r holds pair r's chosen then rejected sequence, positions restarting at each.
-    for row, pair in ((0, pairs[0]), (2, pairs[1])):
-        n_c, n_r = len(pair.chosen.input_ids), len(pair.rejected.input_ids)
-        assert batch["input_ids"][row, :n_c].tolist() == pair.chosen.input_ids
-        assert batch["input_ids"][row, n_c : n_c + n_r].tolist() == pair.rejected.input_ids
-        assert batch["position_ids"][row, n_c] == 0
-    counts = [pairs[0].chosen.num_targets, pairs[0].rejected.num_targets,
-              pairs[1].chosen.num_targets, pairs[1].rejected.num_targets]
+    """Pairs are packed several to a row (rows as wide as the longest pair); each pair's chosen and
+    rejected sequences stay adjacent in one row, positions restarting at each; every per-pair
+    tensor follows the packed order, which `order` maps back to the input positions."""
+    batch = collate_pairs([pairs[0], None, pairs[1], pairs[2], pairs[3]], tokenizer.pad_token_id)
+    order = batch["order"]
+    assert sorted(order) == [0, 2, 3, 4] and batch["num_units"] == 4
+    given = [pairs[0], None, pairs[1], pairs[2], pairs[3]]
+    packed = [given[i] for i in order]
+    width = max(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in packed)
+    assert batch["input_ids"].shape[1] == width and batch["input_ids"].shape[0] <= 4
+    flat = [(t, pos) for row_ids, row_pos in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist())
+            for t, pos in zip(row_ids, row_pos)]
+    text = [t for t, _ in flat]
+    for pair in packed:  # chosen then rejected, adjacent, found in one row
+        seq = pair.chosen.input_ids + pair.rejected.input_ids
+        starts = [i for i in range(len(text) - len(seq) + 1) if text[i : i + len(seq)] == seq]
+        assert starts and flat[starts[0] + len(pair.chosen.input_ids)][1] == 0
+    counts = [n for p in packed for n in (p.chosen.num_targets, p.rejected.num_targets)]
     assert batch["seq_num_targets"].tolist() == counts
     assert batch["seq_index"].tolist() == [i for i, n in enumerate(counts) for _ in range(n)]
-    assert batch["chosen_reward_gt"].tolist() == pytest.approx([pairs[0].chosen_reward, pairs[1].chosen_reward])
+    assert batch["chosen_reward_gt"].tolist() == pytest.approx([p.chosen_reward for p in packed])
     assert "reference_chosen_logps" not in batch  # not cached
-    assert batch["num_tokens"] == sum(len(e.input_ids) for p in pairs[:2] for e in (p.chosen, p.rejected))
+    assert batch["num_tokens"] == sum(len(e.input_ids) for p in packed for e in (p.chosen, p.rejected))
 
 
 def test_filler_only_batch_has_no_sequences(tokenizer):
@@ -180,9 +186,9 @@ def test_packed_segment_sum_equals_separate_forward_passes(pairs, tokenizer):
     model = tiny_model(tokenizer).eval()
     batch = collate_pairs(pairs[:4], tokenizer.pad_token_id)
     with torch.no_grad():
-        packed = policy_logps(model, batch)  # (8,) [c0, r0, c1, r1, ...]
+        packed = policy_logps(model, batch)  # (8,) [c, r] per pair in packed order
         separate = []
-        for pair in pairs[:4]:
+        for pair in [pairs[i] for i in batch["order"]]:
             for example in (pair.chosen, pair.rejected):
                 ids = torch.tensor([example.input_ids])
                 logp = model(input_ids=ids).logits[0].float().log_softmax(-1)  # (T, V)
@@ -196,9 +202,11 @@ def test_cached_reference_logps_collate_in_pair_order(pairs, tokenizer):
     for i, pair in enumerate(pairs):
         pair.reference = (-float(i), -100.0 - i)
     try:
-        batch = collate_pairs([pairs[3], pairs[1]], tokenizer.pad_token_id)
-        assert batch["reference_chosen_logps"].tolist() == [-3.0, -1.0]
-        assert batch["reference_rejected_logps"].tolist() == [-103.0, -101.0]
+        given = [pairs[3], pairs[1]]
+        batch = collate_pairs(given, tokenizer.pad_token_id)
+        expected = [given[i].reference for i in batch["order"]]
+        assert batch["reference_chosen_logps"].tolist() == [c for c, _ in expected]
+        assert batch["reference_rejected_logps"].tolist() == [r for _, r in expected]
     finally:
         for pair in pairs:
             pair.reference = None
@@ -223,7 +231,7 @@ def test_kto_pairs_each_prompt_with_the_next_records_completion(tmp_path, tokeni
     assert [targets_text(tokenizer, p.rejected) for p in pairs] == ["c1</s>", "c2</s>", "c0</s>"]  # wraps
     assert all(f"p{i}" in tokenizer.decode(p.rejected.input_ids) for i, p in enumerate(pairs))
     batch = collate_pairs([pairs[0], None, pairs[1]], tokenizer.pad_token_id)
-    assert batch["kto_label"].tolist() == [True, False]
+    assert batch["kto_label"].tolist() == [[True, None, False][i] for i in batch["order"]]
 
 
 @pytest.mark.parametrize("record, message", [

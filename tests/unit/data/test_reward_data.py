@@ -40,15 +40,22 @@ def test_pairs_keep_the_margin_and_score_the_last_token(tmp_path, tokenizer):
     assert pairs[0].chosen.num_targets == 1 and pairs[0].chosen.target_ids[-1] != -100
 
     batch = collate_reward_pairs([pairs[0], None, pairs[1]], tokenizer.pad_token_id)
-    assert batch["num_units"] == 2 and batch["ends"].sum() == 4
-    assert batch["ends"][1].sum() == 0  # the filler row scores nothing
-    row0 = batch["input_ids"][0]
-    ends = batch["ends"][0].nonzero().squeeze(-1).tolist()
-    n_c = len(pairs[0].chosen.input_ids)
-    assert ends == [n_c - 1, n_c + len(pairs[0].rejected.input_ids) - 1]
-    assert batch["position_ids"][0, n_c] == 0  # rejected restarts its positions
-    assert row0[ends[0]] == tokenizer.eos_token_id
-    assert math.isnan(batch["margin"][1]) and batch["margin"][0] == 0.5
+    assert batch["num_units"] == 2 and batch["ends"].sum() == 4 and sorted(batch["order"]) == [0, 2]
+    packed = [[pairs[0], None, pairs[1]][i] for i in batch["order"]]
+    flat_ids, flat_ends = batch["input_ids"].reshape(-1), batch["ends"].reshape(-1)
+    ends = flat_ends.nonzero().squeeze(-1).tolist()  # chosen 0, rejected 0, chosen 1, rejected 1
+    width = batch["input_ids"].shape[1]
+    for j, pair in enumerate(packed):
+        c_end, r_end = ends[2 * j], ends[2 * j + 1]
+        assert r_end - c_end == len(pair.rejected.input_ids) and c_end // width == r_end // width  # one row
+        assert flat_ids[c_end - len(pair.chosen.input_ids) + 1 : c_end + 1].tolist() == pair.chosen.input_ids
+        assert flat_ids[c_end] == tokenizer.eos_token_id
+        assert batch["position_ids"].reshape(-1)[c_end + 1] == 0  # rejected restarts its positions
+    margins = {0.5 if p.margin is not None else "nan" for p in packed}
+    assert margins == {0.5, "nan"}
+    assert [m if not math.isnan(m) else None for m in batch["margin"].tolist()] == [p.margin for p in packed]
+    filler_only = collate_reward_pairs([None, None], tokenizer.pad_token_id)
+    assert filler_only["num_units"] == 0 and not filler_only["ends"].any()
 
 
 def test_bad_margin_names_the_line(tmp_path, tokenizer):
