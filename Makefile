@@ -36,6 +36,7 @@ demo: setup
 bench: setup
 	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[bench]"
 	$(PY) benchmarks/sft_vs_trl.py
+	$(PY) benchmarks/preference_vs_trl.py
 
 clean:
 	rm -rf runs

@@ -110,10 +110,11 @@ def _load(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int, auto_
         if cfg.path is not None:
             if not (Path(cfg.path) / "config.json").is_file():
                 raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {cfg.path}")
-            model, info = auto_class.from_pretrained(
-                cfg.path, dtype=_dtype(cfg), attn_implementation=cfg.attn_implementation,
-                output_loading_info=True, **config_kwargs,
-            )
+            with _quiet_transformers(task_type == "SEQ_CLS"):  # a new head is expected, not news
+                model, info = auto_class.from_pretrained(
+                    cfg.path, dtype=_dtype(cfg), attn_implementation=cfg.attn_implementation,
+                    output_loading_info=True, **config_kwargs,
+                )
             new_weights = set(info.get("missing_keys", []))
         else:
             hf_config = random_init_config(cfg, tokenizer)
@@ -142,6 +143,20 @@ def _load(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int, auto_
         with _seeded(seed):
             model = apply_lora(model, cfg.lora, task_type)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """Silence transformers' load report (\"score.weight MISSING\") while loading a backbone."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @contextlib.contextmanager

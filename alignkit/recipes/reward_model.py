@@ -213,6 +213,8 @@ def main(cfg: Config) -> None:
         raise ConfigError(f"no training data left after data.overlength={cfg.data.overlength}")
 
     new_head = not any(p.any() for p in score_head(model).parameters())  # new heads start at zero
+    run.log.info(f"reward head: {len(names)} output(s) ({', '.join(names)}), "
+                 + ("new, zero-initialised" if new_head else f"loaded from {cfg.model.path}"))
     if lc.type == "regression" and cfg.init_head_to_mean and new_head:
         # Start the new head at the labels' mean: only the variation is left to learn.
         sample = datasets["train"][:256]
