@@ -221,6 +221,44 @@ def score(
         typer.echo(f"pairwise accuracy {accuracy:.4f}")
 
 
+serve_app = typer.Typer(no_args_is_help=True, help="HTTP servers: a reward model.")
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.command("reward")
+def serve_reward(
+    model: Annotated[str, typer.Option(help="reward model directory (what `alignkit run reward_model` saves)")],
+    host: Annotated[str, typer.Option(help="address to bind; loopback unless you mean to expose it")] = "127.0.0.1",
+    port: int = 5555,
+    token_env: Annotated[str | None, typer.Option(help="require `Authorization: Bearer <token>` with the token "
+                                                       "read from this environment variable")] = None,
+    normalize: Annotated[bool, typer.Option(help="standardise rewards with the model's mean and std")] = False,
+    max_batch: Annotated[int, typer.Option(help="responses per forward batch, gathered across requests")] = 64,
+    max_delay_ms: Annotated[float, typer.Option(help="how long a request waits for others to join its batch")] = 5.0,
+    max_items: Annotated[int, typer.Option(help="responses allowed in one request")] = 1024,
+) -> None:
+    """Serve a reward model over HTTP: POST /score, GET /health."""
+    import os
+
+    import uvicorn
+
+    from alignkit.rewards import LocalRewardModel
+    from alignkit.serving.reward_server import create_app
+
+    token = None
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            _fail(f"--token-env {token_env}: the variable is not set")
+    try:
+        rm = LocalRewardModel(model, batch_size=min(max_batch, 32), normalize=normalize)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    server = create_app(rm.score, model_name=str(model), names=rm.names, max_batch=max_batch,
+                        max_delay_ms=max_delay_ms, max_items=max_items, token=token)
+    uvicorn.run(server, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     app()
 

@@ -1,5 +1,14 @@
 """Reward sources: prompts and responses in, a reward per response (and optionally one per attribute) out."""
 
 from alignkit.rewards.local import LocalRewardModel, RewardOutput
+from alignkit.rewards.sources import (
+    FunctionReward,
+    OracleReward,
+    RemoteRewardModel,
+    RewardSourceConfig,
+    RewardSourceError,
+    build_reward_source,
+)
 
-__all__ = ["LocalRewardModel", "RewardOutput"]
+__all__ = ["FunctionReward", "LocalRewardModel", "OracleReward", "RemoteRewardModel", "RewardOutput",
+           "RewardSourceConfig", "RewardSourceError", "build_reward_source"]

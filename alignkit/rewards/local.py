@@ -28,7 +28,7 @@ __all__ = ["LocalRewardModel", "RewardOutput"]
 @dataclass
 class RewardOutput:
     rewards: torch.Tensor  # (N,) float32
-    attributes: torch.Tensor  # (N, A) float32, raw head outputs
+    attributes: torch.Tensor | None  # (N, A) float32 (a model: its raw head outputs), or None
     names: list[str]  # the A attribute names
 
 

@@ -1,0 +1,156 @@
+"""Reward sources behind one call: `source(prompts, responses) -> RewardOutput`.
+
+    prompts    list of prompt strings (one user message), message lists, or task-world prompt
+               records (dicts with "prompt"); responses: list of strings
+    returns    RewardOutput(rewards (N,), attributes (N, A) or None, names)
+
+Kinds (`RewardSourceConfig.kind`):
+  model     a local reward model directory (`alignkit.rewards.LocalRewardModel`)
+  http      a remote reward server (`alignkit serve reward`), with timeouts and retries
+  function  a Python function named `package.module:function`, called as fn(prompts, responses) and
+            returning a list of floats, or a dict {"rewards": [...], "attributes": [[...]], "names": [...]}
+  oracle    the task world's oracle judge (its scalar reward and seven 0-4 attributes)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import model_validator
+
+from alignkit.config import Section
+from alignkit.rewards.local import LocalRewardModel, RewardOutput
+
+__all__ = ["FunctionReward", "OracleReward", "RemoteRewardModel", "RewardSourceConfig", "RewardSourceError",
+           "build_reward_source"]
+
+
+class RewardSourceError(RuntimeError):
+    """A reward source could not score: an unreachable server, a bad function, a malformed answer."""
+
+
+class RewardSourceConfig(Section):
+    kind: Literal["model", "http", "function", "oracle"]
+    path: str | None = None  # model: the reward model directory
+    url: str | None = None  # http: the server's base URL, e.g. http://127.0.0.1:5555
+    function: str | None = None  # function: "package.module:function"
+    normalize: bool = False  # model: standardise with the model's recorded mean and std
+    batch_size: int = 16  # model: sequences per forward
+    timeout_s: float = 60.0  # http: per request
+    retries: int = 3  # http: attempts after the first on a connection error, timeout or 5xx
+    token_env: str | None = "ALIGNKIT_REWARD_TOKEN"  # http: bearer token read from this variable, if set
+
+    @model_validator(mode="after")
+    def _needs(self) -> "RewardSourceConfig":
+        needed = {"model": "path", "http": "url", "function": "function"}.get(self.kind)
+        if needed and getattr(self, needed) is None:
+            raise ValueError(f"reward source kind={self.kind} needs `{needed}`")
+        return self
+
+
+def _prompt_text(prompt: Any) -> Any:
+    return prompt["prompt"] if isinstance(prompt, dict) and "prompt" in prompt else prompt
+
+
+def _as_output(value: Any, n: int, where: str) -> RewardOutput:
+    """A function's or server's answer -> RewardOutput, checked."""
+    if isinstance(value, dict):
+        rewards, attributes, names = value.get("rewards"), value.get("attributes"), value.get("names") or []
+    else:
+        rewards, attributes, names = value, None, []
+    try:
+        rewards_t = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
+        attributes_t = torch.as_tensor(attributes, dtype=torch.float32) if attributes is not None else None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RewardSourceError(f"{where}: rewards must be numbers ({exc})") from None
+    if rewards_t.numel() != n:
+        raise RewardSourceError(f"{where}: returned {rewards_t.numel()} rewards for {n} responses")
+    if attributes_t is not None and (attributes_t.dim() != 2 or attributes_t.shape[0] != n):
+        raise RewardSourceError(f"{where}: attributes must be a list of {n} lists")
+    return RewardOutput(rewards_t, attributes_t, list(names))
+
+
+class FunctionReward:
+    """`package.module:function` as a reward source."""
+
+    def __init__(self, spec: str):
+        module_name, _, name = spec.partition(":")
+        if not module_name or not name:
+            raise RewardSourceError(f"reward function {spec!r}: expected 'package.module:function'")
+        try:
+            self.fn: Callable = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as exc:
+            raise RewardSourceError(f"reward function {spec!r}: {exc}") from None
+        self.spec = spec
+
+    def __call__(self, prompts: list, responses: list[str]) -> RewardOutput:
+        return _as_output(self.fn(prompts, responses), len(responses), f"reward function {self.spec}")
+
+
+class OracleReward:
+    """The task world's oracle: the scalar reward and the seven attributes of each response."""
+
+    def __call__(self, prompts: list, responses: list[str]) -> RewardOutput:
+        from alignkit.tasks.oracle import ATTRIBUTES, score_response
+
+        scores = [score_response(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return RewardOutput(torch.tensor([s.reward for s in scores], dtype=torch.float32),
+                            torch.tensor([[getattr(s, a) for a in ATTRIBUTES] for s in scores], dtype=torch.float32),
+                            list(ATTRIBUTES))
+
+
+class RemoteRewardModel:
+    """A client of `alignkit serve reward`: POST {url}/score, retried on connection errors,
+    timeouts and 5xx answers with exponential back-off; 4xx answers are not retried."""
+
+    def __init__(self, url: str, timeout_s: float = 60.0, retries: int = 3, token: str | None = None,
+                 backoff_s: float = 0.5):
+        import httpx
+
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(timeout=timeout_s, headers=headers)
+        self.retries, self.backoff_s = retries, backoff_s
+
+    def __call__(self, prompts: list, responses: list[str]) -> RewardOutput:
+        import httpx
+
+        payload = {"prompts": [_prompt_text(p) for p in prompts], "responses": list(responses)}
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                answer = self.client.post(f"{self.url}/score", json=payload)
+            except httpx.HTTPError as exc:  # connection refused, timeout, ...
+                last = f"{type(exc).__name__}: {exc}"
+                continue
+            if answer.status_code >= 500:
+                last = f"HTTP {answer.status_code}: {answer.text[:200]}"
+                continue
+            if answer.status_code != 200:
+                raise RewardSourceError(f"reward server {self.url}/score refused the request: HTTP "
+                                        f"{answer.status_code}: {answer.text[:300]}")
+            return _as_output(answer.json(), len(responses), f"reward server {self.url}")
+        raise RewardSourceError(f"reward server {self.url} unreachable after {self.retries + 1} attempts ({last})")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def build_reward_source(cfg: RewardSourceConfig, device: str = "cpu"):
+    """The configured source, as a callable `(prompts, responses) -> RewardOutput`."""
+    if cfg.kind == "model":
+        model = LocalRewardModel(cfg.path, device=device, batch_size=cfg.batch_size, normalize=cfg.normalize)
+        return lambda prompts, responses: model.score([_prompt_text(p) for p in prompts], responses)
+    if cfg.kind == "http":
+        token = os.environ.get(cfg.token_env) if cfg.token_env else None
+        return RemoteRewardModel(cfg.url, cfg.timeout_s, cfg.retries, token)
+    if cfg.kind == "function":
+        return FunctionReward(cfg.function)
+    return OracleReward()

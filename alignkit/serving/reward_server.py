@@ -1,0 +1,146 @@
+"""An HTTP reward server: `alignkit serve reward --model RM [--host 127.0.0.1] [--port 5555]`.
+
+    POST /score   {"prompts": [str | messages, ...], "responses": [str, ...]}
+                  -> {"rewards": [float, ...], "attributes": [[float, ...], ...], "names": [str, ...]}
+    GET  /health  -> {"status": "ok", "model": ..., "names": [...], "batches": n, "requests": n}
+
+Requests from concurrent clients are batched: a request waits at most `max_delay_ms` for others
+to join, and a batch holds at most `max_batch` responses (a larger request is scored alone), so
+the model runs full batches under load (NeMo-Aligner's PyTriton server does the same with a
+2 ms queue delay). Scoring runs in one worker thread, never blocking the event loop.
+
+Guard rails: binds to loopback unless told otherwise; an optional bearer token (401 without it);
+at most `max_items` responses per request (413); malformed JSON or fields get a 422 naming the
+problem. `RemoteRewardModel` in `alignkit.rewards` is the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+__all__ = ["ScoreRequest", "create_app"]
+
+Scorer = Callable[[list, list], Any]  # (prompts, responses) -> RewardOutput
+
+
+class ScoreRequest(BaseModel):
+    prompts: list[str | list[dict[str, str]]]
+    responses: list[str]
+
+
+@dataclass
+class _Pending:
+    request: ScoreRequest
+    future: asyncio.Future
+    size: int = field(init=False)
+
+    def __post_init__(self):
+        self.size = len(self.request.responses)
+
+
+def create_app(scorer: Scorer, model_name: str = "reward_model", names: list[str] | None = None,
+               max_batch: int = 64, max_delay_ms: float = 5.0, max_items: int = 1024,
+               max_body_bytes: int = 8 * 2**20, token: str | None = None) -> FastAPI:
+    """A FastAPI app serving `scorer` (a reward source) with request batching."""
+    stats = {"batches": 0, "requests": 0}
+    queue: asyncio.Queue[_Pending] = asyncio.Queue()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        task = asyncio.create_task(batcher())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="alignkit reward server", lifespan=lifespan)
+
+    def check_auth(request: Request) -> None:
+        if token is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given, f"Bearer {token}"):
+                raise HTTPException(status_code=401, detail="missing or wrong bearer token")
+
+    async def batcher() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await queue.get()
+            batch, size = [first], first.size
+            deadline = loop.time() + max_delay_ms / 1000
+            while size < max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                if size + nxt.size > max_batch:  # keep it for the next batch
+                    queue.put_nowait(nxt)
+                    break
+                batch.append(nxt)
+                size += nxt.size
+            prompts = [p for item in batch for p in item.request.prompts]
+            responses = [r for item in batch for r in item.request.responses]
+            try:
+                out = await loop.run_in_executor(None, scorer, prompts, responses)
+            except Exception as exc:  # noqa: BLE001 - every waiting client must hear about it
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            stats["batches"] += 1
+            start = 0
+            for item in batch:
+                end = start + item.size
+                result = {"rewards": out.rewards[start:end].tolist(), "names": out.names or []}
+                if out.attributes is not None:
+                    result["attributes"] = out.attributes[start:end].tolist()
+                if not item.future.done():
+                    item.future.set_result(result)
+                start = end
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            return JSONResponse(status_code=413, content={"error": f"request body of {length} bytes; the limit is "
+                                                                   f"{max_body_bytes}"})
+        return await call_next(request)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"error": exc.detail})
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        check_auth(request)
+        return {"status": "ok", "model": model_name, "names": names or [], **stats}
+
+    @app.post("/score")
+    async def score(body: ScoreRequest, request: Request) -> dict:
+        check_auth(request)
+        if len(body.prompts) != len(body.responses):
+            raise HTTPException(status_code=422, detail=f"{len(body.prompts)} prompts but {len(body.responses)} "
+                                                        "responses: they must pair up")
+        if len(body.responses) > max_items:
+            raise HTTPException(status_code=413, detail=f"{len(body.responses)} responses in one request; the "
+                                                        f"limit is {max_items}")
+        stats["requests"] += 1
+        if not body.responses:
+            return {"rewards": [], "names": names or []}
+        future = asyncio.get_running_loop().create_future()
+        await queue.put(_Pending(body, future))
+        try:
+            return await future
+        except Exception as exc:  # noqa: BLE001
+            raise HTTPException(status_code=500, detail=f"scoring failed: {type(exc).__name__}: {exc}") from None
+
+    return app
