@@ -221,6 +221,65 @@ def score(
         typer.echo(f"pairwise accuracy {accuracy:.4f}")
 
 
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="HF causal LM directory")],
+    prompts: Annotated[str, typer.Option(help="records with 'prompt' (text or messages) or 'messages'; builtin: too")],
+    out: Annotated[str, typer.Option(help="output JSONL: one line per sample")],
+    n: Annotated[int, typer.Option(help="samples per prompt")] = 1,
+    max_new_tokens: int = 128,
+    temperature: Annotated[float, typer.Option(help="0: greedy")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="0: off")] = 0,
+    top_p: Annotated[float, typer.Option(help="1: off")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable); the text is cut before it")] = None,
+    seed: int = 0,
+    batch_size: Annotated[int, typer.Option(help="prompts per batch (x n rows)")] = 32,
+) -> None:
+    """Sample responses with the KV-cache engine and write them as JSONL."""
+    import json
+
+    from alignkit.data.formats import messages_from_value
+    from alignkit.data.io import read_records
+    from alignkit.evaluation.evaluate import load_for_eval
+    from alignkit.generation.sampler import SamplingParams
+    from alignkit.generation.sampler import generate as sample
+
+    try:
+        records = read_records(prompts)
+        conversations = []
+        for r in records:
+            if "messages" in r.data:
+                conversations.append(messages_from_value(r.data["messages"], "user", f"{r.source}: field 'messages'"))
+            elif "prompt" in r.data:
+                conversations.append(messages_from_value(r.data["prompt"], "user", f"{r.source}: field 'prompt'"))
+            else:
+                raise DataError(f"{r.source}: a prompt record needs 'prompt' or 'messages'")
+        if not Path(model, "config.json").is_file():
+            raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model}")
+        lm, tokenizer = load_for_eval(model)
+    except (DataError, FileNotFoundError, OSError) as exc:
+        _fail(str(exc))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
+                            stop=tuple(stop or ()), seed=seed)
+    ids = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    ids = tokenizer(ids, add_special_tokens=False)["input_ids"]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    written = ended = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            batch_params = SamplingParams(**{**params.__dict__, "seed": seed + start})
+            for c in sample(lm, chunk, batch_params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode):
+                record = records[start + c.prompt_index].data
+                f.write(json.dumps({"prompt": record.get("prompt", record.get("messages")), "response": c.text,
+                                    "sample": written % n, "is_end": c.is_end, "finish_reason": c.finish_reason,
+                                    "num_tokens": len(c.token_ids), "logprob": sum(c.logprobs)},
+                                   ensure_ascii=False) + "\n")
+                written += 1
+                ended += c.is_end
+    typer.echo(f"wrote {written} samples for {len(ids)} prompts to {out} ({ended} ended on EOS or a stop string)")
+
+
 serve_app = typer.Typer(no_args_is_help=True, help="HTTP servers: a reward model.")
 app.add_typer(serve_app, name="serve")
 
