@@ -34,6 +34,7 @@ RECIPES = {
     "distill": "alignkit.recipes.distill",
     "dpo": "alignkit.recipes.dpo",
     "reward_model": "alignkit.recipes.reward_model",
+    "rejection_sampling": "alignkit.recipes.rejection_sampling",
 }
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -117,7 +118,7 @@ def validate(
 
 @app.command()
 def demo(
-    stages: Annotated[str, typer.Option(help="comma-separated stages, or 'all' (default: data,tokenizer,base,sft)")] = "",
+    stages: Annotated[str, typer.Option(help="comma-separated stages, or 'all' (default: data,tokenizer,base,sft,dpo,reward_model)")] = "",
     output_dir: Annotated[str, typer.Option("--output-dir", help="where the demo writes")] = "runs/demo",
 ) -> None:
     """Run the end-to-end demo on the task world (stages whose inputs are unchanged are reused)."""

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from alignkit.config import ConfigError
 from alignkit.data.tokenize import IGNORE, Example
 
 __all__ = ["BatchPlan", "collate_rows", "pack_examples", "PAD_SLOT"]
@@ -72,12 +73,12 @@ class BatchPlan:
     ):
         per_rank, rest = divmod(global_batch_size, world_size)
         if rest or per_rank % micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_size={global_batch_size} must be a multiple of "
                 f"train.micro_batch_size={micro_batch_size} x {world_size} processes"
             )
         if shuffle and len(lengths) < global_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the training set has {len(lengths)} items (rows after packing), fewer than "
                 f"train.global_batch_size={global_batch_size}"
             )

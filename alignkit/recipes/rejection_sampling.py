@@ -1,0 +1,216 @@
+"""Rejection sampling (best-of-N fine-tuning): sample N answers per prompt, keep the best k by a
+reward source, fine-tune on them, repeat.
+
+The "RS" stage of Llama 2's RLHF (Touvron et al. 2023, section 3.2.3) and NeMo-Aligner's
+rejection-sampling recipe. Per iteration t = 1..T:
+
+    1. the current policy samples N responses to each prompt (KV-cache engine, `alignkit.generation`)
+    2. the reward source scores them (a reward model, a server, a Python function or the oracle)
+    3. the k best properly-ended responses of each prompt are kept
+    4. SFT on the kept (prompt, response) pairs (NLL on the response tokens); the result is the
+       next iteration's policy
+
+Each iteration is a complete run in `output_dir/iteration_t/` (samples.jsonl, then the SFT run's
+metrics, checkpoints and final/), so a killed run resumes at the iteration (and training step) it
+stopped in; `output_dir/final/` is the last iteration's model. Rollout metrics per iteration go to
+`output_dir/metrics.jsonl`: `rollout/reward` (all samples), `rollout/reward_kept`,
+`rollout/response_tokens`, `rollout/ended_fraction`, `rollout/kept`.
+
+Under torchrun each process samples and scores a share of the prompts; the kept samples are
+gathered so that every process trains on the same set.
+
+    alignkit run rejection_sampling --config tiny
+    alignkit run rejection_sampling --config my.yaml model.path=runs/sft/final reward.kind=model \\
+        reward.path=runs/rm/final rs.iterations=3
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from functools import partial
+from pathlib import Path
+
+from alignkit.config import ConfigError, DataConfig, RecipeConfig, Section
+from alignkit.data.batching import collate_rows
+from alignkit.data.formats import messages_from_value
+from alignkit.data.io import DataError, read_records
+from alignkit.data.sft import make_rows, row_length
+from alignkit.data.tokenize import EncodeStats, encode_conversation, fit_length
+from alignkit.generation.sampler import SamplingParams, generate
+from alignkit.models.loading import load_causal_lm, load_tokenizer
+from alignkit.recipes.sft import loss_fn
+from alignkit.rewards import RewardSourceConfig, build_reward_source
+from alignkit.training.distributed import barrier
+from alignkit.training.logging import MetricLogger
+from alignkit.training.loop import Run, fit, save_final, start_run
+
+__all__ = ["Config", "RejectionSamplingConfig", "main"]
+
+
+class RejectionSamplingConfig(Section):
+    iterations: int = 2
+    samples_per_prompt: int = 4  # N
+    keep_per_prompt: int = 1  # k: the best k of the N (ties: the earlier sample)
+    min_reward: float | None = None  # also drop kept samples below this reward
+    keep_unended: bool = False  # keep samples cut by max_new_tokens (default: only EOS/stop-ended ones)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generation_batch_size: int = 32  # prompts per sampling batch (x N rows)
+
+
+class Config(RecipeConfig):
+    data: DataConfig  # data.train: the prompts, records with "prompt" (text or messages)
+    reward: RewardSourceConfig
+    rs: RejectionSamplingConfig = RejectionSamplingConfig()
+
+
+# --- 1-3: sample, score, select ------------------------------------------------------------
+
+
+def _prompt_messages(record: dict, where: str) -> list[dict[str, str]]:
+    if "prompt" not in record:
+        raise DataError(f"{where}: a prompt record needs a 'prompt' field (text or messages)")
+    return messages_from_value(record["prompt"], "user", f"{where}: field 'prompt'")
+
+
+def sample_and_select(run: Run, cfg: Config, model, tokenizer, records: list[dict], reward) -> tuple[list, dict]:
+    """This process's share of the prompts: N samples each, scored; returns the kept rows
+    [{"prompt", "response", "reward"}] of the share and summed rollout statistics."""
+    rs, d = cfg.rs, run.dist
+    mine = list(range(d.rank, len(records), d.world_size))
+    kept, sums = [], {"reward": 0.0, "reward_kept": 0.0, "tokens": 0.0, "ended": 0.0, "samples": 0.0, "kept": 0.0}
+    model.eval()
+    for start in range(0, len(mine), rs.generation_batch_size):
+        chunk = [records[i] for i in mine[start : start + rs.generation_batch_size]]
+        texts = [tokenizer.apply_chat_template(_prompt_messages(r, "prompts"), tokenize=False,
+                                               add_generation_prompt=True) for r in chunk]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        params = SamplingParams(max_new_tokens=rs.max_new_tokens, temperature=rs.temperature, top_k=rs.top_k,
+                                top_p=rs.top_p, n=rs.samples_per_prompt, seed=cfg.train.seed + mine[start])
+        with run.autocast():
+            completions = generate(model, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                   tokenizer.decode)
+        prompts = [chunk[c.prompt_index] for c in completions]
+        rewards = reward(prompts, [c.text for c in completions]).rewards.tolist()
+        for i, record in enumerate(chunk):
+            group = list(zip(rewards[i * rs.samples_per_prompt : (i + 1) * rs.samples_per_prompt],
+                             completions[i * rs.samples_per_prompt : (i + 1) * rs.samples_per_prompt]))
+            eligible = [(r, c) for r, c in group if (c.is_end or rs.keep_unended)
+                        and (rs.min_reward is None or r >= rs.min_reward)]
+            best = sorted(eligible, key=lambda rc: -rc[0])[: rs.keep_per_prompt]  # stable: earlier wins ties
+            kept += [{"prompt": record["prompt"], "response": c.text, "reward": r} for r, c in best]
+            sums["reward"] += sum(r for r, _ in group)
+            sums["reward_kept"] += sum(r for r, _ in best)
+            sums["tokens"] += sum(len(c.token_ids) for _, c in group)
+            sums["ended"] += sum(c.is_end for _, c in group)
+            sums["samples"] += len(group)
+            sums["kept"] += len(best)
+    model.train()
+    return kept, sums
+
+
+def _gather(run: Run, kept: list, sums: dict) -> tuple[list, dict]:
+    if not run.dist.enabled:
+        return kept, sums
+    import torch.distributed as dist
+
+    shares: list = [None] * run.dist.world_size
+    dist.all_gather_object(shares, (kept, sums))
+    return [row for share, _ in shares for row in share], {k: sum(s[k] for _, s in shares) for k in sums}
+
+
+def _write_jsonl_atomic(rows: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- 4: fine-tune on the kept samples --------------------------------------------------------
+
+
+def _encode_kept(rows: list[dict], cfg: Config, tokenizer, where: str):
+    stats, examples = EncodeStats(total=len(rows)), []
+    for i, row in enumerate(rows):
+        messages = [*_prompt_messages(row, f"{where}:{i + 1}"), {"role": "assistant", "content": row["response"]}]
+        example = fit_length(encode_conversation(tokenizer, messages, cfg.data.chat_template, f"{where}:{i + 1}"),
+                             cfg.data.max_seq_len, cfg.data.overlength, stats)
+        if example is not None:
+            examples.append(example)
+    stats.kept = len(examples)
+    return examples, stats
+
+
+def main(cfg: Config) -> None:
+    run = start_run(cfg)
+    rs = cfg.rs
+    if rs.keep_per_prompt > rs.samples_per_prompt:
+        raise ConfigError(f"rs.keep_per_prompt={rs.keep_per_prompt} > rs.samples_per_prompt={rs.samples_per_prompt}")
+    records = [r.data for r in read_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)]
+    for i, r in enumerate(records):
+        _prompt_messages(r, f"{cfg.data.train.path}:{i + 1}")
+    reward = build_reward_source(cfg.reward)
+    # On a resumed run keep the rollout metrics of the iterations whose samples are on disk.
+    sampled = [t for t in range(1, rs.iterations + 1) if (run.output_dir / f"iteration_{t}" / "kept.jsonl").is_file()]
+    rollout_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), rs.iterations,
+                               run.dist.is_main, resumed_step=max(sampled, default=0))
+    model_path = cfg.model.path
+
+    for t in range(1, rs.iterations + 1):
+        out = run.output_dir / f"iteration_{t}"
+        it_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model_path,
+                                "random_init": cfg.model.random_init if model_path is None else None,
+                                "tokenizer_path": cfg.model.tokenizer_path if model_path is None else None}),
+                                "output_dir": str(out)})
+        it_run = Run(cfg=it_cfg, dist=run.dist, output_dir=out)
+        if (out / "final" / "config.json").is_file():
+            run.log.info(f"iteration {t}: done earlier, reusing {out / 'final'}")
+            model_path = str(out / "final")
+            continue
+        if run.dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        barrier(run.dist)
+        tokenizer = load_tokenizer(it_cfg.model)
+        model = load_causal_lm(it_cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
+
+        # --- 1-3. sample N per prompt, score, keep the best k (reused when resuming) ------------
+        samples = out / "kept.jsonl"
+        if samples.is_file():
+            kept = [json.loads(line) for line in samples.read_text().splitlines()]
+            run.log.info(f"iteration {t}: reusing {len(kept)} kept samples from {samples}")
+        else:
+            kept, sums = _gather(run, *sample_and_select(run, cfg, model, tokenizer, records, reward))
+            n = max(sums["samples"], 1)
+            metrics = {"rollout/reward": sums["reward"] / n, "rollout/reward_kept": sums["reward_kept"] / max(
+                sums["kept"], 1), "rollout/response_tokens": sums["tokens"] / n,
+                "rollout/ended_fraction": sums["ended"] / n, "rollout/kept": sums["kept"]}
+            rollout_log.log(t, metrics)
+            run.log.info(f"iteration {t}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if run.dist.is_main:
+                _write_jsonl_atomic(kept, samples)
+            barrier(run.dist)
+        if not kept:
+            raise ConfigError(f"iteration {t}: no sample was kept (rs.min_reward={rs.min_reward}, "
+                              f"rs.keep_unended={rs.keep_unended})")
+
+        # --- 4. SFT on the kept samples -----------------------------------------------------------
+        examples, stats = _encode_kept(kept, cfg, tokenizer, str(samples))
+        run.log.info(f"iteration {t}: training on {stats.summary()}")
+        collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
+        model = fit(it_run, model, make_rows(examples, cfg.data), row_length, collate, loss_fn)
+        save_final(it_run, model, tokenizer)
+        barrier(run.dist)
+        model_path = str(out / "final")
+        del model
+
+    rollout_log.close()
+    if cfg.checkpoint.save_final and run.dist.is_main:
+        final = run.output_dir / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(model_path, final)
+        run.log.info(f"saved {final} (iteration {rs.iterations})")
+
