@@ -62,7 +62,7 @@ def main() -> None:
             enc = tokenizer.pad({"input_ids": batch}, return_tensors="pt")
             torch.manual_seed(k)
             with torch.no_grad():
-                out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
                                      max_new_tokens=a.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
             new = out[:, enc["input_ids"].shape[1]:]
             for row in new.tolist():  # tokens up to and including the first EOS

@@ -237,7 +237,9 @@ def save_causal_lm(
         skeleton.tie_weights()  # a no-op unless the config ties input and output embeddings
         if _is_peft(skeleton) and merge_lora:
             skeleton = skeleton.merge_and_unload()
-        skeleton.config.use_cache = True
+        skeleton.config.use_cache = True  # training turned the KV cache off; users generate with it
+        if getattr(skeleton, "generation_config", None) is not None:
+            skeleton.generation_config.use_cache = True
         for key, value in (config_updates or {}).items():
             setattr(skeleton.config, key, value)
         skeleton.save_pretrained(tmp, safe_serialization=True)
