@@ -163,6 +163,14 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
     return metrics
 
 
+def _rejection_sampling(demo: Demo) -> dict[str, Any]:
+    """Best-of-4 by the stage `reward_model`'s Bradley-Terry model (the oracle only evaluates)."""
+    _train(demo, "rejection_sampling", [f"model.path={demo.path('sft', 'final')}",
+                                        f"data.train.path={demo.path('data', 'prompts.jsonl')}",
+                                        f"reward.path={demo.path('reward_model', 'bt', 'final')}"])
+    return _evaluate(demo, "rejection_sampling", reference="sft")
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -181,6 +189,8 @@ STAGES = [
     Stage("sft", _sft, ("base",), configs=("sft",), is_model=True),
     Stage("dpo", _dpo, ("sft",), configs=("dpo",), is_model=True, settings=(DPO_ROUNDS, DPO_SAMPLES, DPO_SAMPLING)),
     Stage("reward_model", _reward_model, ("sft",), configs=("reward_model", "attribute_model"), in_summary=True),
+    Stage("rejection_sampling", _rejection_sampling, ("sft", "reward_model"), configs=("rejection_sampling",),
+          is_model=True),
 ]
 DEFAULT_STAGES = ["data", "tokenizer", "base", "sft", "dpo", "reward_model"]
 
