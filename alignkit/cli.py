@@ -281,7 +281,7 @@ def generate(
     typer.echo(f"wrote {written} samples for {len(ids)} prompts to {out} ({ended} ended on EOS or a stop string)")
 
 
-serve_app = typer.Typer(no_args_is_help=True, help="HTTP servers: a reward model.")
+serve_app = typer.Typer(no_args_is_help=True, help="HTTP servers: a reward model, an OpenAI-compatible LM.")
 app.add_typer(serve_app, name="serve")
 
 
@@ -316,6 +316,27 @@ def serve_reward(
         _fail(str(exc))
     server = create_app(rm.score, model_name=str(model), names=rm.names, max_batch=max_batch,
                         max_delay_ms=max_delay_ms, max_items=max_items, token=token)
+    uvicorn.run(server, host=host, port=port, log_level="warning")
+
+
+@serve_app.command("generate")
+def serve_generate(
+    model: Annotated[str, typer.Option(help="HF causal LM directory")],
+    host: Annotated[str, typer.Option(help="address to bind; loopback unless you mean to expose it")] = "127.0.0.1",
+    port: int = 8000,
+    name: Annotated[str | None, typer.Option(help="the model id clients ask for (default: the directory)")] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="the most new tokens a request may ask for")] = 1024,
+) -> None:
+    """Serve a causal LM behind an OpenAI-compatible API: /v1/completions, /v1/chat/completions."""
+    import uvicorn
+
+    from alignkit.evaluation.evaluate import load_for_eval
+    from alignkit.serving.openai_server import create_app
+
+    if not Path(model, "config.json").is_file():
+        _fail(f"not a Hugging Face model directory (no config.json): {model}")
+    lm, tokenizer = load_for_eval(model)
+    server = create_app(lm, tokenizer, name or str(model), max_tokens_limit=max_tokens_limit)
     uvicorn.run(server, host=host, port=port, log_level="warning")
 
 

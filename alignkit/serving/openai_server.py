@@ -1,0 +1,118 @@
+"""An OpenAI-compatible generation server: `alignkit serve generate --model DIR`.
+
+    GET  /v1/models
+    POST /v1/completions        {"model", "prompt": str | [str], "max_tokens", "temperature", "top_p",
+                                 "n", "stop": str | [str], "seed"}
+    POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], same sampling fields}
+
+so that any OpenAI client (the `openai` package, LangChain, curl) can use a model trained here.
+Chat requests are rendered with the model's own chat template. Sampling runs on alignkit's
+KV-cache engine in one worker thread (a model serves one batch at a time); `finish_reason` is
+"stop" when the answer ended on EOS or a stop string and "length" when `max_tokens` cut it.
+Unsupported fields (logit_bias, tools, streaming) are ignored or refused with a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignkit.generation.sampler import SamplingParams, generate
+
+__all__ = ["create_app"]
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=64)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024, default_max_tokens: int = 128) -> FastAPI:
+    app = FastAPI(title="alignkit OpenAI-compatible server")
+    lock = threading.Lock()  # one generation at a time on the one model
+
+    @app.exception_handler(HTTPException)
+    async def _error(_request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code,
+                            content={"error": {"message": exc.detail, "type": "invalid_request_error"}})
+
+    def params(req: _Sampling) -> SamplingParams:
+        if req.stream:
+            raise HTTPException(status_code=400, detail="stream=true is not supported by this server")
+        wanted = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        if wanted > max_tokens_limit:
+            raise HTTPException(status_code=400, detail=f"max_tokens={wanted} is above this server's limit "
+                                                        f"{max_tokens_limit}")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        return SamplingParams(max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p, n=req.n,
+                              stop=stop, seed=req.seed)
+
+    def run(prompt_ids: list[list[int]], sampling: SamplingParams):
+        with lock:
+            return generate(model, prompt_ids, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                            tokenizer.decode)
+
+    def usage(prompt_ids, completions) -> dict[str, int]:
+        prompt = sum(len(p) for p in prompt_ids)
+        completion = sum(len(c.token_ids) for c in completions)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "alignkit"}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> dict[str, Any]:
+        sampling = params(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for p in prompts]
+        out = await asyncio.get_running_loop().run_in_executor(None, run, ids, sampling)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "usage": usage(ids, out),
+                "choices": [{"index": i, "text": c.text, "logprobs": None,
+                             "finish_reason": "length" if not c.is_end else "stop"} for i, c in enumerate(out)]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest) -> dict[str, Any]:
+        sampling = params(req)
+        messages = [m.model_dump() for m in req.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template error is the request's problem
+            raise HTTPException(status_code=400, detail=f"cannot render these messages: {exc}") from None
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"]]
+        out = await asyncio.get_running_loop().run_in_executor(None, run, ids, sampling)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_name, "usage": usage(ids, out),
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                             "finish_reason": "length" if not c.is_end else "stop"} for i, c in enumerate(out)]}
+
+    return app

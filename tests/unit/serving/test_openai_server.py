@@ -1,0 +1,58 @@
+"""The OpenAI-compatible server, started for real on loopback and used through the `openai` package."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from alignkit.generation.sampler import SamplingParams, generate
+from alignkit.serving.openai_server import create_app
+from tests.conftest import tiny_model
+from tests.unit.serving.test_reward_server import Server
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    model = tiny_model(tokenizer, seed=2).eval()
+    with Server(create_app(model, tokenizer, "tiny", max_tokens_limit=32)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), model
+
+
+def test_models_lists_the_served_model(served):
+    client, _ = served
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completions_match_the_engine(served, tokenizer):
+    client, model = served
+    out = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0, n=2)
+    assert len(out.choices) == 2 and out.choices[0].text == out.choices[1].text  # greedy
+    ids = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    direct = generate(model, [ids], SamplingParams(max_new_tokens=8, temperature=0), tokenizer.eos_token_id,
+                      tokenizer.pad_token_id, tokenizer.decode)[0]
+    assert out.choices[0].text == direct.text
+    assert out.choices[0].finish_reason == ("stop" if direct.is_end else "length")
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 2 * len(direct.token_ids)
+
+
+def test_chat_completions_use_the_chat_template(served, tokenizer):
+    client, model = served
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, seed=1)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    direct = generate(model, [ids], SamplingParams(max_new_tokens=6, temperature=0), tokenizer.eos_token_id,
+                      tokenizer.pad_token_id, tokenizer.decode)[0]
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == direct.text
+    sampled = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=3, seed=5)
+    assert len(sampled.choices) == 3
+
+
+def test_bad_requests_are_refused_with_a_message(served):
+    client, _ = served
+    with pytest.raises(openai.BadRequestError, match="above this server's limit 32"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=100)
+    with pytest.raises(openai.BadRequestError, match="stream=true is not supported"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, stream=True)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="tiny", messages=[], max_tokens=4)
