@@ -183,7 +183,7 @@ def score(
     import json
 
     from alignkit.data.io import read_records
-    from alignkit.data.preference import _RESPONSE_KEYS
+    from alignkit.data.preference import RESPONSE_KEYS
     from alignkit.rewards import LocalRewardModel
 
     try:
@@ -192,7 +192,7 @@ def score(
             raise DataError(f"{data}: no records")
         rm = LocalRewardModel(model, batch_size=batch_size, normalize=normalize)
         first = records[0].data
-        pair_keys = next((k for k in _RESPONSE_KEYS if k[0] in first), None)
+        pair_keys = next((k for k in RESPONSE_KEYS if k[0] in first), None)
         sides = list(pair_keys) if pair_keys else ["completion" if "completion" in first else "response"]
         for r in records:
             missing = [k for k in ("prompt", *sides) if k not in r.data]

@@ -37,6 +37,7 @@ from alignkit.data.tokenize import IGNORE, EncodeStats, Example, fit_length, ren
 
 __all__ = [
     "PreferencePair",
+    "RESPONSE_KEYS",
     "collate_pairs",
     "encode_pair",
     "load_kto_pairs",
@@ -46,7 +47,8 @@ __all__ = [
     "sequence_logps",
 ]
 
-_RESPONSE_KEYS = (("chosen", "rejected"), ("chosen_response", "rejected_response"))
+# The two spellings of a pair's response fields: TRL's and NeMo-Aligner's.
+RESPONSE_KEYS = (("chosen", "rejected"), ("chosen_response", "rejected_response"))
 
 
 @dataclass
@@ -98,9 +100,9 @@ def parse_preference(record: Record, system_prompt: str | None = None,
                      require_rewards: bool = False) -> ParsedPreference:
     """The record's prompt messages, chosen and rejected responses and optional rewards."""
     data, where = record.data, record.source
-    keys = next((pair for pair in _RESPONSE_KEYS if pair[0] in data or pair[1] in data), None)
+    keys = next((pair for pair in RESPONSE_KEYS if pair[0] in data or pair[1] in data), None)
     if "prompt" not in data or keys is None or not all(k in data for k in keys):
-        missing = [k for k in ("prompt", *(keys or _RESPONSE_KEYS[0])) if k not in data]
+        missing = [k for k in ("prompt", *(keys or RESPONSE_KEYS[0])) if k not in data]
         raise DataError(
             f"{where}: missing field(s) {', '.join(repr(k) for k in missing)} (a preference record has "
             "prompt + chosen + rejected, or prompt + chosen_response + rejected_response; found fields: "
