@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,10 +53,25 @@ def pack_examples(examples: Sequence[Example], max_seq_len: int) -> list[list[Ex
 
 
 def pack_micro_batch(lengths: Sequence[int]) -> list[list[int]]:
-    """Rows for one micro-batch of variable-length groups (e.g. the two sequences of a preference
-    pair, which must stay in one row): packed into as few rows as fit the longest group, so the
-    padded (B, T) batch wastes little. Returns the groups' indices, row by row."""
+    """Indices of variable-length groups packed into as few rows as fit the longest group, row by row."""
     return pack_indices(lengths, max(lengths, default=1))
+
+
+def collate_groups(groups: Sequence[Sequence[Example] | None], pad_id: int) -> dict[str, Any]:
+    """A micro-batch of groups of sequences that must share a row (e.g. the chosen and rejected
+    sequences of a preference pair), packed into as few rows as fit the longest group, so the
+    padded (B, T) batch wastes little.
+
+    Returns `collate_rows` of the packed rows, plus `order`: the positions in `groups` of the
+    packed groups, in row-major order (the order of their sequences in the batch). `None`
+    groups (evaluation fillers) are left out; fillers only give one row without sequences.
+    """
+    present = [i for i, g in enumerate(groups) if g is not None]
+    rows = pack_micro_batch([sum(len(e.input_ids) for e in groups[i]) for i in present])
+    order = [present[j] for row in rows for j in row]
+    batch = collate_rows([[e for j in row for e in groups[present[j]]] for row in rows] or [None], pad_id)
+    batch["order"] = order
+    return batch
 
 
 class BatchPlan:

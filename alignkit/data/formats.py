@@ -16,7 +16,7 @@ from typing import Any
 
 from alignkit.data.io import DataError, Record
 
-__all__ = ["Message", "ROLES", "messages_from_value", "to_messages"]
+__all__ = ["Message", "ROLES", "messages_from_value", "to_messages", "with_system_prompt"]
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -48,6 +48,13 @@ def _check_message(message: Any, where: str, index: int) -> Message:
     return {"role": role, "content": content}
 
 
+def with_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
+    """`messages` with `system_prompt` first, unless it is None or the conversation has its own."""
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def to_messages(record: Record, system_prompt: str | None = None) -> list[Message]:
     """The conversation in `record`, validated: some assistant turn, known roles, string contents."""
     data, where = record.data, record.source
@@ -72,8 +79,7 @@ def to_messages(record: Record, system_prompt: str | None = None) -> list[Messag
                 f"{where}: {detail} (expected prompt/response, input/output, messages or conversations; "
                 f"found fields: {', '.join(sorted(data)) or 'none'})"
             )
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
+    messages = with_system_prompt(messages, system_prompt)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message to learn from")
     return messages

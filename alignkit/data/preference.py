@@ -30,8 +30,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from alignkit.config import DataConfig, DatasetConfig
-from alignkit.data.batching import collate_rows, pack_micro_batch
-from alignkit.data.formats import Message, messages_from_value
+from alignkit.data.batching import collate_groups
+from alignkit.data.formats import Message, messages_from_value, with_system_prompt
 from alignkit.data.io import DataError, Record, read_records
 from alignkit.data.tokenize import IGNORE, EncodeStats, Example, fit_length, render_with_spans
 
@@ -113,8 +113,7 @@ def parse_preference(record: Record, system_prompt: str | None = None,
         raise DataError(f"{where}: field 'prompt' is an empty list")
     if prompt[-1]["role"] == "assistant":
         raise DataError(f"{where}: the prompt ends with an assistant message; the response must follow a user turn")
-    if system_prompt and prompt[0]["role"] != "system":
-        prompt = [{"role": "system", "content": system_prompt}, *prompt]
+    prompt = with_system_prompt(prompt, system_prompt)
     chosen_reward, rejected_reward = _reward(data, "chosen_reward", where), _reward(data, "rejected_reward", where)
     if require_rewards and (chosen_reward is None or rejected_reward is None):
         absent = [k for k, v in (("chosen_reward", chosen_reward), ("rejected_reward", rejected_reward)) if v is None]
@@ -210,9 +209,8 @@ def load_kto_pairs(dataset: DatasetConfig, data: DataConfig,
         if missing:
             raise DataError(f"{where}: missing field(s) {', '.join(repr(k) for k in missing)} (a KTO record has "
                             "prompt, completion and label)")
-        prompt = messages_from_value(d["prompt"], "user", f"{where}: field 'prompt'")
-        if data.system_prompt and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": data.system_prompt}, *prompt]
+        prompt = with_system_prompt(messages_from_value(d["prompt"], "user", f"{where}: field 'prompt'"),
+                                    data.system_prompt)
         parsed.append((prompt, _response(d[key], where, key), _kto_label(record), where))
     if len(parsed) == 1:
         raise DataError(f"{dataset.path}: KTO needs at least 2 records (the reference point pairs each prompt "
@@ -247,17 +245,12 @@ def collate_pairs(pairs: Sequence[PreferencePair | None], pad_id: int) -> dict[s
         reference_chosen_logps, reference_rejected_logps   (P,) cached summed reference
                            log-probs, present when every pair has them
     A row may hold several pairs: the pairs are packed into as few rows as fit the longest pair
-    (`pack_micro_batch`), and every per-pair tensor lists them in that row-major order;
+    (`collate_groups`), and every per-pair tensor lists them in that row-major order;
     `order[j]` is the position in `pairs` of the j-th. `None` pairs (evaluation fillers) carry
     nothing and are left out; a micro-batch of fillers only is one target-free row.
     """
-    present = [i for i, p in enumerate(pairs) if p is not None]
-    rows = pack_micro_batch([pair_length(pairs[i]) for i in present])
-    order = [present[j] for row in rows for j in row]  # row-major: the order of the sequences
-    real = [pairs[i] for i in order]
-    batch = collate_rows([[s for j in row for s in (pairs[present[j]].chosen, pairs[present[j]].rejected)]
-                          for row in rows] or [None], pad_id)
-    batch["order"] = order
+    batch = collate_groups([(p.chosen, p.rejected) if p is not None else None for p in pairs], pad_id)
+    real = [pairs[i] for i in batch["order"]]
     counts = [n for p in real for n in (p.chosen.num_targets, p.rejected.num_targets)]
     batch["num_units"] = len(real)
     batch["seq_index"] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))

@@ -32,8 +32,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from alignkit.config import DataConfig, DatasetConfig
-from alignkit.data.batching import collate_rows, pack_micro_batch
-from alignkit.data.formats import Message, messages_from_value
+from alignkit.data.batching import collate_groups, collate_rows
+from alignkit.data.formats import Message, messages_from_value, with_system_prompt
 from alignkit.data.io import DataError, Record, read_records
 from alignkit.data.preference import parse_preference
 from alignkit.data.tokenize import IGNORE, EncodeStats, Example, render_with_spans
@@ -167,10 +167,9 @@ def load_attribute_examples(dataset: DatasetConfig, data: DataConfig, tokenizer:
                 if key not in d:
                     raise DataError(f"{where}: missing field {key!r} (an attribute record has prompt, response "
                                     "and attributes, or NeMo-Aligner's text and label)")
-            messages = [*messages_from_value(d["prompt"], "user", f"{where}: field 'prompt'"),
-                        *messages_from_value(d["response"], "assistant", f"{where}: field 'response'")]
-            if data.system_prompt and messages[0]["role"] != "system":
-                messages.insert(0, {"role": "system", "content": data.system_prompt})
+            messages = with_system_prompt([*messages_from_value(d["prompt"], "user", f"{where}: field 'prompt'"),
+                                           *messages_from_value(d["response"], "assistant", f"{where}: field 'response'")],
+                                          data.system_prompt)
             example = encode_scored(tokenizer, messages, data.chat_template, where)
         example = _fit(example, data, stats)
         if example is not None:
@@ -192,12 +191,8 @@ def collate_reward_pairs(pairs: Sequence[RewardPair | None], pad_id: int) -> dic
     `num_units` = P real pairs. None pairs (evaluation fillers) are
     left out; a micro-batch of fillers only is one row without sequences.
     """
-    present = [i for i, p in enumerate(pairs) if p is not None]
-    rows = pack_micro_batch([len(pairs[i].chosen.input_ids) + len(pairs[i].rejected.input_ids) for i in present])
-    grouped = [[pairs[present[j]] for j in row] for row in rows]
-    real = [p for row in grouped for p in row]
-    batch = collate_rows([[s for p in row for s in (p.chosen, p.rejected)] for row in grouped] or [None], pad_id)
-    batch["order"] = [present[j] for row in rows for j in row]
+    batch = collate_groups([(p.chosen, p.rejected) if p is not None else None for p in pairs], pad_id)
+    real = [pairs[i] for i in batch["order"]]
     batch["ends"] = batch.pop("target_ids") != IGNORE
     batch["margin"] = torch.tensor([math.nan if p.margin is None else p.margin for p in real], dtype=torch.float32)
     batch["num_units"] = len(real)

@@ -193,13 +193,13 @@ def sampled_preference_pairs(model_dir: str | Path, prompts: list[dict[str, Any]
     model, tokenizer = load_for_eval(model_dir)
     repeated = [p for p in prompts for _ in range(samples)]
     completions = sample_responses(model, tokenizer, repeated, params)
+    from alignkit.tasks.datasets import best_worst_pair
+
     records = []
     for i, prompt in enumerate(prompts):
-        scored = []
-        for c in completions[i * samples : (i + 1) * samples]:
-            scored.append((score_response(prompt, c.text).reward if c.is_end else 0.0, c.text))
-        (low, rejected), (high, chosen) = min(scored), max(scored)
-        if high - low >= min_margin:
-            records.append({"prompt": prompt["prompt"], "chosen": chosen, "rejected": rejected,
-                            "chosen_reward": high, "rejected_reward": low, "margin": round(high - low, 4)})
+        scored = [(score_response(prompt, c.text).reward if c.is_end else 0.0, c.text)
+                  for c in completions[i * samples : (i + 1) * samples]]
+        record = best_worst_pair(prompt["prompt"], scored, min_margin)
+        if record is not None:
+            records.append(record)
     return records

@@ -73,25 +73,13 @@ def init_head_to_mean(model: nn.Module, sequences: list[list[int]], pad_id: int,
     Pearson r ~0 on the task world). Starting at the mean leaves only the variation to learn.
     Returns the relative spread of the initial predictions, std / |mean|, for the log.
     """
-    from alignkit.data.batching import collate_rows
-    from alignkit.data.reward import scored_example
-
     head = score_head(model)
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
-    was_training = model.training
-    model.eval()
-    hidden = []
+    # Let the head pass its input through: score_sequences then yields the last-token hidden states.
+    handle = head.register_forward_hook(lambda _m, args, _out: args[0])
     try:
-        for start in range(0, len(sequences), batch_size):
-            batch = collate_rows([[scored_example(s, "")] for s in sequences[start : start + batch_size]], pad_id)
-            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-            states = captured.pop()  # (B, T, d)
-            hidden.append(states.reshape(-1, states.shape[-1])[(batch["target_ids"] != -100).reshape(-1)].float())
+        h = score_sequences(model, sequences, pad_id, batch_size, next(model.parameters()).device)  # (N, d)
     finally:
         handle.remove()
-        model.train(was_training)
-    h = torch.cat(hidden)  # (N, d)
     u = h.mean(0)  # (d,)
     weight = torch.outer(target_mean.float(), u) / u.dot(u)  # (A, d)
     for name, param in head.named_parameters():
@@ -149,6 +137,7 @@ def score_sequences(model: nn.Module, sequences: list[list[int]], pad_id: int, b
 
     from alignkit.data.batching import collate_rows
     from alignkit.data.reward import scored_example
+    from alignkit.data.tokenize import IGNORE
 
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -161,7 +150,7 @@ def score_sequences(model: nn.Module, sequences: list[list[int]], pad_id: int, b
         batch = collate_rows(rows, pad_id)
         with autocast() if autocast else contextlib.nullcontext():
             scores = sequence_scores(model, batch["input_ids"].to(device), batch["position_ids"].to(device),
-                                     (batch["target_ids"] != -100).to(device)).float().cpu()
+                                     (batch["target_ids"] != IGNORE).to(device)).float().cpu()
         if out is None:
             out = torch.zeros(len(sequences), scores.shape[-1])
         if chunk:

@@ -35,6 +35,7 @@ from alignkit.tasks.world import SKILLS, generate_prompts
 
 __all__ = [
     "DatasetSizes",
+    "best_worst_pair",
     "attribute_records",
     "build_datasets",
     "eval_prompt_records",
@@ -92,22 +93,25 @@ def preference_records(n: int, seed: int = 0, split: str = "train") -> list[dict
             for k in range(PREFERENCE_SAMPLES):
                 response = demonstrator.respond(p, k).response
                 scored.append((score_response(p, response).reward, response))
-            (low, rejected), (high, chosen) = min(scored), max(scored)
-            if high - low < MIN_PREFERENCE_MARGIN:
+            record = best_worst_pair(p["prompt"], scored)
+            if record is None:
                 continue
-            records.append(
-                {
-                    "prompt": p["prompt"],
-                    "chosen": chosen,
-                    "rejected": rejected,
-                    "chosen_reward": high,
-                    "rejected_reward": low,
-                    "margin": round(high - low, 4),
-                }
-            )
+            records.append(record)
             if len(records) == n:
                 break
     return records
+
+
+def best_worst_pair(prompt: str, scored: list[tuple[float, str]],
+                    min_margin: float = MIN_PREFERENCE_MARGIN) -> dict[str, Any] | None:
+    """A preference record from (reward, response) candidates for one prompt: the best is chosen,
+    the worst rejected (candidates compare by reward, then text); None when their rewards differ
+    by less than `min_margin`."""
+    (low, rejected), (high, chosen) = min(scored), max(scored)
+    if high - low < min_margin:
+        return None
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_reward": high, "rejected_reward": low,
+            "margin": round(high - low, 4)}
 
 
 def attribute_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:

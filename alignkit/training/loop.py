@@ -95,12 +95,12 @@ def _grad_norm(model: nn.Module, max_norm: float | None) -> float:
     return float(norm)
 
 
-def _reduce_metrics(sums: dict[str, torch.Tensor], units: float, d: Dist, prefix: str = "") -> dict[str, float]:
+def _reduce_metrics(sums: dict[str, torch.Tensor], units: float, d: Dist) -> dict[str, float]:
     if not sums:
         return {}
     keys = sorted(sums)
     packed = all_reduce_sum(torch.stack([sums[k].detach().float().cpu() for k in keys]), d)
-    return {f"{prefix}{k}": float(v) / max(units, 1.0) for k, v in zip(keys, packed.tolist())}
+    return {k: float(v) / max(units, 1.0) for k, v in zip(keys, packed.tolist())}
 
 
 def _micro_batches(plan_batches: list[list[int]], items: Sequence, collate) -> list[Batch]:
