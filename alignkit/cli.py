@@ -35,6 +35,8 @@ RECIPES = {
     "dpo": "alignkit.recipes.dpo",
     "reward_model": "alignkit.recipes.reward_model",
     "rejection_sampling": "alignkit.recipes.rejection_sampling",
+    "steerlm": "alignkit.recipes.steerlm",
+    "steerlm2": "alignkit.recipes.steerlm2",
 }
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -223,6 +225,36 @@ def score(
 
 
 @app.command()
+def annotate(
+    data: Annotated[str, typer.Option(help="records: prompt/response or chat (the last assistant turn is annotated)")],
+    out: Annotated[str, typer.Option(help="output JSONL: the records with a SteerLM 'label'")],
+    reward_model: Annotated[str | None, typer.Option(help="attribute model directory (a regression reward model)")] = None,
+    url: Annotated[str | None, typer.Option(help="or a reward server (`alignkit serve reward`) with attributes")] = None,
+    oracle: Annotated[bool, typer.Option(help="or the task world's oracle")] = False,
+    attributes: Annotated[str, typer.Option(help="the label's attributes, in order")] = ",".join(
+        ("helpfulness", "correctness", "coherence", "complexity", "verbosity")),
+) -> None:
+    """SteerLM step 2: label each response with its attributes (clipped to 0..4, rounded)."""
+    import json
+
+    from alignkit.data.io import read_records
+    from alignkit.recipes.steerlm import annotate as annotate_records
+    from alignkit.rewards import RewardSourceConfig, build_reward_source
+
+    sources = [k for k, v in (("model", reward_model), ("http", url), ("oracle", oracle)) if v]
+    if len(sources) != 1:
+        _fail("give exactly one of --reward-model, --url, --oracle")
+    try:
+        source = build_reward_source(RewardSourceConfig(kind=sources[0], path=reward_model, url=url))
+        rows = annotate_records(read_records(data), source, [a.strip() for a in attributes.split(",") if a.strip()])
+    except (DataError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    typer.echo(f"annotated {len(rows)} records -> {out}")
+
+
+@app.command()
 def generate(
     model: Annotated[str, typer.Option(help="HF causal LM directory")],
     prompts: Annotated[str, typer.Option(help="records with 'prompt' (text or messages) or 'messages'; builtin: too")],
@@ -235,12 +267,16 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable); the text is cut before it")] = None,
     seed: int = 0,
     batch_size: Annotated[int, typer.Option(help="prompts per batch (x n rows)")] = 32,
+    attributes: Annotated[str | None, typer.Option(
+        help="SteerLM models: target attributes, e.g. 'verbosity:0,politeness:4' (others: the model's defaults); "
+             "a record's own 'attributes' (object or label) wins")] = None,
 ) -> None:
     """Sample responses with the KV-cache engine and write them as JSONL."""
     import json
 
     from alignkit.data.formats import messages_from_value
     from alignkit.data.io import read_records
+    from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
     from alignkit.evaluation.evaluate import load_for_eval
     from alignkit.generation.sampler import SamplingParams
     from alignkit.generation.sampler import generate as sample
@@ -258,12 +294,18 @@ def generate(
         if not Path(model, "config.json").is_file():
             raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model}")
         lm, tokenizer = load_for_eval(model)
+        fmt = SteerLMFormat.from_config(lm.config)
+        texts = []
+        for r, c in zip(records, conversations):
+            try:
+                texts.append(steered_prompt(tokenizer, c, fmt, r.data.get("attributes", attributes)))
+            except LabelError as exc:
+                raise DataError(f"{r.source}: {exc}") from None
     except (DataError, FileNotFoundError, OSError) as exc:
         _fail(str(exc))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
                             stop=tuple(stop or ()), seed=seed)
-    ids = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    ids = tokenizer(ids, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     written = ended = 0
     with open(out, "w", encoding="utf-8") as f:
@@ -272,7 +314,8 @@ def generate(
             batch_params = SamplingParams(**{**params.__dict__, "seed": seed + start})
             for c in sample(lm, chunk, batch_params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode):
                 record = records[start + c.prompt_index].data
-                f.write(json.dumps({"prompt": record.get("prompt", record.get("messages")), "response": c.text,
+                steer = {"label": fmt.label(record.get("attributes", attributes))} if fmt else {}
+                f.write(json.dumps({"prompt": record.get("prompt", record.get("messages")), **steer, "response": c.text,
                                     "sample": written % n, "is_end": c.is_end, "finish_reason": c.finish_reason,
                                     "num_tokens": len(c.token_ids), "logprob": sum(c.logprobs)},
                                    ensure_ascii=False) + "\n")

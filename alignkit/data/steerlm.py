@@ -1,19 +1,41 @@
-"""SteerLM attribute labels: `helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:1`.
+"""SteerLM attribute labels and attribute-conditioned conversations.
 
 SteerLM (Dong et al. 2023) conditions a model on the attributes of the response it should write.
 The label string is the attribute values, clipped to 0..4 and rounded (as NeMo-Aligner's
-`attribute_annotate.py` does with its reward model's outputs), in a fixed order. Parsing is
-strict: a malformed label is an error that says what is wrong, never a silently dropped attribute.
+`attribute_annotate.py` does with its reward model's outputs), in a fixed order:
+`helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:1`. Parsing is strict: a malformed
+label is an error that says what is wrong, never a silently dropped attribute.
+
+Where the label goes: by default in the assistant turn's header, as NeMo-Aligner does
+(`<extra_id_1>Assistant\n<extra_id_2>{labels}\n{response}`): the conversation is rendered with the
+tokenizer's own chat template up to the generation prompt, then `label_template` (default
+`"[{label}]\n"`) is appended, then the response. Training puts the loss on the response (and its
+end token) only; inference appends the same line after the generation prompt, so any chat
+template works. The format travels with the trained model: `config.json` gets a `steerlm` entry
+(attribute names, template, and the default level of each attribute, used for attributes a
+request leaves out), which `alignkit generate` and `alignkit serve generate` read.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["DEFAULT_ATTRIBUTES", "LabelError", "format_attribute_label", "parse_attribute_label"]
+from transformers import PreTrainedTokenizerBase
+
+from alignkit.data.formats import Message
+from alignkit.data.io import DataError
+from alignkit.data.tokenize import Example, encode_spans
+
+__all__ = ["DEFAULT_ATTRIBUTES", "DEFAULT_LABEL_TEMPLATE", "LabelError", "SteerLMFormat", "encode_steerlm",
+           "format_attribute_label", "parse_attribute_label", "record_targets", "steered_prompt", "to_level"]
 
 DEFAULT_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+DEFAULT_LABEL_TEMPLATE = "[{label}]\n"
 MIN_LEVEL, MAX_LEVEL = 0, 4
 
 
@@ -31,12 +53,19 @@ def format_attribute_label(values: Mapping[str, float], names: Sequence[str] = D
     for name in names:
         if name not in values:
             raise LabelError(f"no value for attribute {name!r} (have: {', '.join(values) or 'none'})")
-        value = float(values[name])
-        if not math.isfinite(value):
-            raise LabelError(f"attribute {name!r} has a non-finite value {value!r}")
-        level = int(math.floor(min(max(value, MIN_LEVEL), MAX_LEVEL) + 0.5))
-        parts.append(f"{name}:{level}")
+        parts.append(f"{name}:{to_level(values[name], name)}")
     return ",".join(parts)
+
+
+def to_level(value: Any, name: str = "attribute") -> int:
+    """A score -> a level: clipped to 0..4 and rounded half up."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise LabelError(f"attribute {name!r} has a non-numeric value {value!r}") from None
+    if not math.isfinite(value):
+        raise LabelError(f"attribute {name!r} has a non-finite value {value!r}")
+    return int(math.floor(min(max(value, MIN_LEVEL), MAX_LEVEL) + 0.5))
 
 
 def parse_attribute_label(label: str, names: Sequence[str] | None = DEFAULT_ATTRIBUTES) -> dict[str, int]:
@@ -65,3 +94,123 @@ def parse_attribute_label(label: str, names: Sequence[str] | None = DEFAULT_ATTR
                                          "" if unknown or missing else "out of order"]))
         raise LabelError(f"label {label!r}: expected the attributes {', '.join(names)} in this order ({detail})")
     return out
+
+
+@dataclass(frozen=True)
+class SteerLMFormat:
+    """How a SteerLM model reads its target attributes.
+
+    attributes: the label's attribute names, in order.
+    label_template: text appended after the chat template's generation prompt; `{label}` is
+        replaced by the label string.
+    defaults: the level of each attribute a request leaves out (the recipe records the most
+        common level of each attribute in its training labels).
+    """
+
+    attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES
+    label_template: str = DEFAULT_LABEL_TEMPLATE
+    defaults: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "{label}" not in self.label_template:
+            raise LabelError(f"label_template {self.label_template!r} has no {{label}} placeholder")
+        if len(set(self.attributes)) != len(self.attributes) or not self.attributes:
+            raise LabelError(f"attribute names must be distinct and non-empty, got {list(self.attributes)}")
+
+    def targets(self, request: Mapping[str, Any] | str | None = None) -> dict[str, int]:
+        """Full targets from a request: a label string or {name: level} that may name only some
+        attributes (the rest take `defaults`); unknown names are an error."""
+        if isinstance(request, str):
+            request = parse_attribute_label(request, names=None)
+        request = dict(request or {})
+        unknown = [n for n in request if n not in self.attributes]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], self.attributes, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LabelError(f"unknown attribute(s) {unknown}{hint}; this model is steered by "
+                             f"{', '.join(self.attributes)}")
+        missing = [n for n in self.attributes if n not in request and n not in self.defaults]
+        if missing:
+            raise LabelError(f"no target for attribute(s) {missing} and no default level recorded for them")
+        return {n: to_level(request[n], n) if n in request else int(self.defaults[n]) for n in self.attributes}
+
+    def label(self, request: Mapping[str, Any] | str | None = None) -> str:
+        return format_attribute_label(self.targets(request), self.attributes)
+
+    def label_line(self, request: Mapping[str, Any] | str | None = None) -> str:
+        return self.label_template.replace("{label}", self.label(request))
+
+    def to_config(self) -> dict[str, Any]:
+        return {"attributes": list(self.attributes), "label_template": self.label_template,
+                "defaults": dict(self.defaults)}
+
+    @classmethod
+    def from_config(cls, config: Any) -> "SteerLMFormat | None":
+        """The format saved in a model's config (`config.steerlm`), or None for a model that is not a SteerLM model."""
+        entry = getattr(config, "steerlm", None)
+        if not entry:
+            return None
+        return cls(tuple(entry["attributes"]), entry.get("label_template", DEFAULT_LABEL_TEMPLATE),
+                   {k: int(v) for k, v in (entry.get("defaults") or {}).items()})
+
+    @staticmethod
+    def most_common_levels(labels: Sequence[Mapping[str, int]], names: Sequence[str]) -> dict[str, int]:
+        """The most common level of each attribute (ties: the higher level)."""
+        out = {}
+        for name in names:
+            counts = Counter(label[name] for label in labels)
+            out[name] = max(counts, key=lambda level: (counts[level], level)) if counts else MAX_LEVEL
+        return out
+
+
+def record_targets(data: Mapping[str, Any], names: Sequence[str], where: str) -> dict[str, int]:
+    """The target attributes of a record: a `label` string (all of `names`, in order) or an
+    `attributes` object {name: value} (values clipped to 0..4 and rounded). In NeMo-Aligner's
+    conversation format the label may sit on the last assistant turn instead."""
+    label = data.get("label")
+    if label is None and isinstance(data.get("conversations"), list):
+        turns = [t for t in data["conversations"] if isinstance(t, dict) and str(t.get("from", "")).lower() == "assistant"]
+        label = turns[-1].get("label") if turns else None
+    try:
+        if isinstance(label, str):
+            return parse_attribute_label(label, names)
+        if isinstance(data.get("attributes"), Mapping):
+            return parse_attribute_label(format_attribute_label(data["attributes"], names), names)
+    except LabelError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    raise DataError(f"{where}: a SteerLM record needs a 'label' string (e.g. "
+                    f"{format_attribute_label(dict.fromkeys(names, 4), names)!r}) or an 'attributes' object")
+
+
+def _render(tokenizer, messages, template, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=template)
+
+
+def steered_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], fmt: SteerLMFormat | None,
+                   request: Mapping[str, Any] | str | None = None, chat_template: str | None = None) -> str:
+    """The prompt text for generation: the conversation up to the generation prompt, then (for a
+    SteerLM model, `fmt` not None) the label line of `request` (missing attributes: the defaults).
+    Target attributes for a model that is not a SteerLM model are an error, not ignored."""
+    text = _render(tokenizer, messages, chat_template, add_generation_prompt=True)
+    if fmt is None:
+        if request:
+            raise LabelError("target attributes were given, but this model is not a SteerLM model "
+                             "(its config.json has no `steerlm` entry)")
+        return text
+    return text + fmt.label_line(request)
+
+
+def encode_steerlm(tokenizer: PreTrainedTokenizerBase, messages: list[Message], label_line: str,
+                   chat_template: str | None, where: str) -> Example:
+    """An attribute-conditioned example: [conversation up to the generation prompt][label line]
+    [last assistant turn]; targets cover the last assistant turn only (earlier turns are context)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: a SteerLM conversation must end with the assistant response to learn")
+    before = _render(tokenizer, messages[:-1], chat_template, add_generation_prompt=True)
+    full = _render(tokenizer, messages, chat_template)
+    if not full.startswith(before):
+        raise DataError(f"{where}: the chat template is not prefix-consistent (the rendered conversation does not "
+                        "start with the rendered prompt), so the label cannot be placed; set data.chat_template")
+    text = before + label_line + full[len(before):]
+    return encode_spans(tokenizer, text, [(len(before) + len(label_line), len(text))], where)

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from alignkit.data.formats import Message
 from alignkit.data.io import DataError
 
-__all__ = ["IGNORE", "EncodeStats", "Example", "encode_conversation", "encode_text", "fit_length", "render_with_spans"]
+__all__ = ["IGNORE", "EncodeStats", "Example", "encode_conversation", "encode_spans", "encode_text", "fit_length", "render_with_spans"]
 
 IGNORE = -100
 
@@ -92,6 +92,11 @@ def encode_conversation(
 ) -> Example:
     """Token ids and shifted targets; targets cover assistant turns (their end token included)."""
     text, spans = render_with_spans(tokenizer, messages, template, where)
+    return encode_spans(tokenizer, text, spans, where)
+
+
+def encode_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]], where: str) -> Example:
+    """Token ids of `text` with shifted targets on the tokens that overlap the sorted character `spans`."""
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = encoding["input_ids"]
     labels = [IGNORE] * len(ids)

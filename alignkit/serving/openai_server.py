@@ -10,6 +10,12 @@ Chat requests are rendered with the model's own chat template. Sampling runs on 
 KV-cache engine in one worker thread (a model serves one batch at a time); `finish_reason` is
 "stop" when the answer ended on EOS or a stop string and "length" when `max_tokens` cut it.
 Unsupported fields (logit_bias, tools, streaming) are ignored or refused with a 400.
+
+SteerLM models (config.json has a `steerlm` entry) are steered through an extra chat field,
+`attributes`: `{"verbosity": 0, "politeness": 4}` or a label string; attributes left out take the
+model's defaults. With the `openai` package: `extra_body={"attributes": {"verbosity": 0}}`. The
+response's `alignkit_label` field is the full label the answer was conditioned on. Asking a model
+that is not a SteerLM model for attributes is a 400.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
 from alignkit.generation.sampler import SamplingParams, generate
 
 __all__ = ["create_app"]
@@ -53,11 +60,13 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    attributes: dict[str, float] | str | None = None  # SteerLM target attributes
 
 
 def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024, default_max_tokens: int = 128) -> FastAPI:
     app = FastAPI(title="alignkit OpenAI-compatible server")
     lock = threading.Lock()  # one generation at a time on the one model
+    steer = SteerLMFormat.from_config(model.config)
 
     @app.exception_handler(HTTPException)
     async def _error(_request, exc: HTTPException) -> JSONResponse:
@@ -105,13 +114,16 @@ def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024, 
         sampling = params(req)
         messages = [m.model_dump() for m in req.messages]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = steered_prompt(tokenizer, messages, steer, req.attributes)
+        except LabelError as exc:
+            raise HTTPException(status_code=400, detail=f"attributes: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a template error is the request's problem
             raise HTTPException(status_code=400, detail=f"cannot render these messages: {exc}") from None
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"]]
         out = await asyncio.get_running_loop().run_in_executor(None, run, ids, sampling)
+        label = {"alignkit_label": steer.label(req.attributes)} if steer else {}
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_name, "usage": usage(ids, out),
+                "model": model_name, "usage": usage(ids, out), **label,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                              "finish_reason": "length" if not c.is_end else "stop"} for i, c in enumerate(out)]}
 

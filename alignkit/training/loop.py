@@ -221,11 +221,13 @@ def fit(
     return model
 
 
-def save_final(run: Run, model: nn.Module, tokenizer) -> Path | None:
-    """Gather the full weights (a collective) and write output_dir/final in HF format (rank 0)."""
+def save_final(run: Run, model: nn.Module, tokenizer, config_updates: dict | None = None) -> Path | None:
+    """Gather the full weights (a collective) and write output_dir/final in HF format (rank 0);
+    `config_updates` are recorded in its config.json (e.g. a SteerLM model's label format)."""
     state, _ = full_state_dict(model)
     out = run.output_dir / "final"
     if run.dist.is_main:
-        save_causal_lm(model, state, tokenizer, out, merge_lora=run.cfg.model.lora.merge_on_save)
+        save_causal_lm(model, state, tokenizer, out, merge_lora=run.cfg.model.lora.merge_on_save,
+                       config_updates=config_updates)
         run.log.info(f"saved {out}")
     return out
