@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["steerlm2_loss"]
+__all__ = ["attribute_log_likelihood", "steerlm2_loss"]
 
 Tensor = torch.Tensor
 
@@ -60,3 +60,32 @@ def steerlm2_loss(policy_logps: Tensor, initial_logps: Tensor, attribute_logps: 
     distance = (log_w.exp() * (log_w - log_b)).sum(-1)  # (G,)
     metrics = {"loss": loss_sum.detach(), "distance": distance.sum(), "weights/max": log_w.exp().max(-1).values.sum()}
     return loss_sum, metrics
+
+
+def attribute_log_likelihood(predicted: Tensor, targets: Tensor, sigma: float) -> Tensor:
+    """log P(a | x, y) of target levels under a regression attribute model, the likelihood
+    SteerLM 2.0 needs from a model that predicts a number per attribute, not a distribution.
+
+    Each attribute's level is modelled as a discretised Gaussian around the prediction,
+    normalised over the levels 0..4, attributes independent:
+
+        P(a_j = l | x, y) = exp(-(l - m_j)^2 / (2 sigma^2)) / sum_{k=0..4} exp(-(k - m_j)^2 / (2 sigma^2))
+
+    where m_j is the predicted score. sigma is how much the model is trusted (about its
+    validation RMSE); a smaller sigma makes the importance weights sharper.
+
+    Args:
+        predicted: (N, A) predicted attribute scores m.
+        targets: (N, A) integer target levels 0..4.
+        sigma: > 0.
+
+    Returns:
+        (N,) sum over attributes of log P(a_j | x, y).
+
+    Example: m = 2, l = 2, sigma = 1: exp(-(k-2)^2/2) over k=0..4 is [e^-2, e^-.5, 1, e^-.5, e^-2],
+    sum 2.483732 -> log P = -log 2.483732 = -0.909763.
+    """
+    levels = torch.arange(5, dtype=torch.float32, device=predicted.device)  # (5,)
+    logits = -((levels - predicted.float().unsqueeze(-1)) ** 2) / (2 * sigma**2)  # (N, A, 5)
+    log_p = torch.log_softmax(logits, dim=-1)
+    return log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1).sum(-1)  # (N,)

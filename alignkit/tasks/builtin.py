@@ -14,6 +14,7 @@ deterministically from the seed. Names:
   - `attributes`: responses with the oracle's 0-4 attribute labels (SteerLM, regression RMs).
   - `kto`: unpaired completions with a desirable/undesirable label.
   - `prompts`: prompt records with the oracle's metadata (RL, rejection sampling).
+  - `steer`: prompt records with random target `attributes` (verbosity, politeness 0-4; SteerLM 2.0).
   - `eval`: held-out prompts, no two alike; `redteam`: held-out red-team prompts.
 
 Defaults: n=256, seed=0, split=train (test for `eval` and `redteam`; `sft` and `chat` have none).
@@ -73,6 +74,7 @@ _GENERATORS: dict[str, tuple[Callable[[int, int, str], list[dict[str, Any]]], st
     "attributes": (_ds.attribute_records, "train"),
     "kto": (_ds.kto_records, "train"),
     "prompts": (_ds.prompt_records, "train"),
+    "steer": (_ds.steer_prompt_records, "train"),
     "eval": (lambda n, seed, split: generate_prompts(n, seed, split, unique=True), "test"),
     "redteam": (lambda n, seed, split: generate_prompts(n, seed, split, ("redteam",), unique=True), "test"),
 }

@@ -23,6 +23,7 @@ the splits never share a question (see `alignkit.tasks.world`).
 from __future__ import annotations
 
 import hashlib
+import random
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "pretrain_records",
     "prompt_records",
     "sft_records",
+    "steer_prompt_records",
 ]
 
 KTO_DESIRABLE_REWARD = 0.8  # a KTO completion is "desirable" at or above this oracle reward
@@ -123,6 +125,17 @@ def attribute_records(n: int, seed: int = 0, split: str = "train") -> list[dict[
         attributes = score_response(p, response).attributes()
         records.append({"prompt": p["prompt"], "response": response, "attributes": attributes})
     return records
+
+
+STEERABLE_ATTRIBUTES = ("verbosity", "politeness")  # the attributes the demonstrator writes exactly
+
+
+def steer_prompt_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """Prompt records with target `attributes`: a random level 0..4 of each steerable attribute
+    (SteerLM 2.0's (prompt, target) pairs, steering evaluation)."""
+    rng = random.Random(_derive(seed, "steer"))
+    return [{**p, "attributes": {a: rng.randrange(5) for a in STEERABLE_ATTRIBUTES}}
+            for p in generate_prompts(n, _derive(seed, "steer"), split)]
 
 
 def kto_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:

@@ -1,0 +1,309 @@
+"""SteerLM 2.0: iterative, importance-weighted attribute-conditioned SFT (Wang et al. 2024,
+"HelpSteer2-Preference" / SteerLM 2.0; NeMo-Aligner's `train_steerlm2.py`).
+
+SteerLM fits Q(y | a, x) to whatever responses carry label a. SteerLM 2.0 fits it to the ideal
+P(y | a, x) ∝ P(a | x, y) P(y | x): responses the unconditioned model finds likely AND the
+attribute model judges to have attributes a. It minimises KL(P || Q_theta) with samples of the
+SteerLM model Q'. Per iteration t = 1..T:
+
+    1. Q' (the current model) samples n responses y_1..y_n for every (prompt x, target attributes a)
+    2. log P(a | x, y_i): the attribute model's likelihood of the targets (a discretised Gaussian
+       around each predicted score, `losses.steerlm.attribute_log_likelihood`);
+       log P(y_i | x): the unconditioned SFT model (`steerlm2.prior_path`);
+       log Q'(y_i | a, x): the sampling model, on the conditioned prompt
+    3. train Q_theta (from Q') on  L = sum_i (w'_i - b'_i) NLL_theta(y_i) / mean tokens  with
+       w' = softmax(log P(a|x,y) + log P(y|x) - log Q'),  b' = softmax(log Q_theta - log Q')
+       (b' from the current policy at every step; `losses.steerlm.steerlm2_loss`)
+    4. the result is the next iteration's Q'
+
+Prompts (`data.train`): records with "prompt" and target `attributes` (an object or a label;
+attributes left out take the SteerLM model's defaults). Each iteration lives in
+`output_dir/iteration_t/` (samples.jsonl with every log-probability, in NeMo-Aligner's SteerLM2
+layout, then the training run), so a killed run resumes where it stopped. Rollout metrics go to
+`output_dir/metrics.jsonl`; training logs `loss` and `distance` = sum_i w'_i log(w'_i / b'_i).
+
+    alignkit run steerlm2 --config tiny
+    alignkit run steerlm2 --config my.yaml model.path=runs/steerlm/final \\
+        steerlm2.prior_path=runs/sft/final attribute_model.path=runs/rm/attributes/final
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from alignkit.config import ConfigError, DataConfig, ModelConfig, RecipeConfig, Section
+from alignkit.data.batching import collate_groups
+from alignkit.data.formats import messages_from_value
+from alignkit.data.io import DataError, read_records
+from alignkit.data.preference import sequence_logps
+from alignkit.data.steerlm import LabelError, SteerLMFormat, format_attribute_label, steered_prompt
+from alignkit.data.tokenize import IGNORE, Example
+from alignkit.generation.sampler import SamplingParams, generate
+from alignkit.losses.steerlm import attribute_log_likelihood, steerlm2_loss
+from alignkit.models.forward import logits_at
+from alignkit.models.loading import load_causal_lm, load_tokenizer
+from alignkit.rewards import RewardSourceConfig, build_reward_source
+from alignkit.training.distributed import barrier
+from alignkit.training.logging import MetricLogger
+from alignkit.training.loop import Run, fit, save_final, start_run
+
+__all__ = ["Config", "SteerLM2Config", "main"]
+
+
+class SteerLM2Config(Section):
+    prior_path: str  # the unconditioned SFT model: log P(y | x)
+    iterations: int = 1
+    samples_per_prompt: int = Field(4, ge=2)  # n: the weights are a softmax over these
+    attribute_sigma: float = Field(0.5, gt=0)  # the attribute likelihood's width (levels)
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # Q' must be sampled as is for the importance weights to hold
+    generation_batch_size: int = 32  # prompts per sampling batch (x n rows)
+    score_batch_size: int = 32  # sequences per no-grad forward for log Q' and log P(y|x)
+
+
+class Config(RecipeConfig):
+    data: DataConfig  # data.train: prompt records with target `attributes` (object or label)
+    attribute_model: RewardSourceConfig  # a source that returns attribute scores (model, http, oracle...)
+    steerlm2: SteerLM2Config
+
+
+@dataclass
+class Group:
+    """One (prompt, target attributes) and its n samples; the constants of the loss."""
+
+    conditioned: list[Example]  # (n) [prompt + label line | response], targets on the response
+    initial_logps: list[float]  # log Q'(y_i | a, x)
+    attribute_logps: list[float]  # log P(a | x, y_i)
+    prior_logps: list[float]  # log P(y_i | x)
+
+
+# --- token sequences and their log-probabilities -----------------------------------------------
+
+
+def _example(prompt_ids: list[int], response_ids: list[int], where: str) -> Example:
+    """[prompt | response] with shifted targets on the response tokens (as sampled, EOS included)."""
+    return Example(prompt_ids + response_ids, [IGNORE] * (len(prompt_ids) - 1) + response_ids + [IGNORE], where)
+
+
+def collate(groups: list[Group | None], pad_id: int) -> dict[str, Any]:
+    """Micro-batch of groups: their sequences packed row by row (`collate_groups`), plus, for the
+    G real groups in packed order, `seq_index`/`seq_num_targets` and the (G, n) loss constants."""
+    batch = collate_groups([g.conditioned if g is not None else None for g in groups], pad_id)
+    real = [groups[i] for i in batch["order"]]
+    counts = [e.num_targets for g in real for e in g.conditioned]
+    batch["num_units"] = len(real)
+    batch["seq_index"] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+    batch["seq_num_targets"] = torch.tensor(counts, dtype=torch.long).reshape(len(real), -1)
+    for key in ("initial_logps", "attribute_logps", "prior_logps"):
+        batch[key] = torch.tensor([getattr(g, key) for g in real], dtype=torch.float64)
+    return batch
+
+
+def group_logps(model, batch) -> torch.Tensor:
+    """(G, n) summed response log-probs of every sequence in the batch."""
+    select = batch["target_ids"] != IGNORE  # (B, T)
+    logits = logits_at(model, batch["input_ids"], batch["position_ids"], select)  # (N, V)
+    counts = batch["seq_num_targets"]
+    return sequence_logps(logits, batch["target_ids"][select], batch["seq_index"], counts.numel()).reshape(counts.shape)
+
+
+@torch.no_grad()
+def _score(run: Run, model, sequences: list[list[Example]], pad_id: int, batch_size: int) -> list[list[float]]:
+    """Summed response log-probs of each group's sequences (no grad), in input order."""
+    out: list[list[float]] = [[] for _ in sequences]
+    per_batch = max(1, batch_size // max(len(sequences[0]), 1)) if sequences else 1
+    model.eval()
+    for start in range(0, len(sequences), per_batch):
+        chunk = sequences[start : start + per_batch]
+        batch = collate_groups(chunk, pad_id)
+        counts = torch.tensor([e.num_targets for i in batch["order"] for e in chunk[i]], dtype=torch.long)
+        batch["seq_index"] = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        batch["seq_num_targets"] = counts.reshape(len(chunk), -1)
+        batch = {k: v.to(run.dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with run.autocast():
+            logps = group_logps(model, batch).double().cpu()
+        for row, i in enumerate(batch["order"]):
+            out[start + i] = logps[row].tolist()
+    model.train()
+    return out
+
+
+# --- 1-2: sample from Q', then the three log-probabilities --------------------------------------
+
+
+def _targets(fmt: SteerLMFormat, record: dict, where: str) -> dict[str, int]:
+    try:
+        return fmt.targets(record.get("attributes", record.get("label")))
+    except LabelError as exc:
+        raise DataError(f"{where}: {exc}") from None
+
+
+def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFormat, records: list[dict],
+                  attribute_model, iteration: int) -> tuple[list[dict], dict[str, float]]:
+    """This process's share of the prompts: n samples each with all three log-probabilities, as
+    sample records, and summed rollout statistics."""
+    s2, d = cfg.steerlm2, run.dist
+    mine = list(range(d.rank, len(records), d.world_size))
+    rows: list[dict] = []
+    sums = {"samples": 0.0, "tokens": 0.0, "ended": 0.0, "matched": 0.0, "attribute_logp": 0.0, "ess": 0.0,
+            "groups": 0.0}
+    for start in range(0, len(mine), s2.generation_batch_size):
+        index = mine[start : start + s2.generation_batch_size]
+        chunk = [records[i] for i in index]
+        messages = [messages_from_value(r["prompt"], "user", f"prompts:{i + 1}") for r, i in zip(chunk, index)]
+        targets = [_targets(fmt, r, f"{cfg.data.train.path}:{i + 1}") for r, i in zip(chunk, index)]
+        steered = tokenizer([steered_prompt(tokenizer, m, fmt, t, cfg.data.chat_template)
+                             for m, t in zip(messages, targets)], add_special_tokens=False)["input_ids"]
+        plain = tokenizer([steered_prompt(tokenizer, m, None, None, cfg.data.chat_template) for m in messages],
+                          add_special_tokens=False)["input_ids"]
+        params = SamplingParams(max_new_tokens=s2.max_new_tokens, temperature=s2.temperature,
+                                n=s2.samples_per_prompt, seed=cfg.train.seed + 100_003 * iteration + index[0])
+        model.eval()
+        with run.autocast():
+            completions = generate(model, steered, params, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                   tokenizer.decode)
+        model.train()
+        n = s2.samples_per_prompt
+        groups = [completions[g * n : (g + 1) * n] for g in range(len(chunk))]
+        where = [f"{cfg.data.train.path}:{i + 1}" for i in index]
+        initial = _score(run, model, [[_example(steered[g], c.token_ids, where[g]) for c in grp]
+                                      for g, grp in enumerate(groups)], tokenizer.pad_token_id, s2.score_batch_size)
+        prior_logps = _score(run, prior, [[_example(plain[g], c.token_ids, where[g]) for c in grp]
+                                          for g, grp in enumerate(groups)], tokenizer.pad_token_id,
+                             s2.score_batch_size)
+        scored = attribute_model([r["prompt"] for r in chunk for _ in range(n)], [c.text for c in completions])
+        missing = [a for a in fmt.attributes if a not in scored.names]
+        if scored.attributes is None or missing:
+            raise ConfigError(f"the attribute model returns attributes {scored.names or 'none'}; the SteerLM "
+                              f"label needs {missing or list(fmt.attributes)}")
+        predicted = scored.attributes[:, [scored.names.index(a) for a in fmt.attributes]]  # (G*n, A)
+        wanted = torch.tensor([[t[a] for a in fmt.attributes] for t in targets]).repeat_interleave(n, 0)  # (G*n, A)
+        attribute_logps = attribute_log_likelihood(predicted, wanted, s2.attribute_sigma).view(len(chunk), n)
+        for g, record in enumerate(chunk):
+            log_w = attribute_logps[g].double() + torch.tensor(prior_logps[g]) - torch.tensor(initial[g])
+            w = torch.softmax(log_w, 0)
+            sums["ess"] += float(1.0 / (w**2).sum()) / n  # effective sample size of w', as a fraction of n
+            rows.append({
+                "prompt": record["prompt"], "label": format_attribute_label(targets[g], fmt.attributes),
+                "prompt_ids": steered[g], "prior_prompt_ids": plain[g],
+                "responses": [{"response": c.text, "token_ids": c.token_ids, "is_end": c.is_end,
+                               "log(P(a|x,y))": float(attribute_logps[g, i]), "log(P(y|x))": prior_logps[g][i],
+                               "log(Q(y|a,x))": initial[g][i], "sampler_logprob": sum(c.logprobs)}
+                              for i, c in enumerate(groups[g])],
+            })
+        sums["samples"] += len(completions)
+        sums["groups"] += len(chunk)
+        sums["tokens"] += sum(len(c.token_ids) for c in completions)
+        sums["ended"] += sum(c.is_end for c in completions)
+        sums["matched"] += float((predicted.round().clamp(0, 4) == wanted).all(-1).sum())
+        sums["attribute_logp"] += float(attribute_logps.sum())
+    return rows, sums
+
+
+def _gather(run: Run, rows: list, sums: dict) -> tuple[list, dict]:
+    if not run.dist.enabled:
+        return rows, sums
+    import torch.distributed as dist
+
+    shares: list = [None] * run.dist.world_size
+    dist.all_gather_object(shares, (rows, sums))
+    return [row for share, _ in shares for row in share], {k: sum(s[k] for _, s in shares) for k in sums}
+
+
+def _groups(rows: list[dict], where: str) -> list[Group]:
+    return [Group([_example(row["prompt_ids"], r["token_ids"], f"{where}:{i + 1}") for r in row["responses"]],
+                  [r["log(Q(y|a,x))"] for r in row["responses"]], [r["log(P(a|x,y))"] for r in row["responses"]],
+                  [r["log(P(y|x))"] for r in row["responses"]]) for i, row in enumerate(rows)]
+
+
+# --- 3: the importance-weighted update ----------------------------------------------------------
+
+
+def loss_fn(model, batch):
+    policy = group_logps(model, batch)  # (G, n), with grad
+    return steerlm2_loss(policy, batch["initial_logps"], batch["attribute_logps"], batch["prior_logps"],
+                         batch["seq_num_targets"])
+
+
+def main(cfg: Config) -> None:
+    run = start_run(cfg)
+    s2 = cfg.steerlm2
+    records = [r.data for r in read_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)]
+    for i, r in enumerate(records):
+        if "prompt" not in r:
+            raise DataError(f"{cfg.data.train.path}:{i + 1}: a prompt record needs a 'prompt' field")
+    attribute_model = build_reward_source(cfg.attribute_model)
+    sampled = [t for t in range(1, s2.iterations + 1) if (run.output_dir / f"iteration_{t}" / "samples.jsonl").is_file()]
+    rollout_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), s2.iterations,
+                               run.dist.is_main, resumed_step=max(sampled, default=0))
+    prior_cfg = ModelConfig(path=s2.prior_path, precision=cfg.model.precision)
+    model_path = cfg.model.path
+    if model_path is None:
+        raise ConfigError("model.path: SteerLM 2.0 starts from a SteerLM model (what `alignkit run steerlm` saves)")
+
+    for t in range(1, s2.iterations + 1):
+        out = run.output_dir / f"iteration_{t}"
+        it_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model_path}),
+                                        "output_dir": str(out)})
+        it_run = Run(cfg=it_cfg, dist=run.dist, output_dir=out)
+        if (out / "final" / "config.json").is_file():
+            run.log.info(f"iteration {t}: done earlier, reusing {out / 'final'}")
+            model_path = str(out / "final")
+            continue
+        if run.dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        barrier(run.dist)
+        tokenizer = load_tokenizer(it_cfg.model)
+        model = load_causal_lm(it_cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
+        fmt = SteerLMFormat.from_config(model.config)
+        if fmt is None:
+            raise ConfigError(f"model.path={model_path} is not a SteerLM model (no `steerlm` in its config.json)")
+
+        # --- 1-2. Q' samples n per (prompt, targets); log P(a|x,y), log P(y|x), log Q' -----------
+        samples = out / "samples.jsonl"
+        if samples.is_file():
+            rows = [json.loads(line) for line in samples.read_text().splitlines()]
+            run.log.info(f"iteration {t}: reusing {len(rows)} sampled groups from {samples}")
+        else:
+            prior = load_causal_lm(prior_cfg, tokenizer, seed=cfg.train.seed).to(run.dist.device)
+            rows, sums = _gather(run, *sample_groups(run, cfg, model, prior, tokenizer, fmt, records,
+                                                    attribute_model, t))
+            del prior
+            n = max(sums["samples"], 1)
+            metrics = {"rollout/attribute_match": sums["matched"] / n,
+                       "rollout/log_p_attributes": sums["attribute_logp"] / n,
+                       "rollout/response_tokens": sums["tokens"] / n, "rollout/ended_fraction": sums["ended"] / n,
+                       "rollout/weights_ess": sums["ess"] / max(sums["groups"], 1)}
+            rollout_log.log(t, metrics)
+            run.log.info(f"iteration {t}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if run.dist.is_main:
+                tmp = samples.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+                os.replace(tmp, samples)
+            barrier(run.dist)
+
+        # --- 3. minimise sum_i (w'_i - b'_i) NLL(y_i), b' from the current policy each step --------
+        groups = _groups(rows, str(samples))
+        model = fit(it_run, model, groups, lambda g: sum(len(e.input_ids) for e in g.conditioned),
+                    partial(collate, pad_id=tokenizer.pad_token_id), loss_fn)
+        save_final(it_run, model, tokenizer, config_updates={"steerlm": fmt.to_config()})
+        barrier(run.dist)
+        model_path = str(out / "final")  # 4. the next iteration samples from the trained model
+        del model
+
+    rollout_log.close()
+    if cfg.checkpoint.save_final and run.dist.is_main:
+        final = run.output_dir / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(model_path, final)
+        run.log.info(f"saved {final} (iteration {s2.iterations})")
