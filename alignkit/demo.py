@@ -25,6 +25,7 @@ from alignkit.config import find_config, load_config
 from alignkit.evaluation.evaluate import evaluate_model, plot_results, write_json
 from alignkit.evaluation.stats import mean_with_ci, win_rate
 from alignkit.generation.sampler import SamplingParams
+from alignkit.tasks.datasets import STEERABLE_ATTRIBUTES
 from alignkit.training.logging import get_logger
 
 __all__ = ["DEFAULT_STAGES", "STAGES", "run_demo"]
@@ -35,6 +36,14 @@ EVAL_SAMPLING = SamplingParams(max_new_tokens=96, temperature=0.7, seed=0)
 DPO_ROUNDS = 2  # iterative DPO: each round samples fresh pairs from the previous round's model
 DPO_SAMPLES = 4  # answers per training prompt for the on-policy DPO pairs
 DPO_SAMPLING = SamplingParams(max_new_tokens=96, temperature=1.0, seed=0)
+# SteerLM: who labels the training responses ("oracle": clean labels, as HelpSteer's human
+# ratings are; "attribute_model": the demo's regression reward model), what every steering
+# request asks for besides the steered attribute, and what "the best answer" asks for.
+STEER_ANNOTATOR = "oracle"
+STEER_BASE = {"helpfulness": 4, "correctness": 4, "coherence": 4, "harmlessness": 4}
+BEST_TARGETS = {**STEER_BASE, "verbosity": 1, "politeness": 4}
+STEER_EVAL_PROMPTS = 140  # held-out prompts (20 per skill) x 5 levels x each steerable attribute
+STEERLM2_PROMPTS = 1000
 
 
 @dataclass
@@ -92,7 +101,8 @@ def load_config_recipe(path: Path) -> str:
     return yaml.safe_load(path.read_text())["recipe"]
 
 
-def _evaluate(demo: Demo, stage: str, reference: str | None = None) -> dict[str, Any]:
+def _evaluate(demo: Demo, stage: str, reference: str | None = None,
+              attributes: dict[str, int] | None = None) -> dict[str, Any]:
     prompts = demo.eval_prompts()
     reference_rewards = None
     if reference is not None:
@@ -100,7 +110,7 @@ def _evaluate(demo: Demo, stage: str, reference: str | None = None) -> dict[str,
     result = evaluate_model(
         demo.path(stage, "final"), prompts, EVAL_SAMPLING,
         reference_dir=demo.path(reference, "final") if reference else None,
-        reference_name=reference or "reference", reference_rewards=reference_rewards,
+        reference_name=reference or "reference", reference_rewards=reference_rewards, attributes=attributes,
     )
     write_json({**result.to_json(prompts), "rewards": result.rewards}, demo.path(stage, "eval.json"))
     return result.metrics
@@ -171,6 +181,62 @@ def _rejection_sampling(demo: Demo) -> dict[str, Any]:
     return _evaluate(demo, "rejection_sampling", reference="sft")
 
 
+def _steer_metrics(demo: Demo, stage: str) -> dict[str, Any]:
+    """Oracle reward when asked for the best attributes, and attribute control: for each steerable
+    attribute and each level 0..4, greedy answers to STEER_EVAL_PROMPTS held-out prompts, measured
+    by the oracle (the SFT model, shown the same labels, is the baseline that ignores them)."""
+    from alignkit.data.steerlm import SteerLMFormat
+    from alignkit.evaluation.steering import attribute_control
+
+    metrics = _evaluate(demo, stage, reference="sft", attributes=BEST_TARGETS)
+    metrics["asked"] = BEST_TARGETS
+    prompts = demo.eval_prompts()[:: len(demo.eval_prompts()) // STEER_EVAL_PROMPTS][:STEER_EVAL_PROMPTS]
+    model = demo.path(stage, "final")
+    metrics.update(attribute_control(model, prompts, list(STEERABLE_ATTRIBUTES), STEER_BASE))
+    if stage == "steerlm":
+        fmt = SteerLMFormat.from_config(_config(model))
+        sft = attribute_control(demo.path("sft", "final"), prompts, list(STEERABLE_ATTRIBUTES), STEER_BASE, steer=fmt)
+        metrics.update({f"sft_{k}": v for k, v in sft.items()})
+    return metrics
+
+
+def _config(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def _steerlm(demo: Demo) -> dict[str, Any]:
+    """Attribute-conditioned SFT from the SFT model on mixed-quality and good responses, each
+    labelled by STEER_ANNOTATOR; then asked for the best attributes, and steered."""
+    lines = [json.loads(line) for name in ("attributes.jsonl", "sft.jsonl")
+             for line in demo.path("data", name).read_text().splitlines()]
+    demo.path("steerlm").mkdir(parents=True, exist_ok=True)
+    write_jsonl([{"prompt": r["prompt"], "response": r["response"]} for r in lines],
+                demo.path("steerlm", "responses.jsonl"))
+    annotator = (["annotate.kind=oracle"] if STEER_ANNOTATOR == "oracle" else
+                 [f"annotate.path={demo.path('reward_model', 'attributes', 'final')}"])
+    _train(demo, "steerlm", [f"model.path={demo.path('sft', 'final')}",
+                             f"data.train.path={demo.path('steerlm', 'responses.jsonl')}", *annotator])
+    return _steer_metrics(demo, "steerlm")
+
+
+def _steerlm2(demo: Demo) -> dict[str, Any]:
+    """SteerLM 2.0 from the SteerLM model on random (verbosity, politeness) targets, the other
+    attributes at their best; the attribute model gives log P(a|x,y), the SFT model log P(y|x)."""
+    from alignkit.tasks.datasets import steer_prompt_records
+
+    demo.path("steerlm2").mkdir(parents=True, exist_ok=True)
+    targets = [{**r, "attributes": {**STEER_BASE, **r["attributes"]}}
+               for r in steer_prompt_records(STEERLM2_PROMPTS, seed=0)]
+    write_jsonl(targets, demo.path("steerlm2", "targets.jsonl"))
+    _train(demo, "steerlm2", [f"model.path={demo.path('steerlm', 'final')}",
+                              f"data.train.path={demo.path('steerlm2', 'targets.jsonl')}",
+                              f"steerlm2.prior_path={demo.path('sft', 'final')}",
+                              f"attribute_model.path={demo.path('reward_model', 'attributes', 'final')}"])
+    return _steer_metrics(demo, "steerlm2")
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -191,8 +257,13 @@ STAGES = [
     Stage("reward_model", _reward_model, ("sft",), configs=("reward_model", "attribute_model"), in_summary=True),
     Stage("rejection_sampling", _rejection_sampling, ("sft", "reward_model"), configs=("rejection_sampling",),
           is_model=True),
+    Stage("steerlm", _steerlm, ("sft", "reward_model"), configs=("steerlm",), is_model=True,
+          settings=(STEER_ANNOTATOR, STEER_BASE, BEST_TARGETS, STEER_EVAL_PROMPTS, STEERABLE_ATTRIBUTES)),
+    Stage("steerlm2", _steerlm2, ("steerlm",), configs=("steerlm2",), is_model=True,
+          settings=(STEERLM2_PROMPTS, STEER_BASE, BEST_TARGETS, STEER_EVAL_PROMPTS, STEERABLE_ATTRIBUTES)),
 ]
 DEFAULT_STAGES = ["data", "tokenizer", "base", "sft", "dpo", "reward_model"]
+
 
 
 # --- orchestration ---------------------------------------------------------------------------

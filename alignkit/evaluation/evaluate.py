@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alignkit.data.steerlm import SteerLMFormat, steered_prompt
 from alignkit.evaluation.stats import mean_with_ci, win_rate
 from alignkit.generation.sampler import Completion, SamplingParams, generate
 from alignkit.tasks import ATTRIBUTES, score_response
@@ -53,16 +54,17 @@ def load_for_eval(model_dir: str | Path):
     return model, tokenizer
 
 
-def _prompt_ids(tokenizer, prompts: list[dict[str, Any]]) -> list[list[int]]:
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
+def _prompt_ids(tokenizer, prompts: list[dict[str, Any]], steer: SteerLMFormat | None = None) -> list[list[int]]:
+    texts = [steered_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}], steer, p.get("attributes"))
+             for p in prompts]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def sample_responses(model, tokenizer, prompts: list[dict[str, Any]], params: SamplingParams,
-                     batch_size: int = 64) -> list[Completion]:
-    """One completion per prompt (in prompt order), generated in length-sorted batches."""
-    ids = _prompt_ids(tokenizer, prompts)
+                     batch_size: int = 64, steer: SteerLMFormat | None = None) -> list[Completion]:
+    """One completion per prompt (in prompt order), generated in length-sorted batches. With
+    `steer` (a SteerLM label format), each prompt is conditioned on its "attributes" (or the defaults)."""
+    ids = _prompt_ids(tokenizer, prompts, steer)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     results: list[Completion | None] = [None] * len(ids)
     for start in range(0, len(order), batch_size):
@@ -110,12 +112,16 @@ def evaluate_model(
     reference_name: str = "reference",
     reference_rewards: list[float] | None = None,
     kl_prompts: int = 64,
+    attributes: dict[str, int] | None = None,
 ) -> EvalResult:
     """Sample, score, and compare with a reference model (win rate and KL) if given.
     `reference_rewards` (the reference's rewards on the same prompts, from an earlier
-    evaluation with the same sampling) saves sampling the reference again."""
+    evaluation with the same sampling) saves sampling the reference again. A SteerLM model is
+    asked for `attributes` (others: its defaults); the reference is asked nothing."""
     model, tokenizer = load_for_eval(model_dir)
-    completions = sample_responses(model, tokenizer, prompts, params)
+    steer = SteerLMFormat.from_config(model.config)
+    asked = [{**p, "attributes": attributes} for p in prompts] if steer is not None else prompts
+    completions = sample_responses(model, tokenizer, asked, params, steer=steer)
     responses = [c.text for c in completions]
     metrics, rewards, scores = _score_metrics(prompts, responses)
     metrics["response_chars"] = float(np.mean([len(r) for r in responses]))
@@ -128,10 +134,9 @@ def evaluate_model(
             ref_rewards = [score_response(p, r).reward for p, r in zip(prompts, ref_responses)]
         metrics.update(mean_with_ci(f"win_rate_vs_{reference_name}", win_rate(rewards, ref_rewards)))
         # KL on fresh temperature-1 samples: the estimator needs samples from the model itself.
-        subset = prompts[:kl_prompts]
         kl_params = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=1.0, seed=12345)
-        samples = sample_responses(model, tokenizer, subset, kl_params)
-        ids = _prompt_ids(tokenizer, subset)
+        samples = sample_responses(model, tokenizer, asked[:kl_prompts], kl_params, steer=steer)
+        ids = _prompt_ids(tokenizer, prompts[:kl_prompts])  # the reference sees the plain prompt
         own = [sum(c.logprobs) for c in samples]
         ref = sequence_logprobs(reference, ids, samples)
         metrics.update(mean_with_ci("kl", [a - b for a, b in zip(own, ref)]))

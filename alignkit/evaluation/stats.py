@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "mean_with_ci", "win_rate"]
+__all__ = ["average_ranks", "bootstrap_ci", "mean_with_ci", "spearman", "win_rate"]
 
 
 def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
@@ -35,3 +35,26 @@ def win_rate(scores: Sequence[float], reference_scores: Sequence[float], tie_mar
         raise ValueError(f"win rate needs paired scores, got {len(scores)} and {len(reference_scores)}")
     return [1.0 if s > r + tie_margin else 0.0 if s < r - tie_margin else 0.5
             for s, r in zip(scores, reference_scores)]
+
+
+def average_ranks(values: Sequence[float]) -> np.ndarray:
+    """1-based ranks; tied values share the mean of their ranks ([10, 20, 20, 30] -> [1, 2.5, 2.5, 4])."""
+    x = np.asarray(values, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.arange(1, x.size + 1)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson r of the average ranks, so ties are handled);
+    0.0 when either side is constant (no monotone relation can be measured)."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman needs paired values, got {len(a)} and {len(b)}")
+    ra, rb = average_ranks(a), average_ranks(b)
+    if ra.size < 2 or ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])

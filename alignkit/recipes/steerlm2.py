@@ -204,7 +204,7 @@ def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFo
         sums["groups"] += len(chunk)
         sums["tokens"] += sum(len(c.token_ids) for c in completions)
         sums["ended"] += sum(c.is_end for c in completions)
-        sums["matched"] += float((predicted.round().clamp(0, 4) == wanted).all(-1).sum())
+        sums["matched"] += float((predicted.round().clamp(0, 4) == wanted).float().mean(-1).sum())  # per attribute
         sums["attribute_logp"] += float(attribute_logps.sum())
     return rows, sums
 

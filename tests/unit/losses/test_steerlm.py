@@ -51,3 +51,19 @@ def test_groups_sum_and_gradcheck():
     steerlm2_loss(p, q, a, y, n)[0].backward()
     w, b = torch.softmax(a + y - q, -1), torch.softmax(p.detach() - q, -1)
     torch.testing.assert_close(p.grad, -(w - b) / n.double().mean(-1, keepdim=True))
+
+
+def test_attribute_likelihood_hand_computed():
+    """m = 2, sigma = 1: unnormalised exp(-(k-2)^2/2) over k = 0..4 is [e^-2, e^-.5, 1, e^-.5, e^-2],
+    sum 2.483732. Target 2: log(1 / 2.483732) = -0.909763; target 0: -2 - log 2.483732 = -2.909763.
+    Two attributes add up."""
+    from alignkit.losses.steerlm import attribute_log_likelihood
+
+    predicted = torch.tensor([[2.0, 2.0]])
+    got = attribute_log_likelihood(predicted, torch.tensor([[2, 0]]), sigma=1.0)
+    torch.testing.assert_close(got, torch.tensor([-0.909763 - 2.909763]), atol=1e-5, rtol=0)
+    # A sharper sigma trusts the prediction more: the matching level gains, a far one loses.
+    sharp = attribute_log_likelihood(predicted, torch.tensor([[2, 0]]), sigma=0.5)
+    assert sharp[0] < got[0]
+    assert attribute_log_likelihood(predicted[:, :1], torch.tensor([[2]]), 0.5) > \
+        attribute_log_likelihood(predicted[:, :1], torch.tensor([[2]]), 1.0)
