@@ -64,6 +64,10 @@ class SteerLM2Config(Section):
     iterations: int = 1
     samples_per_prompt: int = Field(4, ge=2)  # n: the weights are a softmax over these
     attribute_sigma: float = Field(0.5, gt=0)  # the attribute likelihood's width (levels)
+    # The attributes whose likelihood enters log P(a|x,y) (default: every attribute of the label).
+    # Leaving one out treats it as uninformative: a small model's correctness, say, can dominate
+    # the weights (a 4-level miss costs 32 nats at sigma 0.5) and drown the attributes being steered.
+    likelihood_attributes: list[str] | None = None
     max_new_tokens: int = 128
     temperature: float = 1.0  # Q' must be sampled as is for the importance weights to hold
     generation_batch_size: int = 32  # prompts per sampling batch (x n rows)
@@ -181,12 +185,13 @@ def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFo
                                           for g, grp in enumerate(groups)], tokenizer.pad_token_id,
                              s2.score_batch_size)
         scored = attribute_model([r["prompt"] for r in chunk for _ in range(n)], [c.text for c in completions])
-        missing = [a for a in fmt.attributes if a not in scored.names]
+        missing = [a for a in s2.likelihood_attributes or fmt.attributes if a not in scored.names]
         if scored.attributes is None or missing:
             raise ConfigError(f"the attribute model returns attributes {scored.names or 'none'}; the SteerLM "
                               f"label needs {missing or list(fmt.attributes)}")
-        predicted = scored.attributes[:, [scored.names.index(a) for a in fmt.attributes]]  # (G*n, A)
-        wanted = torch.tensor([[t[a] for a in fmt.attributes] for t in targets]).repeat_interleave(n, 0)  # (G*n, A)
+        names = s2.likelihood_attributes or list(fmt.attributes)
+        predicted = scored.attributes[:, [scored.names.index(a) for a in names]]  # (G*n, A)
+        wanted = torch.tensor([[t[a] for a in names] for t in targets]).repeat_interleave(n, 0)  # (G*n, A)
         attribute_logps = attribute_log_likelihood(predicted, wanted, s2.attribute_sigma).view(len(chunk), n)
         for g, record in enumerate(chunk):
             log_w = attribute_logps[g].double() + torch.tensor(prior_logps[g]) - torch.tensor(initial[g])
@@ -267,6 +272,10 @@ def main(cfg: Config) -> None:
         fmt = SteerLMFormat.from_config(model.config)
         if fmt is None:
             raise ConfigError(f"model.path={model_path} is not a SteerLM model (no `steerlm` in its config.json)")
+        unknown = [a for a in s2.likelihood_attributes or [] if a not in fmt.attributes]
+        if unknown:
+            raise ConfigError(f"steerlm2.likelihood_attributes: {unknown} are not in the model's label "
+                              f"({', '.join(fmt.attributes)})")
 
         # --- 1-2. Q' samples n per (prompt, targets); log P(a|x,y), log P(y|x), log Q' -----------
         samples = out / "samples.jsonl"
@@ -279,7 +288,7 @@ def main(cfg: Config) -> None:
                                                     attribute_model, t))
             del prior
             n = max(sums["samples"], 1)
-            metrics = {"rollout/attribute_match": sums["matched"] / n,
+            metrics = {"rollout/attribute_match": sums["matched"] / n,  # per likelihood attribute
                        "rollout/log_p_attributes": sums["attribute_logp"] / n,
                        "rollout/response_tokens": sums["tokens"] / n, "rollout/ended_fraction": sums["ended"] / n,
                        "rollout/weights_ess": sums["ess"] / max(sums["groups"], 1)}

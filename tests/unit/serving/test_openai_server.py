@@ -56,3 +56,32 @@ def test_bad_requests_are_refused_with_a_message(served):
         client.completions.create(model="tiny", prompt="x", max_tokens=4, stream=True)
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="tiny", messages=[], max_tokens=4)
+
+
+def test_steerlm_models_take_attributes_and_plain_models_refuse_them(served, tokenizer):
+    from alignkit.data.steerlm import SteerLMFormat
+
+    client, _ = served
+    with pytest.raises(openai.BadRequestError, match="not a SteerLM model"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body={"attributes": {"verbosity": 0}})
+    fmt = SteerLMFormat(("verbosity", "politeness"), defaults={"verbosity": 1, "politeness": 3})
+    model = tiny_model(tokenizer, seed=3).eval()
+    model.config.steerlm = fmt.to_config()
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    with Server(create_app(model, tokenizer, "steer", max_tokens_limit=32)) as url:
+        steer = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        out = steer.chat.completions.create(model="steer", messages=messages, max_tokens=6, temperature=0,
+                                            extra_body={"attributes": {"verbosity": 4}})
+        assert out.model_extra["alignkit_label"] == "verbosity:4,politeness:3"
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + \
+            "[verbosity:4,politeness:3]\n"
+        direct = generate(model, [tokenizer(text, add_special_tokens=False)["input_ids"]],
+                          SamplingParams(max_new_tokens=6, temperature=0), tokenizer.eos_token_id,
+                          tokenizer.pad_token_id, tokenizer.decode)[0]
+        assert out.choices[0].message.content == direct.text
+        default = steer.chat.completions.create(model="steer", messages=messages, max_tokens=2, temperature=0)
+        assert default.model_extra["alignkit_label"] == "verbosity:1,politeness:3"
+        with pytest.raises(openai.BadRequestError, match="did you mean 'politeness'"):
+            steer.chat.completions.create(model="steer", messages=messages, max_tokens=2,
+                                          extra_body={"attributes": "politenes:2"})
