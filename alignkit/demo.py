@@ -223,7 +223,8 @@ def _steerlm(demo: Demo) -> dict[str, Any]:
 
 def _steerlm2(demo: Demo) -> dict[str, Any]:
     """SteerLM 2.0 from the SteerLM model on random (verbosity, politeness) targets, the other
-    attributes at their best; the attribute model gives log P(a|x,y), the SFT model log P(y|x)."""
+    attributes at their best; log P(a|x,y) from the oracle's measurement of the steered attributes
+    (configs/demo/steerlm2.yaml), log P(y|x) from the SFT model."""
     from alignkit.tasks.datasets import steer_prompt_records
 
     demo.path("steerlm2").mkdir(parents=True, exist_ok=True)
@@ -232,8 +233,7 @@ def _steerlm2(demo: Demo) -> dict[str, Any]:
     write_jsonl(targets, demo.path("steerlm2", "targets.jsonl"))
     _train(demo, "steerlm2", [f"model.path={demo.path('steerlm', 'final')}",
                               f"data.train.path={demo.path('steerlm2', 'targets.jsonl')}",
-                              f"steerlm2.prior_path={demo.path('sft', 'final')}",
-                              f"attribute_model.path={demo.path('reward_model', 'attributes', 'final')}"])
+                              f"steerlm2.prior_path={demo.path('sft', 'final')}"])
     return _steer_metrics(demo, "steerlm2")
 
 
@@ -259,7 +259,7 @@ STAGES = [
           is_model=True),
     Stage("steerlm", _steerlm, ("sft", "reward_model"), configs=("steerlm",), is_model=True,
           settings=(STEER_ANNOTATOR, STEER_BASE, BEST_TARGETS, STEER_EVAL_PROMPTS, STEERABLE_ATTRIBUTES)),
-    Stage("steerlm2", _steerlm2, ("steerlm",), configs=("steerlm2",), is_model=True,
+    Stage("steerlm2", _steerlm2, ("sft", "steerlm"), configs=("steerlm2",), is_model=True,
           settings=(STEERLM2_PROMPTS, STEER_BASE, BEST_TARGETS, STEER_EVAL_PROMPTS, STEERABLE_ATTRIBUTES)),
 ]
 DEFAULT_STAGES = ["data", "tokenizer", "base", "sft", "dpo", "reward_model"]
@@ -360,6 +360,33 @@ def _reward_model_lines(demo: Demo, stages: list[Stage]) -> list[str]:
     ]
 
 
+def _steering_lines(demo: Demo, stages: list[Stage]) -> list[str]:
+    steered = [s.name for s in stages if s.name in ("steerlm", "steerlm2")]
+    if not steered:
+        return []
+    names = list(STEERABLE_ATTRIBUTES)
+    rows = []
+    first = demo.results[steered[0]]
+    if "sft_attribute_accuracy" in first:
+        rows.append(("sft (ignores the label)", {k.removeprefix("sft_"): v for k, v in first.items()
+                                                 if k.startswith("sft_")}))
+    rows += [(name, demo.results[name]) for name in steered]
+    asked = ", ".join(f"{k} {v}" for k, v in BEST_TARGETS.items())
+    return [
+        f"Attribute control (greedy answers to {STEER_EVAL_PROMPTS} held-out prompts x 5 requested levels, measured "
+        "by the oracle; Spearman of requested vs measured level, and the share measured exactly as requested):",
+        "",
+        "| model | attribute accuracy | " + " | ".join(f"{n} Spearman | {n} by level 0..4" for n in names) + " |",
+        "|---|---|" + "---|---|" * len(names),
+        *[f"| {label} | {m['attribute_accuracy']:.3f} | " + " | ".join(
+            f"{m[f'{n}_spearman']:.2f} | {' '.join(f'{x:.1f}' for x in m[f'{n}_by_level'])}" for n in names) + " |"
+          for label, m in rows],
+        "",
+        f"The SteerLM rows of the main table ask for {asked}.",
+        "",
+    ]
+
+
 def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "runs/demo") -> dict[str, Any]:
     """Run (or reuse) the requested stages and their dependencies; write the report."""
     log = get_logger()
@@ -380,11 +407,12 @@ def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "run
         f"Held-out prompts: {len(demo.eval_prompts())} (an equal number per skill), sampled at temperature "
         f"{EVAL_SAMPLING.temperature}, up to {EVAL_SAMPLING.max_new_tokens} tokens, scored by the task-world oracle.",
         "", table, "", f"![reward]({plot.name})", "", *_reward_model_lines(demo, stages),
+        *_steering_lines(demo, stages),
         "Stage timings (s): " + ", ".join(f"{s.name} {demo.results[s.name].get('seconds', 0):.0f}" for s in stages),
     ]
     demo.path("report.md").write_text("\n".join(report) + "\n")
     print(table)
-    for line in _reward_model_lines(demo, stages):
+    for line in [*_reward_model_lines(demo, stages), *_steering_lines(demo, stages)]:
         print(line)
     print(f"\nreport: {demo.path('report.md')}  summary: {demo.path('summary.json')}")
     return models
