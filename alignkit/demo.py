@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.config import find_config, load_config
+from alignkit.data.io import write_jsonl
 from alignkit.evaluation.evaluate import evaluate_model, plot_results, write_json
 from alignkit.evaluation.stats import mean_with_ci, win_rate
 from alignkit.generation.sampler import SamplingParams
@@ -68,10 +69,6 @@ def _data(demo: Demo) -> dict[str, Any]:
 
     paths = build_datasets(demo.path("data"), seed=0)
     return {"files": {name: str(p) for name, p in paths.items()}}
-
-
-def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 def _tokenizer(demo: Demo) -> dict[str, Any]:

@@ -9,11 +9,13 @@ the other formats go through the `datasets` library.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "Record", "read_records"]
+__all__ = ["DataError", "Record", "read_records", "write_jsonl"]
 
 
 class DataError(ValueError):
@@ -92,3 +94,16 @@ def read_records(path: str | Path, split: str | None = None, limit: int | None =
 
         return _from_dataset(datasets.Dataset.from_parquet(str(path)), path, limit)
     raise DataError(f"{path}: unsupported dataset format {suffix!r} (use .jsonl, .json, .parquet or a saved datasets directory)")
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """One JSON object per line, written atomically (a temporary file renamed into place), so a run
+    killed mid-write never leaves a truncated file that a resumed run would trust."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -27,7 +27,6 @@ gathered so that every process trains on the same set.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -35,14 +34,14 @@ from pathlib import Path
 from alignkit.config import ConfigError, DataConfig, RecipeConfig, Section
 from alignkit.data.batching import collate_rows
 from alignkit.data.formats import messages_from_value
-from alignkit.data.io import DataError, read_records
+from alignkit.data.io import DataError, read_records, write_jsonl
 from alignkit.data.sft import make_rows, row_length
 from alignkit.data.tokenize import EncodeStats, encode_conversation, fit_length
 from alignkit.generation.sampler import SamplingParams, generate
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.recipes.sft import loss_fn
 from alignkit.rewards import RewardSourceConfig, build_reward_source
-from alignkit.training.distributed import barrier
+from alignkit.training.distributed import barrier, gather_rollouts
 from alignkit.training.logging import MetricLogger
 from alignkit.training.loop import Run, fit, save_final, start_run
 
@@ -113,22 +112,6 @@ def sample_and_select(run: Run, cfg: Config, model, tokenizer, records: list[dic
     return kept, sums
 
 
-def _gather(run: Run, kept: list, sums: dict) -> tuple[list, dict]:
-    if not run.dist.enabled:
-        return kept, sums
-    import torch.distributed as dist
-
-    shares: list = [None] * run.dist.world_size
-    dist.all_gather_object(shares, (kept, sums))
-    return [row for share, _ in shares for row in share], {k: sum(s[k] for _, s in shares) for k in sums}
-
-
-def _write_jsonl_atomic(rows: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # --- 4: fine-tune on the kept samples --------------------------------------------------------
 
 
@@ -182,7 +165,7 @@ def main(cfg: Config) -> None:
             kept = [json.loads(line) for line in samples.read_text().splitlines()]
             run.log.info(f"iteration {t}: reusing {len(kept)} kept samples from {samples}")
         else:
-            kept, sums = _gather(run, *sample_and_select(run, cfg, model, tokenizer, records, reward))
+            kept, sums = gather_rollouts(*sample_and_select(run, cfg, model, tokenizer, records, reward), run.dist)
             n = max(sums["samples"], 1)
             metrics = {"rollout/reward": sums["reward"] / n, "rollout/reward_kept": sums["reward_kept"] / max(
                 sums["kept"], 1), "rollout/response_tokens": sums["tokens"] / n,
@@ -190,7 +173,7 @@ def main(cfg: Config) -> None:
             rollout_log.log(t, metrics)
             run.log.info(f"iteration {t}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if run.dist.is_main:
-                _write_jsonl_atomic(kept, samples)
+                write_jsonl(kept, samples)
             barrier(run.dist)
         if not kept:
             raise ConfigError(f"iteration {t}: no sample was kept (rs.min_reward={rs.min_reward}, "

@@ -27,8 +27,6 @@ the default level of each attribute: the most common one in the training labels)
 
 from __future__ import annotations
 
-import json
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from typing import Any
 from alignkit.config import DataConfig, RecipeConfig, Section
 from alignkit.data.batching import collate_rows
 from alignkit.data.formats import to_messages
-from alignkit.data.io import DataError, Record, read_records
+from alignkit.data.io import DataError, Record, read_records, write_jsonl
 from alignkit.data.sft import make_rows, row_length
 from alignkit.data.steerlm import (DEFAULT_ATTRIBUTES, DEFAULT_LABEL_TEMPLATE, SteerLMFormat, encode_steerlm,
                                    format_attribute_label, record_targets)
@@ -103,10 +101,7 @@ def _annotated_records(run, cfg: Config, dataset, name: str) -> list[Record]:
         if run.dist.is_main:
             run.log.info(f"annotating {len(records)} responses of {dataset.path} with the {cfg.annotate.kind} "
                          "attribute source")
-            rows = annotate(records, build_reward_source(cfg.annotate), cfg.steerlm.attributes)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-            os.replace(tmp, path)
+            write_jsonl(annotate(records, build_reward_source(cfg.annotate), cfg.steerlm.attributes), path)
         barrier(run.dist)
     return read_records(str(path))
 

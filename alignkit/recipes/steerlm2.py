@@ -30,7 +30,6 @@ layout, then the training run), so a killed run resumes where it stopped. Rollou
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from functools import partial
@@ -43,7 +42,7 @@ from pydantic import Field
 from alignkit.config import ConfigError, DataConfig, ModelConfig, RecipeConfig, Section
 from alignkit.data.batching import collate_groups
 from alignkit.data.formats import messages_from_value
-from alignkit.data.io import DataError, read_records
+from alignkit.data.io import DataError, read_records, write_jsonl
 from alignkit.data.preference import sequence_logps
 from alignkit.data.steerlm import LabelError, SteerLMFormat, format_attribute_label, steered_prompt
 from alignkit.data.tokenize import IGNORE, Example
@@ -52,7 +51,7 @@ from alignkit.losses.steerlm import attribute_log_likelihood, steerlm2_loss
 from alignkit.models.forward import logits_at
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
-from alignkit.training.distributed import barrier
+from alignkit.training.distributed import barrier, gather_rollouts
 from alignkit.training.logging import MetricLogger
 from alignkit.training.loop import Run, fit, save_final, start_run
 
@@ -214,16 +213,6 @@ def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFo
     return rows, sums
 
 
-def _gather(run: Run, rows: list, sums: dict) -> tuple[list, dict]:
-    if not run.dist.enabled:
-        return rows, sums
-    import torch.distributed as dist
-
-    shares: list = [None] * run.dist.world_size
-    dist.all_gather_object(shares, (rows, sums))
-    return [row for share, _ in shares for row in share], {k: sum(s[k] for _, s in shares) for k in sums}
-
-
 def _groups(rows: list[dict], where: str) -> list[Group]:
     return [Group([_example(row["prompt_ids"], r["token_ids"], f"{where}:{i + 1}") for r in row["responses"]],
                   [r["log(Q(y|a,x))"] for r in row["responses"]], [r["log(P(a|x,y))"] for r in row["responses"]],
@@ -284,8 +273,8 @@ def main(cfg: Config) -> None:
             run.log.info(f"iteration {t}: reusing {len(rows)} sampled groups from {samples}")
         else:
             prior = load_causal_lm(prior_cfg, tokenizer, seed=cfg.train.seed).to(run.dist.device)
-            rows, sums = _gather(run, *sample_groups(run, cfg, model, prior, tokenizer, fmt, records,
-                                                    attribute_model, t))
+            rows, sums = gather_rollouts(*sample_groups(run, cfg, model, prior, tokenizer, fmt, records,
+                                                        attribute_model, t), run.dist)
             del prior
             n = max(sums["samples"], 1)
             metrics = {"rollout/attribute_match": sums["matched"] / n,  # per likelihood attribute
@@ -295,9 +284,7 @@ def main(cfg: Config) -> None:
             rollout_log.log(t, metrics)
             run.log.info(f"iteration {t}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if run.dist.is_main:
-                tmp = samples.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-                os.replace(tmp, samples)
+                write_jsonl(rows, samples)
             barrier(run.dist)
 
         # --- 3. minimise sum_i (w'_i - b'_i) NLL(y_i), b' from the current policy each step --------

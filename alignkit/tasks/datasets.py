@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from alignkit.data.io import write_jsonl
 from alignkit.tasks.demonstrator import GOOD_NOISE, MIXED_NOISE, Demonstrator
 from alignkit.tasks.oracle import REWARD_WEIGHTS, score_response
 from alignkit.tasks.world import SKILLS, generate_prompts
@@ -181,13 +182,6 @@ class DatasetSizes:
     redteam: int = 200
 
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
-
-
 def build_datasets(out_dir: str | Path, seed: int = 0, sizes: DatasetSizes = DatasetSizes()) -> dict[str, Path]:
     """Write every task-world dataset to `out_dir`; returns {name: path}, manifest.json included."""
     out = Path(out_dir)
@@ -209,7 +203,7 @@ def build_datasets(out_dir: str | Path, seed: int = 0, sizes: DatasetSizes = Dat
     paths, counts = {}, {}
     for name, build in builders.items():
         records = build()
-        paths[name] = _write_jsonl(out / f"{name}.jsonl", records)
+        paths[name] = write_jsonl(records, out / f"{name}.jsonl")
         counts[name] = len(records)
     manifest = {
         "seed": seed,

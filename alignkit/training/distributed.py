@@ -70,6 +70,15 @@ def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
     return tensor
 
 
+def gather_rollouts(rows: list, sums: dict[str, float], d: Dist) -> tuple[list, dict[str, float]]:
+    """Every process's rows (concatenated in rank order) and summed statistics, on every process."""
+    if not d.enabled:
+        return rows, sums
+    shares: list = [None] * d.world_size
+    dist.all_gather_object(shares, (rows, sums))
+    return [row for share, _ in shares for row in share], {k: sum(s[k] for _, s in shares) for k in sums}
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks (the classes HF lists in `_no_split_modules`)."""
     names: set[str] = set()
