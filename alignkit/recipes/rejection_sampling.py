@@ -27,7 +27,6 @@ gathered so that every process trains on the same set.
 from __future__ import annotations
 
 import json
-import shutil
 from functools import partial
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from alignkit.recipes.sft import loss_fn
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import barrier, gather_rollouts
 from alignkit.training.logging import MetricLogger
-from alignkit.training.loop import Run, fit, save_final, start_run
+from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_run, save_final, start_run
 
 __all__ = ["Config", "RejectionSamplingConfig", "main"]
 
@@ -143,21 +142,13 @@ def main(cfg: Config) -> None:
     model_path = cfg.model.path
 
     for t in range(1, rs.iterations + 1):
+        it_run = iteration_run(run, t, model_path)
         out = run.output_dir / f"iteration_{t}"
-        it_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model_path,
-                                "random_init": cfg.model.random_init if model_path is None else None,
-                                "tokenizer_path": cfg.model.tokenizer_path if model_path is None else None}),
-                                "output_dir": str(out)})
-        it_run = Run(cfg=it_cfg, dist=run.dist, output_dir=out)
-        if (out / "final" / "config.json").is_file():
-            run.log.info(f"iteration {t}: done earlier, reusing {out / 'final'}")
+        if it_run is None:
             model_path = str(out / "final")
             continue
-        if run.dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        barrier(run.dist)
-        tokenizer = load_tokenizer(it_cfg.model)
-        model = load_causal_lm(it_cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
+        tokenizer = load_tokenizer(it_run.cfg.model)
+        model = load_causal_lm(it_run.cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
 
         # --- 1-3. sample N per prompt, score, keep the best k (reused when resuming) ------------
         samples = out / "kept.jsonl"
@@ -190,10 +181,4 @@ def main(cfg: Config) -> None:
         del model
 
     rollout_log.close()
-    if cfg.checkpoint.save_final and run.dist.is_main:
-        final = run.output_dir / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(model_path, final)
-        run.log.info(f"saved {final} (iteration {rs.iterations})")
-
+    copy_last_iteration(run, model_path, rs.iterations)

@@ -30,7 +30,6 @@ layout, then the training run), so a killed run resumes where it stopped. Rollou
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -53,7 +52,7 @@ from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import barrier, gather_rollouts
 from alignkit.training.logging import MetricLogger
-from alignkit.training.loop import Run, fit, save_final, start_run
+from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_run, save_final, start_run
 
 __all__ = ["Config", "SteerLM2Config", "main"]
 
@@ -245,19 +244,13 @@ def main(cfg: Config) -> None:
         raise ConfigError("model.path: SteerLM 2.0 starts from a SteerLM model (what `alignkit run steerlm` saves)")
 
     for t in range(1, s2.iterations + 1):
+        it_run = iteration_run(run, t, model_path)
         out = run.output_dir / f"iteration_{t}"
-        it_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model_path}),
-                                        "output_dir": str(out)})
-        it_run = Run(cfg=it_cfg, dist=run.dist, output_dir=out)
-        if (out / "final" / "config.json").is_file():
-            run.log.info(f"iteration {t}: done earlier, reusing {out / 'final'}")
+        if it_run is None:
             model_path = str(out / "final")
             continue
-        if run.dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-        barrier(run.dist)
-        tokenizer = load_tokenizer(it_cfg.model)
-        model = load_causal_lm(it_cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
+        tokenizer = load_tokenizer(it_run.cfg.model)
+        model = load_causal_lm(it_run.cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
         fmt = SteerLMFormat.from_config(model.config)
         if fmt is None:
             raise ConfigError(f"model.path={model_path} is not a SteerLM model (no `steerlm` in its config.json)")
@@ -297,9 +290,4 @@ def main(cfg: Config) -> None:
         del model
 
     rollout_log.close()
-    if cfg.checkpoint.save_final and run.dist.is_main:
-        final = run.output_dir / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(model_path, final)
-        run.log.info(f"saved {final} (iteration {s2.iterations})")
+    copy_last_iteration(run, model_path, s2.iterations)
