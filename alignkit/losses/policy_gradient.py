@@ -5,7 +5,7 @@ Layout: per-token tensors are (B, T) over the *response* positions of B rollouts
 `mask` (B, T) true on real response tokens (EOS included). Sums, not means, are returned where a
 training loop normalises (see alignkit/training/loop.py: the loop divides by the global unit count).
 
-Conventions chosen where peers differ (docs/recipes/ppo.md):
+Conventions chosen where peers differ (algorithms.md B.5 lists the peers'):
 - KL estimators per token (Schulman's): k1 = logp - logp_ref; abs = |k1| (NeMo-Aligner's default);
   k3 = exp(logp_ref - logp) - 1 - (logp_ref - logp) (non-negative, low variance).
 - Whitening uses the masked mean and the *uncorrected* variance (NeMo-Aligner, OpenRLHF), eps 1e-8,
