@@ -133,6 +133,32 @@ def evaluate(run: Run, model: nn.Module, plan: BatchPlan, items: Sequence, colla
     return {f"val/{k}": v for k, v in (summarize(metrics) if summarize else metrics).items()}
 
 
+def optimizer_step(run: Run, model: nn.Module, optimizer, batches: list[Batch],
+                   loss_fn: LossFn) -> tuple[dict[str, torch.Tensor], float, float, float]:
+    """One optimizer step over this process's micro-batches (gradient accumulation; the gradient
+    all-reduce only on the last one). The loss is normalised by the global unit count: every
+    loss_fn returns sums, so the step equals one big batch whatever the micro-batching and the
+    number of processes. Returns (local metric sums, global units, global tokens, grad norm).
+    The optimizer state persists in `optimizer`, so online recipes (PPO) call this once per
+    minibatch of their own loop."""
+    d = run.dist
+    local = torch.tensor([sum(b["num_units"] for b in batches), sum(b["num_tokens"] for b in batches)],
+                         dtype=torch.float64)
+    global_units, global_tokens = all_reduce_sum(local, d).tolist()
+    scale = d.world_size / max(global_units, 1.0)
+    sums: dict[str, torch.Tensor] = {}
+    for k, batch in enumerate(batches):
+        with _no_grad_sync(model, sync=k == len(batches) - 1), run.autocast():
+            loss_sum, metrics = loss_fn(model, _to_device(batch, d.device))
+        (loss_sum * scale).backward()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0) + value.detach().float()
+    grad_norm = _grad_norm(model, run.cfg.optim.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, global_units, global_tokens, grad_norm
+
+
 def fit(
     run: Run,
     model: nn.Module,
@@ -176,22 +202,9 @@ def fit(
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         batches = _micro_batches(plan.micro_batches(step), train_items, collate)
-        local = torch.tensor([sum(b["num_units"] for b in batches), sum(b["num_tokens"] for b in batches)],
-                             dtype=torch.float64)
-        global_units, global_tokens = all_reduce_sum(local, d).tolist()
-        scale = d.world_size / max(global_units, 1.0)
-        sums: dict[str, torch.Tensor] = {}
-        for k, batch in enumerate(batches):
-            with _no_grad_sync(model, sync=k == len(batches) - 1), run.autocast():
-                loss_sum, metrics = loss_fn(model, _to_device(batch, d.device))
-            (loss_sum * scale).backward()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0) + value.detach().float()
-        grad_norm = _grad_norm(model, cfg.optim.grad_clip)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        sums, global_units, global_tokens, grad_norm = optimizer_step(run, model, optimizer, batches, loss_fn)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
         if done % tc.log_every == 0 or done == total_steps:
