@@ -295,12 +295,14 @@ def generate(
             raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model}")
         lm, tokenizer = load_for_eval(model)
         fmt = SteerLMFormat.from_config(lm.config)
-        texts = []
+        texts, labels = [], []
         for r, c in zip(records, conversations):
+            request = r.data.get("attributes", attributes)
             try:
-                texts.append(steered_prompt(tokenizer, c, fmt, r.data.get("attributes", attributes)))
+                texts.append(steered_prompt(tokenizer, c, fmt, request))
             except LabelError as exc:
                 raise DataError(f"{r.source}: {exc}") from None
+            labels.append({"label": fmt.label(request)} if fmt else {})
     except (DataError, FileNotFoundError, OSError) as exc:
         _fail(str(exc))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
@@ -314,7 +316,7 @@ def generate(
             batch_params = SamplingParams(**{**params.__dict__, "seed": seed + start})
             for c in sample(lm, chunk, batch_params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode):
                 record = records[start + c.prompt_index].data
-                steer = {"label": fmt.label(record.get("attributes", attributes))} if fmt else {}
+                steer = labels[start + c.prompt_index]
                 f.write(json.dumps({"prompt": record.get("prompt", record.get("messages")), **steer, "response": c.text,
                                     "sample": written % n, "is_end": c.is_end, "finish_reason": c.finish_reason,
                                     "num_tokens": len(c.token_ids), "logprob": sum(c.logprobs)},

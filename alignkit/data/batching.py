@@ -62,15 +62,22 @@ def collate_groups(groups: Sequence[Sequence[Example] | None], pad_id: int) -> d
     sequences of a preference pair), packed into as few rows as fit the longest group, so the
     padded (B, T) batch wastes little.
 
-    Returns `collate_rows` of the packed rows, plus `order`: the positions in `groups` of the
-    packed groups, in row-major order (the order of their sequences in the batch). `None`
-    groups (evaluation fillers) are left out; fillers only give one row without sequences.
+    Returns `collate_rows` of the packed rows, plus
+        order            the positions in `groups` of the packed groups, in row-major order (the
+                         order of their sequences in the batch);
+        seq_index        (N,) the sequence of each target position, row-major like `logits_at`
+                         with `target_ids != IGNORE` (sequences numbered in packed order);
+        seq_num_targets  (S,) target tokens per sequence, in packed order.
+    `None` groups (evaluation fillers) are left out; fillers only give one row without sequences.
     """
     present = [i for i, g in enumerate(groups) if g is not None]
     rows = pack_micro_batch([sum(len(e.input_ids) for e in groups[i]) for i in present])
     order = [present[j] for row in rows for j in row]
     batch = collate_rows([[e for j in row for e in groups[present[j]]] for row in rows] or [None], pad_id)
+    counts = torch.tensor([e.num_targets for i in order for e in groups[i]], dtype=torch.long)
     batch["order"] = order
+    batch["seq_index"] = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    batch["seq_num_targets"] = counts
     return batch
 
 

@@ -251,10 +251,7 @@ def collate_pairs(pairs: Sequence[PreferencePair | None], pad_id: int) -> dict[s
     """
     batch = collate_groups([(p.chosen, p.rejected) if p is not None else None for p in pairs], pad_id)
     real = [pairs[i] for i in batch["order"]]
-    counts = [n for p in real for n in (p.chosen.num_targets, p.rejected.num_targets)]
-    batch["num_units"] = len(real)
-    batch["seq_index"] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
-    batch["seq_num_targets"] = torch.tensor(counts, dtype=torch.long)
+    batch["num_units"] = len(real)  # seq_index and seq_num_targets come from collate_groups
 
     def floats(values):
         return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)

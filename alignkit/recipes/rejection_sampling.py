@@ -139,14 +139,12 @@ def main(cfg: Config) -> None:
     sampled = [t for t in range(1, rs.iterations + 1) if (run.output_dir / f"iteration_{t}" / "kept.jsonl").is_file()]
     rollout_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), rs.iterations,
                                run.dist.is_main, resumed_step=max(sampled, default=0))
-    model_path = cfg.model.path
 
     for t in range(1, rs.iterations + 1):
-        it_run = iteration_run(run, t, model_path)
-        out = run.output_dir / f"iteration_{t}"
+        it_run = iteration_run(run, t)  # trains from the previous iteration's final model
         if it_run is None:
-            model_path = str(out / "final")
             continue
+        out = it_run.output_dir
         tokenizer = load_tokenizer(it_run.cfg.model)
         model = load_causal_lm(it_run.cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
 
@@ -177,8 +175,7 @@ def main(cfg: Config) -> None:
         model = fit(it_run, model, make_rows(examples, cfg.data), row_length, collate, loss_fn)
         save_final(it_run, model, tokenizer)
         barrier(run.dist)
-        model_path = str(out / "final")
         del model
 
     rollout_log.close()
-    copy_last_iteration(run, model_path, rs.iterations)
+    copy_last_iteration(run, rs.iterations)

@@ -114,9 +114,8 @@ def load_steerlm_examples(records: list[Record], fmt: SteerLMFormat, data: DataC
     stats, examples, labels = EncodeStats(total=len(records)), [], []
     for record in records:
         targets = record_targets(record.data, fmt.attributes, record.source)
-        line = fmt.label_template.replace("{label}", format_attribute_label(targets, fmt.attributes))
-        example = encode_steerlm(tokenizer, to_messages(record, data.system_prompt), line, data.chat_template,
-                                 record.source)
+        example = encode_steerlm(tokenizer, to_messages(record, data.system_prompt), fmt.label_line(targets),
+                                 data.chat_template, record.source)
         example = fit_length(example, data.max_seq_len, data.overlength, stats)
         if example is not None:
             examples.append(example)

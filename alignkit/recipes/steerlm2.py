@@ -43,7 +43,7 @@ from alignkit.data.batching import collate_groups
 from alignkit.data.formats import messages_from_value
 from alignkit.data.io import DataError, read_records, write_jsonl
 from alignkit.data.preference import sequence_logps
-from alignkit.data.steerlm import LabelError, SteerLMFormat, format_attribute_label, steered_prompt
+from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
 from alignkit.data.tokenize import IGNORE, Example
 from alignkit.generation.sampler import SamplingParams, generate
 from alignkit.losses.steerlm import attribute_log_likelihood, steerlm2_loss
@@ -101,10 +101,8 @@ def collate(groups: list[Group | None], pad_id: int) -> dict[str, Any]:
     G real groups in packed order, `seq_index`/`seq_num_targets` and the (G, n) loss constants."""
     batch = collate_groups([g.conditioned if g is not None else None for g in groups], pad_id)
     real = [groups[i] for i in batch["order"]]
-    counts = [e.num_targets for g in real for e in g.conditioned]
     batch["num_units"] = len(real)
-    batch["seq_index"] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
-    batch["seq_num_targets"] = torch.tensor(counts, dtype=torch.long).reshape(len(real), -1)
+    batch["seq_num_targets"] = batch["seq_num_targets"].reshape(len(real), -1)  # (G, n)
     for key in ("initial_logps", "attribute_logps", "prior_logps"):
         batch[key] = torch.tensor([getattr(g, key) for g in real], dtype=torch.float64)
     return batch
@@ -127,9 +125,7 @@ def _score(run: Run, model, sequences: list[list[Example]], pad_id: int, batch_s
     for start in range(0, len(sequences), per_batch):
         chunk = sequences[start : start + per_batch]
         batch = collate_groups(chunk, pad_id)
-        counts = torch.tensor([e.num_targets for i in batch["order"] for e in chunk[i]], dtype=torch.long)
-        batch["seq_index"] = torch.repeat_interleave(torch.arange(len(counts)), counts)
-        batch["seq_num_targets"] = counts.reshape(len(chunk), -1)
+        batch["seq_num_targets"] = batch["seq_num_targets"].reshape(len(chunk), -1)  # (G, n)
         batch = {k: v.to(run.dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with run.autocast():
             logps = group_logps(model, batch).double().cpu()
@@ -161,8 +157,9 @@ def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFo
     for start in range(0, len(mine), s2.generation_batch_size):
         index = mine[start : start + s2.generation_batch_size]
         chunk = [records[i] for i in index]
-        messages = [messages_from_value(r["prompt"], "user", f"prompts:{i + 1}") for r, i in zip(chunk, index)]
-        targets = [_targets(fmt, r, f"{cfg.data.train.path}:{i + 1}") for r, i in zip(chunk, index)]
+        where = [f"{cfg.data.train.path}:{i + 1}" for i in index]
+        messages = [messages_from_value(r["prompt"], "user", f"{w}: field 'prompt'") for r, w in zip(chunk, where)]
+        targets = [_targets(fmt, r, w) for r, w in zip(chunk, where)]
         steered = tokenizer([steered_prompt(tokenizer, m, fmt, t, cfg.data.chat_template)
                              for m, t in zip(messages, targets)], add_special_tokens=False)["input_ids"]
         plain = tokenizer([steered_prompt(tokenizer, m, None, None, cfg.data.chat_template) for m in messages],
@@ -176,18 +173,17 @@ def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFo
         model.train()
         n = s2.samples_per_prompt
         groups = [completions[g * n : (g + 1) * n] for g in range(len(chunk))]
-        where = [f"{cfg.data.train.path}:{i + 1}" for i in index]
         initial = _score(run, model, [[_example(steered[g], c.token_ids, where[g]) for c in grp]
                                       for g, grp in enumerate(groups)], tokenizer.pad_token_id, s2.score_batch_size)
         prior_logps = _score(run, prior, [[_example(plain[g], c.token_ids, where[g]) for c in grp]
                                           for g, grp in enumerate(groups)], tokenizer.pad_token_id,
                              s2.score_batch_size)
         scored = attribute_model([r["prompt"] for r in chunk for _ in range(n)], [c.text for c in completions])
-        missing = [a for a in s2.likelihood_attributes or fmt.attributes if a not in scored.names]
-        if scored.attributes is None or missing:
-            raise ConfigError(f"the attribute model returns attributes {scored.names or 'none'}; the SteerLM "
-                              f"label needs {missing or list(fmt.attributes)}")
         names = s2.likelihood_attributes or list(fmt.attributes)
+        missing = [a for a in names if a not in scored.names]
+        if scored.attributes is None or missing:
+            raise ConfigError(f"the attribute model returns attributes {scored.names or 'none'}; the likelihood "
+                              f"needs {missing or names}")
         predicted = scored.attributes[:, [scored.names.index(a) for a in names]]  # (G*n, A)
         wanted = torch.tensor([[t[a] for a in names] for t in targets]).repeat_interleave(n, 0)  # (G*n, A)
         attribute_logps = attribute_log_likelihood(predicted, wanted, s2.attribute_sigma).view(len(chunk), n)
@@ -196,7 +192,7 @@ def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFo
             w = torch.softmax(log_w, 0)
             sums["ess"] += float(1.0 / (w**2).sum()) / n  # effective sample size of w', as a fraction of n
             rows.append({
-                "prompt": record["prompt"], "label": format_attribute_label(targets[g], fmt.attributes),
+                "prompt": record["prompt"], "label": fmt.label(targets[g]),
                 "prompt_ids": steered[g], "prior_prompt_ids": plain[g],
                 "responses": [{"response": c.text, "token_ids": c.token_ids, "is_end": c.is_end,
                                "log(P(a|x,y))": float(attribute_logps[g, i]), "log(P(y|x))": prior_logps[g][i],
@@ -239,21 +235,19 @@ def main(cfg: Config) -> None:
     rollout_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), s2.iterations,
                                run.dist.is_main, resumed_step=max(sampled, default=0))
     prior_cfg = ModelConfig(path=s2.prior_path, precision=cfg.model.precision)
-    model_path = cfg.model.path
-    if model_path is None:
+    if cfg.model.path is None:
         raise ConfigError("model.path: SteerLM 2.0 starts from a SteerLM model (what `alignkit run steerlm` saves)")
 
     for t in range(1, s2.iterations + 1):
-        it_run = iteration_run(run, t, model_path)
-        out = run.output_dir / f"iteration_{t}"
+        it_run = iteration_run(run, t)  # 4. iteration t > 1 samples from iteration t-1's trained model
         if it_run is None:
-            model_path = str(out / "final")
             continue
+        out = it_run.output_dir
         tokenizer = load_tokenizer(it_run.cfg.model)
         model = load_causal_lm(it_run.cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
         fmt = SteerLMFormat.from_config(model.config)
         if fmt is None:
-            raise ConfigError(f"model.path={model_path} is not a SteerLM model (no `steerlm` in its config.json)")
+            raise ConfigError(f"model.path={it_run.cfg.model.path} is not a SteerLM model (no `steerlm` in its config.json)")
         unknown = [a for a in s2.likelihood_attributes or [] if a not in fmt.attributes]
         if unknown:
             raise ConfigError(f"steerlm2.likelihood_attributes: {unknown} are not in the model's label "
@@ -286,8 +280,7 @@ def main(cfg: Config) -> None:
                     partial(collate, pad_id=tokenizer.pad_token_id), loss_fn)
         save_final(it_run, model, tokenizer, config_updates={"steerlm": fmt.to_config()})
         barrier(run.dist)
-        model_path = str(out / "final")  # 4. the next iteration samples from the trained model
         del model
 
     rollout_log.close()
-    copy_last_iteration(run, model_path, s2.iterations)
+    copy_last_iteration(run, s2.iterations)

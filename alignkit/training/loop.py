@@ -249,24 +249,24 @@ def save_final(run: Run, model: nn.Module, tokenizer, config_updates: dict | Non
 # --- iterated recipes (rejection sampling, SteerLM 2.0): one complete run per iteration ---------
 
 
-def iteration_run(run: Run, t: int, model_path: str | None) -> Run | None:
-    """The run of iteration t, in output_dir/iteration_t, training from `model_path` (None: the
-    recipe's own model config, e.g. a random init, for the first iteration); None when the iteration
-    finished earlier (its final/ exists), so a resumed recipe skips it."""
+def iteration_run(run: Run, t: int) -> Run | None:
+    """The run of iteration t in output_dir/iteration_t. Iteration 1 trains from the recipe's own
+    model config (a path or a random init); iteration t > 1 from iteration t-1's final model.
+    None when the iteration finished earlier (its final/ exists), so a resumed recipe skips it."""
     cfg = run.cfg
     out = run.output_dir / f"iteration_{t}"
     if (out / "final" / "config.json").is_file():
         run.log.info(f"iteration {t}: done earlier, reusing {out / 'final'}")
         return None
-    model = cfg.model if model_path is None else cfg.model.model_copy(
-        update={"path": model_path, "random_init": None, "tokenizer_path": None})
+    model = cfg.model if t == 1 else cfg.model.model_copy(update={
+        "path": str(run.output_dir / f"iteration_{t - 1}" / "final"), "random_init": None, "tokenizer_path": None})
     if run.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier(run.dist)
     return Run(cfg=cfg.model_copy(update={"model": model, "output_dir": str(out)}), dist=run.dist, output_dir=out)
 
 
-def copy_last_iteration(run: Run, model_path: str, iterations: int) -> None:
+def copy_last_iteration(run: Run, iterations: int) -> None:
     """output_dir/final <- the last iteration's model (rank 0), when checkpoint.save_final."""
     import shutil
 
@@ -274,5 +274,5 @@ def copy_last_iteration(run: Run, model_path: str, iterations: int) -> None:
         final = run.output_dir / "final"
         if final.exists():
             shutil.rmtree(final)
-        shutil.copytree(model_path, final)
+        shutil.copytree(run.output_dir / f"iteration_{iterations}" / "final", final)
         run.log.info(f"saved {final} (iteration {iterations})")
