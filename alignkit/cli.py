@@ -37,6 +37,8 @@ RECIPES = {
     "rejection_sampling": "alignkit.recipes.rejection_sampling",
     "steerlm": "alignkit.recipes.steerlm",
     "steerlm2": "alignkit.recipes.steerlm2",
+    "ppo": "alignkit.recipes.ppo",
+    "reinforce": "alignkit.recipes.reinforce",
 }
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

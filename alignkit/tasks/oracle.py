@@ -34,7 +34,8 @@ from typing import Any
 
 from alignkit.tasks.world import CHEMICALS, make_record, parse_prompt
 
-__all__ = ["ATTRIBUTES", "REWARD_WEIGHTS", "Scores", "measure_verbosity", "oracle_rewards", "score_response"]
+__all__ = ["ATTRIBUTES", "REWARD_WEIGHTS", "Scores", "correct_answer_reward", "measure_verbosity", "oracle_rewards",
+           "score_response"]
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity", "harmlessness", "politeness")
 REWARD_WEIGHTS = {
@@ -494,3 +495,10 @@ def _finish(
 def oracle_rewards(prompts: list[Any], responses: list[Any]) -> list[float]:
     """The oracle's scalar reward for each (prompt, response) pair: the python-function reward source."""
     return [score_response(p, r).reward for p, r in zip(prompts, responses, strict=True)]
+
+
+def correct_answer_reward(prompts: list, responses: list[str]) -> list[float]:
+    """A verifiable reward for RL (`reward.kind: function`, `alignkit.tasks.oracle:correct_answer_reward`):
+    1 when the response's final answer is right (the oracle's correctness 4), else 0. Nothing for
+    style, length or politeness: what GRPO and RLOO optimise against a checker."""
+    return [float(score_response(p, r).correctness == 4) for p, r in zip(prompts, responses, strict=True)]

@@ -130,3 +130,28 @@ def load_checkpoint(
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return {"step": state["step"], "extra": state["extra"]}
+
+
+# --- several models trained together (PPO's actor and critic) -----------------------------------
+
+Part = tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+
+
+def save_checkpoints(checkpoints_dir: str | Path, step: int, parts: dict[str, Part], d: Dist, keep_last: int,
+                     extra: dict[str, Any] | None = None) -> Path:
+    """The first part at `checkpoints/step_N`, every other part at `checkpoints/<name>/step_N`.
+    The first is written last, so its completeness marks a complete set (resume looks for it)."""
+    root = Path(checkpoints_dir)
+    (first, first_part), *others = parts.items()
+    for name, (model, optimizer, scheduler) in others:
+        save_checkpoint(root / name, step, model, optimizer, scheduler, d, keep_last)
+    return save_checkpoint(root, step, *first_part, d, keep_last, extra=extra)
+
+
+def load_checkpoints(path: str | Path, parts: dict[str, Part], d: Dist) -> dict[str, Any]:
+    """Restore a set written by `save_checkpoints`, given the first part's `step_N` directory."""
+    path = Path(path)
+    (first, first_part), *others = parts.items()
+    for name, part in others:
+        load_checkpoint(path.parent / name / path.name, *part, d)
+    return load_checkpoint(path, *first_part, d)

@@ -38,7 +38,7 @@ from alignkit.training.distributed import Dist, all_reduce_sum, barrier, full_st
 from alignkit.training.logging import MetricLogger, get_logger
 from alignkit.training.optim import build_optimizer, build_scheduler
 
-__all__ = ["Run", "fit", "evaluate", "save_final", "start_run"]
+__all__ = ["Run", "evaluate", "fit", "optimizer_step", "reduce_metrics", "save_final", "start_run"]
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -95,7 +95,7 @@ def _grad_norm(model: nn.Module, max_norm: float | None) -> float:
     return float(norm)
 
 
-def _reduce_metrics(sums: dict[str, torch.Tensor], units: float, d: Dist) -> dict[str, float]:
+def reduce_metrics(sums: dict[str, torch.Tensor], units: float, d: Dist) -> dict[str, float]:
     if not sums:
         return {}
     keys = sorted(sums)
@@ -129,7 +129,7 @@ def evaluate(run: Run, model: nn.Module, plan: BatchPlan, items: Sequence, colla
                 sums[key] = sums.get(key, 0) + value.detach().float()
     total_units = float(all_reduce_sum(torch.tensor(float(units)), run.dist))
     model.train()
-    metrics = _reduce_metrics(sums, total_units, run.dist)
+    metrics = reduce_metrics(sums, total_units, run.dist)
     return {f"val/{k}": v for k, v in (summarize(metrics) if summarize else metrics).items()}
 
 
@@ -208,7 +208,7 @@ def fit(
 
         done = step + 1
         if done % tc.log_every == 0 or done == total_steps:
-            metrics_out = _reduce_metrics(sums, global_units, d)
+            metrics_out = reduce_metrics(sums, global_units, d)
             if summarize is not None:
                 metrics_out = summarize(metrics_out)
             if not math.isfinite(metrics_out.get("loss", 0.0)) or not math.isfinite(grad_norm):

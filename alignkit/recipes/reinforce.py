@@ -1,0 +1,175 @@
+"""Critic-free policy gradient: RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE
+Style Optimization for Learning from Human Feedback"; NeMo-Aligner's REINFORCE) and GRPO (Shao et
+al. 2024, DeepSeekMath), chosen by `reinforce.estimator`. Rollouts, scoring and the actor update are
+the PPO recipe's (`alignkit.recipes.ppo`); there is no critic. Per step s = 1..S:
+
+    1. the actor samples n = `rollout.samples_per_prompt` >= 2 responses to each prompt
+    2. the reward source scores them: R
+    3. advantages per response, the same at each of its tokens:
+         rloo  R~ = R - beta * sum_t kl_t  (k1 by default: the KL is part of the reward), and
+               A_i = R~_i - mean of R~_j over the other *properly ended* samples j of the prompt
+               (`ended_baseline: false`: over all the other samples)
+         grpo  A_i = (R_i - mean_group R) / (std_group R + 1e-4)  (unbiased std; `scale_rewards:
+               false` drops the division, Dr. GRPO); the KL enters the loss instead, beta * k3 per token
+    4. `reinforce.epochs` x `reinforce.minibatches` steps of the clipped surrogate (token sum over
+       the global token count: DAPO's "token-mean"). With one update per step the ratio is 1 and
+       the gradient is REINFORCE's, so the old log-probs are not computed at all.
+
+Reference log-probs are computed only when beta > 0. Metrics as PPO's (rollout/, actor/, timing/),
+plus rollout/zero_variance_groups: the fraction of prompts whose n samples scored the same (they
+give no signal: all right or all wrong).
+
+    alignkit run reinforce --config tiny
+    alignkit run reinforce --config tiny reinforce.estimator=grpo
+    alignkit run reinforce --config my.yaml model.path=runs/sft/final reward.kind=function \\
+        reward.function=alignkit.tasks.oracle:correct_answer_reward
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from alignkit.config import ConfigError, DataConfig, DistributedConfig, RecipeConfig, Section
+from alignkit.losses.policy_gradient import grpo_advantages, kl_per_token, rloo_advantages
+from alignkit.models.loading import load_causal_lm, load_tokenizer
+from alignkit.recipes.ppo import (actor_loss, check_processes, finish_step, load_prompts, reference_logps,
+                                  rollout_stats, train_on)
+from alignkit.rewards import RewardSourceConfig, build_reward_source
+from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints
+from alignkit.training.distributed import wrap_model
+from alignkit.training.logging import MetricLogger
+from alignkit.training.loop import reduce_metrics, save_final, start_run
+from alignkit.training.optim import build_optimizer, build_scheduler
+from alignkit.training.rollouts import (RolloutConfig, epoch_plan, forward_rollouts, reduce_sums, sample_rollouts,
+                                        step_prompts, token_logps)
+
+__all__ = ["Config", "ReinforceConfig", "main"]
+
+
+class ReinforceConfig(Section):
+    estimator: Literal["rloo", "grpo"] = "rloo"
+    steps: int = Field(100, ge=1)
+    epochs: int = Field(1, ge=1)
+    minibatches: int = Field(1, ge=1)
+    clip_eps: float = 0.2
+    kl_coef: float = 0.01  # beta; 0: no reference model at all
+    kl_estimator: Literal["k1", "abs", "k3"] | None = None  # default: k1 for rloo (reward), k3 for grpo (loss)
+    scale_rewards: bool = True  # grpo: divide by the group's std
+    train_unended: bool = True  # unended samples (cut by max_new_tokens) still train the actor
+    # rloo: baselines average only the properly ended other samples (NeMo-Aligner); false: all of
+    # them (TRL, OpenRLHF). With no ended other sample the advantage is 0.
+    ended_baseline: bool = True
+
+
+class Config(RecipeConfig):
+    data: DataConfig  # data.train: prompt records with "prompt"
+    reward: RewardSourceConfig
+    rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4)
+    reinforce: ReinforceConfig = ReinforceConfig()
+    distributed: DistributedConfig = DistributedConfig(strategy="ddp")
+
+
+def advantages(rf: ReinforceConfig, rewards: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    """(G, n) per-response advantages from (G, n) rewards (RLOO: KL-penalised)."""
+    if rf.estimator == "rloo":
+        return rloo_advantages(rewards, ended if rf.ended_baseline else None)
+    return grpo_advantages(rewards, scale=rf.scale_rewards)
+
+
+def main(cfg: Config) -> None:
+    run = start_run(cfg)
+    d, rf, rc = run.dist, cfg.reinforce, cfg.rollout
+    check_processes(cfg, d)
+    n = rc.samples_per_prompt
+    if n < 2:
+        raise ConfigError(f"rollout.samples_per_prompt={n}: {rf.estimator} compares samples of one prompt; use >= 2")
+    estimator = rf.kl_estimator or ("k1" if rf.estimator == "rloo" else "k3")
+    records = load_prompts(cfg)
+    reward = build_reward_source(cfg.reward, device=str(d.device))
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id, lora = tokenizer.pad_token_id, cfg.model.lora.enabled
+    actor = wrap_model(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed.strategy)
+    reference = None
+    if rf.kl_coef and not lora:
+        reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
+    optimizer = build_optimizer(actor, cfg.optim)
+    parts = {"actor": (actor, optimizer, build_scheduler(optimizer, rf.steps * rf.epochs * rf.minibatches, cfg.optim))}
+    start = 0
+    latest = latest_checkpoint(run.output_dir / "checkpoints") if cfg.checkpoint.resume else None
+    if latest is not None:
+        start = load_checkpoints(latest, parts, d)["step"]
+        run.log.info(f"resumed from {latest} (step {start} of {rf.steps})")
+    logger = MetricLogger(run.output_dir, cfg.logging, rf.steps, d.is_main, run_config=cfg.model_dump(mode="json"),
+                          resumed_step=start)
+    # The old policy's log-probs matter only when the policy moves between updates of one rollout
+    # batch, or for the KL inside RLOO's reward.
+    need_old = rf.epochs * rf.minibatches > 1 or (rf.estimator == "rloo" and rf.kl_coef > 0)
+    run.log.info(f"{rf.estimator.upper()}: {rf.steps} steps of {rc.prompts_per_step} prompts x {n} samples")
+
+    for step in range(start, rf.steps):
+        t0 = time.perf_counter()
+        # --- 1. n samples per prompt, this process's share of the prompts ------------------------
+        indices = step_prompts(len(records), step, rc.prompts_per_step, cfg.train.seed)[d.rank :: d.world_size]
+        seed = cfg.train.seed + 1_000_003 * (step + 1) + 10_007 * d.rank
+        rollouts = sample_rollouts(actor, tokenizer, records, indices, cfg.data.train.path, rc, cfg.data.max_seq_len,
+                                   seed, cfg.data.chat_template, run.autocast)
+        t1 = time.perf_counter()
+
+        # --- 2. score ---------------------------------------------------------------------------------
+        scores = reward([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards.float()  # (G*n,)
+        for r, s in zip(rollouts, scores.tolist()):
+            r.score = s
+        t2 = time.perf_counter()
+
+        # --- 3. log-probs where needed, then per-response advantages ---------------------------------
+        plans = [epoch_plan(len(rollouts), rf.minibatches, cfg.train.micro_batch_size,
+                            cfg.train.seed + rf.epochs * step + e) for e in range(rf.epochs)]
+        forward = partial(forward_rollouts, rollouts=rollouts, micro_batches=[mb for mini in plans[0] for mb in mini],
+                          pad_id=pad_id, device=d.device, autocast=run.autocast)
+        if need_old:
+            for r, o in zip(rollouts, forward(lambda b: token_logps(actor, b)[0])):
+                r.old_logps = o
+        if rf.kl_coef:
+            for r, ref in zip(rollouts, forward(reference_logps(actor, reference, lora))):
+                r.ref_logps = ref
+        t3 = time.perf_counter()
+        rewards = scores.clone()
+        if rf.estimator == "rloo" and rf.kl_coef:
+            rewards -= rf.kl_coef * torch.tensor([float(kl_per_token(r.old_logps, r.ref_logps, estimator).sum())
+                                                  for r in rollouts])
+        ended = torch.tensor([r.is_end for r in rollouts])
+        adv = advantages(rf, rewards.view(-1, n), ended.view(-1, n)).reshape(-1)
+        for r, a in zip(rollouts, adv.tolist()):
+            r.advantages = torch.full((len(r.response_ids),), a)
+            r.trains_actor = r.is_end or rf.train_unended
+        metrics = rollout_stats(rollouts, d)
+        flat = reduce_sums({"groups": len(rollouts) // n, "zero_var": float((scores.view(-1, n).std(-1) == 0).sum()),
+                            "adv_abs": float(adv.abs().sum()), "reward_kl": float(rewards.sum())}, d)
+        metrics["rollout/zero_variance_groups"] = flat["zero_var"] / max(flat["groups"], 1)
+        metrics["rollout/advantages_abs_mean"] = flat["adv_abs"] / metrics["rollout/samples"]
+        if rf.estimator == "rloo" and rf.kl_coef:
+            metrics["rollout/reward_with_kl"] = flat["reward_kl"] / metrics["rollout/samples"]
+
+        # --- 4. clipped policy-gradient steps ----------------------------------------------------------
+        loss_fn = partial(actor_loss, clip_eps=rf.clip_eps,
+                          kl_coef=rf.kl_coef if rf.estimator == "grpo" else 0.0, kl_estimator=estimator)
+        lr = parts["actor"][2].get_last_lr()[0]
+        acc, units, norms = {}, 0.0, []
+        for plan in plans:
+            for minibatch in plan:
+                s, u, g = train_on(run, *parts["actor"], rollouts, minibatch, loss_fn, "actor_tokens", pad_id)
+                acc, units, norms = {k: acc.get(k, 0) + v for k, v in s.items()}, units + u, norms + [g]
+        metrics.update({f"actor/{k}": v for k, v in reduce_metrics(acc, units, d).items()})
+        t4 = time.perf_counter()
+        metrics.update({"actor/grad_norm": sum(norms) / len(norms), "lr": lr, "timing/generate_s": t1 - t0,
+                        "timing/score_s": t2 - t1, "timing/logprobs_s": t3 - t2, "timing/train_s": t4 - t3,
+                        "throughput/samples_per_s": metrics["rollout/samples"] / (t4 - t0)})
+        finish_step(run, logger, step, metrics, parts, {}, rf.steps)
+
+    logger.close()
+    save_final(run, actor, tokenizer)

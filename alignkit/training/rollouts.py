@@ -1,0 +1,211 @@
+"""Rollouts for the online RL recipes (`ppo`, `reinforce`): sampling, scoring, per-token forward
+passes and the minibatch plan. Plain functions; the recipes call them in the order of their
+algorithm box.
+
+A `Rollout` is one sampled response with its per-token tensors, all (R,) over the R response
+tokens (EOS included, as sampled): old log-probs (the actor at sampling time), reference
+log-probs, critic values, advantages and returns. Forward passes pack rollouts into rows
+(`collate_groups`: little padding) and compute logits only at response positions (`logits_at`);
+per-token results come back as one flat (N,) tensor in packed order and are split per rollout.
+
+Exactness the recipes rely on: the no-grad passes that fill `old_logps` (and the reference and
+values) use the same micro-batches as the first PPO epoch, so at the first minibatch of the first
+epoch the policy ratio is exactly 1 (same inputs, same shapes, same kernels).
+
+Distribution: each step's prompts are split over processes (`prompts_per_step` must divide by the
+number of processes, so every process runs the same number of forward passes); the samples of a
+prompt stay on one process, so group baselines (RLOO, GRPO) are local and exact. Generation runs
+on the unwrapped module, which is why the RL recipes use DDP, not FSDP, across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from alignkit.config import Section
+from alignkit.data.batching import collate_groups
+from alignkit.data.formats import messages_from_value
+from alignkit.data.io import DataError
+from alignkit.data.tokenize import IGNORE, Example
+from alignkit.generation.sampler import SamplingParams, generate
+from alignkit.models.forward import logits_at
+from alignkit.models.loading import unwrap
+from alignkit.models.reward import RewardModelInfo, sequence_scores
+from alignkit.training.distributed import all_reduce_sum
+
+__all__ = ["Rollout", "RolloutConfig", "collate_rollouts", "epoch_plan", "forward_rollouts", "pad", "reduce_sums",
+           "sample_rollouts", "step_prompts", "token_logps", "token_values", "unpad"]
+
+Tensor = torch.Tensor
+
+
+class RolloutConfig(Section):
+    prompts_per_step: int = Field(16, ge=1)  # prompts per RL step, over all processes
+    samples_per_prompt: int = Field(1, ge=1)  # responses per prompt (RLOO and GRPO need >= 2)
+    max_new_tokens: int = 64
+    # Sampling as is (temperature 1, no truncation) keeps the rollouts on-policy: the old log-probs
+    # are the model's own. Other settings sample from a different policy than the one trained.
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generation_batch_size: int = 32  # prompts per sampling batch (x samples_per_prompt rows)
+
+
+@dataclass
+class Rollout:
+    prompt: Any  # the prompt record, for the reward source
+    group: int  # the prompt's index among this process's prompts of the step: samples of one prompt share it
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    is_end: bool  # ended by EOS or a stop string, not by max_new_tokens
+    score: float = 0.0
+    old_logps: Tensor | None = None  # (R,) the actor at sampling time
+    ref_logps: Tensor | None = None  # (R,) the reference
+    values: Tensor | None = None  # (R,) the critic at sampling time
+    advantages: Tensor | None = None  # (R,)
+    returns: Tensor | None = None  # (R,)
+    trains_actor: bool = True  # in the actor loss (unended rollouts may be left out)
+
+    def example(self) -> Example:
+        """[prompt | response] with shifted targets on the response tokens."""
+        ids = self.prompt_ids + self.response_ids
+        return Example(ids, [IGNORE] * (len(self.prompt_ids) - 1) + self.response_ids + [IGNORE], "rollout")
+
+
+# --- which prompts, and sampling ----------------------------------------------------------------
+
+
+def step_prompts(num_records: int, step: int, per_step: int, seed: int) -> list[int]:
+    """The record indices of step `step` (0-based): consecutive slices of seeded permutations,
+    a new permutation per pass over the records, so a resumed run sees the same prompts."""
+    out, permutations = [], {}
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, num_records)
+        if epoch not in permutations:
+            permutations[epoch] = np.random.default_rng(seed + epoch).permutation(num_records)
+        out.append(int(permutations[epoch][offset]))
+    return out
+
+
+def sample_rollouts(model, tokenizer, records: list[dict], indices: list[int], where: str, rc: RolloutConfig,
+                    max_seq_len: int, seed: int, chat_template: str | None, autocast) -> list[Rollout]:
+    """`rc.samples_per_prompt` responses to each record in `indices`, in batches of prompts.
+    A prompt that leaves no room for `max_new_tokens` within `max_seq_len` is an error naming its
+    record, not a silently truncated rollout."""
+    module = unwrap(model)  # generation skips the DDP wrapper (no gradients, no collectives)
+    rollouts: list[Rollout] = []
+    for start in range(0, len(indices), rc.generation_batch_size):
+        chunk = indices[start : start + rc.generation_batch_size]
+        texts = [tokenizer.apply_chat_template(
+            messages_from_value(records[i]["prompt"], "user", f"{where}:{i + 1}: field 'prompt'"),
+            tokenize=False, add_generation_prompt=True, chat_template=chat_template) for i in chunk]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for i, p in zip(chunk, ids):
+            if len(p) + rc.max_new_tokens > max_seq_len:
+                raise DataError(f"{where}:{i + 1}: the prompt is {len(p)} tokens; with rollout.max_new_tokens="
+                                f"{rc.max_new_tokens} it exceeds data.max_seq_len={max_seq_len}")
+        params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
+                                top_p=rc.top_p, n=rc.samples_per_prompt, seed=seed + start)
+        was_training = module.training
+        with autocast():
+            completions = generate(module, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                   tokenizer.decode)
+        module.train(was_training)
+        rollouts += [Rollout(records[chunk[c.prompt_index]], start + c.prompt_index, ids[c.prompt_index],
+                             c.token_ids, c.text, c.is_end) for c in completions]
+    return rollouts
+
+
+# --- forward passes over rollouts ---------------------------------------------------------------
+
+
+def collate_rollouts(rollouts: list[Rollout], pad_id: int) -> dict[str, Any]:
+    """A micro-batch: the rollouts packed into rows, and their per-token tensors concatenated in
+    packed order (the order of `logits_at`'s positions). `order` maps packed position -> index in
+    `rollouts`; `actor_tokens` counts the tokens of rollouts in the actor loss, `num_tokens` all."""
+    batch = collate_groups([[r.example()] for r in rollouts], pad_id)
+    packed = [rollouts[i] for i in batch["order"]]
+    batch["response_lengths"] = [len(r.response_ids) for r in packed]
+    for key in ("old_logps", "ref_logps", "values", "advantages", "returns"):
+        if all(getattr(r, key) is not None for r in packed):
+            batch[key] = torch.cat([getattr(r, key) for r in packed])
+    batch["actor_mask"] = torch.cat([torch.full((len(r.response_ids),), r.trains_actor) for r in packed])
+    batch["response_mask"] = torch.ones_like(batch["actor_mask"])
+    batch["actor_tokens"] = int(batch["actor_mask"].sum())
+    return batch
+
+
+def token_logps(model, batch, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(N,) log-probs of the response tokens, and (N,) the policy's entropy at each (if asked)."""
+    select = batch["target_ids"] != IGNORE  # (B, T)
+    logits = logits_at(model, batch["input_ids"], batch["position_ids"], select).float()  # (N, V)
+    log_probs = logits.log_softmax(-1)
+    logps = log_probs.gather(-1, batch["target_ids"][select][:, None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return logps, entropy
+
+
+def token_values(critic, batch, info: RewardModelInfo, normalize: bool = False) -> Tensor:
+    """(N,) the critic's value of the state before each response token: the head's scalar reward
+    (w . a for a multi-attribute head, standardised like the reward source if `normalize`) at the
+    position that predicts the token."""
+    select = batch["target_ids"] != IGNORE
+    scores = sequence_scores(critic, batch["input_ids"], batch["position_ids"], select)  # (N, A)
+    return info.reward(scores, normalize)
+
+
+def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def forward_rollouts(fn: Callable[[dict[str, Any]], Tensor], rollouts: list[Rollout], micro_batches: list[list[int]],
+                     pad_id: int, device, autocast=contextlib.nullcontext) -> list[Tensor]:
+    """Per-token results (R,) of `fn(batch) -> (N,)` for every rollout, in rollout order, computed
+    over `micro_batches` (lists of rollout indices)."""
+    out: list[Tensor | None] = [None] * len(rollouts)
+    for mb in micro_batches:
+        batch = collate_rollouts([rollouts[i] for i in mb], pad_id)
+        with autocast():
+            flat = fn(_to_device(batch, device)).float().cpu()
+        for j, piece in zip(batch["order"], flat.split(batch["response_lengths"])):
+            out[mb[j]] = piece
+    return out  # type: ignore[return-value]
+
+
+def epoch_plan(num_rollouts: int, minibatches: int, micro_batch_size: int, seed: int) -> list[list[list[int]]]:
+    """One PPO epoch: a seeded shuffle of this process's rollouts, split into `minibatches`
+    minibatches (one optimizer step each) of micro-batches of `micro_batch_size` rollouts."""
+    order = np.random.default_rng(seed).permutation(num_rollouts).tolist()
+    size = -(-num_rollouts // minibatches)
+    minis = [order[i : i + size] for i in range(0, num_rollouts, size)]
+    return [[mini[j : j + micro_batch_size] for j in range(0, len(mini), micro_batch_size)] for mini in minis]
+
+
+# --- per-token tensors <-> padded (B, T) ------------------------------------------------------------
+
+
+def pad(pieces: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(B, T) right-padded values and the (B, T) bool mask of real tokens."""
+    lengths = torch.tensor([len(p) for p in pieces])
+    mask = torch.arange(max((len(p) for p in pieces), default=0))[None, :] < lengths[:, None]
+    return torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True), mask
+
+
+def unpad(padded: Tensor, mask: Tensor) -> list[Tensor]:
+    return [row[m] for row, m in zip(padded, mask)]
+
+
+def reduce_sums(sums: dict[str, float], d) -> dict[str, float]:
+    """Sum each statistic over processes (one all-reduce)."""
+    keys = sorted(sums)
+    packed = all_reduce_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64), d)
+    return dict(zip(keys, packed.tolist()))
