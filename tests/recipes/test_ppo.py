@@ -47,7 +47,7 @@ def test_ppo_raises_the_reward_and_saves_actor_and_critic(learning_run):
     m = metrics(learning_run)
     assert [r["step"] for r in m] == list(range(1, 13))
     first, last = m[0]["rollout/reward"], sum(r["rollout/reward"] for r in m[-3:]) / 3
-    assert last > first + 0.05, (first, last)
+    assert last > 2 * first, (first, last)  # a random model starts near 5/256
     assert m[-1]["rollout/kl"] > 0  # the actor moved away from the reference
     for key in ("rollout/advantages_mean", "rollout/returns_std", "rollout/values_mean", "rollout/ended_fraction",
                 "actor/clip_fraction", "actor/approx_kl", "actor/entropy", "critic/value_loss",
@@ -81,9 +81,10 @@ def test_critic_warmup_trains_only_the_critic_first(tmp_path):
 
 def test_adaptive_kl_moves_the_coefficient(tmp_path):
     out = tmp_path / "run"
-    ppo(out, *VOWELS, "ppo.steps=3", "ppo.target_kl=0.001", "ppo.kl_horizon=10", "checkpoint.save_final=false")
+    ppo(out, *VOWELS, "ppo.steps=2", "ppo.target_kl=100", "ppo.kl_horizon=10", "checkpoint.save_final=false")
     coefs = [r["kl_coef"] for r in metrics(out)]
-    assert coefs[0] == 0.05 and coefs[-1] > coefs[0]  # KL above target: beta grows
+    # step 1: KL 0, far below target: error clipped to -0.2, 16 rollouts over a horizon of 10
+    assert coefs == pytest.approx([0.05, 0.05 * (1 - 0.2 * 16 / 10)])
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(learning_run, tmp_path):

@@ -36,7 +36,7 @@ def test_critic_free_methods_raise_the_reward(tmp_path, estimator):
               "reinforce.ended_baseline=false")
     m = metrics(out)
     first, last = m[0]["rollout/reward"], sum(r["rollout/reward"] for r in m[-3:]) / 3
-    assert last > first + 0.05, (first, last)
+    assert last > 2 * first, (first, last)  # a random model starts near 5/256
     assert m[0]["actor/ratio"] == pytest.approx(1.0, abs=1e-6)  # one update per step: ratio 1
     assert m[-1]["rollout/advantages_abs_mean"] > 0
     if estimator == "grpo":
