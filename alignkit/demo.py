@@ -234,6 +234,58 @@ def _steerlm2(demo: Demo) -> dict[str, Any]:
     return _steer_metrics(demo, "steerlm2")
 
 
+def _rl_curves(stage: str, demo: Demo) -> dict[str, list[float]]:
+    """Per logged step: the trained-on reward, the oracle's (monitor) reward and the KL, from metrics.jsonl."""
+    rows = [json.loads(line) for line in demo.path(stage, "metrics.jsonl").read_text().splitlines()]
+    keys = {"step": "step", "reward": "rollout/reward", "oracle": "rollout/monitor_reward", "kl": "rollout/kl"}
+    return {name: [r[key] for r in rows if key in r] for name, key in keys.items()}
+
+
+def _reward_hacking(demo: Demo, stage: str) -> dict[str, Any]:
+    """Where the reward model and the oracle disagree: both score the held-out answers of SFT and of
+    `stage`; per skill, the change of each. A skill whose reward-model score rose while the oracle's
+    reward fell is reward hacking."""
+    from alignkit.rewards.local import LocalRewardModel
+
+    rm = LocalRewardModel(demo.path("reward_model", "bt", "final"), normalize=True)
+    by_task: dict[str, dict[str, float]] = {}
+    for model in ("sft", stage):
+        items = json.loads(demo.path(model, "eval.json").read_text())["items"]
+        scores = rm.score([i["prompt"] for i in items], [i["response"] for i in items]).rewards.tolist()
+        for item, score in zip(items, scores):
+            t = by_task.setdefault(item["task"], {})
+            for key, value in ((f"{model}_rm", score), (f"{model}_oracle", item["reward"]), (f"{model}_n", 1.0)):
+                t[key] = t.get(key, 0.0) + value
+    table = {task: {"rm_change": t[f"{stage}_rm"] / t[f"{stage}_n"] - t["sft_rm"] / t["sft_n"],
+                    "oracle_change": t[f"{stage}_oracle"] / t[f"{stage}_n"] - t["sft_oracle"] / t["sft_n"]}
+             for task, t in sorted(by_task.items())}
+    total = {k: sum(v[k] for v in table.values()) / len(table) for k in ("rm_change", "oracle_change")}
+    hacked = [task for task, v in table.items() if v["rm_change"] > 0.05 and v["oracle_change"] < -0.01]
+    return {"rm_change": total["rm_change"], "oracle_change": total["oracle_change"], "by_skill": table,
+            "reward_hacked_skills": hacked}
+
+
+def _ppo(demo: Demo) -> dict[str, Any]:
+    """PPO from the SFT model against the stage `reward_model`'s Bradley-Terry model (the oracle
+    monitors the rollouts and judges the result); the critic starts from the reward model."""
+    _train(demo, "ppo", [f"model.path={demo.path('sft', 'final')}",
+                         f"data.train.path={demo.path('data', 'prompts.jsonl')}",
+                         f"reward.path={demo.path('reward_model', 'bt', 'final')}", "monitor.kind=oracle"])
+    metrics = _evaluate(demo, "ppo", reference="sft")
+    metrics.update(_reward_hacking(demo, "ppo"))
+    metrics["curves"] = _rl_curves("ppo", demo)
+    return metrics
+
+
+def _grpo(demo: Demo) -> dict[str, Any]:
+    """GRPO from the SFT model against the oracle's check of the final answer (a verifiable reward)."""
+    _train(demo, "grpo", [f"model.path={demo.path('sft', 'final')}",
+                          f"data.train.path={demo.path('data', 'prompts.jsonl')}"])
+    metrics = _evaluate(demo, "grpo", reference="sft")
+    metrics["curves"] = _rl_curves("grpo", demo)
+    return metrics
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -258,6 +310,8 @@ STAGES = [
           settings=(STEER_ANNOTATOR, STEER_BASE, BEST_TARGETS, STEER_EVAL_PROMPTS, STEERABLE_ATTRIBUTES)),
     Stage("steerlm2", _steerlm2, ("sft", "steerlm"), configs=("steerlm2",), is_model=True,
           settings=(STEERLM2_PROMPTS, STEER_BASE, BEST_TARGETS, STEER_EVAL_PROMPTS, STEERABLE_ATTRIBUTES)),
+    Stage("ppo", _ppo, ("sft", "reward_model"), configs=("ppo",), is_model=True),
+    Stage("grpo", _grpo, ("sft",), configs=("grpo",), is_model=True),
 ]
 DEFAULT_STAGES = ["data", "tokenizer", "base", "sft", "dpo", "reward_model"]
 
@@ -384,6 +438,50 @@ def _steering_lines(demo: Demo, stages: list[Stage]) -> list[str]:
     ]
 
 
+def _rl_lines(demo: Demo, stages: list[Stage]) -> list[str]:
+    """The RL stages' training curves (plotted) and the reward-model vs oracle comparison."""
+    rl = [s.name for s in stages if s.name in ("ppo", "grpo")]
+    if not rl:
+        return []
+    plot = _plot_curves({name: demo.results[name]["curves"] for name in rl}, demo.path("rl_curves.png"))
+    lines = [f"RL training curves (rollout reward the stage trains on, the oracle's reward of the same rollouts, "
+             f"KL to the SFT model per response): ![rl curves]({plot.name})", ""]
+    if "ppo" in rl:
+        m = demo.results["ppo"]
+        lines += [f"PPO, reward model vs oracle on the held-out answers (change from SFT, mean over skills): "
+                  f"reward model {m['rm_change']:+.3f} (standardised), oracle {m['oracle_change']:+.3f}.",
+                  "", "| skill | reward-model change | oracle change |", "|---|---|---|",
+                  *[f"| {task} | {v['rm_change']:+.3f} | {v['oracle_change']:+.3f} |" for task, v in m["by_skill"].items()],
+                  "", "Reward hacking (reward model up, oracle down): " +
+                  (", ".join(m["reward_hacked_skills"]) or "none seen") + ".", ""]
+    return lines
+
+
+def _plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, c in curves.items():
+        axes[0].plot(c["step"][: len(c["reward"])], c["reward"], label=f"{name}: trained-on reward")
+        if c["oracle"]:
+            axes[0].plot(c["step"][: len(c["oracle"])], c["oracle"], "--", label=f"{name}: oracle reward")
+        if c["kl"]:
+            axes[1].plot(c["step"][: len(c["kl"])], c["kl"], label=name)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("mean rollout reward")
+    axes[0].legend(fontsize=8)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("KL to SFT per response (nats)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "runs/demo") -> dict[str, Any]:
     """Run (or reuse) the requested stages and their dependencies; write the report."""
     log = get_logger()
@@ -404,7 +502,7 @@ def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "run
         f"Held-out prompts: {len(demo.eval_prompts())} (an equal number per skill), sampled at temperature "
         f"{EVAL_SAMPLING.temperature}, up to {EVAL_SAMPLING.max_new_tokens} tokens, scored by the task-world oracle.",
         "", table, "", f"![reward]({plot.name})", "", *_reward_model_lines(demo, stages),
-        *_steering_lines(demo, stages),
+        *_steering_lines(demo, stages), *_rl_lines(demo, stages),
         "Stage timings (s): " + ", ".join(f"{s.name} {demo.results[s.name].get('seconds', 0):.0f}" for s in stages),
     ]
     demo.path("report.md").write_text("\n".join(report) + "\n")

@@ -63,7 +63,8 @@ from alignkit.training.rollouts import (
     Rollout, RolloutConfig, collate_rollouts, epoch_plan, forward_rollouts, pad, reduce_sums, sample_rollouts,
     step_prompts, token_logps, token_values, unpad)
 
-__all__ = ["Config", "CriticConfig", "PPOConfig", "actor_loss", "load_prompts", "main", "rollout_stats", "train_on"]
+__all__ = ["Config", "CriticConfig", "PPOConfig", "actor_loss", "load_prompts", "main", "monitor_stats", "rollout_stats",
+           "train_on"]
 
 
 class PPOConfig(Section):
@@ -97,6 +98,9 @@ class Config(RecipeConfig):
     rollout: RolloutConfig = RolloutConfig()
     ppo: PPOConfig = PPOConfig()
     critic: CriticConfig = CriticConfig()
+    # A second reward source scored on every rollout and never trained on (e.g. the oracle next to a
+    # learned reward model): `rollout/monitor_reward` falling while `rollout/reward` rises is reward hacking.
+    monitor: RewardSourceConfig | None = None
     # Generation runs on each process's full copy of the model: DDP, not FSDP, across processes.
     distributed: DistributedConfig = DistributedConfig(strategy="ddp")
 
@@ -193,6 +197,15 @@ def rollout_stats(rollouts: list[Rollout], d: Dist) -> dict[str, float]:
     return out
 
 
+def monitor_stats(monitor, rollouts: list[Rollout], d: Dist) -> dict[str, float]:
+    """`rollout/monitor_reward`: the monitoring source's mean over every process's rollouts."""
+    if monitor is None:
+        return {}
+    scores = monitor([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards
+    g = reduce_sums({"n": len(rollouts), "sum": float(scores.sum())}, d)
+    return {"rollout/monitor_reward": g["sum"] / max(g["n"], 1.0)}
+
+
 def _moments_stats(name: str, x: torch.Tensor, mask: torch.Tensor, d: Dist) -> dict[str, float]:
     total, total_sq, count = all_reduce_sum(masked_moments(x, mask), d).tolist()
     mean = total / max(count, 1.0)
@@ -226,6 +239,7 @@ def main(cfg: Config) -> None:
     check_processes(cfg, d)
     records = load_prompts(cfg)
     reward = build_reward_source(cfg.reward, device=str(d.device))
+    monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
     pad_id, lora = tokenizer.pad_token_id, cfg.model.lora.enabled
     actor = wrap_model(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed.strategy)
@@ -294,7 +308,7 @@ def main(cfg: Config) -> None:
                                         unpad(returns, mask)):
             r.old_logps, r.ref_logps, r.values, r.advantages, r.returns = o, ref, v, a, ret
             r.trains_actor = r.is_end or pc.train_unended
-        metrics = rollout_stats(rollouts, d)
+        metrics = {**rollout_stats(rollouts, d), **monitor_stats(monitor, rollouts, d)}
         sequence_kl = reduce_sums({"n": len(rollouts), "kl": float(kl.sum())}, d)
         metrics["rollout/reward_with_kl"] = metrics["rollout/reward"] - kl_coef * sequence_kl["kl"] / sequence_kl["n"]
         metrics.update(stats)

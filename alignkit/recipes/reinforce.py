@@ -37,8 +37,8 @@ from pydantic import Field
 from alignkit.config import ConfigError, DataConfig, DistributedConfig, RecipeConfig, Section
 from alignkit.losses.policy_gradient import grpo_advantages, kl_per_token, rloo_advantages
 from alignkit.models.loading import load_causal_lm, load_tokenizer
-from alignkit.recipes.ppo import (actor_loss, check_processes, finish_step, load_prompts, reference_logps,
-                                  rollout_stats, train_on)
+from alignkit.recipes.ppo import (actor_loss, check_processes, finish_step, load_prompts, monitor_stats,
+                                  reference_logps, rollout_stats, train_on)
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints
 from alignkit.training.distributed import wrap_model
@@ -71,6 +71,7 @@ class Config(RecipeConfig):
     reward: RewardSourceConfig
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4)
     reinforce: ReinforceConfig = ReinforceConfig()
+    monitor: RewardSourceConfig | None = None  # scored on every rollout, never trained on (see ppo)
     distributed: DistributedConfig = DistributedConfig(strategy="ddp")
 
 
@@ -91,6 +92,7 @@ def main(cfg: Config) -> None:
     estimator = rf.kl_estimator or ("k1" if rf.estimator == "rloo" else "k3")
     records = load_prompts(cfg)
     reward = build_reward_source(cfg.reward, device=str(d.device))
+    monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
     pad_id, lora = tokenizer.pad_token_id, cfg.model.lora.enabled
     actor = wrap_model(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed.strategy)
@@ -147,7 +149,7 @@ def main(cfg: Config) -> None:
         for r, a in zip(rollouts, adv.tolist()):
             r.advantages = torch.full((len(r.response_ids),), a)
             r.trains_actor = r.is_end or rf.train_unended
-        metrics = rollout_stats(rollouts, d)
+        metrics = {**rollout_stats(rollouts, d), **monitor_stats(monitor, rollouts, d)}
         flat = reduce_sums({"groups": len(rollouts) // n, "zero_var": float((scores.view(-1, n).std(-1) == 0).sum()),
                             "adv_abs": float(adv.abs().sum()), "reward_kl": float(rewards.sum())}, d)
         metrics["rollout/zero_variance_groups"] = flat["zero_var"] / max(flat["groups"], 1)

@@ -39,7 +39,7 @@ def metrics(out):
 @pytest.fixture(scope="module")
 def learning_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo") / "run"
-    ppo(out, *VOWELS, "ppo.steps=12", "checkpoint.every=null")
+    ppo(out, *VOWELS, "ppo.steps=12", "checkpoint.every=null", "monitor.kind=oracle")
     return out
 
 
@@ -51,7 +51,8 @@ def test_ppo_raises_the_reward_and_saves_actor_and_critic(learning_run):
     assert m[-1]["rollout/kl"] > 0  # the actor moved away from the reference
     for key in ("rollout/advantages_mean", "rollout/returns_std", "rollout/values_mean", "rollout/ended_fraction",
                 "actor/clip_fraction", "actor/approx_kl", "actor/entropy", "critic/value_loss",
-                "critic/explained_variance", "kl_coef", "timing/generate_s", "timing/train_s"):
+                "critic/explained_variance", "kl_coef", "timing/generate_s", "timing/train_s",
+                "rollout/monitor_reward"):
         assert key in m[-1], key
     AutoModelForCausalLM.from_pretrained(learning_run / "final")
     critic = AutoModelForSequenceClassification.from_pretrained(learning_run / "critic/final")
