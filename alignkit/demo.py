@@ -110,6 +110,13 @@ def _evaluate(demo: Demo, stage: str, reference: str | None = None,
         reference_name=reference or "reference", reference_rewards=reference_rewards, attributes=attributes,
     )
     write_json({**result.to_json(prompts), "rewards": result.rewards}, demo.path(stage, "eval.json"))
+    if reference is not None:  # paired on the same prompts: far tighter than comparing two means' CIs
+        reference_items = json.loads(demo.path(reference, "eval.json").read_text())["items"]
+        result.metrics.update(mean_with_ci(f"reward_gain_vs_{reference}",
+                                           [a - b for a, b in zip(result.rewards, reference_rewards)]))
+        result.metrics.update(mean_with_ci(f"correctness_gain_vs_{reference}", [
+            float(a["correctness"] == 4) - float(b["correctness"] == 4)
+            for a, b in zip(result.scores, reference_items)]))
     return result.metrics
 
 
@@ -446,6 +453,14 @@ def _rl_lines(demo: Demo, stages: list[Stage]) -> list[str]:
     plot = _plot_curves({name: demo.results[name]["curves"] for name in rl}, demo.path("rl_curves.png"))
     lines = [f"RL training curves (rollout reward the stage trains on, the oracle's reward of the same rollouts, "
              f"KL to the SFT model per response): ![rl curves]({plot.name})", ""]
+    for name in rl:
+        m = demo.results[name]
+        if "reward_gain_vs_sft" in m:
+            lines += [f"{name} vs SFT on the same held-out prompts (paired, 95% CI): reward "
+                      f"{m['reward_gain_vs_sft']:+.3f} [{m['reward_gain_vs_sft_ci_low']:+.3f}, "
+                      f"{m['reward_gain_vs_sft_ci_high']:+.3f}], correctness {m['correctness_gain_vs_sft']:+.3f} "
+                      f"[{m['correctness_gain_vs_sft_ci_low']:+.3f}, {m['correctness_gain_vs_sft_ci_high']:+.3f}], "
+                      f"win rate {m['win_rate_vs_sft']:.3f}, KL to SFT {m['kl']:.2f}.", ""]
     if "ppo" in rl:
         m = demo.results["ppo"]
         lines += [f"PPO, reward model vs oracle on the held-out answers (change from SFT, mean over skills): "

@@ -122,8 +122,10 @@ def worker_alignkit(spec: dict) -> dict:
     t0 = time.perf_counter()
     reinforce.main(load_config(reinforce.Config, path))
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    measured = metrics[spec["warmup"]:]
+    timing = {k: sum(m[k] for m in measured) / len(measured) for k in measured[0] if k.startswith("timing/")}
     return {"ends": ends, "start": t0, "reward": [m["rollout/reward"] for m in metrics],
-            "tokens": [m["rollout/response_tokens"] for m in metrics]}
+            "tokens": [m["rollout/response_tokens"] for m in metrics], "timing": timing}
 
 
 def alignkit_reward(prompts, responses):
@@ -186,7 +188,8 @@ def run_worker(name: str, spec: dict) -> dict:
     completions = spec["prompts"] * spec["generations"]
     return {"samples_per_s": measured * completions / seconds, "iteration_s": seconds / measured,
             "process_s": time.perf_counter() - t0, "mean_tokens": raw["tokens"][-1] if raw["tokens"] else None,
-            "reward_first_last": (raw["reward"][0], raw["reward"][-1]) if raw["reward"] else None}
+            "reward_first_last": (raw["reward"][0], raw["reward"][-1]) if raw["reward"] else None,
+            "timing": raw.get("timing")}
 
 
 def main(argv=None) -> None:
@@ -210,6 +213,9 @@ def main(argv=None) -> None:
         print(f"{name:8s} {r['samples_per_s']:.1f} completions/s ({r['iteration_s']:.2f} s/iteration; mean completion "
               f"{r['mean_tokens']} tokens; reward {r['reward_first_last'][0]:.3f} -> {r['reward_first_last'][1]:.3f})",
               flush=True)
+        if r["timing"]:
+            print("         per iteration: " + ", ".join(f"{k.removeprefix('timing/')} {v:.2f} s"
+                                                         for k, v in r["timing"].items()), flush=True)
     results["ratio"] = results["alignkit"]["samples_per_s"] / results["trl"]["samples_per_s"]
     print(f"ratio alignkit / TRL: {results['ratio']:.2f}x", flush=True)
     if a.json:

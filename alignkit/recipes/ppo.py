@@ -63,8 +63,8 @@ from alignkit.training.rollouts import (
     Rollout, RolloutConfig, collate_rollouts, epoch_plan, forward_rollouts, pad, reduce_sums, sample_rollouts,
     step_prompts, token_logps, token_values, unpad)
 
-__all__ = ["Config", "CriticConfig", "PPOConfig", "actor_loss", "load_prompts", "main", "monitor_stats", "rollout_stats",
-           "train_on"]
+__all__ = ["Config", "CriticConfig", "PPOConfig", "actor_loss", "actor_metrics", "load_prompts", "main", "monitor_stats", "rollout_stats",
+           "sample_and_score", "train_on"]
 
 
 class PPOConfig(Section):
@@ -147,7 +147,7 @@ def actor_loss(model, batch, clip_eps: float, entropy_coef: float = 0.0, kl_coef
     `kl_coef` x the per-token KL to the reference (GRPO's KL term; PPO puts its KL in the reward).
     Without `old_logps` in the batch (a single update per rollout) the old policy is the current one:
     ratio 1, and the gradient is the same, at no extra forward pass. Sums over tokens."""
-    logps, entropy = token_logps(model, batch, with_entropy=True)
+    logps, entropy = token_logps(model, batch, entropy="grad" if entropy_coef else "detached")
     old = batch["old_logps"] if "old_logps" in batch else logps.detach()
     mask = batch["actor_mask"]
     loss, metrics = ppo_policy_loss(logps, old, batch["advantages"], mask, clip_eps)
@@ -160,7 +160,6 @@ def actor_loss(model, batch, clip_eps: float, entropy_coef: float = 0.0, kl_coef
         loss = loss + kl_coef * kl.sum()
         metrics["kl_loss"] = kl.detach().sum()
     metrics["loss"] = loss.detach()
-    metrics.pop("tokens")
     return loss, metrics
 
 
@@ -170,15 +169,47 @@ def critic_loss(model, batch, info: RewardModelInfo, normalize: bool, clip: floa
 
 
 def train_on(run: Run, model, optimizer, scheduler, rollouts: list[Rollout], minibatch: list[list[int]],
-             loss_fn, units: str, pad_id: int) -> tuple[dict, float, float]:
+             loss_fn, units: str, pad_id: int, skip: frozenset[int] = frozenset()) -> tuple[dict, float, float]:
     """One optimizer step on a minibatch (micro-batches of rollout indices); `units` names the
-    normaliser: "actor_tokens" or "num_units" (every response token). Returns (metric sums, global
-    units, grad norm)."""
-    batches = [collate_rollouts([rollouts[i] for i in mb], pad_id) for mb in minibatch]
-    batches = [dict(b, num_units=b[units]) for b in batches]
+    normaliser: "actor_tokens" or "num_units" (every response token). Rollouts in `skip` have a loss
+    of exactly zero (advantage 0 and no other term: a GRPO group whose samples all scored the
+    same): they are left out of the forward and backward passes but counted in the normaliser, so
+    the step is the same as with them. Every micro-batch keeps at least one rollout, so all
+    processes run the same collectives. Returns (metric sums, global units, grad norm)."""
+    batches = []
+    for mb in minibatch:
+        kept = [i for i in mb if i not in skip] or mb[:1]
+        batch = collate_rollouts([rollouts[i] for i in kept], pad_id)
+        batch["num_units"] = sum(len(rollouts[i].response_ids) for i in mb
+                                 if units == "num_units" or rollouts[i].trains_actor)
+        batches.append(batch)
     sums, global_units, _, grad_norm = optimizer_step(run, model, optimizer, batches, loss_fn)
     scheduler.step()
     return sums, global_units, grad_norm
+
+
+def actor_metrics(sums: dict, d: Dist) -> dict[str, float]:
+    """`actor/*` means over the tokens the updates computed (global)."""
+    totals = reduce_metrics(sums, 1.0, d)
+    tokens = max(totals.pop("tokens", 0.0), 1.0)
+    return {f"actor/{k}": v / tokens for k, v in totals.items()}
+
+
+def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[dict], reward, step: int):
+    """Steps 1-2 of every RL recipe: this process's share of step `step`'s prompts, sampled
+    (`rollout.samples_per_prompt` each) and scored. Returns (rollouts with `score` set, (B,) scores,
+    generation seconds, scoring seconds)."""
+    d = run.dist
+    t0 = time.perf_counter()
+    indices = step_prompts(len(records), step, cfg.rollout.prompts_per_step, cfg.train.seed)[d.rank :: d.world_size]
+    seed = cfg.train.seed + 1_000_003 * (step + 1) + 10_007 * d.rank
+    rollouts = sample_rollouts(actor, tokenizer, records, indices, cfg.data.train.path, cfg.rollout,
+                               cfg.data.max_seq_len, seed, cfg.data.chat_template, run.autocast)
+    t1 = time.perf_counter()
+    scores = reward([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards.float()  # (B,)
+    for r, score in zip(rollouts, scores.tolist()):
+        r.score = score
+    return rollouts, scores, t1 - t0, time.perf_counter() - t1
 
 
 def rollout_stats(rollouts: list[Rollout], d: Dist) -> dict[str, float]:
@@ -269,17 +300,8 @@ def main(cfg: Config) -> None:
 
     for step in range(start, pc.steps):
         t0 = time.perf_counter()
-        # --- 1. rollouts: this process's share of the step's prompts -----------------------------
-        indices = step_prompts(len(records), step, rc.prompts_per_step, cfg.train.seed)[d.rank :: d.world_size]
-        seed = cfg.train.seed + 1_000_003 * (step + 1) + 10_007 * d.rank
-        rollouts = sample_rollouts(actor, tokenizer, records, indices, cfg.data.train.path, rc, cfg.data.max_seq_len,
-                                   seed, cfg.data.chat_template, run.autocast)
-        t1 = time.perf_counter()
-
-        # --- 2. score -------------------------------------------------------------------------------
-        scores = reward([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards.float()  # (B,)
-        for r, s in zip(rollouts, scores.tolist()):
-            r.score = s
+        # --- 1-2. rollouts of this process's share of the step's prompts, scored -------------------
+        rollouts, scores, t_generate, t_score = sample_and_score(run, cfg, actor, tokenizer, records, reward, step)
         t2 = time.perf_counter()
 
         # --- 3. old and reference log-probs, values: once, on the first epoch's micro-batches ------
@@ -331,7 +353,8 @@ def main(cfg: Config) -> None:
                     sums[name] = ({k: acc.get(k, 0) + v for k, v in s.items()}, acc_units + u, norms + [g])
         for name, (acc, acc_units, norms) in sums.items():
             if norms:
-                metrics.update({f"{name}/{k}": v for k, v in reduce_metrics(acc, acc_units, d).items()})
+                metrics.update(actor_metrics(acc, d) if name == "actor" else
+                               {f"{name}/{k}": v for k, v in reduce_metrics(acc, acc_units, d).items()})
                 metrics[f"{name}/grad_norm"] = sum(norms) / len(norms)
         t4 = time.perf_counter()
 
@@ -340,7 +363,7 @@ def main(cfg: Config) -> None:
         if pc.target_kl is not None:
             kl_coef = adaptive_kl_coef(kl_coef, sequence_kl["kl"] / sequence_kl["n"], pc.target_kl, pc.kl_horizon,
                                        int(sequence_kl["n"]))
-        metrics.update({"lr": lr, "timing/generate_s": t1 - t0, "timing/score_s": t2 - t1,
+        metrics.update({"lr": lr, "timing/generate_s": t_generate, "timing/score_s": t_score,
                         "timing/logprobs_s": t3 - t2, "timing/train_s": t4 - t3,
                         "throughput/samples_per_s": metrics["rollout/samples"] / (t4 - t0)})
         finish_step(run, logger, step, metrics, parts, {"kl_coef": kl_coef}, pc.steps)

@@ -37,16 +37,15 @@ from pydantic import Field
 from alignkit.config import ConfigError, DataConfig, DistributedConfig, RecipeConfig, Section
 from alignkit.losses.policy_gradient import grpo_advantages, kl_per_token, rloo_advantages
 from alignkit.models.loading import load_causal_lm, load_tokenizer
-from alignkit.recipes.ppo import (actor_loss, check_processes, finish_step, load_prompts, monitor_stats,
-                                  reference_logps, rollout_stats, train_on)
+from alignkit.recipes.ppo import (actor_loss, actor_metrics, check_processes, finish_step, load_prompts, monitor_stats,
+                                  reference_logps, rollout_stats, sample_and_score, train_on)
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints
 from alignkit.training.distributed import wrap_model
 from alignkit.training.logging import MetricLogger
-from alignkit.training.loop import reduce_metrics, save_final, start_run
+from alignkit.training.loop import save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
-from alignkit.training.rollouts import (RolloutConfig, epoch_plan, forward_rollouts, reduce_sums, sample_rollouts,
-                                        step_prompts, token_logps)
+from alignkit.training.rollouts import RolloutConfig, epoch_plan, forward_rollouts, reduce_sums, token_logps
 
 __all__ = ["Config", "ReinforceConfig", "main"]
 
@@ -115,17 +114,8 @@ def main(cfg: Config) -> None:
 
     for step in range(start, rf.steps):
         t0 = time.perf_counter()
-        # --- 1. n samples per prompt, this process's share of the prompts ------------------------
-        indices = step_prompts(len(records), step, rc.prompts_per_step, cfg.train.seed)[d.rank :: d.world_size]
-        seed = cfg.train.seed + 1_000_003 * (step + 1) + 10_007 * d.rank
-        rollouts = sample_rollouts(actor, tokenizer, records, indices, cfg.data.train.path, rc, cfg.data.max_seq_len,
-                                   seed, cfg.data.chat_template, run.autocast)
-        t1 = time.perf_counter()
-
-        # --- 2. score ---------------------------------------------------------------------------------
-        scores = reward([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards.float()  # (G*n,)
-        for r, s in zip(rollouts, scores.tolist()):
-            r.score = s
+        # --- 1-2. n samples per prompt (this process's share of the prompts), scored ---------------
+        rollouts, scores, t_generate, t_score = sample_and_score(run, cfg, actor, tokenizer, records, reward, step)
         t2 = time.perf_counter()
 
         # --- 3. log-probs where needed, then per-response advantages ---------------------------------
@@ -158,18 +148,21 @@ def main(cfg: Config) -> None:
             metrics["rollout/reward_with_kl"] = flat["reward_kl"] / metrics["rollout/samples"]
 
         # --- 4. clipped policy-gradient steps ----------------------------------------------------------
-        loss_fn = partial(actor_loss, clip_eps=rf.clip_eps,
-                          kl_coef=rf.kl_coef if rf.estimator == "grpo" else 0.0, kl_estimator=estimator)
+        kl_in_loss = rf.kl_coef if rf.estimator == "grpo" else 0.0
+        loss_fn = partial(actor_loss, clip_eps=rf.clip_eps, kl_coef=kl_in_loss, kl_estimator=estimator)
+        # Without a KL term in the loss, a rollout with advantage 0 contributes exactly nothing.
+        skip = frozenset(i for i, a in enumerate(adv.tolist()) if a == 0.0) if not kl_in_loss else frozenset()
         lr = parts["actor"][2].get_last_lr()[0]
-        acc, units, norms = {}, 0.0, []
+        acc, norms = {}, []
         for plan in plans:
             for minibatch in plan:
-                s, u, g = train_on(run, *parts["actor"], rollouts, minibatch, loss_fn, "actor_tokens", pad_id)
-                acc, units, norms = {k: acc.get(k, 0) + v for k, v in s.items()}, units + u, norms + [g]
-        metrics.update({f"actor/{k}": v for k, v in reduce_metrics(acc, units, d).items()})
+                s, _, g = train_on(run, *parts["actor"], rollouts, minibatch, loss_fn, "actor_tokens", pad_id, skip)
+                acc, norms = {k: acc.get(k, 0) + v for k, v in s.items()}, norms + [g]
+        metrics.update(actor_metrics(acc, d))
+        metrics["rollout/skipped_fraction"] = reduce_sums({"s": len(skip)}, d)["s"] / metrics["rollout/samples"]
         t4 = time.perf_counter()
-        metrics.update({"actor/grad_norm": sum(norms) / len(norms), "lr": lr, "timing/generate_s": t1 - t0,
-                        "timing/score_s": t2 - t1, "timing/logprobs_s": t3 - t2, "timing/train_s": t4 - t3,
+        metrics.update({"actor/grad_norm": sum(norms) / len(norms), "lr": lr, "timing/generate_s": t_generate,
+                        "timing/score_s": t_score, "timing/logprobs_s": t3 - t2, "timing/train_s": t4 - t3,
                         "throughput/samples_per_s": metrics["rollout/samples"] / (t4 - t0)})
         finish_step(run, logger, step, metrics, parts, {}, rf.steps)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from pathlib import Path
 
 from alignkit.config import ConfigError, DataConfig, RecipeConfig, Section
 from alignkit.data.batching import collate_rows

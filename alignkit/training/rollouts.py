@@ -143,14 +143,17 @@ def collate_rollouts(rollouts: list[Rollout], pad_id: int) -> dict[str, Any]:
     return batch
 
 
-def token_logps(model, batch, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """(N,) log-probs of the response tokens, and (N,) the policy's entropy at each (if asked)."""
+def token_logps(model, batch, entropy: str | None = None) -> tuple[Tensor, Tensor | None]:
+    """(N,) log-probs of the response tokens, and (N,) the policy's entropy at each: `entropy`
+    "grad" (for an entropy bonus), "detached" (to log it: no graph, no backward cost) or None."""
     select = batch["target_ids"] != IGNORE  # (B, T)
     logits = logits_at(model, batch["input_ids"], batch["position_ids"], select).float()  # (N, V)
     log_probs = logits.log_softmax(-1)
     logps = log_probs.gather(-1, batch["target_ids"][select][:, None]).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
-    return logps, entropy
+    if entropy is None:
+        return logps, None
+    with torch.no_grad() if entropy == "detached" else contextlib.nullcontext():
+        return logps, -(log_probs.exp() * log_probs).sum(-1)
 
 
 def token_values(critic, batch, info: RewardModelInfo, normalize: bool = False) -> Tensor:

@@ -80,12 +80,17 @@ def test_critic_warmup_trains_only_the_critic_first(tmp_path):
     assert m[1]["rollout/kl"] == 0.0  # the actor has not moved during the warm-up
 
 
-def test_adaptive_kl_moves_the_coefficient(tmp_path):
+def test_adaptive_kl_and_the_entropy_bonus(tmp_path):
     out = tmp_path / "run"
-    ppo(out, *VOWELS, "ppo.steps=2", "ppo.target_kl=100", "ppo.kl_horizon=10", "checkpoint.save_final=false")
-    coefs = [r["kl_coef"] for r in metrics(out)]
+    ppo(out, *VOWELS, "ppo.steps=2", "ppo.target_kl=100", "ppo.kl_horizon=10", "ppo.entropy_coef=0.01",
+        "checkpoint.save_final=false")
+    m = metrics(out)
+    coefs = [r["kl_coef"] for r in m]
     # step 1: KL 0, far below target: error clipped to -0.2, 16 rollouts over a horizon of 10
     assert coefs == pytest.approx([0.05, 0.05 * (1 - 0.2 * 16 / 10)])
+    # the entropy bonus enters the actor loss (both per-token means over the same tokens)
+    for r in m:
+        assert r["actor/loss"] == pytest.approx(r["actor/policy_loss"] - 0.01 * r["actor/entropy"], rel=1e-4)
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(learning_run, tmp_path):
