@@ -42,6 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
     p.add_argument("--generations", type=int, default=8, help="completions per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--model", type=str, default=None,
+                   help="a trained HF model directory (e.g. runs/demo/sft/final): completions end at different "
+                        "lengths, as in real RL. Default: a random Llama (every completion runs to the limit)")
+    p.add_argument("--reward", choices=["vowels", "correct"], default=None,
+                   help="vowels: fraction of vowels; correct: the task world's verifiable answer check (default "
+                        "with --model; most groups then score alike and carry no gradient)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -49,12 +55,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.warmup, a.hidden, a.layers, a.heads, a.max_new_tokens = 2, 1, 64, 2, 4, 16
+    a.reward = a.reward or ("correct" if a.model else "vowels")
     return a
 
 
 def vowel_reward(prompts, completions, **_):
-    """The reward both frameworks call: fraction of vowels in the completion text."""
+    """Fraction of vowels in the completion text."""
     return [sum(c in "aeiou" for c in text) / max(len(text), 1) for text in completions]
+
+
+def correct_reward(records, completions):
+    """The task world's verifiable reward: 1 for a right final answer."""
+    from alignkit.tasks.oracle import correct_answer_reward
+
+    return correct_answer_reward(records, completions)
+
+
+def score(kind: str, records, completions):
+    return correct_reward(records, completions) if kind == "correct" else vowel_reward(records, completions)
 
 
 def prepare(workdir: Path, a: argparse.Namespace) -> dict:
@@ -65,10 +83,18 @@ def prepare(workdir: Path, a: argparse.Namespace) -> dict:
     from alignkit.tasks.datasets import prompt_records
 
     n = a.prompts * (a.steps + a.warmup + 2)
-    records = prompt_records(n, seed=0)
-    tokenizer = train_bpe_tokenizer([r["prompt"] for r in records] * 4, vocab_size=a.vocab)
+    records = prompt_records(n, seed=1, split="train")
     data = workdir / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in records))
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if a.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(a.model)
+        return {"workdir": str(workdir), "model_dir": str(Path(a.model).resolve()), "data": str(data),
+                "params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size,
+                "steps": a.steps, "warmup": a.warmup, "prompts": a.prompts, "generations": a.generations,
+                "max_new_tokens": a.max_new_tokens, "lr": 1e-5, "reward": a.reward}
+    tokenizer = train_bpe_tokenizer([r["prompt"] for r in records] * 4, vocab_size=a.vocab)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=a.hidden, num_hidden_layers=a.layers,
                          num_attention_heads=a.heads, num_key_value_heads=a.heads,
                          intermediate_size=int(round(a.hidden * 2.6875 / 16) * 16), max_position_embeddings=2048,
@@ -81,7 +107,7 @@ def prepare(workdir: Path, a: argparse.Namespace) -> dict:
     return {"workdir": str(workdir), "model_dir": str(workdir / "model"), "data": str(data),
             "params": sum(p.numel() for p in model.parameters()), "vocab": config.vocab_size,
             "steps": a.steps, "warmup": a.warmup, "prompts": a.prompts, "generations": a.generations,
-            "max_new_tokens": a.max_new_tokens, "lr": 1e-5}
+            "max_new_tokens": a.max_new_tokens, "lr": 1e-5, "reward": a.reward}
 
 
 # --- workers --------------------------------------------------------------------------------
@@ -129,7 +155,9 @@ def worker_alignkit(spec: dict) -> dict:
 
 
 def alignkit_reward(prompts, responses):
-    return vowel_reward(prompts, responses)
+    import os
+
+    return score(os.environ["RL_BENCH_REWARD"], prompts, responses)
 
 
 def worker_trl(spec: dict) -> dict:
@@ -145,16 +173,18 @@ def worker_trl(spec: dict) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
 
-    def reward(prompts, completions, **_):
+    def reward(prompts, completions, record, **_):
         texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
-        out = vowel_reward(prompts, texts)
+        out = score(spec["reward"], [json.loads(r) for r in record], texts)
         rewards.append(sum(out) / len(out))
         return out
 
     records = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines()]
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in records])
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "record": json.dumps(r)}
+                            for r in records])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    model.generation_config.use_cache = True  # models saved before alignkit 8acd62b said False
     completions = spec["prompts"] * spec["generations"]
     args = GRPOConfig(output_dir=str(Path(spec["workdir"]) / "trl"), max_steps=spec["warmup"] + spec["steps"],
                       per_device_train_batch_size=completions, gradient_accumulation_steps=1,
@@ -174,7 +204,8 @@ def run_worker(name: str, spec: dict) -> dict:
     spec_path = Path(spec["workdir"]) / f"{name}_spec.json"
     result_path = Path(spec["workdir"]) / f"{name}_result.json"
     spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(HERE.parents[1]))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(HERE.parents[1]),
+               RL_BENCH_REWARD=spec["reward"])
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE), "--worker", name, "--spec", str(spec_path)], env=env,
                           capture_output=True, text=True, cwd=HERE.parents[1])
@@ -203,8 +234,9 @@ def main(argv=None) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="rl_vs_trl_"))
     spec = prepare(workdir, a)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: Llama hidden {a.hidden}, {a.layers} "
-          f"layers, vocabulary {spec['vocab']}, {spec['params'] / 1e6:.1f}M params; {a.prompts} prompts x "
+    model = a.model or f"random Llama hidden {a.hidden}, {a.layers} layers"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: {model}, vocabulary {spec['vocab']}, "
+          f"{spec['params'] / 1e6:.1f}M params; reward: {a.reward}; {a.prompts} prompts x "
           f"{a.generations} completions x {a.max_new_tokens} tokens per iteration; {a.warmup} warm-up + {a.steps} "
           f"measured iterations; bf16 autocast; GRPO, beta 0", flush=True)
     results = {}
