@@ -277,7 +277,7 @@ def _ppo(demo: Demo) -> dict[str, Any]:
     monitors the rollouts and judges the result); the critic starts from the reward model."""
     _train(demo, "ppo", [f"model.path={demo.path('sft', 'final')}",
                          f"data.train.path={demo.path('data', 'prompts.jsonl')}",
-                         f"reward.path={demo.path('reward_model', 'bt', 'final')}", "monitor.kind=oracle"])
+                         f"reward.path={demo.path('reward_model', 'bt', 'final')}"])
     metrics = _evaluate(demo, "ppo", reference="sft")
     metrics.update(_reward_hacking(demo, "ppo"))
     metrics["curves"] = _rl_curves("ppo", demo)
