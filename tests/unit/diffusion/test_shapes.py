@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from alignkit.diffusion.shapes import COLOURS, ShapeSpec, parse_caption, render, shape_records
+
+
+def test_caption_round_trip_and_bad_captions_are_named():
+    spec = ShapeSpec("triangle", "red", "blue")
+    assert spec.caption == "a red triangle on blue" and parse_caption(spec.caption) == spec
+    with pytest.raises(ValueError, match="'a pink circle on blue'.*expected 'a <colour> <shape> on <colour>'"):
+        parse_caption("a pink circle on blue")
+
+
+def test_rendering_is_deterministic_and_shows_the_caption():
+    spec = ShapeSpec("circle", "yellow", "black")
+    a, b = render(spec, np.random.default_rng(3)), render(spec, np.random.default_rng(3))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8 and (a == b).all()
+    colours = a.reshape(-1, 3)
+    is_bg = (colours == COLOURS["black"]).all(-1)
+    is_fg = (colours == COLOURS["yellow"]).all(-1)
+    assert 0.5 < is_bg.mean() < 0.95 and 0.05 < is_fg.mean() < 0.4  # a disc of radius 6-10 in 32x32
+
+
+def test_shapes_differ_in_area_for_the_same_size():
+    rng = lambda: np.random.default_rng(0)  # noqa: E731 - same position, size and angle for each shape
+    coverage = {s: ((render(ShapeSpec(s, "white", "black"), rng()).mean(-1) - 25) / (240 - 25)).sum()
+                for s in ("circle", "square", "triangle")}  # pixels covered (white on black)
+    # the same circumradius r: circle pi r^2 > square (1.7 r)^2 > equilateral triangle 1.3 r^2
+    assert coverage["triangle"] < 0.5 * coverage["square"] < 0.5 * coverage["circle"]
+
+
+def test_records_never_paint_a_shape_in_its_background_colour():
+    records = shape_records(500, seed=1)
+    assert all(r.colour != r.background for r in records)
+    assert len({r.caption for r in records}) > 60 and shape_records(500, seed=1) == records
