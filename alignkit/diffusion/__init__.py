@@ -1,3 +1,3 @@
-"""Text-to-image pieces for DRaFT+ (issue 8): the shape world so far."""
+"""Text-to-image pieces for DRaFT+: the shape world and its differentiable reward (so far)."""
 
 __all__: list[str] = []
