@@ -468,7 +468,11 @@ def _rl_lines(demo: Demo, stages: list[Stage]) -> list[str]:
                   "", "| skill | reward-model change | oracle change |", "|---|---|---|",
                   *[f"| {task} | {v['rm_change']:+.3f} | {v['oracle_change']:+.3f} |" for task, v in m["by_skill"].items()],
                   "", "Reward hacking (reward model up, oracle down): " +
-                  (", ".join(m["reward_hacked_skills"]) or "none seen") + ".", ""]
+                  (", ".join(m["reward_hacked_skills"]) or "none seen") + "; where the reward model's gain most "
+                  "exceeds the oracle's (it credits answers the oracle does not): " + ", ".join(
+                      f"{task} ({v['rm_change'] - v['oracle_change']:+.3f})" for task, v in sorted(
+                          m["by_skill"].items(), key=lambda kv: kv[1]["oracle_change"] - kv[1]["rm_change"])[:2]) +
+                  ".", ""]
     return lines
 
 
@@ -522,7 +526,7 @@ def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "run
     ]
     demo.path("report.md").write_text("\n".join(report) + "\n")
     print(table)
-    for line in [*_reward_model_lines(demo, stages), *_steering_lines(demo, stages)]:
+    for line in [*_reward_model_lines(demo, stages), *_steering_lines(demo, stages), *_rl_lines(demo, stages)]:
         print(line)
     print(f"\nreport: {demo.path('report.md')}  summary: {demo.path('summary.json')}")
     return models
