@@ -35,3 +35,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "alignkit.cli", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def run_recipe(recipe: str, out, *overrides: str, ok: bool = True, env: dict | None = None, nproc: int | None = None,
+               config: str = "tiny") -> subprocess.CompletedProcess:
+    """`alignkit run RECIPE --config CONFIG output_dir=OUT [--nproc N]` quietly on one thread per process;
+    asserts success unless `ok=False`."""
+    launch = ["--nproc", str(nproc)] if nproc else []
+    result = run_cli("run", recipe, "--config", config, f"output_dir={out}", *launch, "logging.progress=none",
+                     *overrides, env={"OMP_NUM_THREADS": "1", **(env or {})})
+    if ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def read_metrics(out) -> list[dict]:
+    """The lines of OUT/metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

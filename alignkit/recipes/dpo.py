@@ -64,7 +64,7 @@ from alignkit.losses.preference import dpo_loss, kto_loss, kto_reference_point, 
 from alignkit.models.forward import logits_at
 from alignkit.models.loading import load_causal_lm, load_tokenizer, unwrap
 from alignkit.training.distributed import all_reduce_sum
-from alignkit.training.loop import fit, save_final, start_run
+from alignkit.training.loop import fit, save_final, start_run, to_device
 
 __all__ = ["Config", "PreferenceLossConfig", "ReferenceConfig", "main", "policy_logps"]
 
@@ -219,8 +219,7 @@ def _score_pairs(run, cfg: Config, model, pairs: list[PreferencePair], pad_id: i
     model.eval()
     for start in range(0, len(mine), step):
         index = mine[start : start + step]
-        batch = {k: v.to(run.dist.device) if torch.is_tensor(v) else v
-                 for k, v in collate_pairs([pairs[i] for i in index], pad_id).items()}
+        batch = to_device(collate_pairs([pairs[i] for i in index], pad_id), run.dist.device)
         with run.autocast():
             logps = _reference_logps(model, batch, cfg.model.lora.enabled)  # (2P,) in packed order
         out[[index[j] for j in batch["order"]]] = logps.double().cpu().reshape(-1, 2)
@@ -255,8 +254,7 @@ def _cached_reference(run, cfg: Config, model, datasets: dict[str, list[Preferen
 @torch.no_grad()
 def _check_step0(run, cfg: Config, model, reference, pairs: list[PreferencePair], pad_id: int) -> float:
     """Policy == reference at step 0: compare them on the first micro-batch, warn if not."""
-    batch = {k: v.to(run.dist.device) if torch.is_tensor(v) else v
-             for k, v in collate_pairs(pairs[: cfg.train.micro_batch_size], pad_id).items()}
+    batch = to_device(collate_pairs(pairs[: cfg.train.micro_batch_size], pad_id), run.dist.device)
     model.eval()
     with run.autocast():
         policy = policy_logps(model, batch)

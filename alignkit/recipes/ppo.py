@@ -55,7 +55,7 @@ from alignkit.models.loading import load_causal_lm, load_sequence_scorer, load_t
 from alignkit.models.reward import RewardModelInfo
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints, save_checkpoints
-from alignkit.training.distributed import Dist, all_reduce_sum, full_state_dict, wrap_model
+from alignkit.training.distributed import Dist, all_reduce_sum, wrap_model
 from alignkit.training.logging import MetricLogger
 from alignkit.training.loop import Run, optimizer_step, reduce_metrics, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
@@ -64,7 +64,8 @@ from alignkit.training.rollouts import (
     step_prompts, token_logps, token_values, unpad)
 
 __all__ = ["Config", "CriticConfig", "PPOConfig", "actor_loss", "actor_metrics", "load_prompts", "main", "monitor_stats", "rollout_stats",
-           "sample_and_score", "train_on"]
+           "resume", "sample_and_score", "train_epochs",
+           "train_on"]
 
 
 class PPOConfig(Section):
@@ -188,6 +189,22 @@ def train_on(run: Run, model, optimizer, scheduler, rollouts: list[Rollout], min
     return sums, global_units, grad_norm
 
 
+def train_epochs(run: Run, part: tuple, rollouts: list[Rollout], plans: list, loss_fn, units: str, pad_id: int,
+                 skip: frozenset[int] = frozenset()) -> tuple[dict, float, float]:
+    """Every epoch's minibatches for one model (`part` = model, optimizer, scheduler), one optimizer
+    step each (`train_on`). Actor and critic are separate models trained on fixed rollouts, so one
+    can run after the other. Returns (metric sums, global units, mean grad norm) over all steps."""
+    sums: dict = {}
+    total_units, norms = 0.0, []
+    for plan in plans:
+        for minibatch in plan:
+            step_sums, step_units, norm = train_on(run, *part, rollouts, minibatch, loss_fn, units, pad_id, skip)
+            sums = {k: sums.get(k, 0) + v for k, v in step_sums.items()}
+            total_units += step_units
+            norms.append(norm)
+    return sums, total_units, sum(norms) / len(norms)
+
+
 def actor_metrics(sums: dict, d: Dist) -> dict[str, float]:
     """`actor/*` means over the tokens the updates computed (global)."""
     totals = reduce_metrics(sums, 1.0, d)
@@ -237,10 +254,15 @@ def monitor_stats(monitor, rollouts: list[Rollout], d: Dist) -> dict[str, float]
     return {"rollout/monitor_reward": g["sum"] / max(g["n"], 1.0)}
 
 
-def _moments_stats(name: str, x: torch.Tensor, mask: torch.Tensor, d: Dist) -> dict[str, float]:
-    total, total_sq, count = all_reduce_sum(masked_moments(x, mask), d).tolist()
+def _global_moments(x: torch.Tensor, mask: torch.Tensor, d: Dist) -> torch.Tensor:
+    """(3,) [sum, sum of squares, count] of x over the mask and over every process."""
+    return all_reduce_sum(masked_moments(x, mask), d)
+
+
+def _mean_std(moments: torch.Tensor) -> tuple[float, float]:
+    total, total_sq, count = moments.tolist()
     mean = total / max(count, 1.0)
-    return {f"rollout/{name}_mean": mean, f"rollout/{name}_std": math.sqrt(max(total_sq / max(count, 1.0) - mean**2, 0))}
+    return mean, math.sqrt(max(total_sq / max(count, 1.0) - mean**2, 0.0))
 
 
 def _critic_model(cfg: Config) -> tuple[ModelConfig, RewardModelInfo]:
@@ -286,15 +308,8 @@ def main(cfg: Config) -> None:
              "critic": (critic, critic_opt, build_scheduler(critic_opt, updates, cfg.critic.optim))}
     values_of = partial(token_values, info=info, normalize=cfg.reward.normalize)
 
-    start, kl_coef = 0, pc.kl_coef
-    checkpoints = run.output_dir / "checkpoints"
-    latest = latest_checkpoint(checkpoints) if cfg.checkpoint.resume else None
-    if latest is not None:
-        state = load_checkpoints(latest, parts, d)
-        start, kl_coef = state["step"], state["extra"]["kl_coef"]
-        run.log.info(f"resumed from {latest} (step {start} of {pc.steps})")
-    logger = MetricLogger(run.output_dir, cfg.logging, pc.steps, d.is_main, run_config=cfg.model_dump(mode="json"),
-                          resumed_step=start)
+    start, extra, logger = resume(run, parts, pc.steps)
+    kl_coef = extra.get("kl_coef", pc.kl_coef)
     run.log.info(f"PPO: {pc.steps} steps of {rc.prompts_per_step} prompts x {rc.samples_per_prompt} samples, "
                  f"{pc.epochs} epochs x {pc.minibatches} minibatches, {d.world_size} processes")
 
@@ -321,11 +336,14 @@ def main(cfg: Config) -> None:
         values_p = pad(values)[0]
         token_r = token_rewards(kl, scores, mask, kl_coef)
         advantages, returns = gae(token_r, values_p, mask, pc.gamma, pc.lam)
-        stats = {**_moments_stats("advantages", advantages, mask, d), **_moments_stats("returns", returns, mask, d),
-                 **_moments_stats("values", values_p, mask, d)}
+        moments = {name: _global_moments(x, mask, d) for name, x in
+                   (("advantages", advantages), ("returns", returns), ("values", values_p),
+                    ("residual", returns - values_p))}
+        stats = {}
+        for name in ("advantages", "returns", "values"):
+            stats[f"rollout/{name}_mean"], stats[f"rollout/{name}_std"] = _mean_std(moments[name])
         if pc.whiten_advantages:
-            advantages = whiten(advantages, mask, all_reduce_sum(masked_moments(advantages, mask), d))
-        residual_var = all_reduce_sum(masked_moments(returns - values_p, mask), d)
+            advantages = whiten(advantages, mask, moments["advantages"])
         for r, o, ref, v, a, ret in zip(rollouts, old_logps, ref_logps, values, unpad(advantages, mask),
                                         unpad(returns, mask)):
             r.old_logps, r.ref_logps, r.values, r.advantages, r.returns = o, ref, v, a, ret
@@ -334,28 +352,21 @@ def main(cfg: Config) -> None:
         sequence_kl = reduce_sums({"n": len(rollouts), "kl": float(kl.sum())}, d)
         metrics["rollout/reward_with_kl"] = metrics["rollout/reward"] - kl_coef * sequence_kl["kl"] / sequence_kl["n"]
         metrics.update(stats)
-        total, total_sq, count = residual_var.tolist()
-        residual = total_sq / max(count, 1) - (total / max(count, 1)) ** 2
-        metrics["critic/explained_variance"] = 1.0 - residual / max(stats["rollout/returns_std"] ** 2, 1e-8)
+        residual_std = _mean_std(moments["residual"])[1]
+        metrics["critic/explained_variance"] = 1.0 - residual_std**2 / max(stats["rollout/returns_std"] ** 2, 1e-8)
 
-        # --- 5. PPO epochs: a critic step and an actor step per minibatch ----------------------------
+        # --- 5. PPO epochs: a critic step per minibatch, then an actor step per minibatch -------------
         train_actor = step >= pc.critic_warmup_steps
         actor_fn = partial(actor_loss, clip_eps=pc.clip_eps, entropy_coef=pc.entropy_coef)
         critic_fn = partial(critic_loss, info=info, normalize=cfg.reward.normalize, clip=pc.value_clip)
-        sums = {"actor": ({}, 0.0, []), "critic": ({}, 0.0, [])}
         lr = parts["actor"][2].get_last_lr()[0]
-        for plan in plans:
-            for minibatch in plan:
-                jobs = [("critic", critic_fn, "num_units")] + ([("actor", actor_fn, "actor_tokens")] if train_actor else [])
-                for name, fn, units in jobs:
-                    s, u, g = train_on(run, *parts[name], rollouts, minibatch, fn, units, pad_id)
-                    acc, acc_units, norms = sums[name]
-                    sums[name] = ({k: acc.get(k, 0) + v for k, v in s.items()}, acc_units + u, norms + [g])
-        for name, (acc, acc_units, norms) in sums.items():
-            if norms:
-                metrics.update(actor_metrics(acc, d) if name == "actor" else
-                               {f"{name}/{k}": v for k, v in reduce_metrics(acc, acc_units, d).items()})
-                metrics[f"{name}/grad_norm"] = sum(norms) / len(norms)
+        sums, units, metrics["critic/grad_norm"] = train_epochs(run, parts["critic"], rollouts, plans, critic_fn,
+                                                                 "num_units", pad_id)
+        metrics.update({f"critic/{k}": v for k, v in reduce_metrics(sums, units, d).items()})
+        if train_actor:
+            sums, _, metrics["actor/grad_norm"] = train_epochs(run, parts["actor"], rollouts, plans, actor_fn,
+                                                                "actor_tokens", pad_id)
+            metrics.update(actor_metrics(sums, d))
         t4 = time.perf_counter()
 
         # --- 6. adaptive KL coefficient -----------------------------------------------------------
@@ -372,6 +383,20 @@ def main(cfg: Config) -> None:
     save_final(run, actor, tokenizer)
     if cfg.checkpoint.save_final:
         _save_critic(run, critic, tokenizer, info)
+
+
+def resume(run: Run, parts: dict, steps: int) -> tuple[int, dict, MetricLogger]:
+    """Restore the newest complete checkpoint set (when `checkpoint.resume`): returns the step to
+    start from, the state saved with it by `finish_step` (empty on a fresh run), and the logger."""
+    start, extra = 0, {}
+    latest = latest_checkpoint(run.output_dir / "checkpoints") if run.cfg.checkpoint.resume else None
+    if latest is not None:
+        state = load_checkpoints(latest, parts, run.dist)
+        start, extra = state["step"], state["extra"]
+        run.log.info(f"resumed from {latest} (step {start} of {steps})")
+    logger = MetricLogger(run.output_dir, run.cfg.logging, steps, run.dist.is_main,
+                          run_config=run.cfg.model_dump(mode="json"), resumed_step=start)
+    return start, extra, logger
 
 
 def finish_step(run: Run, logger: MetricLogger, step: int, metrics: dict[str, float], parts: dict, extra: dict,
@@ -392,10 +417,4 @@ def finish_step(run: Run, logger: MetricLogger, step: int, metrics: dict[str, fl
 def _save_critic(run: Run, critic, tokenizer, info: RewardModelInfo) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from alignkit.models.loading import save_causal_lm
-
-    state, _ = full_state_dict(critic)
-    if run.dist.is_main:
-        out = save_causal_lm(critic, state, tokenizer, run.output_dir / "critic" / "final",
-                             auto_class=AutoModelForSequenceClassification, config_updates=info.config_updates())
-        run.log.info(f"saved {out}")
+    save_final(run, critic, tokenizer, info.config_updates(), AutoModelForSequenceClassification, "critic/final")

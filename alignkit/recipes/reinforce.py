@@ -38,11 +38,10 @@ from alignkit.config import ConfigError, DataConfig, DistributedConfig, RecipeCo
 from alignkit.losses.policy_gradient import grpo_advantages, kl_per_token, rloo_advantages
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.recipes.ppo import (actor_loss, actor_metrics, check_processes, finish_step, load_prompts, monitor_stats,
-                                  reference_logps, rollout_stats, sample_and_score, train_on)
+                                  reference_logps, resume, rollout_stats, sample_and_score,
+                                  train_epochs)
 from alignkit.rewards import RewardSourceConfig, build_reward_source
-from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints
 from alignkit.training.distributed import wrap_model
-from alignkit.training.logging import MetricLogger
 from alignkit.training.loop import save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.rollouts import RolloutConfig, epoch_plan, forward_rollouts, reduce_sums, token_logps
@@ -100,13 +99,7 @@ def main(cfg: Config) -> None:
         reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
     optimizer = build_optimizer(actor, cfg.optim)
     parts = {"actor": (actor, optimizer, build_scheduler(optimizer, rf.steps * rf.epochs * rf.minibatches, cfg.optim))}
-    start = 0
-    latest = latest_checkpoint(run.output_dir / "checkpoints") if cfg.checkpoint.resume else None
-    if latest is not None:
-        start = load_checkpoints(latest, parts, d)["step"]
-        run.log.info(f"resumed from {latest} (step {start} of {rf.steps})")
-    logger = MetricLogger(run.output_dir, cfg.logging, rf.steps, d.is_main, run_config=cfg.model_dump(mode="json"),
-                          resumed_step=start)
+    start, _, logger = resume(run, parts, rf.steps)
     # The old policy's log-probs matter only when the policy moves between updates of one rollout
     # batch, or for the KL inside RLOO's reward.
     need_old = rf.epochs * rf.minibatches > 1 or (rf.estimator == "rloo" and rf.kl_coef > 0)
@@ -153,15 +146,12 @@ def main(cfg: Config) -> None:
         # Without a KL term in the loss, a rollout with advantage 0 contributes exactly nothing.
         skip = frozenset(i for i, a in enumerate(adv.tolist()) if a == 0.0) if not kl_in_loss else frozenset()
         lr = parts["actor"][2].get_last_lr()[0]
-        acc, norms = {}, []
-        for plan in plans:
-            for minibatch in plan:
-                s, _, g = train_on(run, *parts["actor"], rollouts, minibatch, loss_fn, "actor_tokens", pad_id, skip)
-                acc, norms = {k: acc.get(k, 0) + v for k, v in s.items()}, norms + [g]
-        metrics.update(actor_metrics(acc, d))
+        sums, _, metrics["actor/grad_norm"] = train_epochs(run, parts["actor"], rollouts, plans, loss_fn,
+                                                            "actor_tokens", pad_id, skip)
+        metrics.update(actor_metrics(sums, d))
         metrics["rollout/skipped_fraction"] = reduce_sums({"s": len(skip)}, d)["s"] / metrics["rollout/samples"]
         t4 = time.perf_counter()
-        metrics.update({"actor/grad_norm": sum(norms) / len(norms), "lr": lr, "timing/generate_s": t_generate,
+        metrics.update({"lr": lr, "timing/generate_s": t_generate,
                         "timing/score_s": t_score, "timing/logprobs_s": t3 - t2, "timing/train_s": t4 - t3,
                         "throughput/samples_per_s": metrics["rollout/samples"] / (t4 - t0)})
         finish_step(run, logger, step, metrics, parts, {}, rf.steps)

@@ -47,10 +47,10 @@ from alignkit.data.reward import (
     load_reward_pairs,
 )
 from alignkit.losses.reward import bradley_terry_loss, regression_loss
-from alignkit.models.loading import load_sequence_scorer, load_tokenizer, save_causal_lm
+from alignkit.models.loading import load_sequence_scorer, load_tokenizer
 from alignkit.models.reward import RewardModelInfo, init_head_to_mean, score_head, score_sequences, sequence_scores
-from alignkit.training.distributed import all_reduce_sum, full_state_dict
-from alignkit.training.loop import fit, start_run
+from alignkit.training.distributed import all_reduce_sum
+from alignkit.training.loop import fit, save_final, start_run
 
 __all__ = ["Config", "RewardLossConfig", "main"]
 
@@ -273,9 +273,4 @@ def main(cfg: Config) -> None:
 
     # --- save as an AutoModelForSequenceClassification directory -----------------------------
     if cfg.checkpoint.save_final:
-        state, _ = full_state_dict(model)
-        if run.dist.is_main:
-            out = save_causal_lm(model, state, tokenizer, run.output_dir / "final", cfg.model.lora.merge_on_save,
-                                 auto_class=AutoModelForSequenceClassification,
-                                 config_updates=info.config_updates())
-            run.log.info(f"saved {out}")
+        save_final(run, model, tokenizer, info.config_updates(), AutoModelForSequenceClassification)

@@ -51,7 +51,8 @@ from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import barrier, gather_rollouts
 from alignkit.training.logging import MetricLogger
-from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_run, save_final, start_run
+from alignkit.training.loop import (Run, copy_last_iteration, fit, iteration_run, save_final, start_run,
+                                    to_device)
 
 __all__ = ["Config", "SteerLM2Config", "main"]
 
@@ -125,7 +126,7 @@ def _score(run: Run, model, sequences: list[list[Example]], pad_id: int, batch_s
         chunk = sequences[start : start + per_batch]
         batch = collate_groups(chunk, pad_id)
         batch["seq_num_targets"] = batch["seq_num_targets"].reshape(len(chunk), -1)  # (G, n)
-        batch = {k: v.to(run.dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, run.dist.device)
         with run.autocast():
             logps = group_logps(model, batch).double().cpu()
         for row, i in enumerate(batch["order"]):

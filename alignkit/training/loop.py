@@ -38,7 +38,8 @@ from alignkit.training.distributed import Dist, all_reduce_sum, barrier, full_st
 from alignkit.training.logging import MetricLogger, get_logger
 from alignkit.training.optim import build_optimizer, build_scheduler
 
-__all__ = ["Run", "evaluate", "fit", "optimizer_step", "reduce_metrics", "save_final", "start_run"]
+__all__ = ["Run", "evaluate", "fit", "optimizer_step", "reduce_metrics", "save_final", "start_run",
+           "to_device"]
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -107,7 +108,8 @@ def _micro_batches(plan_batches: list[list[int]], items: Sequence, collate) -> l
     return [collate([items[i] if i != PAD_SLOT else None for i in mb]) for mb in plan_batches]
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors moved to `device`; other entries (counts, orders) as they are."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -124,7 +126,7 @@ def evaluate(run: Run, model: nn.Module, plan: BatchPlan, items: Sequence, colla
         for batch in _micro_batches(batches, items, collate):
             units += batch["num_units"]
             with run.autocast():
-                loss_sum, metrics = loss_fn(model, _to_device(batch, run.dist.device))
+                loss_sum, metrics = loss_fn(model, to_device(batch, run.dist.device))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0) + value.detach().float()
     total_units = float(all_reduce_sum(torch.tensor(float(units)), run.dist))
@@ -149,7 +151,7 @@ def optimizer_step(run: Run, model: nn.Module, optimizer, batches: list[Batch],
     sums: dict[str, torch.Tensor] = {}
     for k, batch in enumerate(batches):
         with _no_grad_sync(model, sync=k == len(batches) - 1), run.autocast():
-            loss_sum, metrics = loss_fn(model, _to_device(batch, d.device))
+            loss_sum, metrics = loss_fn(model, to_device(batch, d.device))
         (loss_sum * scale).backward()
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
@@ -234,14 +236,18 @@ def fit(
     return model
 
 
-def save_final(run: Run, model: nn.Module, tokenizer, config_updates: dict | None = None) -> Path | None:
-    """Gather the full weights (a collective) and write output_dir/final in HF format (rank 0);
+def save_final(run: Run, model: nn.Module, tokenizer, config_updates: dict | None = None, auto_class=None,
+               name: str = "final") -> Path | None:
+    """Gather the full weights (a collective) and write output_dir/`name` in HF format (rank 0), as
+    `auto_class` (default a causal LM; a reward model or critic: `AutoModelForSequenceClassification`);
     `config_updates` are recorded in its config.json (e.g. a SteerLM model's label format)."""
+    from transformers import AutoModelForCausalLM
+
     state, _ = full_state_dict(model)
-    out = run.output_dir / "final"
+    out = run.output_dir / name
     if run.dist.is_main:
         save_causal_lm(model, state, tokenizer, out, merge_lora=run.cfg.model.lora.merge_on_save,
-                       config_updates=config_updates)
+                       auto_class=auto_class or AutoModelForCausalLM, config_updates=config_updates)
         run.log.info(f"saved {out}")
     return out
 

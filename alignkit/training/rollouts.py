@@ -39,6 +39,7 @@ from alignkit.models.forward import logits_at
 from alignkit.models.loading import unwrap
 from alignkit.models.reward import RewardModelInfo, sequence_scores
 from alignkit.training.distributed import all_reduce_sum
+from alignkit.training.loop import to_device
 
 __all__ = ["Rollout", "RolloutConfig", "collate_rollouts", "epoch_plan", "forward_rollouts", "pad", "reduce_sums",
            "sample_rollouts", "step_prompts", "token_logps", "token_values", "unpad"]
@@ -165,10 +166,6 @@ def token_values(critic, batch, info: RewardModelInfo, normalize: bool = False) 
     return info.reward(scores, normalize)
 
 
-def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def forward_rollouts(fn: Callable[[dict[str, Any]], Tensor], rollouts: list[Rollout], micro_batches: list[list[int]],
                      pad_id: int, device, autocast=contextlib.nullcontext) -> list[Tensor]:
@@ -178,7 +175,7 @@ def forward_rollouts(fn: Callable[[dict[str, Any]], Tensor], rollouts: list[Roll
     for mb in micro_batches:
         batch = collate_rollouts([rollouts[i] for i in mb], pad_id)
         with autocast():
-            flat = fn(_to_device(batch, device)).float().cpu()
+            flat = fn(to_device(batch, device)).float().cpu()
         for j, piece in zip(batch["order"], flat.split(batch["response_lengths"])):
             out[mb[j]] = piece
     return out  # type: ignore[return-value]

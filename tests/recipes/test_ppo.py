@@ -7,15 +7,13 @@ steps, which the oracle's reward would not show on a random model.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tests.conftest import run_cli
+from tests.conftest import read_metrics as metrics
+from tests.conftest import run_recipe
 
-QUIET = ["logging.progress=none"]
 VOWELS = ["reward.kind=function", "reward.function=tests.recipes.test_ppo:vowel_reward"]
 
 
@@ -24,16 +22,7 @@ def vowel_reward(prompts, responses):
 
 
 def ppo(out, *overrides, ok=True, env=None, nproc=None):
-    launch = ["--nproc", str(nproc)] if nproc else []
-    result = run_cli("run", "ppo", "--config", "tiny", f"output_dir={out}", *launch, *QUIET, *overrides,
-                     env={"OMP_NUM_THREADS": "1", **(env or {})})
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def metrics(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return run_recipe("ppo", out, *overrides, ok=ok, env=env, nproc=nproc)
 
 
 @pytest.fixture(scope="module")

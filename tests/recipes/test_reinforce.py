@@ -3,28 +3,16 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import run_cli
-
-QUIET = ["logging.progress=none"]
-VOWELS = ["reward.kind=function", "reward.function=tests.recipes.test_ppo:vowel_reward"]
+from tests.conftest import read_metrics as metrics
+from tests.conftest import run_recipe
+from tests.recipes.test_ppo import VOWELS
 
 
 def reinforce(out, *overrides, ok=True, env=None, nproc=None):
-    launch = ["--nproc", str(nproc)] if nproc else []
-    result = run_cli("run", "reinforce", "--config", "tiny", f"output_dir={out}", *launch, *QUIET, *overrides,
-                     env={"OMP_NUM_THREADS": "1", **(env or {})})
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def metrics(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return run_recipe("reinforce", out, *overrides, ok=ok, env=env, nproc=nproc)
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "grpo"])
