@@ -39,6 +39,7 @@ RECIPES = {
     "steerlm2": "alignkit.recipes.steerlm2",
     "ppo": "alignkit.recipes.ppo",
     "reinforce": "alignkit.recipes.reinforce",
+    "draftp": "alignkit.recipes.draftp",
 }
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -326,6 +327,80 @@ def generate(
                 written += 1
                 ended += c.is_end
     typer.echo(f"wrote {written} samples for {len(ids)} prompts to {out} ({ended} ended on EOS or a stop string)")
+
+
+@app.command("generate-images")
+def generate_images(
+    out: Annotated[str, typer.Option(help="output PNG: one row per prompt, one column per seed")],
+    prompts: Annotated[list[str], typer.Option("--prompt", help="a prompt (repeatable), or a records file with "
+                                                                "'prompt' (JSONL, builtin:captions?n=4, ...)")],
+    model: Annotated[str | None, typer.Option(help="base diffusers pipeline directory (default: the one --lora names)")] = None,
+    lora: Annotated[str | None, typer.Option(help="DRaFT+ adapters (a draftp run's final/)")] = None,
+    schedule: Annotated[str, typer.Option(help="annealed importance guidance: base, draft, linear, power_P, step_F")] = "draft",
+    n: Annotated[int, typer.Option(help="images per prompt (seeds seed..seed+n-1)")] = 4,
+    seed: int = 0,
+    steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 7.5,
+    reward: Annotated[str | None, typer.Option(help="score the images: a reward directory or module:function")] = None,
+) -> None:
+    """Sample images from a diffusion pipeline (with DRaFT+ adapters, optionally annealed) into a PNG grid."""
+    import json
+
+    from alignkit.diffusion.images import save_grid
+    from alignkit.diffusion.inference import generate_images as sample_images
+    from alignkit.diffusion.inference import load_for_images
+    from alignkit.diffusion.reward import load_image_reward
+    from alignkit.diffusion.sampling import diversity
+
+    try:
+        texts = prompts
+        if len(prompts) == 1 and (Path(prompts[0]).is_file() or prompts[0].startswith("builtin:")):
+            from alignkit.data.io import read_records
+
+            texts = []
+            for r in read_records(prompts[0]):
+                if not isinstance(r.data.get("prompt"), str):
+                    raise DataError(f"{r.source}: a prompt record needs a 'prompt' string")
+                texts.append(r.data["prompt"])
+        if schedule != "draft" and lora is None:
+            raise ValueError(f"--schedule {schedule}: mixing base and fine-tuned models needs --lora")
+        pipe = load_for_images(model, lora)
+        images = sample_images(pipe, texts, list(range(seed, seed + n)), steps, guidance, schedule)
+        scores = load_image_reward(reward)(images.flatten(0, 1), [t for t in texts for _ in range(n)]) if reward else None
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    save_grid(images, out, labels=texts)
+    summary = {"prompts": texts, "seeds": list(range(seed, seed + n)), "schedule": schedule,
+               "diversity": diversity(images) if n > 1 else None}
+    if scores is not None:
+        summary["rewards"] = scores.view(len(texts), n).tolist()
+        summary["reward"] = float(scores.mean())
+    Path(out).with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    extra = f", mean reward {summary['reward']:.3f}" if scores is not None else ""
+    typer.echo(f"wrote {len(texts)} x {n} images to {out}{extra}")
+
+
+@app.command("shape-world")
+def shape_world(
+    out: Annotated[str, typer.Option(help="output directory")] = "runs/shapes",
+    unet_steps: Annotated[int, typer.Option(help="UNet pretraining steps (batch 64)")] = 1500,
+    seed: int = 0,
+) -> None:
+    """Build the shape world for DRaFT+: a pretrained base pipeline (base/), its reward judge (judge/)."""
+    import json
+
+    from alignkit.diffusion.pipeline import save_pipeline
+    from alignkit.diffusion.pretrain import pretrain_shape_pipeline
+    from alignkit.diffusion.reward import train_shape_judge
+
+    root = Path(out)
+    judge, judge_report = train_shape_judge(n=3000, seed=seed)
+    judge.save(root / "judge")
+    typer.echo(f"judge: {judge_report}")
+    pipe, report = pretrain_shape_pipeline(unet_steps=unet_steps, seed=seed, log=typer.echo)
+    save_pipeline(pipe, root / "base")
+    (root / "report.json").write_text(json.dumps({"judge": judge_report, "base": report}, indent=1))
+    typer.echo(f"wrote {root / 'base'} and {root / 'judge'}")
 
 
 serve_app = typer.Typer(no_args_is_help=True, help="HTTP servers: a reward model, an OpenAI-compatible LM.")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BACKGROUNDS", "COLOURS", "SHAPES", "ShapeSpec", "parse_caption", "render", "shape_records"]
+__all__ = ["BACKGROUNDS", "COLOURS", "SHAPES", "ShapeSpec", "caption_records", "parse_caption", "render", "shape_records"]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -93,3 +93,12 @@ def shape_records(n: int, seed: int = 0) -> list[ShapeSpec]:
         if colour != background:
             out.append(ShapeSpec(shape, colour, background))
     return out
+
+
+def caption_records(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """n prompt records {"prompt": caption}: the world's 90 distinct captions in a seeded order,
+    repeated in that order when n > 90."""
+    specs = [ShapeSpec(shape, colour, background) for shape in SHAPES for colour in COLOURS
+             for background in BACKGROUNDS if colour != background]
+    order = np.random.default_rng(seed).permutation(len(specs))
+    return [{"prompt": specs[order[i % len(specs)]].caption} for i in range(n)]

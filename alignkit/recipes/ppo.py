@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
 import time
 from functools import partial
 from typing import Literal
@@ -54,17 +52,15 @@ from alignkit.losses.policy_gradient import (
 from alignkit.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer, unwrap
 from alignkit.models.reward import RewardModelInfo
 from alignkit.rewards import RewardSourceConfig, build_reward_source
-from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints, save_checkpoints
 from alignkit.training.distributed import Dist, all_reduce_sum, wrap_model
-from alignkit.training.logging import MetricLogger
-from alignkit.training.loop import Run, optimizer_step, reduce_metrics, save_final, start_run
+from alignkit.training.loop import Run, finish_step, optimizer_step, reduce_metrics, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.rollouts import (
     Rollout, RolloutConfig, collate_rollouts, epoch_plan, forward_rollouts, pad, reduce_sums, sample_rollouts,
     step_prompts, token_logps, token_values, unpad)
 
 __all__ = ["Config", "CriticConfig", "PPOConfig", "actor_loss", "actor_metrics", "load_prompts", "main", "monitor_stats", "rollout_stats",
-           "resume", "sample_and_score", "train_epochs",
+           "sample_and_score", "train_epochs",
            "train_on"]
 
 
@@ -383,35 +379,6 @@ def main(cfg: Config) -> None:
     save_final(run, actor, tokenizer)
     if cfg.checkpoint.save_final:
         _save_critic(run, critic, tokenizer, info)
-
-
-def resume(run: Run, parts: dict, steps: int) -> tuple[int, dict, MetricLogger]:
-    """Restore the newest complete checkpoint set (when `checkpoint.resume`): returns the step to
-    start from, the state saved with it by `finish_step` (empty on a fresh run), and the logger."""
-    start, extra = 0, {}
-    latest = latest_checkpoint(run.output_dir / "checkpoints") if run.cfg.checkpoint.resume else None
-    if latest is not None:
-        state = load_checkpoints(latest, parts, run.dist)
-        start, extra = state["step"], state["extra"]
-        run.log.info(f"resumed from {latest} (step {start} of {steps})")
-    logger = MetricLogger(run.output_dir, run.cfg.logging, steps, run.dist.is_main,
-                          run_config=run.cfg.model_dump(mode="json"), resumed_step=start)
-    return start, extra, logger
-
-
-def finish_step(run: Run, logger: MetricLogger, step: int, metrics: dict[str, float], parts: dict, extra: dict,
-                steps: int) -> None:
-    """Log (checking for non-finite values), checkpoint when due, and the resume tests' kill switch."""
-    done = step + 1
-    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"step {done}: non-finite {', '.join(bad)}")
-    if done % run.cfg.train.log_every == 0 or done == steps:
-        logger.log(done, metrics)
-    if run.cfg.checkpoint.every and done % run.cfg.checkpoint.every == 0 and done != steps:
-        save_checkpoints(run.output_dir / "checkpoints", done, parts, run.dist, run.cfg.checkpoint.keep_last, extra)
-    if os.environ.get("ALIGNKIT_TEST_KILL_AT_STEP") == str(done):  # fault injection for resume tests
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _save_critic(run: Run, critic, tokenizer, info: RewardModelInfo) -> None:

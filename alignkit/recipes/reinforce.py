@@ -37,12 +37,11 @@ from pydantic import Field
 from alignkit.config import ConfigError, DataConfig, DistributedConfig, RecipeConfig, Section
 from alignkit.losses.policy_gradient import grpo_advantages, kl_per_token, rloo_advantages
 from alignkit.models.loading import load_causal_lm, load_tokenizer
-from alignkit.recipes.ppo import (actor_loss, actor_metrics, check_processes, finish_step, load_prompts, monitor_stats,
-                                  reference_logps, resume, rollout_stats, sample_and_score,
-                                  train_epochs)
+from alignkit.recipes.ppo import (actor_loss, actor_metrics, check_processes, load_prompts, monitor_stats,
+                                  reference_logps, rollout_stats, sample_and_score, train_epochs)
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import wrap_model
-from alignkit.training.loop import save_final, start_run
+from alignkit.training.loop import finish_step, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.rollouts import RolloutConfig, epoch_plan, forward_rollouts, reduce_sums, token_logps
 

@@ -16,6 +16,7 @@ deterministically from the seed. Names:
   - `prompts`: prompt records with the oracle's metadata (RL, rejection sampling).
   - `steer`: prompt records with random target `attributes` (verbosity, politeness 0-4; SteerLM 2.0).
   - `eval`: held-out prompts, no two alike; `redteam`: held-out red-team prompts.
+- `captions`: the shape world's image captions as prompt records (DRaFT+), "a red circle on blue".
 
 Defaults: n=256, seed=0, split=train (test for `eval` and `redteam`; `sft` and `chat` have none).
 """
@@ -77,7 +78,14 @@ _GENERATORS: dict[str, tuple[Callable[[int, int, str], list[dict[str, Any]]], st
     "steer": (_ds.steer_prompt_records, "train"),
     "eval": (lambda n, seed, split: generate_prompts(n, seed, split, unique=True), "test"),
     "redteam": (lambda n, seed, split: generate_prompts(n, seed, split, ("redteam",), unique=True), "test"),
+    "captions": (lambda n, seed, split: _shape_captions(n, seed), None),
 }
+
+
+def _shape_captions(n: int, seed: int) -> list[dict[str, Any]]:
+    from alignkit.diffusion.shapes import caption_records
+
+    return caption_records(n, seed)
 
 
 def builtin_records(spec: str) -> list[Record]:

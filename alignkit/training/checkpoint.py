@@ -67,12 +67,14 @@ def save_checkpoint(
     d: Dist,
     keep_last: int,
     extra: dict[str, Any] | None = None,
+    trainable_only: bool = False,
 ) -> Path:
-    """Write `step_{step}/` atomically; a collective, every rank calls it."""
+    """Write `step_{step}/` atomically; a collective, every rank calls it. `trainable_only`: leave
+    out frozen parameters (they are restored from where the run loaded them)."""
     root = Path(checkpoints_dir)
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
-    model_state, optim_state = full_state_dict(model, optimizer)
+    model_state, optim_state = full_state_dict(model, optimizer, trainable_only)
     if d.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -110,6 +112,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     d: Dist,
+    trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns `{"step": N, "extra": ...}`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -123,7 +126,7 @@ def load_checkpoint(
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True),
+        options=StateDictOptions(full_state_dict=True, strict=not trainable_only),
     )
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / f"rng_rank{d.rank}.pt"
@@ -138,20 +141,20 @@ Part = tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRSchedu
 
 
 def save_checkpoints(checkpoints_dir: str | Path, step: int, parts: dict[str, Part], d: Dist, keep_last: int,
-                     extra: dict[str, Any] | None = None) -> Path:
+                     extra: dict[str, Any] | None = None, trainable_only: bool = False) -> Path:
     """The first part at `checkpoints/step_N`, every other part at `checkpoints/<name>/step_N`.
     The first is written last, so its completeness marks a complete set (resume looks for it)."""
     root = Path(checkpoints_dir)
     (first, first_part), *others = parts.items()
     for name, (model, optimizer, scheduler) in others:
-        save_checkpoint(root / name, step, model, optimizer, scheduler, d, keep_last)
-    return save_checkpoint(root, step, *first_part, d, keep_last, extra=extra)
+        save_checkpoint(root / name, step, model, optimizer, scheduler, d, keep_last, trainable_only=trainable_only)
+    return save_checkpoint(root, step, *first_part, d, keep_last, extra=extra, trainable_only=trainable_only)
 
 
-def load_checkpoints(path: str | Path, parts: dict[str, Part], d: Dist) -> dict[str, Any]:
+def load_checkpoints(path: str | Path, parts: dict[str, Part], d: Dist, trainable_only: bool = False) -> dict[str, Any]:
     """Restore a set written by `save_checkpoints`, given the first part's `step_N` directory."""
     path = Path(path)
     (first, first_part), *others = parts.items()
     for name, part in others:
-        load_checkpoint(path.parent / name / path.name, *part, d)
-    return load_checkpoint(path, *first_part, d)
+        load_checkpoint(path.parent / name / path.name, *part, d, trainable_only)
+    return load_checkpoint(path, *first_part, d, trainable_only)

@@ -114,14 +114,15 @@ def wrap_model(model: nn.Module, d: Dist, strategy: str, compile_layers: bool = 
 
 
 def full_state_dict(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, trainable_only: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Unsharded model (and optimizer) state on CPU. A collective: every rank must call it."""
+    """Unsharded model (and optimizer) state on CPU. A collective: every rank must call it.
+    `trainable_only`: leave out frozen parameters (a LoRA run's base weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     from alignkit.models.loading import unwrap
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     target = unwrap(model)
     if optimizer is None:
         return get_model_state_dict(target, options=options), None

@@ -33,13 +33,14 @@ from torch import nn
 from alignkit.config import RecipeConfig, save_config
 from alignkit.data.batching import PAD_SLOT, BatchPlan
 from alignkit.models.loading import autocast, save_causal_lm
-from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.training.checkpoint import (latest_checkpoint, load_checkpoint, load_checkpoints, save_checkpoint,
+                                         save_checkpoints)
 from alignkit.training.distributed import Dist, all_reduce_sum, barrier, full_state_dict, init_distributed, wrap_model
 from alignkit.training.logging import MetricLogger, get_logger
 from alignkit.training.optim import build_optimizer, build_scheduler
 
-__all__ = ["Run", "evaluate", "fit", "optimizer_step", "reduce_metrics", "save_final", "start_run",
-           "to_device"]
+__all__ = ["Run", "evaluate", "finish_step", "fit", "optimizer_step", "reduce_metrics", "resume", "save_final",
+           "start_run", "to_device"]
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -253,6 +254,38 @@ def save_final(run: Run, model: nn.Module, tokenizer, config_updates: dict | Non
 
 
 # --- iterated recipes (rejection sampling, SteerLM 2.0): one complete run per iteration ---------
+
+
+def resume(run: Run, parts: dict, steps: int, trainable_only: bool = False) -> tuple[int, dict, MetricLogger]:
+    """For loops that own their steps (RL, DRaFT+): restore the newest complete checkpoint set of
+    `parts` (name -> (model, optimizer, scheduler)) when `checkpoint.resume`; returns the step to
+    start from, the state saved with it by `finish_step` (empty on a fresh run), and the logger.
+    `trainable_only`: the checkpoints hold only trainable parameters (see `finish_step`)."""
+    start, extra = 0, {}
+    latest = latest_checkpoint(run.output_dir / "checkpoints") if run.cfg.checkpoint.resume else None
+    if latest is not None:
+        state = load_checkpoints(latest, parts, run.dist, trainable_only)
+        start, extra = state["step"], state["extra"]
+        run.log.info(f"resumed from {latest} (step {start} of {steps})")
+    logger = MetricLogger(run.output_dir, run.cfg.logging, steps, run.dist.is_main,
+                          run_config=run.cfg.model_dump(mode="json"), resumed_step=start)
+    return start, extra, logger
+
+
+def finish_step(run: Run, logger: MetricLogger, step: int, metrics: dict[str, float], parts: dict, extra: dict,
+                steps: int, trainable_only: bool = False) -> None:
+    """Log (checking for non-finite values), checkpoint when due, and the resume tests' kill switch."""
+    done = step + 1
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"step {done}: non-finite {', '.join(bad)}")
+    if done % run.cfg.train.log_every == 0 or done == steps:
+        logger.log(done, metrics)
+    if run.cfg.checkpoint.every and done % run.cfg.checkpoint.every == 0 and done != steps:
+        save_checkpoints(run.output_dir / "checkpoints", done, parts, run.dist, run.cfg.checkpoint.keep_last, extra,
+                         trainable_only)
+    if os.environ.get("ALIGNKIT_TEST_KILL_AT_STEP") == str(done):  # fault injection for resume tests
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def iteration_run(run: Run, t: int) -> Run | None:
