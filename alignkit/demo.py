@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alignkit.config import find_config, load_config
 from alignkit.data.io import write_jsonl
 from alignkit.evaluation.evaluate import evaluate_model, plot_results, write_json
@@ -293,6 +295,69 @@ def _grpo(demo: Demo) -> dict[str, Any]:
     return metrics
 
 
+# DRaFT+ on the shape world: UNet pretraining steps; evaluation on all 90 captions x 4 seeds (the
+# seeds are not the training ones); the grid shows the first 6 captions.
+DRAFTP_PRETRAIN_STEPS = 1500
+DRAFTP_EVAL_SEEDS = (900, 901, 902, 903)
+DRAFTP_GRID_PROMPTS = 6
+
+
+def _draftp(demo: Demo) -> dict[str, Any]:
+    """DRaFT+ and plain DRaFT (kl_coeff 0) from the shape world's pretrained base pipeline, with the
+    judge's differentiable reward; base, DRaFT and DRaFT+ sampled from the same prompts and seeds."""
+    from alignkit.diffusion.images import save_grid
+    from alignkit.diffusion.inference import generate_images, load_for_images
+    from alignkit.diffusion.pipeline import save_pipeline
+    from alignkit.diffusion.pretrain import pretrain_shape_pipeline
+    from alignkit.diffusion.reward import ShapeJudge, train_shape_judge
+    from alignkit.diffusion.sampling import diversity
+    from alignkit.diffusion.shapes import caption_records
+    from alignkit.recipes.draftp import Config as DraftpRecipeConfig
+
+    log = get_logger()
+    shapes = demo.path("draftp", "shapes")
+    judge, judge_report = train_shape_judge(n=3000)
+    judge.save(shapes / "judge")
+    pipe, pretrain_report = pretrain_shape_pipeline(unet_steps=DRAFTP_PRETRAIN_STEPS, log=log.info)
+    save_pipeline(pipe, shapes / "base")
+    runs = {"draftp": demo.path("draftp", "draftp_run"), "draft": demo.path("draftp", "draft_run")}
+    common = [f"model.path={shapes / 'base'}", f"reward={shapes / 'judge'}"]
+    _train(demo, "draftp", common, output=runs["draftp"])
+    _train(demo, "draftp", [*common, "draftp.kl_coeff=0"], output=runs["draft"])
+
+    cfg = load_config(DraftpRecipeConfig, find_config("demo", "draftp"), [f"output_dir={runs['draftp']}", *common])
+    captions = [r["prompt"] for r in caption_records(90, seed=1)]
+    judge = ShapeJudge.load(shapes / "judge")
+    samples = {}
+    for name, lora, schedule in (("base", runs["draftp"], "base"), ("draft", runs["draft"], "draft"),
+                                 ("draftp", runs["draftp"], "draft"), ("draftp_aig_linear", runs["draftp"], "linear")):
+        model = load_for_images(None, lora / "final")
+        samples[name] = generate_images(model, captions, list(DRAFTP_EVAL_SEEDS), cfg.sampling.steps,
+                                        cfg.sampling.guidance_scale, schedule)
+    metrics: dict[str, Any] = {}
+    for name, images in samples.items():
+        with torch.no_grad():
+            rewards = judge.reward(images.flatten(0, 1), [c for c in captions for _ in DRAFTP_EVAL_SEEDS])
+        prefix = "" if name == "draftp" else f"{name}_"
+        metrics.update(mean_with_ci(f"{prefix}reward", rewards.tolist()))
+        metrics[f"{prefix}diversity"] = diversity(images)
+    metrics["diversity_kept"] = metrics["diversity"] / metrics["base_diversity"]
+    metrics["draft_diversity_kept"] = metrics["draft_diversity"] / metrics["base_diversity"]
+    metrics["kl_coeff"] = cfg.draftp.kl_coeff
+    rows = [samples[name][i] for i in range(DRAFTP_GRID_PROMPTS) for name in ("base", "draft", "draftp")]
+    labels = [f"{name}: {captions[i]}" for i in range(DRAFTP_GRID_PROMPTS) for name in ("base", "DRaFT", "DRaFT+")]
+    save_grid(torch.stack(rows), demo.path("draftp_grid.png"), labels=labels)
+    curves = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for name, run in runs.items()}
+    metrics["curves"] = {name: {"step": [r["step"] for r in rows if "reward" in r],
+                                "reward": [r["reward"] for r in rows if "reward" in r],
+                                "regularizer": [r["regularizer"] for r in rows if "regularizer" in r]}
+                         for name, rows in curves.items()}
+    metrics["judge"] = judge_report
+    metrics["pretrain"] = pretrain_report
+    return metrics
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -319,6 +384,8 @@ STAGES = [
           settings=(STEERLM2_PROMPTS, STEER_BASE, BEST_TARGETS, STEER_EVAL_PROMPTS, STEERABLE_ATTRIBUTES)),
     Stage("ppo", _ppo, ("sft", "reward_model"), configs=("ppo",), is_model=True),
     Stage("grpo", _grpo, ("sft",), configs=("grpo",), is_model=True),
+    Stage("draftp", _draftp, (), configs=("draftp",), in_summary=True,
+          settings=(DRAFTP_PRETRAIN_STEPS, DRAFTP_EVAL_SEEDS, DRAFTP_GRID_PROMPTS)),
 ]
 DEFAULT_STAGES = ["data", "tokenizer", "base", "sft", "dpo", "reward_model"]
 
@@ -476,6 +543,22 @@ def _rl_lines(demo: Demo, stages: list[Stage]) -> list[str]:
     return lines
 
 
+def _draftp_lines(demo: Demo, stages: list[Stage]) -> list[str]:
+    if "draftp" not in [s.name for s in stages]:
+        return []
+    m = demo.results["draftp"]
+    row = lambda label, p: (f"| {label} | {m[p + 'reward']:.3f} [{m[p + 'reward_ci_low']:.3f}, "  # noqa: E731
+                            f"{m[p + 'reward_ci_high']:.3f}] | {m[p + 'diversity']:.3f} | "
+                            f"{m[p + 'diversity'] / m['base_diversity']:.2f} |")
+    return ["DRaFT+ on the shape world (text-to-image; the judge's reward: mean probability of the caption's "
+            "shape, colour and background; diversity: mean pairwise RMS distance between one caption's images; "
+            f"90 captions x {len(DRAFTP_EVAL_SEEDS)} seeds):", "",
+            "| model | reward (95% CI) | diversity | diversity / base |", "|---|---|---|---|",
+            row("base", "base_"), row("DRaFT (kl_coeff 0)", "draft_"), row(f"DRaFT+ (kl_coeff {m['kl_coeff']:g})", ""),
+            row("DRaFT+ with AIG (linear)", "draftp_aig_linear_"), "",
+            "Same captions and seeds, rows base / DRaFT / DRaFT+: ![draftp grid](draftp_grid.png)", ""]
+
+
 def _plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
     import matplotlib
 
@@ -521,12 +604,13 @@ def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "run
         f"Held-out prompts: {len(demo.eval_prompts())} (an equal number per skill), sampled at temperature "
         f"{EVAL_SAMPLING.temperature}, up to {EVAL_SAMPLING.max_new_tokens} tokens, scored by the task-world oracle.",
         "", table, "", f"![reward]({plot.name})", "", *_reward_model_lines(demo, stages),
-        *_steering_lines(demo, stages), *_rl_lines(demo, stages),
+        *_steering_lines(demo, stages), *_rl_lines(demo, stages), *_draftp_lines(demo, stages),
         "Stage timings (s): " + ", ".join(f"{s.name} {demo.results[s.name].get('seconds', 0):.0f}" for s in stages),
     ]
     demo.path("report.md").write_text("\n".join(report) + "\n")
     print(table)
-    for line in [*_reward_model_lines(demo, stages), *_steering_lines(demo, stages), *_rl_lines(demo, stages)]:
+    for line in [*_reward_model_lines(demo, stages), *_steering_lines(demo, stages), *_rl_lines(demo, stages),
+                 *_draftp_lines(demo, stages)]:
         print(line)
     print(f"\nreport: {demo.path('report.md')}  summary: {demo.path('summary.json')}")
     return models

@@ -13,7 +13,8 @@ Differentiable Rewards" (DRaFT); NVIDIA's DRaFT+ adds the regulariser). Per step
     5. L = -mean R + `draftp.kl_coeff` * reg; the gradient reaches only the UNet's LoRA adapters
        (VAE and text encoder frozen); averaged over processes, clipped, one AdamW step
 
-`draftp.kl_coeff: 0` is plain DRaFT. Every `draftp.val_every` steps (and at the end) fixed
+`draftp.kl_coeff: 0` is plain DRaFT. Before the first step, every `draftp.val_every` steps and at
+the end, fixed
 validation prompts x seeds are sampled: `val/reward`, `val/diversity` (mean pairwise RMS distance
 between a prompt's images: the regulariser's purpose is to keep it) and a PNG grid with the
 rewards in `validation/step_N.{png,json}`.
@@ -235,6 +236,8 @@ def main(cfg: Config) -> None:
     run.log.info(f"DRaFT{'+' if dc.kl_coeff else ''}: {dc.steps} steps x {batch} prompts, {sc.steps} DDIM steps, "
                  f"backprop through the last {sc.truncation_steps}; {sum(p.numel() for p in params):,} LoRA parameters")
 
+    if start == 0:  # the base model's numbers, for comparison (logged as step 0)
+        logger.log(0, _validate_on_main(run, pipe, reward_fn, prompts, sc, dc, 0))
     for step in range(start, dc.steps):
         t0 = time.perf_counter()
         mine, seeds = step_batch(prompts, step, batch, cfg.train.seed, d)

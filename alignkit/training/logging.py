@@ -122,7 +122,7 @@ class MetricLogger:
         self._show(step, metrics)
 
     def _show(self, step: int, metrics: dict[str, float]) -> None:
-        keys = [k for k in ("loss", "val/loss", "lr", "throughput/tokens_per_s") if k in metrics]
+        keys = [k for k in ("loss", "val/loss", "reward", "val/reward", "lr", "throughput/tokens_per_s") if k in metrics]
         status = "  ".join(f"{k}={metrics[k]:.4g}" for k in keys)
         if self._bar is not None:
             self._bar.update(self._task, completed=step, status=status)
