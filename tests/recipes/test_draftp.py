@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tests.conftest import read_metrics as metrics
 from tests.conftest import run_cli, run_recipe
 
-FAST = ["optim.lr=3e-2", "checkpoint.every=null"]
+FAST = ["checkpoint.every=null"]
 
 
 def draftp(out, *overrides, ok=True, env=None, nproc=None):
