@@ -384,6 +384,9 @@ def generate_images(
 def shape_world(
     out: Annotated[str, typer.Option(help="output directory")] = "runs/shapes",
     unet_steps: Annotated[int, typer.Option(help="UNet pretraining steps (batch 64)")] = 1500,
+    vae_steps: Annotated[int, typer.Option(help="VAE pretraining steps (batch 64)")] = 300,
+    images: Annotated[int, typer.Option(help="rendered training images for the pipeline")] = 4000,
+    judge_images: Annotated[int, typer.Option(help="rendered training images for the judge")] = 3000,
     seed: int = 0,
 ) -> None:
     """Build the shape world for DRaFT+: a pretrained base pipeline (base/), its reward judge (judge/)."""
@@ -394,10 +397,11 @@ def shape_world(
     from alignkit.diffusion.reward import train_shape_judge
 
     root = Path(out)
-    judge, judge_report = train_shape_judge(n=3000, seed=seed)
+    judge, judge_report = train_shape_judge(n=judge_images, seed=seed)
     judge.save(root / "judge")
     typer.echo(f"judge: {judge_report}")
-    pipe, report = pretrain_shape_pipeline(unet_steps=unet_steps, seed=seed, log=typer.echo)
+    pipe, report = pretrain_shape_pipeline(n_images=images, vae_steps=vae_steps, unet_steps=unet_steps, seed=seed,
+                                           log=typer.echo)
     save_pipeline(pipe, root / "base")
     (root / "report.json").write_text(json.dumps({"judge": judge_report, "base": report}, indent=1))
     typer.echo(f"wrote {root / 'base'} and {root / 'judge'}")

@@ -165,17 +165,16 @@ def step_batch(prompts: list[str], step: int, batch: int, seed: int, d: Dist) ->
     return [prompts[chosen[i]] for i in mine], [seed * 1_000_003 + step * batch + i for i in mine]
 
 
-def sample_images(run: Run, pipe, contexts: torch.Tensor, seeds: list[int], sc: SamplingConfig, grad_steps: int,
-                  schedule: str = "draft"):
-    """Images (B, 3, H, W) in [-1, 1] and the regulariser for prompts whose text states are
-    `contexts` (B, L, D), from x_T seeded by `seeds`."""
+def sample_for_training(run: Run, pipe, contexts: torch.Tensor, seeds: list[int], sc: SamplingConfig):
+    """Images (B, 3, H, W) in [-1, 1] with a graph through the last K steps and the decode, and the
+    regulariser, for prompts whose text states are `contexts` (B, L, D), from x_T seeded by `seeds`."""
     unet, d = pipe.unet, run.dist
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], d.device).expand_as(contexts)
     with run.autocast():
         result = denoise(unet, pipe.scheduler, torch.cat([uncond, contexts]), initial_noise(shape, seeds, d.device),
-                         steps=sc.steps, guidance=sc.guidance_scale, grad_steps=grad_steps, eta=sc.eta,
-                         regularize=grad_steps > 0, schedule=schedule)
+                         steps=sc.steps, guidance=sc.guidance_scale, grad_steps=sc.truncation_steps, eta=sc.eta,
+                         regularize=True)
         images = decode(pipe.vae, result.latents)
     return images.float(), result.regularizer.float()
 
@@ -246,15 +245,12 @@ def main(cfg: Config) -> None:
         for i in range(0, len(mine), micro):
             texts = mine[i:i + micro]
             contexts = encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, d.device)
-            images, regularizer = sample_images(run, pipe, contexts, seeds[i:i + micro], sc, sc.truncation_steps)
+            images, regularizer = sample_for_training(run, pipe, contexts, seeds[i:i + micro], sc)
             rewards = reward_fn(images, texts).float()  # (b,)
             loss_sum = -rewards.sum() + dc.kl_coeff * regularizer * len(texts)
             (loss_sum / batch).backward()  # summed over processes below: the mean over the global batch
             sums += torch.tensor([rewards.sum().item(), regularizer.item() * len(texts), loss_sum.item()])
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), d)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
+        sum_gradients(params, d)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")))
         lr = parts["unet"][2].get_last_lr()[0]
         optimizer.step()
@@ -269,6 +265,17 @@ def main(cfg: Config) -> None:
     logger.close()
     if cfg.checkpoint.save_final and d.is_main:
         run.log.info(f"saved LoRA adapters to {save_lora(run, pipe, cfg)}")
+
+
+def sum_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
+    """Sum the adapters' gradients over processes, in one all-reduce. (Not DDP: the UNet runs
+    several times per backward, with and without a graph and with its adapters toggled.)"""
+    if not d.enabled:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), d)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
 
 
 def _validate_on_main(run: Run, pipe, reward_fn, prompts, sc, dc, step: int) -> dict[str, float]:

@@ -35,3 +35,29 @@ def test_records_never_paint_a_shape_in_its_background_colour():
     records = shape_records(500, seed=1)
     assert all(r.colour != r.background for r in records)
     assert len({r.caption for r in records}) > 60 and shape_records(500, seed=1) == records
+
+
+def test_caption_records_cover_the_world_in_a_seeded_order():
+    from alignkit.data.io import read_records
+    from alignkit.diffusion.shapes import caption_records
+
+    records = caption_records(90, seed=0)
+    assert len({r["prompt"] for r in records}) == 90  # 3 shapes x 7 colours x 5 backgrounds - 15 same-colour
+    assert all(parse_caption(r["prompt"]) for r in records)
+    assert caption_records(95, seed=0)[90:] == records[:5] and caption_records(90, seed=1) != records
+    assert [r.data for r in read_records("builtin:captions?n=4&seed=0")] == records[:4]
+
+
+def test_shape_world_command_writes_a_loadable_base_and_judge(tmp_path):
+    from alignkit.diffusion.inference import generate_images, load_for_images
+    from alignkit.diffusion.reward import load_image_reward
+    from tests.conftest import run_cli
+
+    result = run_cli("shape-world", "--out", str(tmp_path), "--unet-steps", "2", "--vae-steps", "2", "--images", "64",
+                     "--judge-images", "64", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    pipe = load_for_images(str(tmp_path / "base"), None)
+    assert pipe.vae.config.scaling_factor != 0.18215  # set from the latents' spread
+    images = generate_images(pipe, ["a red circle on blue"], [0, 1], steps=2, guidance=3.0)
+    assert images.shape == (1, 2, 3, 32, 32)
+    assert load_image_reward(str(tmp_path / "judge"))(images[0], ["a red circle on blue"] * 2).shape == (2,)
