@@ -127,7 +127,7 @@ def test_regulariser_is_zero_at_the_start_and_grows_as_the_adapters_move(pipe):
         off = guided(x, last)
         pipe.unet.enable_adapters()
     expected = float((on - off).pow(2).mean())
-    assert expected > 0 and float(moved.regularizer) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0 and moved.regularizer.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_aig_schedules_by_hand():
