@@ -302,24 +302,30 @@ DRAFTP_EVAL_SEEDS = (900, 901, 902, 903)
 DRAFTP_GRID_PROMPTS = 6
 
 
+def _shapes(demo: Demo) -> dict[str, Any]:
+    """The shape world for DRaFT+: a judge (the differentiable reward) and a pretrained base pipeline."""
+    from alignkit.diffusion.pipeline import save_pipeline
+    from alignkit.diffusion.pretrain import pretrain_shape_pipeline
+    from alignkit.diffusion.reward import train_shape_judge
+
+    judge, judge_report = train_shape_judge(n=3000)
+    judge.save(demo.path("shapes", "judge"))
+    pipe, pretrain_report = pretrain_shape_pipeline(unet_steps=DRAFTP_PRETRAIN_STEPS, log=get_logger().info)
+    save_pipeline(pipe, demo.path("shapes", "base"))
+    return {"judge": judge_report, "pretrain": pretrain_report}
+
+
 def _draftp(demo: Demo) -> dict[str, Any]:
     """DRaFT+ and plain DRaFT (kl_coeff 0) from the shape world's pretrained base pipeline, with the
     judge's differentiable reward; base, DRaFT and DRaFT+ sampled from the same prompts and seeds."""
     from alignkit.diffusion.images import save_grid
     from alignkit.diffusion.inference import generate_images, load_for_images
-    from alignkit.diffusion.pipeline import save_pipeline
-    from alignkit.diffusion.pretrain import pretrain_shape_pipeline
-    from alignkit.diffusion.reward import ShapeJudge, train_shape_judge
+    from alignkit.diffusion.reward import ShapeJudge
     from alignkit.diffusion.sampling import diversity
     from alignkit.diffusion.shapes import caption_records
     from alignkit.recipes.draftp import Config as DraftpRecipeConfig
 
-    log = get_logger()
-    shapes = demo.path("draftp", "shapes")
-    judge, judge_report = train_shape_judge(n=3000)
-    judge.save(shapes / "judge")
-    pipe, pretrain_report = pretrain_shape_pipeline(unet_steps=DRAFTP_PRETRAIN_STEPS, log=log.info)
-    save_pipeline(pipe, shapes / "base")
+    shapes = demo.path("shapes")
     runs = {"draftp": demo.path("draftp", "draftp_run"), "draft": demo.path("draftp", "draft_run")}
     common = [f"model.path={shapes / 'base'}", f"reward={shapes / 'judge'}"]
     _train(demo, "draftp", common, output=runs["draftp"])
@@ -340,7 +346,11 @@ def _draftp(demo: Demo) -> dict[str, Any]:
             rewards = judge.reward(images.flatten(0, 1), [c for c in captions for _ in DRAFTP_EVAL_SEEDS])
         prefix = "" if name == "draftp" else f"{name}_"
         metrics.update(mean_with_ci(f"{prefix}reward", rewards.tolist()))
-        metrics[f"{prefix}diversity"] = diversity(images)
+        # per caption, so that the interval is over captions
+        metrics.update(mean_with_ci(f"{prefix}diversity", [diversity(images[i:i + 1]) for i in range(len(captions))]))
+        if name != "base":  # how far each image moved from the base model's for the same caption and seed
+            distance = (images - samples["base"]).pow(2).flatten(2).mean(-1).sqrt()  # (P, S) RMS
+            metrics.update(mean_with_ci(f"{prefix}distance_to_base", distance.flatten().tolist()))
     metrics["diversity_kept"] = metrics["diversity"] / metrics["base_diversity"]
     metrics["draft_diversity_kept"] = metrics["draft_diversity"] / metrics["base_diversity"]
     metrics["kl_coeff"] = cfg.draftp.kl_coeff
@@ -353,8 +363,7 @@ def _draftp(demo: Demo) -> dict[str, Any]:
                                 "reward": [r["reward"] for r in rows if "reward" in r],
                                 "regularizer": [r["regularizer"] for r in rows if "regularizer" in r]}
                          for name, rows in curves.items()}
-    metrics["judge"] = judge_report
-    metrics["pretrain"] = pretrain_report
+    metrics.update(demo.results["shapes"])  # the judge's accuracy, the pretraining report
     return metrics
 
 
@@ -384,8 +393,9 @@ STAGES = [
           settings=(STEERLM2_PROMPTS, STEER_BASE, BEST_TARGETS, STEER_EVAL_PROMPTS, STEERABLE_ATTRIBUTES)),
     Stage("ppo", _ppo, ("sft", "reward_model"), configs=("ppo",), is_model=True),
     Stage("grpo", _grpo, ("sft",), configs=("grpo",), is_model=True),
-    Stage("draftp", _draftp, (), configs=("draftp",), in_summary=True,
-          settings=(DRAFTP_PRETRAIN_STEPS, DRAFTP_EVAL_SEEDS, DRAFTP_GRID_PROMPTS)),
+    Stage("shapes", _shapes, (), settings=(DRAFTP_PRETRAIN_STEPS,)),
+    Stage("draftp", _draftp, ("shapes",), configs=("draftp",), in_summary=True,
+          settings=(DRAFTP_EVAL_SEEDS, DRAFTP_GRID_PROMPTS)),
 ]
 DEFAULT_STAGES = ["data", "tokenizer", "base", "sft", "dpo", "reward_model"]
 
@@ -547,13 +557,18 @@ def _draftp_lines(demo: Demo, stages: list[Stage]) -> list[str]:
     if "draftp" not in [s.name for s in stages]:
         return []
     m = demo.results["draftp"]
-    row = lambda label, p: (f"| {label} | {m[p + 'reward']:.3f} [{m[p + 'reward_ci_low']:.3f}, "  # noqa: E731
-                            f"{m[p + 'reward_ci_high']:.3f}] | {m[p + 'diversity']:.3f} | "
-                            f"{m[p + 'diversity'] / m['base_diversity']:.2f} |")
+    def row(label: str, p: str) -> str:
+        distance = f"{m[p + 'distance_to_base']:.3f}" if p + "distance_to_base" in m else "-"
+        return (f"| {label} | {m[p + 'reward']:.3f} [{m[p + 'reward_ci_low']:.3f}, {m[p + 'reward_ci_high']:.3f}] | "
+                f"{m[p + 'diversity']:.3f} [{m[p + 'diversity_ci_low']:.3f}, {m[p + 'diversity_ci_high']:.3f}] | "
+                f"{m[p + 'diversity'] / m['base_diversity']:.2f} | {distance} |")
+
     return ["DRaFT+ on the shape world (text-to-image; the judge's reward: mean probability of the caption's "
             "shape, colour and background; diversity: mean pairwise RMS distance between one caption's images; "
+            "distance to base: RMS distance to the base model's image for the same caption and seed; "
             f"90 captions x {len(DRAFTP_EVAL_SEEDS)} seeds):", "",
-            "| model | reward (95% CI) | diversity | diversity / base |", "|---|---|---|---|",
+            "| model | reward (95% CI) | diversity (95% CI) | diversity / base | distance to base |",
+            "|---|---|---|---|---|",
             row("base", "base_"), row("DRaFT (kl_coeff 0)", "draft_"), row(f"DRaFT+ (kl_coeff {m['kl_coeff']:g})", ""),
             row("DRaFT+ with AIG (linear)", "draftp_aig_linear_"), "",
             "Same captions and seeds, rows base / DRaFT / DRaFT+: ![draftp grid](draftp_grid.png)", ""]
