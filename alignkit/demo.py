@@ -341,16 +341,22 @@ def _draftp(demo: Demo) -> dict[str, Any]:
         samples[name] = generate_images(model, captions, list(DRAFTP_EVAL_SEEDS), cfg.sampling.steps,
                                         cfg.sampling.guidance_scale, schedule)
     metrics: dict[str, Any] = {}
+    per_caption: dict[str, list[float]] = {}
     for name, images in samples.items():
         with torch.no_grad():
             rewards = judge.reward(images.flatten(0, 1), [c for c in captions for _ in DRAFTP_EVAL_SEEDS])
         prefix = "" if name == "draftp" else f"{name}_"
         metrics.update(mean_with_ci(f"{prefix}reward", rewards.tolist()))
         # per caption, so that the interval is over captions
-        metrics.update(mean_with_ci(f"{prefix}diversity", [diversity(images[i:i + 1]) for i in range(len(captions))]))
+        per_caption[name] = [diversity(images[i:i + 1]) for i in range(len(captions))]
+        metrics.update(mean_with_ci(f"{prefix}diversity", per_caption[name]))
         if name != "base":  # how far each image moved from the base model's for the same caption and seed
             distance = (images - samples["base"]).pow(2).flatten(2).mean(-1).sqrt()  # (P, S) RMS
             metrics.update(mean_with_ci(f"{prefix}distance_to_base", distance.flatten().tolist()))
+    # paired over captions (same captions and seeds): far tighter than comparing the two intervals
+    for name, reference in (("draftp", "draft"), ("draftp", "base"), ("draft", "base")):
+        gain = [a - b for a, b in zip(per_caption[name], per_caption[reference])]
+        metrics.update(mean_with_ci(f"{'' if name == 'draftp' else name + '_'}diversity_gain_vs_{reference}", gain))
     metrics["diversity_kept"] = metrics["diversity"] / metrics["base_diversity"]
     metrics["draft_diversity_kept"] = metrics["draft_diversity"] / metrics["base_diversity"]
     metrics["kl_coeff"] = cfg.draftp.kl_coeff
@@ -571,6 +577,12 @@ def _draftp_lines(demo: Demo, stages: list[Stage]) -> list[str]:
             "|---|---|---|---|---|",
             row("base", "base_"), row("DRaFT (kl_coeff 0)", "draft_"), row(f"DRaFT+ (kl_coeff {m['kl_coeff']:g})", ""),
             row("DRaFT+ with AIG (linear)", "draftp_aig_linear_"), "",
+            "Diversity change on the same captions and seeds (paired, 95% CI): DRaFT+ vs DRaFT "
+            f"{m['diversity_gain_vs_draft']:+.3f} [{m['diversity_gain_vs_draft_ci_low']:+.3f}, "
+            f"{m['diversity_gain_vs_draft_ci_high']:+.3f}], DRaFT+ vs base {m['diversity_gain_vs_base']:+.3f} "
+            f"[{m['diversity_gain_vs_base_ci_low']:+.3f}, {m['diversity_gain_vs_base_ci_high']:+.3f}], DRaFT vs base "
+            f"{m['draft_diversity_gain_vs_base']:+.3f} [{m['draft_diversity_gain_vs_base_ci_low']:+.3f}, "
+            f"{m['draft_diversity_gain_vs_base_ci_high']:+.3f}].", "",
             "Same captions and seeds, rows base / DRaFT / DRaFT+: ![draftp grid](draftp_grid.png)", ""]
 
 
