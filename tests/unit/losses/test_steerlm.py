@@ -19,7 +19,7 @@ def example(dtype=torch.float32):
 def test_hand_computed_loss_distance_and_gradient():
     policy, initial, attribute, prior, tokens = example()
     loss, metrics = steerlm2_loss(policy, initial, attribute, prior, tokens)
-    assert float(loss) == pytest.approx(0.25, abs=1e-6)
+    assert loss.item() == pytest.approx(0.25, abs=1e-6)
     assert float(metrics["distance"]) == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-6)
     assert float(metrics["weights/max"]) == pytest.approx(0.75, abs=1e-6)
     loss.backward()
