@@ -12,6 +12,7 @@ is full backprop through the sampler.
 
 The "+" regulariser (DRaFT+): at each of the K graph steps the initial model (the UNet with its
 LoRA adapters disabled) predicts the noise at the same x_i, without a graph, and
+`alignkit.losses.diffusion.noise_regularizer` gives
 
     reg = mean over the K steps of mean over elements of (eps_theta - eps_init)^2
 
@@ -34,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from alignkit.losses.diffusion import noise_regularizer
 
 __all__ = ["DenoiseResult", "aig_weight", "decode", "denoise", "diversity", "encode_prompts", "initial_noise",
            "parse_schedule"]
@@ -126,7 +129,7 @@ def denoise(unet, scheduler, context: torch.Tensor, latents: torch.Tensor, *, st
                          "(the initial model is the UNet with them off)")
     scheduler.set_timesteps(steps, device=latents.device)
     x = latents * scheduler.init_noise_sigma
-    graph_steps, penalties = [], []
+    graph_steps, eps_graph, eps_initial = [], [], []
     grad_enabled = torch.is_grad_enabled()
     for i, t in enumerate(scheduler.timesteps):
         keep_graph = grad_enabled and i >= steps - grad_steps
@@ -140,13 +143,14 @@ def denoise(unet, scheduler, context: torch.Tensor, latents: torch.Tensor, *, st
                 with adapters_disabled(unet), torch.no_grad():
                     eps_init = _guided(unet, model_x, t, context, guidance)
                 if regularize and keep_graph:
-                    penalties.append((eps.float() - eps_init.float()).pow(2).mean())
+                    eps_graph.append(eps)
+                    eps_initial.append(eps_init)
                 if mixing:
                     eps = eps_init if eps is None else (1 - w) * eps_init + w * eps
             x = scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample
         if keep_graph:
             graph_steps.append(i)
-    regularizer = torch.stack(penalties).mean() if penalties else torch.zeros((), device=x.device)
+    regularizer = noise_regularizer(eps_graph, eps_initial).to(x.device)
     return DenoiseResult(latents=x, regularizer=regularizer, graph_steps=graph_steps)
 
 

@@ -10,7 +10,7 @@ Differentiable Rewards" (DRaFT); NVIDIA's DRaFT+ adds the regulariser). Per step
     4. at the K graph steps the initial model (the UNet with its LoRA adapters off) predicts the
        noise at the same x_t: reg = mean_K ||eps_theta - eps_init||^2 / D (see
        `alignkit.diffusion.sampling`)
-    5. L = -mean R + `draftp.kl_coeff` * reg; the gradient reaches only the UNet's LoRA adapters
+    5. L = -mean R + `draftp.kl_coeff` * reg (`alignkit.losses.diffusion`); the gradient reaches only the UNet's LoRA adapters
        (VAE and text encoder frozen); averaged over processes, clipped, one AdamW step
 
 `draftp.kl_coeff: 0` is plain DRaFT. Before the first step, every `draftp.val_every` steps and at
@@ -45,6 +45,7 @@ from alignkit.diffusion.images import save_grid
 from alignkit.diffusion.inference import generate_images
 from alignkit.diffusion.reward import load_image_reward
 from alignkit.diffusion.sampling import decode, denoise, diversity, encode_prompts, initial_noise
+from alignkit.losses.diffusion import draftp_loss
 from alignkit.training.distributed import Dist, all_reduce_sum
 from alignkit.training.loop import Run, finish_step, resume, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
@@ -246,10 +247,9 @@ def main(cfg: Config) -> None:
             texts = mine[i:i + micro]
             contexts = encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, d.device)
             images, regularizer = sample_for_training(run, pipe, contexts, seeds[i:i + micro], sc)
-            rewards = reward_fn(images, texts).float()  # (b,)
-            loss_sum = -rewards.sum() + dc.kl_coeff * regularizer * len(texts)
+            loss_sum, image_sums = draftp_loss(reward_fn(images, texts), regularizer, dc.kl_coeff)
             (loss_sum / batch).backward()  # summed over processes below: the mean over the global batch
-            sums += torch.tensor([rewards.sum().item(), regularizer.item() * len(texts), loss_sum.item()])
+            sums += torch.stack([image_sums[k].cpu() for k in ("reward", "regularizer", "loss")])
         sum_gradients(params, d)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")))
         lr = parts["unet"][2].get_last_lr()[0]
