@@ -9,7 +9,7 @@ Two stages, as Stable Diffusion was built (only much smaller):
    scheduler's 1000 training timesteps), conditioned on the caption through the text encoder,
    which trains with it. 10% of captions are dropped to "" so classifier-free guidance works.
 
-    alignkit shape-world --out runs/shapes            # base pipeline, reward judge, prompts (~6 min)
+    alignkit shape-world --out runs/shapes            # base pipeline and reward judge (~6 min)
 
 The result is a plain diffusers directory. It is deliberately under-trained: its images often
 get the colour, the shape or the background wrong, which leaves a differentiable reward (the
