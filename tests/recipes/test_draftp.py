@@ -107,3 +107,21 @@ def test_bad_input_is_named(tmp_path):
     assert "truncation_steps=9 exceeds sampling.steps=6" in result.stderr
     result = draftp(tmp_path / "m", "model.tiny=false", ok=False)
     assert "exactly one of `path`" in result.stderr
+
+
+def test_generate_images_reports_bad_requests(tmp_path):
+    from alignkit.diffusion.pipeline import build_tiny_pipeline, save_pipeline
+
+    base = save_pipeline(build_tiny_pipeline(seed=0), tmp_path / "base")
+    args = ["generate-images", "--prompt", "a red circle on blue", "--n", "1", "--steps", "2", "--out",
+            str(tmp_path / "grid.png")]
+    result = run_cli(*args, "--model", str(base), "--schedule", "linear")
+    assert result.returncode != 0 and "needs --lora" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = run_cli(*args, "--lora", str(tmp_path / "empty"))
+    assert result.returncode != 0 and "no alignkit.json" in result.stderr
+    result = run_cli(*args, "--model", str(base), "--lora", str(tmp_path / "empty"))
+    assert result.returncode != 0 and "no pytorch_lora_weights.safetensors" in result.stderr
+    result = run_cli(*args, "--model", str(base))  # the base pipeline alone
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "grid.json").is_file()
