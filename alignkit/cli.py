@@ -348,23 +348,17 @@ def generate_images(
 
     from alignkit.diffusion.images import save_grid
     from alignkit.diffusion.inference import generate_images as sample_images
-    from alignkit.diffusion.inference import load_for_images
+    from alignkit.diffusion.inference import load_for_images, read_prompts
     from alignkit.diffusion.reward import load_image_reward
     from alignkit.diffusion.sampling import diversity
 
     try:
-        texts = prompts
-        if len(prompts) == 1 and (Path(prompts[0]).is_file() or prompts[0].startswith("builtin:")):
-            from alignkit.data.io import read_records
-
-            texts = []
-            for r in read_records(prompts[0]):
-                if not isinstance(r.data.get("prompt"), str):
-                    raise DataError(f"{r.source}: a prompt record needs a 'prompt' string")
-                texts.append(r.data["prompt"])
         if schedule != "draft" and lora is None:
             raise ValueError(f"--schedule {schedule}: mixing base and fine-tuned models needs --lora")
         pipe = load_for_images(model, lora)
+        texts = prompts
+        if len(prompts) == 1 and (Path(prompts[0]).is_file() or prompts[0].startswith("builtin:")):
+            texts = read_prompts(prompts[0], pipe.tokenizer)
         images = sample_images(pipe, texts, list(range(seed, seed + n)), steps, guidance, schedule)
         scores = load_image_reward(reward)(images.flatten(0, 1), [t for t in texts for _ in range(n)]) if reward else None
     except (DataError, FileNotFoundError, ValueError) as exc:

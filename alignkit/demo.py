@@ -321,7 +321,7 @@ def _draftp(demo: Demo) -> dict[str, Any]:
     from alignkit.diffusion.images import save_grid
     from alignkit.diffusion.inference import generate_images, load_for_images
     from alignkit.diffusion.reward import ShapeJudge
-    from alignkit.diffusion.sampling import diversity
+    from alignkit.diffusion.sampling import diversity_by_prompt
     from alignkit.diffusion.shapes import caption_records
     from alignkit.recipes.draftp import Config as DraftpRecipeConfig
 
@@ -334,11 +334,11 @@ def _draftp(demo: Demo) -> dict[str, Any]:
     cfg = load_config(DraftpRecipeConfig, find_config("demo", "draftp"), [f"output_dir={runs['draftp']}", *common])
     captions = [r["prompt"] for r in caption_records(90, seed=1)]
     judge = ShapeJudge.load(shapes / "judge")
+    pipes = {name: load_for_images(None, run / "final") for name, run in runs.items()}
     samples = {}
-    for name, lora, schedule in (("base", runs["draftp"], "base"), ("draft", runs["draft"], "draft"),
-                                 ("draftp", runs["draftp"], "draft"), ("draftp_aig_linear", runs["draftp"], "linear")):
-        model = load_for_images(None, lora / "final")
-        samples[name] = generate_images(model, captions, list(DRAFTP_EVAL_SEEDS), cfg.sampling.steps,
+    for name, pipe, schedule in (("base", pipes["draftp"], "base"), ("draft", pipes["draft"], "draft"),
+                                 ("draftp", pipes["draftp"], "draft"), ("draftp_aig_linear", pipes["draftp"], "linear")):
+        samples[name] = generate_images(pipe, captions, list(DRAFTP_EVAL_SEEDS), cfg.sampling.steps,
                                         cfg.sampling.guidance_scale, schedule)
     metrics: dict[str, Any] = {}
     per_caption: dict[str, list[float]] = {}
@@ -348,7 +348,7 @@ def _draftp(demo: Demo) -> dict[str, Any]:
         prefix = "" if name == "draftp" else f"{name}_"
         metrics.update(mean_with_ci(f"{prefix}reward", rewards.tolist()))
         # per caption, so that the interval is over captions
-        per_caption[name] = [diversity(images[i:i + 1]) for i in range(len(captions))]
+        per_caption[name] = diversity_by_prompt(images)
         metrics.update(mean_with_ci(f"{prefix}diversity", per_caption[name]))
         if name != "base":  # how far each image moved from the base model's for the same caption and seed
             distance = (images - samples["base"]).pow(2).flatten(2).mean(-1).sqrt()  # (P, S) RMS

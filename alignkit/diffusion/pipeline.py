@@ -19,7 +19,7 @@ import torch
 
 from alignkit.diffusion.shapes import COLOURS, SHAPES
 
-__all__ = ["build_tiny_pipeline", "load_pipeline", "save_pipeline", "shape_tokenizer"]
+__all__ = ["build_tiny_pipeline", "frozen", "load_pipeline", "save_pipeline", "shape_tokenizer"]
 
 _WORDS = ["a", "an", "on", *SHAPES, *COLOURS]
 
@@ -77,6 +77,14 @@ def build_tiny_pipeline(seed: int = 0, width: int = 32, text_width: int = 32):
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def frozen(pipe):
+    """The pipeline with its UNet, VAE and text encoder in eval mode and without gradients (adapters
+    added later are trainable)."""
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False).eval()
+    return pipe
 
 
 def save_pipeline(pipe, directory: str | Path) -> Path:

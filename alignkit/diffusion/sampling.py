@@ -38,8 +38,8 @@ import torch
 
 from alignkit.losses.diffusion import noise_regularizer
 
-__all__ = ["DenoiseResult", "aig_weight", "decode", "denoise", "diversity", "encode_prompts", "initial_noise",
-           "parse_schedule"]
+__all__ = ["DenoiseResult", "aig_weight", "decode", "denoise", "diversity", "diversity_by_prompt", "encode_prompts",
+           "initial_noise", "parse_schedule"]
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
@@ -79,9 +79,14 @@ def parse_schedule(schedule: str) -> Callable[[float], float]:
                      f"or step_F such as step_0.5)")
 
 
+def _progress(i: int, steps: int) -> float:
+    """s_i = i / (T - 1): 0 at the noisiest step, 1 at the last."""
+    return i / (steps - 1) if steps > 1 else 1.0
+
+
 def aig_weight(schedule: str, i: int, steps: int) -> float:
     """w_i, the fine-tuned model's weight at step i of `steps` (0 = noisiest)."""
-    return parse_schedule(schedule)(i / (steps - 1) if steps > 1 else 1.0)
+    return parse_schedule(schedule)(_progress(i, steps))
 
 
 def _guided(unet, x: torch.Tensor, t, context: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -137,7 +142,7 @@ def denoise(unet, scheduler, context: torch.Tensor, latents: torch.Tensor, *, st
             x = x.detach()  # truncated backprop: nothing before this step is differentiated
         with torch.set_grad_enabled(keep_graph):
             model_x = scheduler.scale_model_input(x, t)
-            w = weight(i / (steps - 1) if steps > 1 else 1.0)
+            w = weight(_progress(i, steps))
             eps = _guided(unet, model_x, t, context, guidance) if w > 0 or not mixing else None
             if mixing and w < 1 or regularize and keep_graph:
                 with adapters_disabled(unet), torch.no_grad():
@@ -159,8 +164,8 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1.0, 1.0)
 
 
-def diversity(images: torch.Tensor) -> float:
-    """Mean pairwise distance between the images of each prompt, averaged over prompts.
+def diversity_by_prompt(images: torch.Tensor) -> list[float]:
+    """Per prompt, the mean pairwise distance between its images.
 
     images: (P, m, 3, H, W) in [-1, 1], m >= 2 samples (seeds) per prompt. The distance of two
     images is the root-mean-square of their pixel difference (0 = identical; two independent
@@ -171,4 +176,10 @@ def diversity(images: torch.Tensor) -> float:
     flat = images.reshape(P, m, -1).float()
     d = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # (P, m, m)
     off_diagonal = ~torch.eye(m, dtype=torch.bool)
-    return float(d[:, off_diagonal].mean())
+    return d[:, off_diagonal].mean(-1).tolist()
+
+
+def diversity(images: torch.Tensor) -> float:
+    """`diversity_by_prompt` averaged over prompts (each has the same number of images)."""
+    per_prompt = diversity_by_prompt(images)
+    return sum(per_prompt) / len(per_prompt)

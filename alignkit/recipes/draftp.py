@@ -40,11 +40,10 @@ import torch
 from pydantic import Field, model_validator
 
 from alignkit.config import (ConfigError, DatasetConfig, OptimConfig, RecipeConfig, Section, TrainConfig)
-from alignkit.data.io import DataError, read_records
 from alignkit.diffusion.images import save_grid
-from alignkit.diffusion.inference import generate_images
+from alignkit.diffusion.inference import generate_images, read_prompts, sample_batch
 from alignkit.diffusion.reward import load_image_reward
-from alignkit.diffusion.sampling import decode, denoise, diversity, encode_prompts, initial_noise
+from alignkit.diffusion.sampling import diversity
 from alignkit.losses.diffusion import draftp_loss
 from alignkit.training.distributed import Dist, all_reduce_sum
 from alignkit.training.loop import Run, finish_step, resume, start_run
@@ -113,12 +112,9 @@ class Config(RecipeConfig):
 
 
 def load_pipeline_for(cfg: PipelineConfig, seed: int):
-    from alignkit.diffusion.pipeline import build_tiny_pipeline, load_pipeline
+    from alignkit.diffusion.pipeline import build_tiny_pipeline, frozen, load_pipeline
 
-    pipe = build_tiny_pipeline(seed=seed) if cfg.tiny else load_pipeline(cfg.path)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False).eval()
-    return pipe
+    return frozen(build_tiny_pipeline(seed=seed) if cfg.tiny else load_pipeline(cfg.path))
 
 
 def add_lora(unet, cfg: UNetLoraConfig, d: Dist) -> list[torch.nn.Parameter]:
@@ -139,23 +135,6 @@ def add_lora(unet, cfg: UNetLoraConfig, d: Dist) -> list[torch.nn.Parameter]:
     return params
 
 
-def load_prompts(cfg: DatasetConfig, tokenizer) -> list[str]:
-    records = read_records(cfg.path, cfg.split, cfg.limit)
-    prompts = []
-    for record in records:
-        prompt = record.data.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{record.source}: a prompt record needs a non-empty 'prompt' string")
-        n_tokens = len(tokenizer(prompt).input_ids)
-        if n_tokens > tokenizer.model_max_length:
-            raise DataError(f"{record.source}: the prompt is {n_tokens} tokens; the text encoder takes at most "
-                            f"{tokenizer.model_max_length}")
-        prompts.append(prompt)
-    if not prompts:
-        raise DataError(f"{cfg.path}: no prompt records")
-    return prompts
-
-
 def step_batch(prompts: list[str], step: int, batch: int, seed: int, d: Dist) -> tuple[list[str], list[int]]:
     """This process's prompts and noise seeds at `step`: a pure function of (seed, step), so a
     resumed run draws exactly what an uninterrupted one would."""
@@ -164,20 +143,6 @@ def step_batch(prompts: list[str], step: int, batch: int, seed: int, d: Dist) ->
     share = batch // d.world_size
     mine = range(d.rank * share, (d.rank + 1) * share)
     return [prompts[chosen[i]] for i in mine], [seed * 1_000_003 + step * batch + i for i in mine]
-
-
-def sample_for_training(run: Run, pipe, contexts: torch.Tensor, seeds: list[int], sc: SamplingConfig):
-    """Images (B, 3, H, W) in [-1, 1] with a graph through the last K steps and the decode, and the
-    regulariser, for prompts whose text states are `contexts` (B, L, D), from x_T seeded by `seeds`."""
-    unet, d = pipe.unet, run.dist
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], d.device).expand_as(contexts)
-    with run.autocast():
-        result = denoise(unet, pipe.scheduler, torch.cat([uncond, contexts]), initial_noise(shape, seeds, d.device),
-                         steps=sc.steps, guidance=sc.guidance_scale, grad_steps=sc.truncation_steps, eta=sc.eta,
-                         regularize=True)
-        images = decode(pipe.vae, result.latents)
-    return images.float(), result.regularizer.float()
 
 
 def validate(run: Run, pipe, reward_fn, prompts: list[str], sc: SamplingConfig, dc: DraftpConfig,
@@ -226,7 +191,7 @@ def main(cfg: Config) -> None:
         from alignkit.diffusion.pipeline import save_pipeline
 
         save_pipeline(pipe, run.output_dir / "base")
-    prompts = load_prompts(cfg.prompts, pipe.tokenizer)
+    prompts = read_prompts(cfg.prompts.path, pipe.tokenizer, cfg.prompts.split, cfg.prompts.limit)
     reward_fn = load_image_reward(cfg.reward, d.device)
     unet = pipe.unet
     params = add_lora(unet, cfg.model.lora, d)
@@ -245,8 +210,9 @@ def main(cfg: Config) -> None:
         sums = torch.zeros(3)  # reward, regulariser, loss (each summed over images)
         for i in range(0, len(mine), micro):
             texts = mine[i:i + micro]
-            contexts = encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, d.device)
-            images, regularizer = sample_for_training(run, pipe, contexts, seeds[i:i + micro], sc)
+            images, regularizer = sample_batch(pipe, texts, seeds[i:i + micro], sc.steps, sc.guidance_scale,
+                                               grad_steps=sc.truncation_steps, regularize=True, eta=sc.eta,
+                                               autocast=run.autocast)
             loss_sum, image_sums = draftp_loss(reward_fn(images, texts), regularizer, dc.kl_coeff)
             (loss_sum / batch).backward()  # summed over processes below: the mean over the global batch
             sums += torch.stack([image_sums[k].cpu() for k in ("reward", "regularizer", "loss")])

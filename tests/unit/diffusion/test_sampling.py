@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from alignkit.diffusion.pipeline import build_tiny_pipeline
-from alignkit.diffusion.sampling import (aig_weight, decode, denoise, diversity, encode_prompts, initial_noise,
-                                         parse_schedule)
+from alignkit.diffusion.sampling import (aig_weight, decode, denoise, diversity, diversity_by_prompt, encode_prompts,
+                                         initial_noise, parse_schedule)
 
 PROMPTS = ["a red circle on blue", "a green square on white"]
 STEPS, GUIDANCE = 4, 3.0
@@ -162,6 +162,8 @@ def test_diversity_by_hand():
     images = torch.stack([torch.stack([a, a + 0.5, a - 0.5]), torch.stack([a, a, a])])  # (P=2, m=3)
     # prompt 0: pairwise RMS distances 0.5, 0.5, 1.0 -> mean 2/3; prompt 1: all 0
     assert diversity(images) == pytest.approx((2 / 3 + 0) / 2)
+    assert diversity_by_prompt(images) == pytest.approx([2 / 3, 0.0])
+    assert diversity_by_prompt(images)[0] == pytest.approx(diversity(images[:1]))
     with pytest.raises(ValueError, match="at least 2"):
         diversity(images[:, :1])
 
