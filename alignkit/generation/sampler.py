@@ -13,6 +13,7 @@ some report the truncated sampling distribution's log-probs, biased by log of th
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,14 @@ def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
 
 
 @torch.no_grad()
+def _cache_argument(model: nn.Module) -> str:
+    """The name of the KV-cache argument of the model's forward: `cache` from transformers 5.24 on
+    (where `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before.
+    A peft wrapper forwards **kwargs, so the wrapped model's signature decides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 def generate(
     model: nn.Module,
     prompts: list[list[int]],
@@ -102,6 +111,7 @@ def generate(
     from transformers import DynamicCache
 
     cache = DynamicCache()
+    cache_kwarg = _cache_argument(model)
     alive = torch.arange(batch, device=device)  # original row of each running row
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logps: list[list[float]] = [[] for _ in range(batch)]
@@ -110,7 +120,7 @@ def generate(
     step_ids, step_positions = input_ids, positions
     for _ in range(params.max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{cache_kwarg: cache})
         logits = out.logits[:, -1, :].float()  # (R, V)
         if params.temperature == 0:
             next_tokens = logits.argmax(-1)

@@ -38,6 +38,7 @@ from alignkit.tasks.world import SKILLS, generate_prompts
 __all__ = [
     "DatasetSizes",
     "best_worst_pair",
+    "ranked_pairs",
     "attribute_records",
     "build_datasets",
     "eval_prompt_records",
@@ -117,6 +118,26 @@ def best_worst_pair(prompt: str, scored: list[tuple[float, str]],
             "margin": round(high - low, 4)}
 
 
+def ranked_pairs(prompt: str, scored: list[tuple[float, str]],
+                 min_margin: float = MIN_PREFERENCE_MARGIN) -> list[dict[str, Any]]:
+    """Every comparison among one prompt's distinct candidates whose rewards differ by at least
+    `min_margin` (InstructGPT's K-choose-2 comparisons): 4 candidates give up to 6 pairs, where
+    `best_worst_pair` gives 1. Pairs come in candidate order (the first of two is compared first);
+    a response repeated verbatim counts once (its first reward)."""
+    distinct: dict[str, float] = {}
+    for reward, text in scored:
+        distinct.setdefault(text, reward)
+    records = []
+    for i, (text_a, reward_a) in enumerate(distinct.items()):
+        for text_b, reward_b in list(distinct.items())[i + 1 :]:
+            if abs(reward_a - reward_b) < min_margin:
+                continue
+            (high, chosen), (low, rejected) = sorted([(reward_a, text_a), (reward_b, text_b)], reverse=True)
+            records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_reward": high,
+                            "rejected_reward": low, "margin": round(high - low, 4)})
+    return records
+
+
 def attribute_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
     """Mixed-quality responses labelled with the oracle's seven 0-4 attributes."""
     demonstrator = Demonstrator(MIXED_NOISE, _derive(seed, "attributes"))
@@ -178,7 +199,7 @@ class DatasetSizes:
     kto: int = 4000
     prompts: int = 2000
     valid: int = 200  # each of sft_valid, prefs_valid, attributes_valid
-    eval_per_skill: int = 200
+    eval_per_skill: int = 400  # 2800 held-out prompts: the reward CI half-width ~0.007
     redteam: int = 200
 
 

@@ -1,7 +1,9 @@
+import warnings
+
 import pytest
 import torch
 
-from alignkit.generation.sampler import SamplingParams, _filter_logits, generate
+from alignkit.generation.sampler import SamplingParams, _cache_argument, _filter_logits, generate
 from tests.conftest import tiny_model
 
 
@@ -77,3 +79,30 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isfinite(top_p[0, :2]).all() and torch.isinf(top_p[0, 2:]).all()
     top_p = _filter_logits(logits, SamplingParams(top_p=0.81))
     assert torch.isfinite(top_p[0, :3]).all() and torch.isinf(top_p[0, 3])
+
+
+def test_cache_argument_follows_the_models_signature(tokenizer, setup):
+    class NewStyle(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return None
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return None
+
+    assert _cache_argument(NewStyle()) == "cache"
+    assert _cache_argument(OldStyle()) == "past_key_values"
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = setup
+    peft_model = get_peft_model(tiny_model(tokenizer, seed=3), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert _cache_argument(peft_model) == _cache_argument(model)  # the wrapped model decides
+
+
+def test_decoding_passes_the_cache_without_deprecation_warnings(tokenizer, setup):
+    model, prompts = setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers >= 5.24 warns on the deprecated past_key_values
+        outs = generate(model, prompts, SamplingParams(max_new_tokens=4, temperature=0), tokenizer.eos_token_id,
+                        tokenizer.pad_token_id, tokenizer.decode)
+    assert all(len(c.token_ids) >= 1 for c in outs)
