@@ -102,7 +102,9 @@ def test_cache_argument_follows_the_models_signature(tokenizer, setup):
 def test_decoding_passes_the_cache_without_deprecation_warnings(tokenizer, setup):
     model, prompts = setup
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # transformers >= 5.24 warns on the deprecated past_key_values
+        # transformers' deprecate_kwarg warns with FutureWarning (from 5.24 on past_key_values, removed in 5.40)
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
         outs = generate(model, prompts, SamplingParams(max_new_tokens=4, temperature=0), tokenizer.eos_token_id,
                         tokenizer.pad_token_id, tokenizer.decode)
     assert all(len(c.token_ids) >= 1 for c in outs)
