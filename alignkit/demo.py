@@ -262,7 +262,7 @@ def _steerlm(demo: Demo) -> dict[str, Any]:
 def _steerlm2(demo: Demo) -> dict[str, Any]:
     """SteerLM 2.0 from the SteerLM model on random (verbosity, politeness) targets, the other
     attributes at their best; log P(a|x,y) from the oracle's measurement of correctness and the steered
-    attributes (configs/demo/steerlm2.yaml), log P(y|x) from the SFT model; 2 iterations."""
+    attributes (configs/demo/steerlm2.yaml), log P(y|x) from the SFT model; 3 iterations."""
     from alignkit.tasks.datasets import steer_prompt_records
 
     demo.path("steerlm2").mkdir(parents=True, exist_ok=True)
