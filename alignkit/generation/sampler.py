@@ -64,15 +64,30 @@ def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
     return min(cuts) if cuts else None
 
 
-@torch.no_grad()
+def _forward_parameters(model: nn.Module) -> set[str]:
+    """The argument names of the model's forward. A peft wrapper forwards **kwargs, so the
+    wrapped model's signature decides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(type(base).forward).parameters)
+
+
 def _cache_argument(model: nn.Module) -> str:
     """The name of the KV-cache argument of the model's forward: `cache` from transformers 5.24 on
-    (where `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before.
-    A peft wrapper forwards **kwargs, so the wrapped model's signature decides."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    (where `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
+def _step_kwargs(model: nn.Module, cache) -> dict:
+    """Keyword arguments of every decoding forward: the KV cache, and `logits_to_keep=1` where the
+    model takes it, so the prompt pass computes the LM head for the last position only instead of
+    all B x P (a (B, P, V) fp32 tensor of which the sampler reads one column)."""
+    kwargs = {_cache_argument(model): cache}
+    if "logits_to_keep" in _forward_parameters(model):
+        kwargs["logits_to_keep"] = 1
+    return kwargs
+
+
+@torch.no_grad()
 def generate(
     model: nn.Module,
     prompts: list[list[int]],
@@ -111,7 +126,7 @@ def generate(
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    cache_kwarg = _cache_argument(model)
+    step_kwargs = _step_kwargs(model, cache)
     alive = torch.arange(batch, device=device)  # original row of each running row
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logps: list[list[float]] = [[] for _ in range(batch)]
@@ -120,7 +135,7 @@ def generate(
     step_ids, step_positions = input_ids, positions
     for _ in range(params.max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
-                    use_cache=True, **{cache_kwarg: cache})
+                    use_cache=True, **step_kwargs)
         logits = out.logits[:, -1, :].float()  # (R, V)
         if params.temperature == 0:
             next_tokens = logits.argmax(-1)
@@ -128,7 +143,7 @@ def generate(
             probs = _filter_logits(logits, params).softmax(-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         token_logps = logits.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
-        finished = torch.isin(next_tokens, eos)
+        finished = torch.isin(next_tokens, eos).tolist()  # a list: indexing a tensor per row is slow
         for r, (row, tok, lp) in enumerate(zip(alive.tolist(), next_tokens.tolist(), token_logps.tolist())):
             tokens[row].append(tok)
             logps[row].append(lp)
@@ -140,10 +155,10 @@ def generate(
                 if cut is not None:
                     reasons[row], texts[row] = "stop", text[:cut]
                     finished[r] = True
-        keep = (~finished).nonzero().squeeze(-1)
-        if keep.numel() == 0:
+        if all(finished):
             break
-        if keep.numel() < alive.numel():  # shrink the batch and its cache to the running rows
+        if any(finished):  # shrink the batch and its cache to the running rows
+            keep = torch.tensor([r for r, done in enumerate(finished) if not done], device=device)
             cache.batch_select_indices(keep)
             alive, next_tokens, mask = alive[keep], next_tokens[keep], mask[keep]
             step_positions = step_positions[keep]
