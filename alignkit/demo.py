@@ -650,8 +650,8 @@ def _plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
 def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "runs/demo") -> dict[str, Any]:
     """Run (or reuse) the requested stages and their dependencies; write the report."""
     log = get_logger()
-    names = [s.name for s in STAGES] if stage_names in (None, ["all"]) else stage_names
-    stages = _with_dependencies(names or DEFAULT_STAGES)
+    names = [s.name for s in STAGES] if stage_names == ["all"] else (stage_names or DEFAULT_STAGES)
+    stages = _with_dependencies(names)
     demo = Demo(root=Path(output_dir), fingerprints={}, results={})
     demo.root.mkdir(parents=True, exist_ok=True)
     for stage in stages:

@@ -81,3 +81,11 @@ def test_reporting_stages_enter_the_summary(tmp_path, stages, monkeypatch):
     demo_module.run_demo(["m1", "rm"], tmp_path)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert set(saved) == {"m1", "rm"} and saved["rm"] == {"pairwise_accuracy": 0.9, "seconds": saved["rm"]["seconds"]}
+
+
+def test_no_stage_names_run_the_default_stages_and_all_runs_every_stage(tmp_path, stages, monkeypatch):
+    monkeypatch.setattr(demo_module, "DEFAULT_STAGES", ["m1"])
+    demo_module.run_demo(None, tmp_path)
+    assert stages == ["a", "m1"]  # `make demo`: the default stages and what they need, not the whole tour
+    demo_module.run_demo(["all"], tmp_path)
+    assert stages == ["a", "m1", "m2"]
