@@ -452,25 +452,44 @@ def _fingerprint(stage: Stage, demo: Demo) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _run_stage(stage: Stage, demo: Demo, log) -> None:
+def _saved_metrics(stage: Stage, demo: Demo) -> dict[str, Any] | None:
+    """The stage's saved metrics if its results on disk are current (the same fingerprint: config,
+    demo version, upstream stages), else None; a current stage is recorded in `demo`."""
     fingerprint = _fingerprint(stage, demo)
     marker = demo.path(stage.name, "stage.json")
-    if marker.is_file():
-        saved = json.loads(marker.read_text())
-        if saved.get("fingerprint") == fingerprint:
-            log.info(f"demo: stage {stage.name} is up to date, reusing {marker.parent}")
-            demo.fingerprints[stage.name] = fingerprint
-            demo.results[stage.name] = saved["metrics"]
-            return
+    if not marker.is_file():
+        return None
+    saved = json.loads(marker.read_text())
+    if saved.get("fingerprint") != fingerprint:
+        return None
+    demo.fingerprints[stage.name] = fingerprint
+    demo.results[stage.name] = saved["metrics"]
+    return saved["metrics"]
+
+
+def _run_stage(stage: Stage, demo: Demo, log) -> None:
+    if _saved_metrics(stage, demo) is not None:
+        log.info(f"demo: stage {stage.name} is up to date, reusing {demo.path(stage.name)}")
+        return
     log.info(f"demo: running stage {stage.name}")
     if demo.path(stage.name).exists():  # stale results (and checkpoints) must not be resumed from
         shutil.rmtree(demo.path(stage.name))
+    fingerprint = _fingerprint(stage, demo)
     start = time.perf_counter()
     metrics = stage.run(demo)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
-    write_json({"fingerprint": fingerprint, "metrics": metrics}, marker)
+    write_json({"fingerprint": fingerprint, "metrics": metrics}, demo.path(stage.name, "stage.json"))
     demo.fingerprints[stage.name] = fingerprint
     demo.results[stage.name] = metrics
+
+
+def _current_extra_stages(demo: Demo, requested: list[Stage]) -> list[Stage]:
+    """Stages not requested this time whose results from an earlier run are still current, so that
+    `make demo` after `--stages all` keeps reporting them rather than dropping them from the summary
+    (STAGES order: a stage's upstream is decided before it)."""
+    names = {s.name for s in requested}
+    return [s for s in STAGES if s.name not in names and all(n in demo.fingerprints for n in s.needs)
+            and _saved_metrics(s, demo) is not None]
 
 
 def _with_dependencies(names: list[str]) -> list[Stage]:
@@ -656,6 +675,10 @@ def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "run
     demo.root.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         _run_stage(stage, demo, log)
+    extra = _current_extra_stages(demo, stages)
+    if extra:
+        log.info(f"demo: also reporting {', '.join(s.name for s in extra)} (current results of an earlier run)")
+        stages = [s for s in STAGES if s in stages or s in extra]
     _add_win_rates(demo, stages)
     models = {s.name: demo.results[s.name] for s in stages if s.is_model}
     summary = {s.name: demo.results[s.name] for s in stages if s.is_model or s.in_summary}

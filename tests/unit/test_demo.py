@@ -89,3 +89,13 @@ def test_no_stage_names_run_the_default_stages_and_all_runs_every_stage(tmp_path
     assert stages == ["a", "m1"]  # `make demo`: the default stages and what they need, not the whole tour
     demo_module.run_demo(["all"], tmp_path)
     assert stages == ["a", "m1", "m2"]
+
+
+def test_current_results_of_stages_not_requested_stay_in_the_report(tmp_path, stages, monkeypatch):
+    demo_module.run_demo(["m2"], tmp_path)
+    demo_module.run_demo(["m1"], tmp_path)  # m2 is current: reported, not rerun
+    assert stages == ["a", "m1", "m2"]
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"m1", "m2"}
+    monkeypatch.setattr(demo_module, "DEMO_VERSION", demo_module.DEMO_VERSION + 1)
+    demo_module.run_demo(["m1"], tmp_path)  # m2's results are stale now: left out
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"m1"}
