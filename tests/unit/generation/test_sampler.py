@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from alignkit.generation.sampler import SamplingParams, _cache_argument, _filter_logits, generate
+from alignkit.generation.sampler import SamplingParams, _cache_argument, _filter_logits, _step_kwargs, generate
 from tests.conftest import tiny_model
 
 
@@ -97,6 +97,9 @@ def test_cache_argument_follows_the_models_signature(tokenizer, setup):
     model, _ = setup
     peft_model = get_peft_model(tiny_model(tokenizer, seed=3), LoraConfig(r=2, target_modules=["q_proj"]))
     assert _cache_argument(peft_model) == _cache_argument(model)  # the wrapped model decides
+    # the prompt pass asks for the last position's logits only where the model takes logits_to_keep
+    assert _step_kwargs(OldStyle(), "kv") == {"past_key_values": "kv"}
+    assert _step_kwargs(peft_model, "kv") == {_cache_argument(model): "kv", "logits_to_keep": 1}
 
 
 def test_decoding_passes_the_cache_without_deprecation_warnings(tokenizer, setup):
