@@ -12,6 +12,7 @@ New knobs go into the config tree, never into new flags.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -70,6 +71,14 @@ def _load(recipe: str, config: str, overrides: list[str]):
     return module, cfg
 
 
+def _exit_now() -> None:
+    """Flush logs and stdio, then end the process with status 0, skipping interpreter teardown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
     ctx: typer.Context,
@@ -86,10 +95,13 @@ def run(
                    "-m", "alignkit.cli", "run", recipe, "--config", str(find_config(recipe, config)), *overrides]
             raise typer.Exit(code=subprocess.call(cmd))
         module.main(cfg)
-        # Leave the process group explicitly: gloo's worker threads torn down by the interpreter's
-        # exit abort the process ("terminate called without an active exception"). Only on success:
-        # a failed rank must exit at once so that torchrun stops the others, not wait at a barrier.
-        shutdown()
+        # Leave the process group explicitly, then end a torchrun rank without the interpreter's
+        # teardown: gloo's worker threads destroyed by it abort the process now and then ("terminate
+        # called without an active exception", SIGABRT after the run had finished and saved). Every
+        # file is closed by then; logs and stdio are flushed here. Only on success: a failed rank
+        # must exit at once so that torchrun stops the others, not wait at a barrier.
+        if shutdown():
+            _exit_now()
     except (ConfigError, DataError, FileNotFoundError) as exc:
         _fail(str(exc))
 

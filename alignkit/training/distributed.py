@@ -51,11 +51,14 @@ def init_distributed(backend: str = "auto") -> Dist:
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def shutdown() -> None:
-    """Wait for every rank, then leave the process group (a no-op in a world of one)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def shutdown() -> bool:
+    """Wait for every rank, then leave the process group. Returns whether there was one (False in a
+    world of one)."""
+    if not dist.is_initialized():
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
 
 
 def barrier(d: Dist) -> None:
