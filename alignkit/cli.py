@@ -11,7 +11,6 @@ New knobs go into the config tree, never into new flags.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import subprocess
@@ -25,36 +24,13 @@ import yaml
 
 from alignkit.config import ConfigError, configs_dir, find_config, load_config
 from alignkit.data.io import DataError
+from alignkit.recipes import RECIPES, recipe_module
 from alignkit.training.distributed import shutdown
 
-__all__ = ["RECIPES", "app", "main", "recipe_module"]
-
-# name -> module with `Config` (a RecipeConfig) and `main(cfg)`.
-RECIPES = {
-    "sft": "alignkit.recipes.sft",
-    "distill": "alignkit.recipes.distill",
-    "dpo": "alignkit.recipes.dpo",
-    "reward_model": "alignkit.recipes.reward_model",
-    "rejection_sampling": "alignkit.recipes.rejection_sampling",
-    "steerlm": "alignkit.recipes.steerlm",
-    "steerlm2": "alignkit.recipes.steerlm2",
-    "ppo": "alignkit.recipes.ppo",
-    "reinforce": "alignkit.recipes.reinforce",
-    "draftp": "alignkit.recipes.draftp",
-}
+__all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align generative models: SFT, distillation, DPO, reward models, RLHF, SteerLM, DRaFT+.")
-
-
-def recipe_module(name: str):
-    if name not in RECIPES:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(RECIPES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown recipe {name!r}{hint} (recipes: {', '.join(RECIPES)})")
-    return importlib.import_module(RECIPES[name])
 
 
 def _fail(message: str) -> None:
@@ -172,13 +148,13 @@ def evaluate(
     """Sample responses to held-out task-world prompts and score them with the oracle."""
     from alignkit.data.io import read_records
     from alignkit.evaluation.evaluate import evaluate_model, plot_results, write_json
-    from alignkit.generation.sampler import SamplingParams
+    from alignkit.config import SamplingConfig
 
     try:
         records = [r.data for r in read_records(prompts)]
         if not records or "prompt" not in records[0]:
             raise DataError(f"{prompts}: expected prompt records with a 'prompt' field")
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        params = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         result = evaluate_model(model, records, params, reference_dir=reference)
     except (DataError, FileNotFoundError, OSError) as exc:
         _fail(str(exc))
@@ -293,7 +269,7 @@ def generate(
     from alignkit.data.io import read_records
     from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
     from alignkit.evaluation.evaluate import load_for_eval
-    from alignkit.generation.sampler import SamplingParams
+    from alignkit.config import SamplingConfig
     from alignkit.generation.sampler import generate as sample
 
     try:
@@ -320,7 +296,7 @@ def generate(
             labels.append({"label": fmt.label(request)} if fmt else {})
     except (DataError, FileNotFoundError, OSError) as exc:
         _fail(str(exc))
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
+    params = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
                             stop=tuple(stop or ()), seed=seed)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +304,7 @@ def generate(
     with open(out, "w", encoding="utf-8") as f:
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
-            batch_params = SamplingParams(**{**params.__dict__, "seed": seed + start})
+            batch_params = params.model_copy(update={"seed": seed + start})
             for c in sample(lm, chunk, batch_params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode):
                 record = records[start + c.prompt_index].data
                 steer = labels[start + c.prompt_index]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "ConfigError",
@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointConfig",
     "LoggingConfig",
     "DistributedConfig",
+    "SamplingConfig",
     "RecipeConfig",
     "configs_dir",
     "find_config",
@@ -122,6 +123,25 @@ class DataConfig(Section):
     pack: bool = True
     chat_template: str | None = None  # overrides the tokenizer's chat template
     system_prompt: str | None = None  # prepended to conversations that have none
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+
+class SamplingConfig(Section):
+    """How responses are sampled, for every recipe and command that generates (RL rollouts,
+    rejection sampling, SteerLM 2.0, on-policy DPO, `generate`, evaluation, the server)."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    # 0: greedy. RL samples as is (temperature 1, no top-k/top-p) so that the rollouts come from
+    # the policy being trained; other settings sample from a different policy.
+    temperature: float = Field(1.0, ge=0.0)
+    top_k: int = Field(0, ge=0)  # 0: off
+    top_p: float = Field(1.0, gt=0.0, le=1.0)  # 1: off
+    n: int = Field(1, ge=1)  # samples per prompt
+    stop: list[str] = []  # stop strings: the text is cut before them
+    seed: int | None = None  # None: the caller's (recipes derive one per step and process)
+    batch_size: int = Field(32, ge=1)  # prompts per sampling batch (x n rows)
 
 
 # --- optimisation and training loop ------------------------------------------------------

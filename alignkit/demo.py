@@ -27,7 +27,8 @@ from alignkit.config import find_config, load_config
 from alignkit.data.io import write_jsonl
 from alignkit.evaluation.evaluate import evaluate_model, plot_results, write_json
 from alignkit.evaluation.stats import mean_with_ci, win_rate
-from alignkit.generation.sampler import SamplingParams
+from alignkit.config import SamplingConfig
+from alignkit.recipes import recipe_module
 from alignkit.tasks.datasets import STEERABLE_ATTRIBUTES, DatasetSizes
 from alignkit.training.logging import get_logger
 
@@ -35,10 +36,10 @@ __all__ = ["DEFAULT_STAGES", "STAGES", "run_demo"]
 
 # Bump when a change to the code behind the stages should invalidate cached results.
 DEMO_VERSION = 2
-EVAL_SAMPLING = SamplingParams(max_new_tokens=96, temperature=0.7, seed=0)
+EVAL_SAMPLING = SamplingConfig(max_new_tokens=96, temperature=0.7, seed=0)
 DPO_ROUNDS = 2  # iterative DPO: each round samples fresh pairs from the previous round's model
 DPO_SAMPLES = 4  # answers per training prompt for the on-policy DPO pairs
-DPO_SAMPLING = SamplingParams(max_new_tokens=96, temperature=1.0, seed=0)
+DPO_SAMPLING = SamplingConfig(max_new_tokens=96, temperature=1.0, seed=0)
 # SteerLM: who labels the training responses ("oracle": clean labels, as HelpSteer's human
 # ratings are; "attribute_model": the demo's regression reward model), what every steering
 # request asks for besides the steered attribute, and what "the best answer" asks for.
@@ -46,7 +47,7 @@ STEER_ANNOTATOR = "oracle"
 STEER_BASE = {"helpfulness": 4, "correctness": 4, "coherence": 4, "harmlessness": 4}
 BEST_TARGETS = {**STEER_BASE, "verbosity": 1, "politeness": 4}
 RM_SAMPLES = 4  # answers per training prompt whose oracle comparisons join the reward model's data
-RM_SAMPLING = SamplingParams(max_new_tokens=96, temperature=1.0, seed=100)
+RM_SAMPLING = SamplingConfig(max_new_tokens=96, temperature=1.0, seed=100)
 STEER_EVAL_PROMPTS = 140  # held-out prompts (20 per skill) x 5 levels x each steerable attribute
 STEERLM2_PROMPTS = 1000
 
@@ -86,8 +87,6 @@ def _tokenizer(demo: Demo) -> dict[str, Any]:
 
 def _train(demo: Demo, stage: str, overrides: list[str], config: str | None = None, output: Path | None = None) -> None:
     """Run the recipe named in configs/demo/CONFIG.yaml (default: the stage's name) in this process."""
-    from alignkit.cli import recipe_module
-
     path = find_config("demo", config or stage)
     recipe = load_config_recipe(path)
     module = recipe_module(recipe)
@@ -148,7 +147,7 @@ def _dpo(demo: Demo) -> dict[str, Any]:
     for round_ in range(1, DPO_ROUNDS + 1):
         out = demo.path("dpo") if round_ == DPO_ROUNDS else demo.path("dpo", f"round_{round_}")
         out.mkdir(parents=True, exist_ok=True)
-        sampling = SamplingParams(**{**DPO_SAMPLING.__dict__, "seed": DPO_SAMPLING.seed + round_})
+        sampling = DPO_SAMPLING.model_copy(update={"seed": DPO_SAMPLING.seed + round_})
         pairs = sampled_preference_pairs(model, prompts, samples=DPO_SAMPLES, params=sampling)
         write_jsonl(pairs, out / "pairs.jsonl")
         counts.append(len(pairs))
@@ -183,7 +182,7 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     onpolicy = sampled_preference_pairs(sft, train_prompts, RM_SAMPLES, RM_SAMPLING, all_pairs=True)
     held_out = sampled_preference_pairs(sft, valid_prompts, RM_SAMPLES,
-                                        SamplingParams(**{**RM_SAMPLING.__dict__, "seed": RM_SAMPLING.seed + 1}),
+                                        RM_SAMPLING.model_copy(update={"seed": RM_SAMPLING.seed + 1}),
                                         all_pairs=True)
     demonstrator = [json.loads(line) for line in demo.path("data", "prefs.jsonl").read_text().splitlines()]
     write_jsonl(demonstrator + onpolicy, out / "bt_train.jsonl")

@@ -33,7 +33,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.generation.sampler import SamplingParams, generate
+    from alignkit.config import SamplingConfig
+from alignkit.generation.sampler import generate
     from alignkit.tasks.datasets import eval_prompt_records
 
     if not Path(a.model, "config.json").is_file():
@@ -50,7 +51,7 @@ def main() -> None:
     def run_alignkit() -> int:
         tokens = 0
         for k, batch in enumerate(batches):
-            out = generate(model, batch, SamplingParams(max_new_tokens=a.max_new_tokens, temperature=1.0, seed=k),
+            out = generate(model, batch, SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=1.0, seed=k),
                            eos, pad, tokenizer.decode)
             tokens += sum(len(c.token_ids) for c in out)
         return tokens

@@ -29,7 +29,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.data.steerlm import SteerLMFormat, steered_prompt
 from alignkit.evaluation.stats import mean_with_ci, win_rate
-from alignkit.generation.sampler import Completion, SamplingParams, generate
+from alignkit.config import SamplingConfig
+from alignkit.generation.sampler import Completion, generate
 from alignkit.tasks import ATTRIBUTES, score_response
 
 __all__ = ["EvalResult", "evaluate_model", "load_for_eval", "plot_results", "sample_responses", "sequence_logprobs"]
@@ -60,7 +61,7 @@ def _prompt_ids(tokenizer, prompts: list[dict[str, Any]], steer: SteerLMFormat |
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def sample_responses(model, tokenizer, prompts: list[dict[str, Any]], params: SamplingParams,
+def sample_responses(model, tokenizer, prompts: list[dict[str, Any]], params: SamplingConfig,
                      batch_size: int = 64, steer: SteerLMFormat | None = None) -> list[Completion]:
     """One completion per prompt (in prompt order), generated in length-sorted batches. With
     `steer` (a SteerLM label format), each prompt is conditioned on its "attributes" (or the defaults)."""
@@ -69,7 +70,7 @@ def sample_responses(model, tokenizer, prompts: list[dict[str, Any]], params: Sa
     results: list[Completion | None] = [None] * len(ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch_params = SamplingParams(**{**params.__dict__, "n": 1,
+        batch_params = params.model_copy(update={"n": 1,
                                          "seed": None if params.seed is None else params.seed + start})
         outs = generate(model, [ids[i] for i in chunk], batch_params, tokenizer.eos_token_id,
                         tokenizer.pad_token_id, tokenizer.decode)
@@ -107,7 +108,7 @@ def _score_metrics(prompts, responses) -> tuple[dict[str, float], list[float], l
 def evaluate_model(
     model_dir: str | Path,
     prompts: list[dict[str, Any]],
-    params: SamplingParams = SamplingParams(max_new_tokens=96, temperature=0.7, seed=0),
+    params: SamplingConfig = SamplingConfig(max_new_tokens=96, temperature=0.7, seed=0),
     reference_dir: str | Path | None = None,
     reference_name: str = "reference",
     reference_rewards: list[float] | None = None,
@@ -134,7 +135,7 @@ def evaluate_model(
             ref_rewards = [score_response(p, r).reward for p, r in zip(prompts, ref_responses)]
         metrics.update(mean_with_ci(f"win_rate_vs_{reference_name}", win_rate(rewards, ref_rewards)))
         # KL on fresh temperature-1 samples: the estimator needs samples from the model itself.
-        kl_params = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=1.0, seed=12345)
+        kl_params = SamplingConfig(max_new_tokens=params.max_new_tokens, temperature=1.0, seed=12345)
         samples = sample_responses(model, tokenizer, asked[:kl_prompts], kl_params, steer=steer)
         ids = _prompt_ids(tokenizer, prompts[:kl_prompts])  # the reference sees the plain prompt
         own = [sum(c.logprobs) for c in samples]
@@ -185,7 +186,7 @@ def write_json(data: dict[str, Any], path: str | Path) -> Path:
 
 
 def sampled_preference_pairs(model_dir: str | Path, prompts: list[dict[str, Any]], samples: int = 4,
-                             params: SamplingParams = SamplingParams(max_new_tokens=96, temperature=1.0, seed=0),
+                             params: SamplingConfig = SamplingConfig(max_new_tokens=96, temperature=1.0, seed=0),
                              min_margin: float = 0.05, all_pairs: bool = False) -> list[dict[str, Any]]:
     """On-policy preference pairs: `samples` responses of the model to each prompt, judged by the
     oracle; the best and the worst become chosen and rejected when their rewards differ by at

@@ -24,16 +24,16 @@ import numpy as np
 from alignkit.data.steerlm import MAX_LEVEL, MIN_LEVEL, SteerLMFormat
 from alignkit.evaluation.evaluate import load_for_eval, sample_responses
 from alignkit.evaluation.stats import spearman
-from alignkit.generation.sampler import SamplingParams
+from alignkit.config import SamplingConfig
 from alignkit.tasks import score_response
 
 __all__ = ["attribute_control"]
 
-GREEDY = SamplingParams(max_new_tokens=96, temperature=0.0)
+GREEDY = SamplingConfig(max_new_tokens=96, temperature=0.0)
 
 
 def attribute_control(model_dir: str | Path, prompts: list[dict[str, Any]], controlled: list[str],
-                      base: dict[str, int] | None = None, params: SamplingParams = GREEDY,
+                      base: dict[str, int] | None = None, params: SamplingConfig = GREEDY,
                       steer: SteerLMFormat | None = None) -> dict[str, Any]:
     """Requested-vs-measured statistics for each controlled attribute (see the module docstring)."""
     model, tokenizer = load_for_eval(model_dir)

@@ -19,18 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Completion", "SamplingParams", "generate"]
+from alignkit.config import SamplingConfig
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    n: int = 1  # samples per prompt
-    stop: tuple[str, ...] = ()  # stop strings (the text is cut before them)
-    seed: int | None = None
+__all__ = ["Completion", "generate"]
 
 
 @dataclass
@@ -43,7 +34,7 @@ class Completion:
     finish_reason: str = field(default="length")  # "eos" | "stop" | "length"
 
 
-def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def _filter_logits(logits: torch.Tensor, params: SamplingConfig) -> torch.Tensor:
     """Temperature, then top-k, then top-p on (B, V) logits."""
     logits = logits / params.temperature
     if params.top_k > 0:
@@ -91,7 +82,7 @@ def _step_kwargs(model: nn.Module, cache) -> dict:
 def generate(
     model: nn.Module,
     prompts: list[list[int]],
-    params: SamplingParams,
+    params: SamplingConfig,
     eos_token_id: int | list[int],
     pad_token_id: int,
     decode=None,

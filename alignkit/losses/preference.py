@@ -100,6 +100,17 @@ _DPO_LOSSES = {
 _NEEDS_GT = ("rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")
 
 
+# Implicit rewards closer than this are a tie. At step 0 the policy is the reference and every
+# margin is 0 up to fp32 rounding (~1e-7 x |logp|, different with the batch's shapes), so a strict
+# `>` would turn rounding noise into accuracy that differs between runs and process counts.
+TIE_TOLERANCE = 1e-5
+
+
+def _wins(gap: Tensor) -> Tensor:
+    """(B,) 1 where gap > tolerance, 0.5 for a tie (|gap| <= tolerance), else 0."""
+    return (gap > TIE_TOLERANCE).to(gap.dtype) + 0.5 * (gap.abs() <= TIE_TOLERANCE).to(gap.dtype)
+
+
 def _pair_metrics(loss: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor,
                   chosen_logps: Tensor, rejected_logps: Tensor) -> dict[str, Tensor]:
     """The shared DPO-family metrics, each a detached sum over the batch."""
@@ -109,7 +120,7 @@ def _pair_metrics(loss: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor
         "rewards/chosen": chosen_rewards.sum(),
         "rewards/rejected": rejected_rewards.sum(),
         "rewards/margin": (chosen_rewards - rejected_rewards).sum(),
-        "rewards/accuracy": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).sum(),
+        "rewards/accuracy": _wins(chosen_rewards - rejected_rewards).sum(),
         "logps/chosen": chosen_logps.detach().sum(),
         "logps/rejected": rejected_logps.detach().sum(),
     }
@@ -167,8 +178,8 @@ def dpo_loss(
         loss_sum: float32 scalar, the sum over the B pairs of the per-pair loss.
         metrics: detached sums over the B pairs: "loss" (= loss_sum), "rewards/chosen"
             (beta * rho_chosen), "rewards/rejected" (beta * rho_rejected), "rewards/margin",
-            "rewards/accuracy" (count of pairs with rewards/chosen > rewards/rejected; ties count
-            0), "logps/chosen" and "logps/rejected" (policy log-probs).
+            "rewards/accuracy" (count of pairs with rewards/chosen > rewards/rejected; a tie,
+            |margin| <= TIE_TOLERANCE, counts 0.5), "logps/chosen" and "logps/rejected" (policy log-probs).
 
     Raises:
         ValueError: unknown loss_type (the message lists the valid ones), rpo_* without

@@ -29,6 +29,7 @@ from alignkit.config import LoraConfig, ModelConfig
 from alignkit.models.tokenizer import byte_tokenizer
 
 __all__ = [
+    "adapters_off",
     "apply_lora",
     "autocast",
     "load_causal_lm",
@@ -184,6 +185,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, task_type: str = "CAUSAL_LM") 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP (FSDP2 shards in place and needs no unwrapping)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module, lora: bool = True):
+    """The reference of a LoRA policy: the same model with its adapters disabled. A model without
+    adapters (or `lora` false) is used as is."""
+    module = unwrap(model)
+    with module.disable_adapter() if lora and _is_peft(module) else contextlib.nullcontext():
+        yield
 
 
 def autocast(precision: str, device: torch.device):

@@ -62,8 +62,8 @@ from alignkit.data.preference import (
 from alignkit.data.tokenize import IGNORE
 from alignkit.losses.preference import dpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
 from alignkit.models.forward import logits_at
-from alignkit.models.loading import load_causal_lm, load_tokenizer, unwrap
-from alignkit.training.distributed import all_reduce_sum
+from alignkit.models.loading import adapters_off, load_causal_lm, load_tokenizer, unwrap
+from alignkit.training.distributed import all_reduce_sum, score_sharded
 from alignkit.training.loop import fit, save_final, start_run, to_device
 
 __all__ = ["Config", "PreferenceLossConfig", "ReferenceConfig", "main", "policy_logps"]
@@ -131,17 +131,9 @@ def policy_logps(model, batch) -> torch.Tensor:
     return sequence_logps(logits, batch["target_ids"][select], batch["seq_index"], batch["seq_num_targets"].numel())
 
 
-@contextlib.contextmanager
-def _adapters_disabled(model):
-    """The base model of a LoRA policy (the reference); a plain model as is."""
-    peft = unwrap(model)
-    with peft.disable_adapter() if hasattr(peft, "disable_adapter") else contextlib.nullcontext():
-        yield
-
-
 @torch.no_grad()
 def _reference_logps(reference, batch, lora: bool) -> torch.Tensor:
-    with _adapters_disabled(reference) if lora else contextlib.nullcontext():
+    with adapters_off(reference, lora):
         return policy_logps(reference, batch)
 
 
@@ -211,21 +203,23 @@ def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def _score_pairs(run, cfg: Config, model, pairs: list[PreferencePair], pad_id: int) -> torch.Tensor:
-    """(E, 2) summed reference log-probs [chosen, rejected] of every pair; each process scores
-    a share and the shares are summed over processes."""
-    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    mine = list(range(run.dist.rank, len(pairs), run.dist.world_size))
-    step = cfg.train.micro_batch_size
+    """(E, 2) summed reference log-probs [chosen, rejected] of every pair, scored in shares over
+    processes."""
+
+    def score(index: list[int]) -> torch.Tensor:  # (len(index), 2) in the order of `index`
+        out = torch.zeros(len(index), 2, dtype=torch.float64)
+        for start in range(0, len(index), cfg.train.micro_batch_size):
+            chunk = list(range(start, min(start + cfg.train.micro_batch_size, len(index))))
+            batch = to_device(collate_pairs([pairs[index[i]] for i in chunk], pad_id), run.dist.device)
+            with run.autocast():
+                logps = _reference_logps(model, batch, cfg.model.lora.enabled)  # (2P,) in packed order
+            out[[chunk[j] for j in batch["order"]]] = logps.double().cpu().reshape(-1, 2)
+        return out
+
     model.eval()
-    for start in range(0, len(mine), step):
-        index = mine[start : start + step]
-        batch = to_device(collate_pairs([pairs[i] for i in index], pad_id), run.dist.device)
-        with run.autocast():
-            logps = _reference_logps(model, batch, cfg.model.lora.enabled)  # (2P,) in packed order
-        out[[index[j] for j in batch["order"]]] = logps.double().cpu().reshape(-1, 2)
+    logps = score_sharded(len(pairs), 2, run.dist, score)
     model.train()
-    device = run.dist.device if run.dist.enabled and run.dist.device.type == "cuda" else "cpu"
-    return all_reduce_sum(out.to(device), run.dist).cpu()
+    return logps
 
 
 def _cached_reference(run, cfg: Config, model, datasets: dict[str, list[PreferencePair]], pad_id: int) -> None:

@@ -49,7 +49,7 @@ from alignkit.training.distributed import Dist, all_reduce_sum
 from alignkit.training.loop import Run, finish_step, resume, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
 
-__all__ = ["Config", "DraftpConfig", "PipelineConfig", "SamplingConfig", "main"]
+__all__ = ["Config", "DraftpConfig", "PipelineConfig", "ImageSamplingConfig", "main"]
 
 
 class UNetLoraConfig(Section):
@@ -71,7 +71,7 @@ class PipelineConfig(Section):
         return self
 
 
-class SamplingConfig(Section):
+class ImageSamplingConfig(Section):
     steps: int = Field(50, ge=1)  # DDIM steps T
     guidance_scale: float = 7.5  # classifier-free guidance; 1 = none
     eta: float = 0.0  # DDIM noise; 0 = deterministic given x_T
@@ -105,7 +105,7 @@ class Config(RecipeConfig):
     model: PipelineConfig
     prompts: DatasetConfig  # records with a "prompt"
     reward: str  # a shape-world judge or CLIP directory, or package.module:function (images, prompts) -> (B,)
-    sampling: SamplingConfig = SamplingConfig()
+    sampling: ImageSamplingConfig = ImageSamplingConfig()
     draftp: DraftpConfig = DraftpConfig()
     optim: DraftpOptimConfig = DraftpOptimConfig()
     train: DraftpTrainConfig = DraftpTrainConfig()
@@ -145,7 +145,7 @@ def step_batch(prompts: list[str], step: int, batch: int, seed: int, d: Dist) ->
     return [prompts[chosen[i]] for i in mine], [seed * 1_000_003 + step * batch + i for i in mine]
 
 
-def validate(run: Run, pipe, reward_fn, prompts: list[str], sc: SamplingConfig, dc: DraftpConfig,
+def validate(run: Run, pipe, reward_fn, prompts: list[str], sc: ImageSamplingConfig, dc: DraftpConfig,
              step: int) -> dict[str, float]:
     """Fixed prompts x seeds (on the main process): mean reward, diversity, and a PNG grid."""
     val_prompts = list(dict.fromkeys(prompts))[: dc.val_prompts]

@@ -49,7 +49,7 @@ from alignkit.data.io import DataError, read_records
 from alignkit.losses.policy_gradient import (
     adaptive_kl_coef, gae, kl_per_token, masked_moments, ppo_policy_loss, token_rewards, value_loss,
     whiten)
-from alignkit.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer, unwrap
+from alignkit.models.loading import adapters_off, load_causal_lm, load_sequence_scorer, load_tokenizer
 from alignkit.models.reward import RewardModelInfo
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import Dist, all_reduce_sum, wrap_model
@@ -121,13 +121,6 @@ def check_processes(cfg, d: Dist) -> None:
     if cfg.rollout.prompts_per_step % d.world_size:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must divide by the number of "
                           f"processes ({d.world_size})")
-
-
-@contextlib.contextmanager
-def adapters_off(model, lora: bool):
-    """The reference of a LoRA policy: the same model with its adapters disabled."""
-    with unwrap(model).disable_adapter() if lora else contextlib.nullcontext():
-        yield
 
 
 def reference_logps(actor, reference, lora: bool):

@@ -35,7 +35,8 @@ from alignkit.data.formats import messages_from_value
 from alignkit.data.io import DataError, read_records, write_jsonl
 from alignkit.data.sft import make_rows, row_length
 from alignkit.data.tokenize import EncodeStats, encode_conversation, fit_length
-from alignkit.generation.sampler import SamplingParams, generate
+from alignkit.config import SamplingConfig
+from alignkit.generation.sampler import generate
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.recipes.sft import loss_fn
 from alignkit.rewards import RewardSourceConfig, build_reward_source
@@ -86,7 +87,7 @@ def sample_and_select(run: Run, cfg: Config, model, tokenizer, records: list[dic
         texts = [tokenizer.apply_chat_template(_prompt_messages(r, "prompts"), tokenize=False,
                                                add_generation_prompt=True) for r in chunk]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        params = SamplingParams(max_new_tokens=rs.max_new_tokens, temperature=rs.temperature, top_k=rs.top_k,
+        params = SamplingConfig(max_new_tokens=rs.max_new_tokens, temperature=rs.temperature, top_k=rs.top_k,
                                 top_p=rs.top_p, n=rs.samples_per_prompt, seed=cfg.train.seed + mine[start])
         with run.autocast():
             completions = generate(model, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id,

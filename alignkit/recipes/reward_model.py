@@ -49,7 +49,7 @@ from alignkit.data.reward import (
 from alignkit.losses.reward import bradley_terry_loss, regression_loss
 from alignkit.models.loading import load_sequence_scorer, load_tokenizer
 from alignkit.models.reward import RewardModelInfo, init_head_to_mean, score_head, score_sequences, sequence_scores
-from alignkit.training.distributed import all_reduce_sum
+from alignkit.training.distributed import score_sharded
 from alignkit.training.loop import fit, save_final, start_run
 
 __all__ = ["Config", "RewardLossConfig", "main"]
@@ -136,19 +136,13 @@ def summarize_attributes(metrics: dict[str, float], names: list[str]) -> dict[st
 
 
 def _predict(run, cfg: Config, model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
-    """(N, A) scores of every sequence; each process scores a share, shares are summed."""
+    """(N, A) scores of every sequence, scored in shares over processes."""
     d = run.dist
-    mine = list(range(d.rank, len(sequences), d.world_size))
     batch = cfg.train.micro_batch_size * 2
     # Under FSDP every forward is a collective: every process makes the same number of calls.
     most = math.ceil(math.ceil(len(sequences) / d.world_size) / batch)
-    scores = score_sequences(model, [sequences[i] for i in mine], pad_id, batch, d.device, run.autocast,
-                             min_batches=most)
-    out = torch.zeros(len(sequences), len(cfg.loss.names), dtype=torch.float64)
-    if mine:
-        out[mine] = scores.double()
-    device = d.device if d.enabled and d.device.type == "cuda" else "cpu"
-    return all_reduce_sum(out.to(device), d).cpu()
+    return score_sharded(len(sequences), len(cfg.loss.names), d, lambda mine: score_sequences(
+        model, [sequences[i] for i in mine], pad_id, batch, d.device, run.autocast, min_batches=most))
 
 
 def _pair_sequences(pairs: list[RewardPair]) -> list[list[int]]:

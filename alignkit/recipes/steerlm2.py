@@ -44,7 +44,8 @@ from alignkit.data.io import DataError, read_records, write_jsonl
 from alignkit.data.preference import sequence_logps
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
 from alignkit.data.tokenize import IGNORE, Example
-from alignkit.generation.sampler import SamplingParams, generate
+from alignkit.config import SamplingConfig
+from alignkit.generation.sampler import generate
 from alignkit.losses.steerlm import attribute_log_likelihood, steerlm2_loss
 from alignkit.models.forward import logits_at
 from alignkit.models.loading import load_causal_lm, load_tokenizer
@@ -164,7 +165,7 @@ def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFo
                              for m, t in zip(messages, targets)], add_special_tokens=False)["input_ids"]
         plain = tokenizer([steered_prompt(tokenizer, m, None, None, cfg.data.chat_template) for m in messages],
                           add_special_tokens=False)["input_ids"]
-        params = SamplingParams(max_new_tokens=s2.max_new_tokens, temperature=s2.temperature,
+        params = SamplingConfig(max_new_tokens=s2.max_new_tokens, temperature=s2.temperature,
                                 n=s2.samples_per_prompt, seed=cfg.train.seed + 100_003 * iteration + index[0])
         model.eval()
         with run.autocast():

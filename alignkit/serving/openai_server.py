@@ -31,7 +31,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
-from alignkit.generation.sampler import SamplingParams, generate
+from alignkit.config import SamplingConfig
+from alignkit.generation.sampler import generate
 
 __all__ = ["create_app"]
 
@@ -73,7 +74,7 @@ def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024, 
         return JSONResponse(status_code=exc.status_code,
                             content={"error": {"message": exc.detail, "type": "invalid_request_error"}})
 
-    def params(req: _Sampling) -> SamplingParams:
+    def params(req: _Sampling) -> SamplingConfig:
         if req.stream:
             raise HTTPException(status_code=400, detail="stream=true is not supported by this server")
         wanted = req.max_completion_tokens or req.max_tokens or default_max_tokens
@@ -81,10 +82,10 @@ def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024, 
             raise HTTPException(status_code=400, detail=f"max_tokens={wanted} is above this server's limit "
                                                         f"{max_tokens_limit}")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        return SamplingParams(max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p, n=req.n,
+        return SamplingConfig(max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p, n=req.n,
                               stop=stop, seed=req.seed)
 
-    def run(prompt_ids: list[list[int]], sampling: SamplingParams):
+    def run(prompt_ids: list[list[int]], sampling: SamplingConfig):
         with lock:
             return generate(model, prompt_ids, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id,
                             tokenizer.decode)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "all_reduce_sum", "barrier", "decoder_layers", "full_state_dict", "init_distributed", "shutdown", "wrap_model"]
+__all__ = ["Dist", "all_reduce_sum", "barrier", "decoder_layers", "full_state_dict", "gather_rollouts", "init_distributed",
+           "score_sharded", "shutdown", "wrap_model"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,20 @@ def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def score_sharded(num_items: int, width: int, d: Dist, score: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    """(num_items, width) float64 results for a whole dataset, on every process: each process scores
+    its share (items rank, rank + world, ...) with `score(indices) -> (len(indices), width)`, writes it
+    into zeros and the shares are summed. Every item is scored by exactly one process and the other
+    terms are exact zeros, so the reduction adds nothing but zeros to each item's score."""
+    mine = list(range(d.rank, num_items, d.world_size))
+    out = torch.zeros(num_items, width, dtype=torch.float64)
+    scores = score(mine)  # called even for an empty share: under FSDP its forwards are collectives
+    if mine:
+        out[mine] = scores.double().cpu().reshape(len(mine), width)
+    device = d.device if d.enabled and d.device.type == "cuda" else "cpu"  # NCCL reduces GPU tensors only
+    return all_reduce_sum(out.to(device), d).cpu()
 
 
 def gather_rollouts(rows: list, sums: dict[str, float], d: Dist) -> tuple[list, dict[str, float]]:

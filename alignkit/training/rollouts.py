@@ -34,7 +34,8 @@ from alignkit.data.batching import collate_groups
 from alignkit.data.formats import messages_from_value
 from alignkit.data.io import DataError
 from alignkit.data.tokenize import IGNORE, Example
-from alignkit.generation.sampler import SamplingParams, generate
+from alignkit.config import SamplingConfig
+from alignkit.generation.sampler import generate
 from alignkit.models.forward import logits_at
 from alignkit.models.loading import unwrap
 from alignkit.models.reward import RewardModelInfo, sequence_scores
@@ -113,7 +114,7 @@ def sample_rollouts(model, tokenizer, records: list[dict], indices: list[int], w
             if len(p) + rc.max_new_tokens > max_seq_len:
                 raise DataError(f"{where}:{i + 1}: the prompt is {len(p)} tokens; with rollout.max_new_tokens="
                                 f"{rc.max_new_tokens} it exceeds data.max_seq_len={max_seq_len}")
-        params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
+        params = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                 top_p=rc.top_p, n=rc.samples_per_prompt, seed=seed + start)
         was_training = module.training
         with autocast():

@@ -147,6 +147,9 @@ def test_two_processes_match_one(tmp_path, config):
     assert [r[k] for r in rows(two) for k in keys] == pytest.approx([r[k] for r in rows(one) for k in keys],
                                                                      rel=1e-4, abs=1e-5)
     report_two, report_one = (json.loads((o / "eval.json").read_text()) for o in (two, one))
-    assert report_two == pytest.approx(report_one, rel=1e-3, abs=1e-4)  # shares batch differently
+    # The weights after 6 steps agree to ~1e-4 (FSDP reduces gradients in another order; checked
+    # below), so each reward agrees to ~1e-4 absolute and a statistic of rewards to a few 1e-4:
+    # a relative bound on a small std (0.08) would ask more than fp32 training can promise.
+    assert report_two == pytest.approx(report_one, rel=2e-3, abs=1e-3)
     a, b = load_file(str(one / "final/model.safetensors")), load_file(str(two / "final/model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from alignkit.cli import RECIPES, recipe_module
+from alignkit.recipes import RECIPES, recipe_module
 from alignkit.config import configs_dir, load_config
 
 SHIPPED = sorted(configs_dir().glob("*/*.yaml"))

@@ -4,7 +4,7 @@ import pytest
 
 from alignkit.data.steerlm import SteerLMFormat
 from alignkit.evaluation import steering
-from alignkit.generation.sampler import SamplingParams
+from alignkit.config import SamplingConfig
 from alignkit.models.tokenizer import byte_tokenizer
 from tests.conftest import tiny_model
 
@@ -34,7 +34,7 @@ def test_every_level_is_requested_and_measured(saved, monkeypatch):
         return real(model, tokenizer, prompts, params, steer=steer, **kw)
 
     monkeypatch.setattr(steering, "sample_responses", spy)
-    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    params = SamplingConfig(max_new_tokens=4, temperature=0.0)
     m = steering.attribute_control(saved / "steer", PROMPTS, ["verbosity", "politeness"], {"politeness": 4}, params)
     # verbosity 0..4 with politeness 4 asked, then politeness 0..4 with verbosity at its default 1
     assert asked_labels[:2] == ["verbosity:0,politeness:4"] * 2
@@ -46,7 +46,7 @@ def test_every_level_is_requested_and_measured(saved, monkeypatch):
 
 
 def test_a_plain_model_is_measured_only_with_borrowed_labels(saved):
-    params = SamplingParams(max_new_tokens=2, temperature=0.0)
+    params = SamplingConfig(max_new_tokens=2, temperature=0.0)
     with pytest.raises(ValueError, match="not a SteerLM model"):
         steering.attribute_control(saved / "plain", PROMPTS, ["verbosity"], params=params)
     m = steering.attribute_control(saved / "plain", PROMPTS, ["verbosity"], params=params, steer=FMT)

@@ -3,7 +3,8 @@ import warnings
 import pytest
 import torch
 
-from alignkit.generation.sampler import SamplingParams, _cache_argument, _filter_logits, _step_kwargs, generate
+from alignkit.config import SamplingConfig
+from alignkit.generation.sampler import _cache_argument, _filter_logits, _step_kwargs, generate
 from tests.conftest import tiny_model
 
 
@@ -26,7 +27,7 @@ def test_greedy_equals_argmax_decoding_with_rows_finishing_early(tokenizer, setu
     model, prompts = setup
     # many "end" ids, so rows stop at different steps and the batch shrinks mid-way
     eos = list(range(40, 120))
-    outs = generate(model, prompts, SamplingParams(max_new_tokens=24, temperature=0), eos, tokenizer.pad_token_id,
+    outs = generate(model, prompts, SamplingConfig(max_new_tokens=24, temperature=0), eos, tokenizer.pad_token_id,
                     tokenizer.decode)
     lengths = set()
     for prompt, completion in zip(prompts, outs):
@@ -38,7 +39,7 @@ def test_greedy_equals_argmax_decoding_with_rows_finishing_early(tokenizer, setu
 
 def test_sampled_logprobs_match_a_forward_pass(tokenizer, setup):
     model, prompts = setup
-    outs = generate(model, prompts, SamplingParams(max_new_tokens=16, temperature=1.0, n=3, seed=0),
+    outs = generate(model, prompts, SamplingConfig(max_new_tokens=16, temperature=1.0, n=3, seed=0),
                     tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)
     assert len(outs) == 9 and [c.prompt_index for c in outs] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for c in outs:
@@ -51,7 +52,7 @@ def test_sampled_logprobs_match_a_forward_pass(tokenizer, setup):
 
 def test_seeded_sampling_is_reproducible_and_samples_differ(tokenizer, setup):
     model, prompts = setup
-    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=4, seed=7)
+    params = SamplingConfig(max_new_tokens=12, temperature=1.0, n=4, seed=7)
     a = generate(model, prompts[:1], params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)
     b = generate(model, prompts[:1], params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
@@ -60,11 +61,11 @@ def test_seeded_sampling_is_reproducible_and_samples_differ(tokenizer, setup):
 
 def test_stop_strings_cut_the_text(tokenizer, setup):
     model, prompts = setup
-    free = generate(model, prompts[:1], SamplingParams(max_new_tokens=20, temperature=0), tokenizer.eos_token_id,
+    free = generate(model, prompts[:1], SamplingConfig(max_new_tokens=20, temperature=0), tokenizer.eos_token_id,
                     tokenizer.pad_token_id, tokenizer.decode)[0]
     stop = free.text[5:7]
     assert stop
-    cut = generate(model, prompts[:1], SamplingParams(max_new_tokens=20, temperature=0, stop=(stop,)),
+    cut = generate(model, prompts[:1], SamplingConfig(max_new_tokens=20, temperature=0, stop=(stop,)),
                    tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)[0]
     assert cut.finish_reason == "stop" and cut.is_end
     assert cut.text == free.text[: free.text.find(stop)]
@@ -73,11 +74,11 @@ def test_stop_strings_cut_the_text(tokenizer, setup):
 
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    top_k = _filter_logits(logits, SamplingParams(top_k=2))
+    top_k = _filter_logits(logits, SamplingConfig(top_k=2))
     assert torch.isinf(top_k[0, 2:]).all() and torch.isfinite(top_k[0, :2]).all()
-    top_p = _filter_logits(logits, SamplingParams(top_p=0.8))  # 0.5 + 0.3 reaches 0.8: keep two
+    top_p = _filter_logits(logits, SamplingConfig(top_p=0.8))  # 0.5 + 0.3 reaches 0.8: keep two
     assert torch.isfinite(top_p[0, :2]).all() and torch.isinf(top_p[0, 2:]).all()
-    top_p = _filter_logits(logits, SamplingParams(top_p=0.81))
+    top_p = _filter_logits(logits, SamplingConfig(top_p=0.81))
     assert torch.isfinite(top_p[0, :3]).all() and torch.isinf(top_p[0, 3])
 
 
@@ -108,7 +109,7 @@ def test_decoding_passes_the_cache_without_deprecation_warnings(tokenizer, setup
         # transformers' deprecate_kwarg warns with FutureWarning (from 5.24 on past_key_values, removed in 5.40)
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
-        outs = generate(model, prompts, SamplingParams(max_new_tokens=4, temperature=0), tokenizer.eos_token_id,
+        outs = generate(model, prompts, SamplingConfig(max_new_tokens=4, temperature=0), tokenizer.eos_token_id,
                         tokenizer.pad_token_id, tokenizer.decode)
     assert all(len(c.token_ids) >= 1 for c in outs)
 
@@ -121,7 +122,7 @@ def test_decoding_records_no_autograd_graph(tokenizer, setup):
     hook = model.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
     try:
         with torch.enable_grad():
-            generate(model, prompts, SamplingParams(max_new_tokens=3, temperature=1.0, seed=0), tokenizer.eos_token_id,
+            generate(model, prompts, SamplingConfig(max_new_tokens=3, temperature=1.0, seed=0), tokenizer.eos_token_id,
                      tokenizer.pad_token_id, tokenizer.decode)
     finally:
         hook.remove()

@@ -78,11 +78,22 @@ def test_dpo_metrics_single_pair():
 
 
 def test_dpo_at_zero_margin_is_log2_per_pair():
-    """Delta = 0 -> -log sigma(0) = log 2 for every pair; B = 5 -> 5 log 2. Ties score accuracy 0."""
+    """Delta = 0 -> -log sigma(0) = log 2 for every pair; B = 5 -> 5 log 2. Ties score accuracy
+    0.5 each: 2.5."""
     pc, pr, rc, rr = _random_pairs(5, seed=0)
     loss, m = dpo_loss(pc, pr, pc + 1.0, pr + 1.0, beta=0.7)  # rho_c = rho_r = -1
     assert loss.item() == pytest.approx(5 * math.log(2), abs=1e-5)
-    assert m["rewards/accuracy"].item() == 0.0
+    assert m["rewards/accuracy"].item() == 2.5
+
+
+def test_accuracy_counts_rounding_noise_as_a_tie():
+    """beta = 1, margins [1e-7, -1e-7, 2e-5, -2e-5]: the first two are within the tie tolerance
+    (1e-5: fp32 noise at step 0, where policy == reference) and count 0.5 each; 2e-5 wins, -2e-5
+    loses: accuracy 0.5 + 0.5 + 1 + 0 = 2."""
+    zeros = torch.zeros(4, dtype=torch.float64)
+    margins = torch.tensor([1e-7, -1e-7, 2e-5, -2e-5], dtype=torch.float64)
+    _, m = dpo_loss(margins, zeros, zeros, zeros, beta=1.0)
+    assert m["rewards/accuracy"].item() == 2.0
 
 
 def test_cdpo_hand_computed():

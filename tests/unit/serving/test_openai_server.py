@@ -5,7 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from alignkit.generation.sampler import SamplingParams, generate
+from alignkit.config import SamplingConfig
+from alignkit.generation.sampler import generate
 from alignkit.serving.openai_server import create_app
 from tests.conftest import tiny_model
 from tests.unit.serving.test_reward_server import Server
@@ -28,7 +29,7 @@ def test_completions_match_the_engine(served, tokenizer):
     out = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0, n=2)
     assert len(out.choices) == 2 and out.choices[0].text == out.choices[1].text  # greedy
     ids = tokenizer("hello", add_special_tokens=False)["input_ids"]
-    direct = generate(model, [ids], SamplingParams(max_new_tokens=8, temperature=0), tokenizer.eos_token_id,
+    direct = generate(model, [ids], SamplingConfig(max_new_tokens=8, temperature=0), tokenizer.eos_token_id,
                       tokenizer.pad_token_id, tokenizer.decode)[0]
     assert out.choices[0].text == direct.text
     assert out.choices[0].finish_reason == ("stop" if direct.is_end else "length")
@@ -41,7 +42,7 @@ def test_chat_completions_use_the_chat_template(served, tokenizer):
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, seed=1)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    direct = generate(model, [ids], SamplingParams(max_new_tokens=6, temperature=0), tokenizer.eos_token_id,
+    direct = generate(model, [ids], SamplingConfig(max_new_tokens=6, temperature=0), tokenizer.eos_token_id,
                       tokenizer.pad_token_id, tokenizer.decode)[0]
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == direct.text
     sampled = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=3, seed=5)
@@ -77,7 +78,7 @@ def test_steerlm_models_take_attributes_and_plain_models_refuse_them(served, tok
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + \
             "[verbosity:4,politeness:3]\n"
         direct = generate(model, [tokenizer(text, add_special_tokens=False)["input_ids"]],
-                          SamplingParams(max_new_tokens=6, temperature=0), tokenizer.eos_token_id,
+                          SamplingConfig(max_new_tokens=6, temperature=0), tokenizer.eos_token_id,
                           tokenizer.pad_token_id, tokenizer.decode)[0]
         assert out.choices[0].message.content == direct.text
         default = steer.chat.completions.create(model="steer", messages=messages, max_tokens=2, temperature=0)
