@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from alignkit.data.io import DataError, Record
+from alignkit.data.io import DataError, Record, read_records
 
-__all__ = ["Message", "ROLES", "messages_from_value", "to_messages", "with_system_prompt"]
+__all__ = ["Message", "ROLES", "messages_from_value", "prompt_messages", "read_prompt_records", "to_messages",
+           "with_system_prompt"]
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -83,3 +84,26 @@ def to_messages(record: Record, system_prompt: str | None = None) -> list[Messag
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message to learn from")
     return messages
+
+
+# --- prompt records (what every sampling path reads) ----------------------------------------
+
+
+def prompt_messages(record: Record) -> list[Message]:
+    """The conversation to answer: `prompt` (a string is one user message, or a list of messages)
+    or, for chat records without the answer, `messages`. Errors name the record's file:line."""
+    for key in ("prompt", "messages"):
+        if key in record.data:
+            return messages_from_value(record.data[key], "user", f"{record.source}: field '{key}'")
+    raise DataError(f"{record.source}: a prompt record needs a 'prompt' (text or messages) or 'messages' field")
+
+
+def read_prompt_records(path: str, split: str | None = None, limit: int | None = None) -> list[Record]:
+    """Prompt records, every one checked before any work starts (`prompt_messages`); an empty
+    dataset is an error too."""
+    records = read_records(path, split, limit)
+    if not records:
+        raise DataError(f"{path}: no prompt records")
+    for record in records:
+        prompt_messages(record)
+    return records
