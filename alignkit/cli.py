@@ -129,7 +129,7 @@ def build_data(
     seed: int = 0,
 ) -> None:
     """Write every task-world dataset (pretraining corpus, SFT, preferences, attributes, prompts, ...)."""
-    from alignkit.tasks import build_datasets
+    from alignkit.data.taskworld import build_datasets
 
     for name, path in build_datasets(out, seed=seed).items():
         typer.echo(f"{name:18s} {path}")
@@ -229,7 +229,7 @@ def annotate(
     import json
 
     from alignkit.data.io import read_records
-    from alignkit.recipes.steerlm import annotate as annotate_records
+    from alignkit.data.steerlm import annotate as annotate_records
     from alignkit.rewards import RewardSourceConfig, build_reward_source
 
     sources = [k for k, v in (("model", reward_model), ("http", url), ("oracle", oracle)) if v]

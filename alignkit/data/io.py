@@ -3,7 +3,8 @@
 Every record comes with its provenance (`file:line` for JSONL, `file:row N` otherwise), so a
 problem found later in a record (a missing field, an over-long example) names where it is.
 JSONL is parsed line by line here so that a malformed line is reported with its number;
-the other formats go through the `datasets` library.
+the other formats go through the `datasets` library. `builtin:NAME?n=N&seed=S` names a dataset
+that the task world generates (`alignkit.tasks.builtin`), each record's source `builtin:...#i`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from alignkit.tasks.builtin import BUILTIN_DATASETS
+from alignkit.tasks.world import SPLITS
 
 __all__ = ["DataError", "Record", "read_records", "write_jsonl"]
 
@@ -51,21 +56,41 @@ def _from_dataset(dataset, path: Path, limit: int | None) -> list[Record]:
     return [Record(dict(dataset[i]), f"{path}:row {i}") for i in range(n)]
 
 
+def _read_builtin(spec: str) -> list[Record]:
+    """Records for `builtin:NAME?n=N&seed=S&split=X` (defaults n=256, seed=0, split per name)."""
+    parts = urlsplit(spec.removeprefix("builtin:"))
+    name = parts.path
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"unknown built-in dataset {spec!r} (available: {', '.join(BUILTIN_DATASETS)})")
+    generate, default_split = BUILTIN_DATASETS[name]
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    allowed = {"n", "seed"} | ({"split"} if default_split else set())
+    unknown = set(query) - allowed
+    if unknown:
+        raise DataError(f"{spec!r}: unknown parameter(s) {sorted(unknown)} (use {', '.join(sorted(allowed))})")
+    try:
+        n, seed = int(query.get("n", 256)), int(query.get("seed", 0))
+    except ValueError:
+        raise DataError(f"{spec!r}: n and seed must be integers, e.g. builtin:{name}?n=256&seed=0") from None
+    split = query.get("split", default_split)
+    if default_split and split not in SPLITS:
+        raise DataError(f"{spec!r}: unknown split {split!r} (use one of {', '.join(SPLITS)})")
+    return [Record(data, f"{spec}#{i}") for i, data in enumerate(generate(n, seed, split))]
+
+
 def read_records(path: str | Path, split: str | None = None, limit: int | None = None) -> list[Record]:
     """All records of a dataset file or directory (the first `limit` if given).
 
     `builtin:NAME?n=N&seed=S` names a generated dataset (see `alignkit.tasks.builtin`).
     """
     if str(path).startswith("builtin:"):
-        from alignkit.tasks.builtin import builtin_records
-
-        records = builtin_records(str(path))
+        records = _read_builtin(str(path))
         return records if limit is None else records[:limit]
     path = Path(path)
     if not path.exists():
         raise DataError(f"dataset not found: {path}")
     if path.is_dir():
-        import datasets
+        import datasets  # local: 1 s of start-up, for saved directories and Parquet only
 
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
@@ -90,7 +115,7 @@ def read_records(path: str | Path, split: str | None = None, limit: int | None =
         data = data if limit is None else data[:limit]
         return [Record(x, f"{path}:row {i}") for i, x in enumerate(data)]
     if suffix == ".parquet":
-        import datasets
+        import datasets  # local: 1 s of start-up, for saved directories and Parquet only
 
         return _from_dataset(datasets.Dataset.from_parquet(str(path)), path, limit)
     raise DataError(f"{path}: unsupported dataset format {suffix!r} (use .jsonl, .json, .parquet or a saved datasets directory)")

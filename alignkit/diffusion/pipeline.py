@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.diffusion.shapes import COLOURS, SHAPES
+from alignkit.tasks.shapes import COLOURS, SHAPES
 
 __all__ = ["build_tiny_pipeline", "frozen", "load_pipeline", "save_pipeline", "shape_tokenizer"]
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from alignkit.diffusion.pipeline import build_tiny_pipeline
 from alignkit.diffusion.reward import render_batch
-from alignkit.diffusion.shapes import shape_records
+from alignkit.tasks.shapes import shape_records
 
 __all__ = ["pretrain_shape_pipeline"]
 

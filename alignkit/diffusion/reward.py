@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
 from torch import nn
 
-from alignkit.diffusion.shapes import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, shape_records
+from alignkit.diffusion.shapes import render
+from alignkit.tasks.shapes import BACKGROUNDS, COLOURS, SHAPES, parse_caption, shape_records
 
 __all__ = ["ClipScorer", "ShapeJudge", "brightness_reward", "load_image_reward", "render_batch", "train_shape_judge"]
 

@@ -4,8 +4,9 @@ Small skills whose answers a program checks (arithmetic, reversing, capitalising
 letter, sorting, looking up a fact table given in the prompt) plus red-team requests whose right
 answer is a polite refusal; a noisy demonstrator that writes responses of controlled quality; an
 oracle that scores any response on seven 0-4 attributes and a scalar reward; and builders for
-every dataset format the recipes read. Everything is deterministic given a seed. See
-docs/task-world.md.
+every dataset format the recipes read, as plain dicts. Everything is deterministic given a seed.
+A leaf: it imports nothing else from alignkit (`alignkit.data` reads `builtin:` names from here and
+writes the files). See docs/task-world.md.
 
     from alignkit.tasks import generate_prompts, Demonstrator, score_response
     prompt = generate_prompts(1, seed=0)[0]
@@ -15,7 +16,7 @@ docs/task-world.md.
 from alignkit.tasks.datasets import (
     DatasetSizes,
     attribute_records,
-    build_datasets,
+    dataset_builders,
     eval_prompt_records,
     kto_records,
     preference_records,
@@ -41,8 +42,8 @@ __all__ = [
     "Scores",
     "Style",
     "attribute_records",
-    "build_datasets",
     "canonical_form",
+    "dataset_builders",
     "demonstrate",
     "eval_prompt_records",
     "generate_prompts",

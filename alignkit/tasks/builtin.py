@@ -1,7 +1,8 @@
-"""Built-in generated datasets, addressed as `builtin:NAME?n=N&seed=S[&split=train|valid|test]`.
+"""Built-in generated datasets, addressed as `builtin:NAME?n=N&seed=S[&split=train|valid|test]`
+wherever a dataset path goes (`alignkit.data.io.read_records` resolves the address).
 
 They let every shipped config run on a fresh machine with no files: the records are generated
-deterministically from the seed. Names:
+deterministically from the seed, as plain dicts. Names (`BUILTIN_DATASETS`):
 
 - `sft`, `chat`: smoke-test data for the `tiny` configs: two skills (adding two numbers,
   reversing a word) in one fixed short format, so each example fits 128 byte-level tokens and a
@@ -26,13 +27,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from alignkit.data.io import DataError, Record
 from alignkit.tasks import datasets as _ds
-from alignkit.tasks.world import SPLITS, generate_prompts
+from alignkit.tasks.shapes import caption_records
+from alignkit.tasks.world import generate_prompts
 
-__all__ = ["builtin_records"]
+__all__ = ["BUILTIN_DATASETS", "Generator"]
 
 # --- smoke-test data (unchanged since the first release: recipe tests pin what it teaches) ---
 
@@ -66,7 +66,10 @@ def _smoke_chat(n: int, seed: int, split: str) -> list[dict[str, Any]]:
 
 # --- names ------------------------------------------------------------------------------------
 
-_GENERATORS: dict[str, tuple[Callable[[int, int, str], list[dict[str, Any]]], str | None]] = {
+Generator = Callable[[int, int, str | None], list[dict[str, Any]]]  # (n, seed, split) -> records
+
+# name -> (generator, default split; None: the name has no splits)
+BUILTIN_DATASETS: dict[str, tuple[Generator, str | None]] = {
     "sft": (_smoke_sft, None),
     "chat": (_smoke_chat, None),
     "demos": (_ds.sft_records, "train"),
@@ -78,33 +81,5 @@ _GENERATORS: dict[str, tuple[Callable[[int, int, str], list[dict[str, Any]]], st
     "steer": (_ds.steer_prompt_records, "train"),
     "eval": (lambda n, seed, split: generate_prompts(n, seed, split, unique=True), "test"),
     "redteam": (lambda n, seed, split: generate_prompts(n, seed, split, ("redteam",), unique=True), "test"),
-    "captions": (lambda n, seed, split: _shape_captions(n, seed), None),
+    "captions": (lambda n, seed, split: caption_records(n, seed), None),
 }
-
-
-def _shape_captions(n: int, seed: int) -> list[dict[str, Any]]:
-    from alignkit.diffusion.shapes import caption_records
-
-    return caption_records(n, seed)
-
-
-def builtin_records(spec: str) -> list[Record]:
-    """Records for `builtin:NAME?n=N&seed=S&split=X` (defaults n=256, seed=0, split per name)."""
-    parts = urlsplit(spec.removeprefix("builtin:"))
-    name = parts.path
-    if name not in _GENERATORS:
-        raise DataError(f"unknown built-in dataset {spec!r} (available: {', '.join(_GENERATORS)})")
-    generate, default_split = _GENERATORS[name]
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    allowed = {"n", "seed"} | ({"split"} if default_split else set())
-    unknown = set(query) - allowed
-    if unknown:
-        raise DataError(f"{spec!r}: unknown parameter(s) {sorted(unknown)} (use {', '.join(sorted(allowed))})")
-    try:
-        n, seed = int(query.get("n", 256)), int(query.get("seed", 0))
-    except ValueError:
-        raise DataError(f"{spec!r}: n and seed must be integers, e.g. builtin:{name}?n=256&seed=0") from None
-    split = query.get("split", default_split)
-    if default_split and split not in SPLITS:
-        raise DataError(f"{spec!r}: unknown split {split!r} (use one of {', '.join(SPLITS)})")
-    return [Record(data, f"{spec}#{i}") for i, data in enumerate(generate(n, seed, split))]

@@ -1,9 +1,10 @@
 """Dataset builders: task-world prompts + demonstrator + oracle -> the JSONL files recipes read.
 
 Each `*_records` function returns plain dicts, deterministic in (n, seed, split); `builtin:`
-names call them directly and `build_datasets` writes them all to a directory:
+names call them directly, and `dataset_builders` lists the files that `alignkit build-data`
+(`alignkit.data.taskworld.build_datasets`) writes to a directory:
 
-    python -m alignkit.tasks.build --out data/taskworld --seed 0
+    alignkit build-data --out data/taskworld --seed 0
 
 - pretrain.jsonl: {"text": "<|user|>\\n{prompt}</s><|assistant|>\\n{response}</s>"}, mixed quality
 - sft.jsonl, sft_valid.jsonl: {"prompt", "response"}, good demonstrations (SFT, distillation)
@@ -24,15 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import random
-import json
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from alignkit.data.io import write_jsonl
 from alignkit.tasks.demonstrator import GOOD_NOISE, MIXED_NOISE, Demonstrator
-from alignkit.tasks.oracle import REWARD_WEIGHTS, score_response
+from alignkit.tasks.oracle import score_response
 from alignkit.tasks.world import SKILLS, generate_prompts
 
 __all__ = [
@@ -40,7 +38,7 @@ __all__ = [
     "best_worst_pair",
     "ranked_pairs",
     "attribute_records",
-    "build_datasets",
+    "dataset_builders",
     "eval_prompt_records",
     "kto_records",
     "preference_records",
@@ -187,7 +185,7 @@ def eval_prompt_records(per_skill: int, seed: int = 0, skills: tuple[str, ...] =
     ]
 
 
-# --- writing everything -----------------------------------------------------------------------
+# --- every dataset file ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -203,12 +201,10 @@ class DatasetSizes:
     redteam: int = 200
 
 
-def build_datasets(out_dir: str | Path, seed: int = 0, sizes: DatasetSizes = DatasetSizes()) -> dict[str, Path]:
-    """Write every task-world dataset to `out_dir`; returns {name: path}, manifest.json included."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    builders = {
+def dataset_builders(seed: int = 0, sizes: DatasetSizes = DatasetSizes()) -> dict[str, Callable[[], list[dict[str, Any]]]]:
+    """{file name: a function that generates its records}, for every task-world dataset file, in the
+    order they are written."""
+    return {
         "pretrain": lambda: pretrain_records(sizes.pretrain, seed),
         "sft": lambda: sft_records(sizes.sft, seed),
         "sft_valid": lambda: sft_records(sizes.valid, seed, "valid"),
@@ -221,19 +217,3 @@ def build_datasets(out_dir: str | Path, seed: int = 0, sizes: DatasetSizes = Dat
         "eval_prompts": lambda: eval_prompt_records(sizes.eval_per_skill, seed),
         "redteam": lambda: eval_prompt_records(sizes.redteam, seed, ("redteam",)),
     }
-    paths, counts = {}, {}
-    for name, build in builders.items():
-        records = build()
-        paths[name] = write_jsonl(records, out / f"{name}.jsonl")
-        counts[name] = len(records)
-    manifest = {
-        "seed": seed,
-        "sizes": asdict(sizes),
-        "counts": counts,
-        "reward_weights": REWARD_WEIGHTS,
-        "kto_desirable_reward": KTO_DESIRABLE_REWARD,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    paths["manifest"] = out / "manifest.json"
-    paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return paths

@@ -3,15 +3,15 @@ import torch
 
 from alignkit.data.batching import PAD_SLOT, BatchPlan, collate_rows, pack_examples
 from alignkit.data.formats import to_messages
+from alignkit.data.io import read_records
 from alignkit.data.tokenize import IGNORE, Example, encode_conversation
 from alignkit.losses.sft import sft_loss
 from alignkit.models.forward import logits_at
-from alignkit.tasks.builtin import builtin_records
 from tests.conftest import tiny_model
 
 
 def examples(tokenizer, n=12, spec="builtin:chat?n={n}&seed=3"):
-    return [encode_conversation(tokenizer, to_messages(r), None, r.source) for r in builtin_records(spec.format(n=n))]
+    return [encode_conversation(tokenizer, to_messages(r), None, r.source) for r in read_records(spec.format(n=n))]
 
 
 def test_pack_fits_rows_and_keeps_every_example(tokenizer):

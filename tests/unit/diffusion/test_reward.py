@@ -5,7 +5,7 @@ import torch
 
 from alignkit.diffusion.reward import (ClipScorer, ShapeJudge, brightness_reward, load_image_reward, render_batch,
                                      train_shape_judge)
-from alignkit.diffusion.shapes import ShapeSpec
+from alignkit.tasks.shapes import ShapeSpec
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,15 @@ import pytest
 
 from alignkit.data.formats import to_messages
 from alignkit.data.io import DataError, read_records
+from alignkit.data.taskworld import build_datasets
 from alignkit.tasks import (
     ATTRIBUTES,
     SKILLS,
     DatasetSizes,
-    build_datasets,
     parse_prompt,
     preference_records,
     score_response,
 )
-from alignkit.tasks.build import main as build_main
 
 SMALL = DatasetSizes(
     pretrain=60, sft=40, prefs=30, attributes=30, kto=40, prompts=40, valid=10, eval_per_skill=10, redteam=12
@@ -128,12 +127,6 @@ def test_held_out_files_share_no_question_with_training_files(built):
         assert not {r["id"] for r in records[name]} & train_ids, name
     valid_ids = {parse_prompt(r["prompt"])["id"] for r in records["sft_valid"] + records["prefs_valid"]}
     assert not valid_ids & train_ids
-
-
-def test_build_module_entry_point(tmp_path, capsys):
-    build_main(["--out", str(tmp_path), "--seed", "2", "--scale", "0.002"])
-    assert (tmp_path / "sft.jsonl").read_text().strip()
-    assert "built in" in capsys.readouterr().out
 
 
 # --- builtin: names ---------------------------------------------------------------------------
