@@ -13,7 +13,7 @@ response's assistant turns only (never an assistant turn inside the prompt). Bot
 row (`collate_pairs`): position ids restart at each sequence, so one forward pass scores both
 without padding between them and without either attending to the other. `seq_index` maps each
 target position to its sequence (pair j: chosen 2j, rejected 2j+1), so per-sequence
-log-probabilities are a segment sum over the targets (see `sequence_logps`).
+log-probabilities are a segment sum over the targets (`alignkit.models.forward.sequence_logps`).
 
 The over-length policy (`data.overlength`) applies to each sequence, and a pair is kept or
 dropped as a whole: `truncate` cuts the end of a response (the prompt comes first and carries no
@@ -44,7 +44,6 @@ __all__ = [
     "load_preference_pairs",
     "pair_length",
     "parse_preference",
-    "sequence_logps",
 ]
 
 # The two spellings of a pair's response fields: TRL's and NeMo-Aligner's.
@@ -264,21 +263,3 @@ def collate_pairs(pairs: Sequence[PreferencePair | None], pad_id: int) -> dict[s
         batch["reference_chosen_logps"] = torch.tensor([p.reference[0] for p in real], dtype=torch.float32)
         batch["reference_rejected_logps"] = torch.tensor([p.reference[1] for p in real], dtype=torch.float32)
     return batch
-
-
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, seq_index: torch.Tensor,
-                   num_sequences: int) -> torch.Tensor:
-    """Summed log-probabilities per sequence from the logits at its target positions.
-
-    Args:
-        logits: (N, V) logits at the target positions (`logits_at` with `target_ids != IGNORE`).
-        targets: (N,) the target token at each of those positions.
-        seq_index: (N,) which sequence each position belongs to.
-        num_sequences: S, the number of sequences.
-
-    Returns:
-        (S,) float32: sum over each sequence's targets of log p(target).
-    """
-    token_logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
-    out = torch.zeros(num_sequences, dtype=token_logps.dtype, device=logits.device)
-    return out.index_add_(0, seq_index, token_logps)

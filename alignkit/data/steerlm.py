@@ -14,6 +14,9 @@ end token) only; inference appends the same line after the generation prompt, so
 template works. The format travels with the trained model: `config.json` gets a `steerlm` entry
 (attribute names, template, and the default level of each attribute, used for attributes a
 request leaves out), which `alignkit generate` and `alignkit serve generate` read.
+
+`annotate` writes the labels: any reward source that returns attributes scores each record's last
+response (`alignkit annotate`, and the `steerlm` recipe's `annotate` section).
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from alignkit.data.formats import Message
-from alignkit.data.io import DataError
+from alignkit.data.formats import Message, to_messages
+from alignkit.data.io import DataError, Record
 from alignkit.data.tokenize import Example, encode_spans
 
-__all__ = ["DEFAULT_ATTRIBUTES", "DEFAULT_LABEL_TEMPLATE", "LabelError", "SteerLMFormat", "encode_steerlm",
+__all__ = ["DEFAULT_ATTRIBUTES", "DEFAULT_LABEL_TEMPLATE", "LabelError", "SteerLMFormat", "annotate", "encode_steerlm",
            "format_attribute_label", "parse_attribute_label", "record_targets", "steered_prompt", "to_level"]
 
 DEFAULT_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -214,3 +217,34 @@ def encode_steerlm(tokenizer: PreTrainedTokenizerBase, messages: list[Message], 
                         "start with the rendered prompt), so the label cannot be placed; set data.chat_template")
     text = before + label_line + full[len(before):]
     return encode_spans(tokenizer, text, [(len(before) + len(label_line), len(text))], where)
+
+
+# --- annotation: attribute scores -> labels -------------------------------------------------
+
+
+def _prompt_and_response(record: Record) -> tuple[Any, str]:
+    messages = to_messages(record)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{record.source}: the conversation must end with the assistant response to annotate")
+    context = messages[:-1]
+    prompt = context[0]["content"] if len(context) == 1 and context[0]["role"] == "user" else context
+    return prompt, messages[-1]["content"]
+
+
+def annotate(records: list[Record], source, names: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+    """Each record with `label`: the source's attribute scores for its last response, clipped to
+    0..4 and rounded, in the order of `names`. The source must return those attributes."""
+    out = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts, responses = zip(*(_prompt_and_response(r) for r in chunk))
+        scored = source(list(prompts), list(responses))
+        missing = [n for n in names if n not in scored.names]
+        if scored.attributes is None or missing:
+            raise DataError(f"the attribute source returns attributes {scored.names or 'none'}; "
+                            f"the label needs {missing or names}")
+        columns = [scored.names.index(n) for n in names]
+        for record, row in zip(chunk, scored.attributes.tolist()):
+            label = format_attribute_label({n: row[c] for n, c in zip(names, columns)}, names)
+            out.append({**record.data, "label": label})
+    return out

@@ -16,9 +16,7 @@ from functools import partial
 from alignkit.config import DataConfig, RecipeConfig
 from alignkit.data.batching import collate_rows
 from alignkit.data.sft import load_sft_examples, make_rows, row_length
-from alignkit.data.tokenize import IGNORE
-from alignkit.losses.sft import sft_loss
-from alignkit.models.forward import logits_at
+from alignkit.models.forward import sft_token_loss
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.training.loop import fit, save_final, start_run
 
@@ -27,12 +25,6 @@ __all__ = ["Config", "main"]
 
 class Config(RecipeConfig):
     data: DataConfig
-
-
-def loss_fn(model, batch):
-    select = batch["target_ids"] != IGNORE  # (B, T)
-    logits = logits_at(model, batch["input_ids"], batch["position_ids"], select)  # (N, V)
-    return sft_loss(logits, batch["target_ids"][select])
 
 
 def main(cfg: Config) -> None:
@@ -51,7 +43,7 @@ def main(cfg: Config) -> None:
 
     # --- train: minimise -log p(response | prompt) ----------------------------------------
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
-    model = fit(run, model, make_rows(train, cfg.data), row_length, collate, loss_fn, val_rows)
+    model = fit(run, model, make_rows(train, cfg.data), row_length, collate, sft_token_loss, val_rows)
 
     # --- save in Hugging Face format -------------------------------------------------------
     if cfg.checkpoint.save_final:

@@ -29,23 +29,22 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from alignkit.config import DataConfig, RecipeConfig, Section
 from alignkit.data.batching import collate_rows
 from alignkit.data.formats import to_messages
 from alignkit.data.io import DataError, Record, read_records, write_jsonl
 from alignkit.data.sft import make_rows, row_length
-from alignkit.data.steerlm import (DEFAULT_ATTRIBUTES, DEFAULT_LABEL_TEMPLATE, SteerLMFormat, encode_steerlm,
-                                   format_attribute_label, record_targets)
+from alignkit.data.steerlm import (DEFAULT_ATTRIBUTES, DEFAULT_LABEL_TEMPLATE, SteerLMFormat, annotate,
+                                   encode_steerlm, record_targets)
 from alignkit.data.tokenize import EncodeStats, fit_length
+from alignkit.models.forward import sft_token_loss
 from alignkit.models.loading import load_causal_lm, load_tokenizer
-from alignkit.recipes.sft import loss_fn
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import barrier
 from alignkit.training.loop import fit, save_final, start_run
 
-__all__ = ["Config", "SteerLMConfig", "annotate", "main"]
+__all__ = ["Config", "SteerLMConfig", "main"]
 
 
 class SteerLMConfig(Section):
@@ -60,34 +59,6 @@ class Config(RecipeConfig):
 
 
 # --- 1-2: annotate responses with an attribute model ------------------------------------------
-
-
-def _prompt_and_response(record: Record) -> tuple[Any, str]:
-    messages = to_messages(record)
-    if messages[-1]["role"] != "assistant":
-        raise DataError(f"{record.source}: the conversation must end with the assistant response to annotate")
-    context = messages[:-1]
-    prompt = context[0]["content"] if len(context) == 1 and context[0]["role"] == "user" else context
-    return prompt, messages[-1]["content"]
-
-
-def annotate(records: list[Record], source, names: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
-    """Each record with `label`: the source's attribute scores for its last response, clipped to
-    0..4 and rounded, in the order of `names`. The source must return those attributes."""
-    out = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts, responses = zip(*(_prompt_and_response(r) for r in chunk))
-        scored = source(list(prompts), list(responses))
-        missing = [n for n in names if n not in scored.names]
-        if scored.attributes is None or missing:
-            raise DataError(f"the attribute source returns attributes {scored.names or 'none'}; "
-                            f"the label needs {missing or names}")
-        columns = [scored.names.index(n) for n in names]
-        for record, row in zip(chunk, scored.attributes.tolist()):
-            label = format_attribute_label({n: row[c] for n, c in zip(names, columns)}, names)
-            out.append({**record.data, "label": label})
-    return out
 
 
 def _annotated_records(run, cfg: Config, dataset, name: str) -> list[Record]:
@@ -144,7 +115,7 @@ def main(cfg: Config) -> None:
 
     # --- train: minimise -log p(response | prompt, label) ----------------------------------------
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
-    model = fit(run, model, make_rows(train, cfg.data), row_length, collate, loss_fn, val_rows)
+    model = fit(run, model, make_rows(train, cfg.data), row_length, collate, sft_token_loss, val_rows)
 
     # --- save, with the label format, for steering at inference -----------------------------------
     fmt = SteerLMFormat(fmt.attributes, fmt.label_template, SteerLMFormat.most_common_levels(labels, fmt.attributes))
