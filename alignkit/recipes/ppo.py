@@ -6,8 +6,8 @@ default the reward model), the reference (frozen; the starting actor, or with Lo
 adapters off) and the reward (any reward source: local model, HTTP server, function, oracle).
 Per step s = 1..S:
 
-    1. the actor samples `rollout.samples_per_prompt` responses to each of `rollout.prompts_per_step`
-       prompts (split over processes)
+    1. the actor samples `sampling.n` responses to each of `rollout.prompts_per_step` prompts
+       (split over processes)
     2. the reward source scores each response: R
     3. one no-grad pass each: actor log-probs (old), reference log-probs, critic values, per token
     4. token rewards r_t = -beta * kl_t (+ R on the last token), kl_t by `ppo.kl_estimator`
@@ -15,18 +15,21 @@ Per step s = 1..S:
        statistics of every process's tokens
     5. `ppo.epochs` passes over the rollouts in `ppo.minibatches` minibatches: each minibatch is one
        critic step (clipped value loss) and one actor step (clipped surrogate - entropy bonus);
-       rollouts that hit `max_new_tokens` without ending leave the actor loss (`ppo.train_unended`)
+       rollouts that hit `sampling.max_new_tokens` without ending leave the actor loss (`ppo.train_unended`)
        but still train the critic. The first `ppo.critic_warmup_steps` steps train only the critic.
     6. with `ppo.target_kl`, the adaptive controller moves beta toward the target sequence KL
 
 Losses are token sums normalised by the global token count of the minibatch (`optimizer_step`), so
-the update does not depend on micro-batching or the number of processes. Metrics, per step, in
+the update does not depend on micro-batching or the number of processes. The steps shared with
+`reinforce` (sampling and scoring, reference log-probs, the actor loss, update epochs, metrics)
+are `alignkit.training.rl`'s. Metrics, per step, in
 `metrics.jsonl`: rollout/ (reward, kl = sum_t (log pi - log pi_ref) per response, reward_with_kl,
 response_tokens, ended_fraction, advantages/returns/values statistics), actor/ (loss, clip_fraction,
 ratio, approx_kl to the old policy, entropy, grad_norm), critic/ (value_loss, clip_fraction,
 explained_variance, grad_norm), kl_coef, lr, timing/ (generate, score, logprobs, train seconds).
 Checkpoints hold actor and critic (`checkpoints/step_N`, `checkpoints/critic/step_N`) and beta; a
-resumed run repeats nothing. `final/` is the actor; `critic/final/` the critic.
+resumed run repeats nothing. `final/` is the actor; `critic/final/` the critic (both unless
+`checkpoint.save_final: false`).
 
     alignkit run ppo --config tiny
     alignkit run ppo --config my.yaml model.path=runs/sft/final reward.kind=model reward.path=runs/rm/final
@@ -35,33 +38,31 @@ resumed run repeats nothing. `final/` is the actor; `critic/final/` the critic.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from functools import partial
 from typing import Literal
 
-import torch
 from pydantic import Field
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from alignkit.config import ConfigError, DataConfig, DistributedConfig, ModelConfig, OptimConfig, RecipeConfig, Section
-from alignkit.data.io import DataError, read_records
-from alignkit.losses.policy_gradient import (
-    adaptive_kl_coef, gae, kl_per_token, masked_moments, ppo_policy_loss, token_rewards, value_loss,
-    whiten)
-from alignkit.models.loading import adapters_off, load_causal_lm, load_sequence_scorer, load_tokenizer
+from alignkit.config import (DataConfig, DistributedConfig, ModelConfig, OptimConfig, RecipeConfig, SamplingConfig,
+                             Section)
+from alignkit.data.formats import read_prompt_records
+from alignkit.losses.policy_gradient import adaptive_kl_coef, gae, kl_per_token, token_rewards, whiten
+from alignkit.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
 from alignkit.models.reward import RewardModelInfo
 from alignkit.rewards import RewardSourceConfig, build_reward_source
-from alignkit.training.distributed import Dist, all_reduce_sum, wrap_model
-from alignkit.training.loop import Run, finish_step, optimizer_step, reduce_metrics, resume, save_final, start_run
+from alignkit.training.distributed import Dist, wrap_model
+from alignkit.training.loop import finish_step, reduce_metrics, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
-from alignkit.training.rollouts import (
-    Rollout, RolloutConfig, collate_rollouts, epoch_plan, forward_rollouts, pad, reduce_sums, sample_rollouts,
-    step_prompts, token_logps, token_values, unpad)
+from alignkit.training.rl import (RolloutConfig, actor_loss, actor_metrics, check_processes, critic_loss,
+                                  global_moments, mean_std, monitor_stats, reference_logps, rollout_stats,
+                                  sample_and_score, train_epochs)
+from alignkit.training.rollouts import (Rollout, epoch_plan, forward_rollouts, pad, reduce_sums, token_logps,
+                                        token_values, unpad)
 
-__all__ = ["Config", "CriticConfig", "PPOConfig", "actor_loss", "actor_metrics", "load_prompts", "main", "monitor_stats", "rollout_stats",
-           "sample_and_score", "train_epochs",
-           "train_on"]
+__all__ = ["Config", "CriticConfig", "PPOConfig", "main"]
 
 
 class PPOConfig(Section):
@@ -93,6 +94,8 @@ class Config(RecipeConfig):
     data: DataConfig  # data.train: prompt records with "prompt" (text or messages)
     reward: RewardSourceConfig
     rollout: RolloutConfig = RolloutConfig()
+    # Sampled as is (temperature 1, no top-k/top-p) the rollouts come from the policy being trained.
+    sampling: SamplingConfig = SamplingConfig()
     ppo: PPOConfig = PPOConfig()
     critic: CriticConfig = CriticConfig()
     # A second reward source scored on every rollout and never trained on (e.g. the oracle next to a
@@ -102,164 +105,13 @@ class Config(RecipeConfig):
     distributed: DistributedConfig = DistributedConfig(strategy="ddp")
 
 
-# --- shared with the critic-free recipe (reinforce) -----------------------------------------------
-
-
-def load_prompts(cfg) -> list[dict]:
-    records = [r.data for r in read_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)]
-    for i, r in enumerate(records):
-        if "prompt" not in r:
-            raise DataError(f"{cfg.data.train.path}:{i + 1}: a prompt record needs a 'prompt' field")
-    if not records:
-        raise DataError(f"{cfg.data.train.path}: no prompt records")
-    return records
-
-
-def check_processes(cfg, d: Dist) -> None:
-    if d.enabled and cfg.distributed.strategy != "ddp":
-        raise ConfigError("distributed.strategy: RL recipes generate on each process's full model copy; use ddp")
-    if cfg.rollout.prompts_per_step % d.world_size:
-        raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must divide by the number of "
-                          f"processes ({d.world_size})")
-
-
-def reference_logps(actor, reference, lora: bool):
-    """fn(batch) -> (N,) log-probs under the reference (a frozen copy, or the actor without adapters)."""
-    def fn(batch):
-        with adapters_off(actor, lora) if reference is None else contextlib.nullcontext():
-            return token_logps(reference if reference is not None else actor, batch)[0]
-    return fn
-
-
-def actor_loss(model, batch, clip_eps: float, entropy_coef: float = 0.0, kl_coef: float = 0.0,
-               kl_estimator: str = "k3"):
-    """The clipped surrogate over the tokens of `actor_mask`, minus `entropy_coef` x entropy, plus
-    `kl_coef` x the per-token KL to the reference (GRPO's KL term; PPO puts its KL in the reward).
-    Without `old_logps` in the batch (a single update per rollout) the old policy is the current one:
-    ratio 1, and the gradient is the same, at no extra forward pass. Sums over tokens."""
-    logps, entropy = token_logps(model, batch, entropy="grad" if entropy_coef else "detached")
-    old = batch["old_logps"] if "old_logps" in batch else logps.detach()
-    mask = batch["actor_mask"]
-    loss, metrics = ppo_policy_loss(logps, old, batch["advantages"], mask, clip_eps)
-    m = mask.to(logps.dtype)
-    if entropy_coef:
-        loss = loss - entropy_coef * (entropy * m).sum()
-    metrics["entropy"] = (entropy.detach() * m).sum()
-    if kl_coef:
-        kl = kl_per_token(logps, batch["ref_logps"], kl_estimator) * m
-        loss = loss + kl_coef * kl.sum()
-        metrics["kl_loss"] = kl.detach().sum()
-    metrics["loss"] = loss.detach()
-    return loss, metrics
-
-
-def critic_loss(model, batch, info: RewardModelInfo, normalize: bool, clip: float | None):
-    values = token_values(model, batch, info, normalize)
-    return value_loss(values, batch["values"], batch["returns"], batch["response_mask"], clip)
-
-
-def train_on(run: Run, model, optimizer, scheduler, rollouts: list[Rollout], minibatch: list[list[int]],
-             loss_fn, units: str, pad_id: int, skip: frozenset[int] = frozenset()) -> tuple[dict, float, float]:
-    """One optimizer step on a minibatch (micro-batches of rollout indices); `units` names the
-    normaliser: "actor_tokens" or "num_units" (every response token). Rollouts in `skip` have a loss
-    of exactly zero (advantage 0 and no other term: a GRPO group whose samples all scored the
-    same): they are left out of the forward and backward passes but counted in the normaliser, so
-    the step is the same as with them. Every micro-batch keeps at least one rollout, so all
-    processes run the same collectives. Returns (metric sums, global units, grad norm)."""
-    batches = []
-    for mb in minibatch:
-        kept = [i for i in mb if i not in skip] or mb[:1]
-        batch = collate_rollouts([rollouts[i] for i in kept], pad_id)
-        batch["num_units"] = sum(len(rollouts[i].response_ids) for i in mb
-                                 if units == "num_units" or rollouts[i].trains_actor)
-        batches.append(batch)
-    sums, global_units, _, grad_norm = optimizer_step(run, model, optimizer, batches, loss_fn)
-    scheduler.step()
-    return sums, global_units, grad_norm
-
-
-def train_epochs(run: Run, part: tuple, rollouts: list[Rollout], plans: list, loss_fn, units: str, pad_id: int,
-                 skip: frozenset[int] = frozenset()) -> tuple[dict, float, float]:
-    """Every epoch's minibatches for one model (`part` = model, optimizer, scheduler), one optimizer
-    step each (`train_on`). Actor and critic are separate models trained on fixed rollouts, so one
-    can run after the other. Returns (metric sums, global units, mean grad norm) over all steps."""
-    sums: dict = {}
-    total_units, norms = 0.0, []
-    for plan in plans:
-        for minibatch in plan:
-            step_sums, step_units, norm = train_on(run, *part, rollouts, minibatch, loss_fn, units, pad_id, skip)
-            sums = {k: sums.get(k, 0) + v for k, v in step_sums.items()}
-            total_units += step_units
-            norms.append(norm)
-    return sums, total_units, sum(norms) / len(norms)
-
-
-def actor_metrics(sums: dict, d: Dist) -> dict[str, float]:
-    """`actor/*` means over the tokens the updates computed (global)."""
-    totals = reduce_metrics(sums, 1.0, d)
-    tokens = max(totals.pop("tokens", 0.0), 1.0)
-    return {f"actor/{k}": v / tokens for k, v in totals.items()}
-
-
-def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[dict], reward, step: int):
-    """Steps 1-2 of every RL recipe: this process's share of step `step`'s prompts, sampled
-    (`rollout.samples_per_prompt` each) and scored. Returns (rollouts with `score` set, (B,) scores,
-    generation seconds, scoring seconds)."""
-    d = run.dist
-    t0 = time.perf_counter()
-    indices = step_prompts(len(records), step, cfg.rollout.prompts_per_step, cfg.train.seed)[d.rank :: d.world_size]
-    seed = cfg.train.seed + 1_000_003 * (step + 1) + 10_007 * d.rank
-    rollouts = sample_rollouts(actor, tokenizer, records, indices, cfg.data.train.path, cfg.rollout,
-                               cfg.data.max_seq_len, seed, cfg.data.chat_template, run.autocast)
-    t1 = time.perf_counter()
-    scores = reward([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards.float()  # (B,)
-    for r, score in zip(rollouts, scores.tolist()):
-        r.score = score
-    return rollouts, scores, t1 - t0, time.perf_counter() - t1
-
-
-def rollout_stats(rollouts: list[Rollout], d: Dist) -> dict[str, float]:
-    """Global means over every process's rollouts: reward, response length, ended fraction, and
-    (when reference log-probs are there) kl = sum_t (log pi_old - log pi_ref) per response."""
-    sums = {"n": len(rollouts), "reward": sum(r.score for r in rollouts),
-            "tokens": sum(len(r.response_ids) for r in rollouts), "ended": sum(r.is_end for r in rollouts)}
-    if rollouts and rollouts[0].ref_logps is not None and rollouts[0].old_logps is not None:
-        sums["kl"] = sum(float((r.old_logps - r.ref_logps).sum()) for r in rollouts)
-    g = reduce_sums(sums, d)
-    n = max(g.pop("n"), 1.0)
-    out = {"rollout/reward": g["reward"] / n, "rollout/response_tokens": g["tokens"] / n,
-           "rollout/ended_fraction": g["ended"] / n, "rollout/samples": n}
-    if "kl" in g:
-        out["rollout/kl"] = g["kl"] / n
-    return out
-
-
-def monitor_stats(monitor, rollouts: list[Rollout], d: Dist) -> dict[str, float]:
-    """`rollout/monitor_reward`: the monitoring source's mean over every process's rollouts."""
-    if monitor is None:
-        return {}
-    scores = monitor([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards
-    g = reduce_sums({"n": len(rollouts), "sum": float(scores.sum())}, d)
-    return {"rollout/monitor_reward": g["sum"] / max(g["n"], 1.0)}
-
-
-def _global_moments(x: torch.Tensor, mask: torch.Tensor, d: Dist) -> torch.Tensor:
-    """(3,) [sum, sum of squares, count] of x over the mask and over every process."""
-    return all_reduce_sum(masked_moments(x, mask), d)
-
-
-def _mean_std(moments: torch.Tensor) -> tuple[float, float]:
-    total, total_sq, count = moments.tolist()
-    mean = total / max(count, 1.0)
-    return mean, math.sqrt(max(total_sq / max(count, 1.0) - mean**2, 0.0))
+# --- the critic --------------------------------------------------------------------------------
 
 
 def _critic_model(cfg: Config) -> tuple[ModelConfig, RewardModelInfo]:
     """Where the critic starts: `critic.path`, else the reward model (reward.kind model), else the
     actor's own model with a new value head (zero at first). A reward model's head is kept, with
     its attribute weights and statistics (the value is w . a, standardised with the reward)."""
-    from transformers import AutoConfig
-
     path = cfg.critic.path or (cfg.reward.path if cfg.reward.kind == "model" else None)
     if path is None:
         return cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}), \
@@ -272,6 +124,34 @@ def _critic_model(cfg: Config) -> tuple[ModelConfig, RewardModelInfo]:
     return ModelConfig(path=path, precision=cfg.model.precision), info
 
 
+def _advantages(rollouts: list[Rollout], old_logps: list[Tensor], ref_logps: list[Tensor], values: list[Tensor],
+                scores: Tensor, kl_coef: float, pc: PPOConfig, d: Dist) -> tuple[dict[str, float], Tensor]:
+    """Step 4: token rewards r_t = -beta kl_t (+ R at the last token), GAE advantages and returns,
+    advantages whitened with every process's token statistics; all stored on the rollouts with the
+    per-token (R,) log-probs and values. Returns the `rollout/` statistics (and the critic's explained
+    variance) and the (B, T) per-token KL."""
+    old_p, mask = pad(old_logps)  # (B, T)
+    kl = kl_per_token(old_p, pad(ref_logps)[0], pc.kl_estimator) * mask
+    values_p = pad(values)[0]
+    token_r = token_rewards(kl, scores, mask, kl_coef)
+    advantages, returns = gae(token_r, values_p, mask, pc.gamma, pc.lam)
+    moments = {name: global_moments(x, mask, d) for name, x in
+               (("advantages", advantages), ("returns", returns), ("values", values_p),
+                ("residual", returns - values_p))}
+    stats = {}
+    for name in ("advantages", "returns", "values"):
+        stats[f"rollout/{name}_mean"], stats[f"rollout/{name}_std"] = mean_std(moments[name])
+    residual_std = mean_std(moments["residual"])[1]
+    stats["critic/explained_variance"] = 1.0 - residual_std**2 / max(stats["rollout/returns_std"] ** 2, 1e-8)
+    if pc.whiten_advantages:
+        advantages = whiten(advantages, mask, moments["advantages"])
+    for r, o, ref, v, a, ret in zip(rollouts, old_logps, ref_logps, values, unpad(advantages, mask),
+                                    unpad(returns, mask)):
+        r.old_logps, r.ref_logps, r.values, r.advantages, r.returns = o, ref, v, a, ret
+        r.trains_actor = r.is_end or pc.train_unended
+    return stats, kl
+
+
 # --- the recipe ------------------------------------------------------------------------------------
 
 
@@ -279,7 +159,7 @@ def main(cfg: Config) -> None:
     run = start_run(cfg)
     d, pc, rc = run.dist, cfg.ppo, cfg.rollout
     check_processes(cfg, d)
-    records = load_prompts(cfg)
+    records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     reward = build_reward_source(cfg.reward, device=str(d.device))
     monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
@@ -299,7 +179,7 @@ def main(cfg: Config) -> None:
 
     start, extra, logger = resume(run, parts, pc.steps)
     kl_coef = extra.get("kl_coef", pc.kl_coef)
-    run.log.info(f"PPO: {pc.steps} steps of {rc.prompts_per_step} prompts x {rc.samples_per_prompt} samples, "
+    run.log.info(f"PPO: {pc.steps} steps of {rc.prompts_per_step} prompts x {cfg.sampling.n} samples, "
                  f"{pc.epochs} epochs x {pc.minibatches} minibatches, {d.world_size} processes")
 
     for step in range(start, pc.steps):
@@ -320,29 +200,11 @@ def main(cfg: Config) -> None:
         t3 = time.perf_counter()
 
         # --- 4. KL-shaped token rewards, GAE, advantages whitened over all processes' tokens --------
-        old_p, mask = pad(old_logps)  # (B, T)
-        kl = kl_per_token(old_p, pad(ref_logps)[0], pc.kl_estimator) * mask
-        values_p = pad(values)[0]
-        token_r = token_rewards(kl, scores, mask, kl_coef)
-        advantages, returns = gae(token_r, values_p, mask, pc.gamma, pc.lam)
-        moments = {name: _global_moments(x, mask, d) for name, x in
-                   (("advantages", advantages), ("returns", returns), ("values", values_p),
-                    ("residual", returns - values_p))}
-        stats = {}
-        for name in ("advantages", "returns", "values"):
-            stats[f"rollout/{name}_mean"], stats[f"rollout/{name}_std"] = _mean_std(moments[name])
-        if pc.whiten_advantages:
-            advantages = whiten(advantages, mask, moments["advantages"])
-        for r, o, ref, v, a, ret in zip(rollouts, old_logps, ref_logps, values, unpad(advantages, mask),
-                                        unpad(returns, mask)):
-            r.old_logps, r.ref_logps, r.values, r.advantages, r.returns = o, ref, v, a, ret
-            r.trains_actor = r.is_end or pc.train_unended
+        stats, kl = _advantages(rollouts, old_logps, ref_logps, values, scores, kl_coef, pc, d)
         metrics = {**rollout_stats(rollouts, d), **monitor_stats(monitor, rollouts, d)}
         sequence_kl = reduce_sums({"n": len(rollouts), "kl": float(kl.sum())}, d)
         metrics["rollout/reward_with_kl"] = metrics["rollout/reward"] - kl_coef * sequence_kl["kl"] / sequence_kl["n"]
         metrics.update(stats)
-        residual_std = _mean_std(moments["residual"])[1]
-        metrics["critic/explained_variance"] = 1.0 - residual_std**2 / max(stats["rollout/returns_std"] ** 2, 1e-8)
 
         # --- 5. PPO epochs: a critic step per minibatch, then an actor step per minibatch -------------
         train_actor = step >= pc.critic_warmup_steps
@@ -369,12 +231,6 @@ def main(cfg: Config) -> None:
         finish_step(run, logger, step, metrics, parts, {"kl_coef": kl_coef}, pc.steps)
 
     logger.close()
-    save_final(run, actor, tokenizer)
     if cfg.checkpoint.save_final:
-        _save_critic(run, critic, tokenizer, info)
-
-
-def _save_critic(run: Run, critic, tokenizer, info: RewardModelInfo) -> None:
-    from transformers import AutoModelForSequenceClassification
-
-    save_final(run, critic, tokenizer, info.config_updates(), AutoModelForSequenceClassification, "critic/final")
+        save_final(run, actor, tokenizer)
+        save_final(run, critic, tokenizer, info.config_updates(), AutoModelForSequenceClassification, "critic/final")

@@ -1,9 +1,9 @@
 """Critic-free policy gradient: RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE
 Style Optimization for Learning from Human Feedback"; NeMo-Aligner's REINFORCE) and GRPO (Shao et
 al. 2024, DeepSeekMath), chosen by `reinforce.estimator`. Rollouts, scoring and the actor update are
-the PPO recipe's (`alignkit.recipes.ppo`); there is no critic. Per step s = 1..S:
+the RL core's (`alignkit.training.rl`, shared with `ppo`); there is no critic. Per step s = 1..S:
 
-    1. the actor samples n = `rollout.samples_per_prompt` >= 2 responses to each prompt
+    1. the actor samples n = `sampling.n` >= 2 responses to each of `rollout.prompts_per_step` prompts
     2. the reward source scores them: R
     3. advantages per response, the same at each of its tokens:
          rloo  R~ = R - beta * sum_t kl_t  (k1 by default: the KL is part of the reward), and
@@ -32,18 +32,19 @@ from functools import partial
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from alignkit.config import ConfigError, DataConfig, DistributedConfig, RecipeConfig, Section
+from alignkit.config import DataConfig, DistributedConfig, RecipeConfig, SamplingConfig, Section
+from alignkit.data.formats import read_prompt_records
 from alignkit.losses.policy_gradient import grpo_advantages, kl_per_token, rloo_advantages
 from alignkit.models.loading import load_causal_lm, load_tokenizer
-from alignkit.recipes.ppo import (actor_loss, actor_metrics, check_processes, load_prompts, monitor_stats,
-                                  reference_logps, rollout_stats, sample_and_score, train_epochs)
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import wrap_model
 from alignkit.training.loop import finish_step, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
-from alignkit.training.rollouts import RolloutConfig, epoch_plan, forward_rollouts, reduce_sums, token_logps
+from alignkit.training.rl import (RolloutConfig, actor_loss, actor_metrics, check_processes, monitor_stats,
+                                  reference_logps, rollout_stats, sample_and_score, train_epochs)
+from alignkit.training.rollouts import epoch_plan, forward_rollouts, reduce_sums, token_logps
 
 __all__ = ["Config", "ReinforceConfig", "main"]
 
@@ -66,10 +67,18 @@ class ReinforceConfig(Section):
 class Config(RecipeConfig):
     data: DataConfig  # data.train: prompt records with "prompt"
     reward: RewardSourceConfig
-    rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4)
+    rollout: RolloutConfig = RolloutConfig()
+    sampling: SamplingConfig = SamplingConfig(n=4)  # n samples per prompt: the group of the baselines
     reinforce: ReinforceConfig = ReinforceConfig()
     monitor: RewardSourceConfig | None = None  # scored on every rollout, never trained on (see ppo)
     distributed: DistributedConfig = DistributedConfig(strategy="ddp")
+
+    @model_validator(mode="after")
+    def _groups_of_two(self) -> "Config":
+        if self.sampling.n < 2:
+            raise ValueError(f"sampling.n={self.sampling.n}: {self.reinforce.estimator} compares the samples of "
+                             "one prompt; use >= 2")
+        return self
 
 
 def advantages(rf: ReinforceConfig, rewards: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
@@ -83,11 +92,9 @@ def main(cfg: Config) -> None:
     run = start_run(cfg)
     d, rf, rc = run.dist, cfg.reinforce, cfg.rollout
     check_processes(cfg, d)
-    n = rc.samples_per_prompt
-    if n < 2:
-        raise ConfigError(f"rollout.samples_per_prompt={n}: {rf.estimator} compares samples of one prompt; use >= 2")
+    n = cfg.sampling.n
     estimator = rf.kl_estimator or ("k1" if rf.estimator == "rloo" else "k3")
-    records = load_prompts(cfg)
+    records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     reward = build_reward_source(cfg.reward, device=str(d.device))
     monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
@@ -156,4 +163,5 @@ def main(cfg: Config) -> None:
         finish_step(run, logger, step, metrics, parts, {}, rf.steps)
 
     logger.close()
-    save_final(run, actor, tokenizer)
+    if cfg.checkpoint.save_final:
+        save_final(run, actor, tokenizer)

@@ -4,7 +4,8 @@ reward source, fine-tune on them, repeat.
 The "RS" stage of Llama 2's RLHF (Touvron et al. 2023, section 3.2.3) and NeMo-Aligner's
 rejection-sampling recipe. Per iteration t = 1..T:
 
-    1. the current policy samples N responses to each prompt (KV-cache engine, `alignkit.generation`)
+    1. the current policy samples N = `sampling.n` responses to each prompt (the shared sampling loop,
+       `alignkit.training.rollouts.sample_batches`)
     2. the reward source scores them (a reward model, a server, a Python function or the oracle)
     3. the k best properly-ended responses of each prompt are kept
     4. SFT on the kept (prompt, response) pairs (NLL on the response tokens); the result is the
@@ -29,85 +30,76 @@ from __future__ import annotations
 import json
 from functools import partial
 
-from alignkit.config import ConfigError, DataConfig, RecipeConfig, Section
+from pydantic import model_validator
+
+from alignkit.config import ConfigError, DataConfig, RecipeConfig, SamplingConfig, Section
 from alignkit.data.batching import collate_rows
-from alignkit.data.formats import messages_from_value
-from alignkit.data.io import DataError, read_records, write_jsonl
+from alignkit.data.formats import prompt_messages, read_prompt_records
+from alignkit.data.io import Record, write_jsonl
 from alignkit.data.sft import make_rows, row_length
 from alignkit.data.tokenize import EncodeStats, encode_conversation, fit_length
-from alignkit.config import SamplingConfig
-from alignkit.generation.sampler import generate
+from alignkit.models.forward import sft_token_loss
 from alignkit.models.loading import load_causal_lm, load_tokenizer
-from alignkit.recipes.sft import loss_fn
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import barrier, gather_rollouts
 from alignkit.training.logging import MetricLogger
 from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_run, save_final, start_run
+from alignkit.training.rollouts import render_prompts, sample_batches
 
 __all__ = ["Config", "RejectionSamplingConfig", "main"]
 
 
 class RejectionSamplingConfig(Section):
     iterations: int = 2
-    samples_per_prompt: int = 4  # N
-    keep_per_prompt: int = 1  # k: the best k of the N (ties: the earlier sample)
+    keep_per_prompt: int = 1  # k: the best k of the N = `sampling.n` (ties: the earlier sample)
     min_reward: float | None = None  # also drop kept samples below this reward
     keep_unended: bool = False  # keep samples cut by max_new_tokens (default: only EOS/stop-ended ones)
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    generation_batch_size: int = 32  # prompts per sampling batch (x N rows)
 
 
 class Config(RecipeConfig):
     data: DataConfig  # data.train: the prompts, records with "prompt" (text or messages)
     reward: RewardSourceConfig
     rs: RejectionSamplingConfig = RejectionSamplingConfig()
+    sampling: SamplingConfig = SamplingConfig(n=4)  # N samples per prompt
+
+    @model_validator(mode="after")
+    def _keep_at_most_n(self) -> "Config":
+        if self.rs.keep_per_prompt > self.sampling.n:
+            raise ValueError(f"rs.keep_per_prompt={self.rs.keep_per_prompt} > sampling.n={self.sampling.n}")
+        return self
 
 
 # --- 1-3: sample, score, select ------------------------------------------------------------
 
 
-def _prompt_messages(record: dict, where: str) -> list[dict[str, str]]:
-    if "prompt" not in record:
-        raise DataError(f"{where}: a prompt record needs a 'prompt' field (text or messages)")
-    return messages_from_value(record["prompt"], "user", f"{where}: field 'prompt'")
-
-
-def sample_and_select(run: Run, cfg: Config, model, tokenizer, records: list[dict], reward) -> tuple[list, dict]:
-    """This process's share of the prompts: N samples each, scored; returns the kept rows
-    [{"prompt", "response", "reward"}] of the share and summed rollout statistics."""
-    rs, d = cfg.rs, run.dist
+def sample_and_select(run: Run, cfg: Config, model, tokenizer, records: list[Record], reward) -> tuple[list, dict]:
+    """This process's share of the prompts: N samples each, scored one sampling batch at a time; returns
+    the kept rows [{"prompt", "response", "reward"}] of the share and summed rollout statistics."""
+    rs, d, n = cfg.rs, run.dist, cfg.sampling.n
     mine = list(range(d.rank, len(records), d.world_size))
+    share = [records[i] for i in mine]
+    prompt_ids = render_prompts(tokenizer, share, cfg.data.chat_template)
+    # A batch's seed follows its first prompt's index in the dataset: the same samples on any number of processes.
+    base = cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed
     kept, sums = [], {"reward": 0.0, "reward_kept": 0.0, "tokens": 0.0, "ended": 0.0, "samples": 0.0, "kept": 0.0}
-    model.eval()
-    for start in range(0, len(mine), rs.generation_batch_size):
-        chunk = [records[i] for i in mine[start : start + rs.generation_batch_size]]
-        texts = [tokenizer.apply_chat_template(_prompt_messages(r, "prompts"), tokenize=False,
-                                               add_generation_prompt=True) for r in chunk]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        params = SamplingConfig(max_new_tokens=rs.max_new_tokens, temperature=rs.temperature, top_k=rs.top_k,
-                                top_p=rs.top_p, n=rs.samples_per_prompt, seed=cfg.train.seed + mine[start])
-        with run.autocast():
-            completions = generate(model, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                   tokenizer.decode)
-        prompts = [chunk[c.prompt_index] for c in completions]
-        rewards = reward(prompts, [c.text for c in completions]).rewards.tolist()
+    for start, completions in sample_batches(model, tokenizer, prompt_ids, cfg.sampling, lambda s: base + mine[s],
+                                             run.autocast):
+        chunk = share[start : start + cfg.sampling.batch_size]
+        rewards = reward([chunk[c.prompt_index].data for c in completions],
+                         [c.text for c in completions]).rewards.tolist()
         for i, record in enumerate(chunk):
-            group = list(zip(rewards[i * rs.samples_per_prompt : (i + 1) * rs.samples_per_prompt],
-                             completions[i * rs.samples_per_prompt : (i + 1) * rs.samples_per_prompt]))
+            group = list(zip(rewards[i * n : (i + 1) * n], completions[i * n : (i + 1) * n]))  # (N) of prompt i
             eligible = [(r, c) for r, c in group if (c.is_end or rs.keep_unended)
                         and (rs.min_reward is None or r >= rs.min_reward)]
             best = sorted(eligible, key=lambda rc: -rc[0])[: rs.keep_per_prompt]  # stable: earlier wins ties
-            kept += [{"prompt": record["prompt"], "response": c.text, "reward": r} for r, c in best]
+            prompt = record.data["prompt"] if "prompt" in record.data else prompt_messages(record)
+            kept += [{"prompt": prompt, "response": c.text, "reward": r} for r, c in best]
             sums["reward"] += sum(r for r, _ in group)
             sums["reward_kept"] += sum(r for r, _ in best)
             sums["tokens"] += sum(len(c.token_ids) for _, c in group)
             sums["ended"] += sum(c.is_end for _, c in group)
             sums["samples"] += len(group)
             sums["kept"] += len(best)
-    model.train()
     return kept, sums
 
 
@@ -117,7 +109,7 @@ def sample_and_select(run: Run, cfg: Config, model, tokenizer, records: list[dic
 def _encode_kept(rows: list[dict], cfg: Config, tokenizer, where: str):
     stats, examples = EncodeStats(total=len(rows)), []
     for i, row in enumerate(rows):
-        messages = [*_prompt_messages(row, f"{where}:{i + 1}"), {"role": "assistant", "content": row["response"]}]
+        messages = [*prompt_messages(Record(row, f"{where}:{i + 1}")), {"role": "assistant", "content": row["response"]}]
         example = fit_length(encode_conversation(tokenizer, messages, cfg.data.chat_template, f"{where}:{i + 1}"),
                              cfg.data.max_seq_len, cfg.data.overlength, stats)
         if example is not None:
@@ -129,11 +121,7 @@ def _encode_kept(rows: list[dict], cfg: Config, tokenizer, where: str):
 def main(cfg: Config) -> None:
     run = start_run(cfg)
     rs = cfg.rs
-    if rs.keep_per_prompt > rs.samples_per_prompt:
-        raise ConfigError(f"rs.keep_per_prompt={rs.keep_per_prompt} > rs.samples_per_prompt={rs.samples_per_prompt}")
-    records = [r.data for r in read_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)]
-    for i, r in enumerate(records):
-        _prompt_messages(r, f"{cfg.data.train.path}:{i + 1}")
+    records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     reward = build_reward_source(cfg.reward)
     # On a resumed run keep the rollout metrics of the iterations whose samples are on disk.
     sampled = [t for t in range(1, rs.iterations + 1) if (run.output_dir / f"iteration_{t}" / "kept.jsonl").is_file()]
@@ -172,7 +160,7 @@ def main(cfg: Config) -> None:
         examples, stats = _encode_kept(kept, cfg, tokenizer, str(samples))
         run.log.info(f"iteration {t}: training on {stats.summary()}")
         collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
-        model = fit(it_run, model, make_rows(examples, cfg.data), row_length, collate, loss_fn)
+        model = fit(it_run, model, make_rows(examples, cfg.data), row_length, collate, sft_token_loss)
         save_final(it_run, model, tokenizer)
         barrier(run.dist)
         del model

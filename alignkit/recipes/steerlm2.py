@@ -6,7 +6,8 @@ P(y | a, x) ∝ P(a | x, y) P(y | x): responses the unconditioned model finds li
 attribute model judges to have attributes a. It minimises KL(P || Q_theta) with samples of the
 SteerLM model Q'. Per iteration t = 1..T:
 
-    1. Q' (the current model) samples n responses y_1..y_n for every (prompt x, target attributes a)
+    1. Q' (the current model) samples n = `sampling.n` responses y_1..y_n for every (prompt x, target
+       attributes a), with the shared sampling loop (`alignkit.training.rollouts.sample_batches`)
     2. log P(a | x, y_i): the attribute model's likelihood of the targets (a discretised Gaussian
        around each predicted score, `losses.steerlm.attribute_log_likelihood`);
        log P(y_i | x): the unconditioned SFT model (`steerlm2.prior_path`);
@@ -35,25 +36,23 @@ from functools import partial
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from alignkit.config import ConfigError, DataConfig, ModelConfig, RecipeConfig, Section
+from alignkit.config import ConfigError, DataConfig, ModelConfig, RecipeConfig, SamplingConfig, Section
 from alignkit.data.batching import collate_groups
-from alignkit.data.formats import messages_from_value
-from alignkit.data.io import DataError, read_records, write_jsonl
-from alignkit.data.preference import sequence_logps
+from alignkit.data.formats import prompt_messages, read_prompt_records
+from alignkit.data.io import DataError, Record, write_jsonl
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
 from alignkit.data.tokenize import IGNORE, Example
-from alignkit.config import SamplingConfig
-from alignkit.generation.sampler import generate
 from alignkit.losses.steerlm import attribute_log_likelihood, steerlm2_loss
-from alignkit.models.forward import logits_at
+from alignkit.models.forward import logits_at, sequence_logps
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import barrier, gather_rollouts
 from alignkit.training.logging import MetricLogger
 from alignkit.training.loop import (Run, copy_last_iteration, fit, iteration_run, save_final, start_run,
                                     to_device)
+from alignkit.training.rollouts import sample_batches
 
 __all__ = ["Config", "SteerLM2Config", "main"]
 
@@ -61,15 +60,11 @@ __all__ = ["Config", "SteerLM2Config", "main"]
 class SteerLM2Config(Section):
     prior_path: str  # the unconditioned SFT model: log P(y | x)
     iterations: int = 1
-    samples_per_prompt: int = Field(4, ge=2)  # n: the weights are a softmax over these
     attribute_sigma: float = Field(0.5, gt=0)  # the attribute likelihood's width (levels)
     # The attributes whose likelihood enters log P(a|x,y) (default: every attribute of the label).
     # Leaving one out treats it as uninformative: a small model's correctness, say, can dominate
     # the weights (a 4-level miss costs 32 nats at sigma 0.5) and drown the attributes being steered.
     likelihood_attributes: list[str] | None = None
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # Q' must be sampled as is for the importance weights to hold
-    generation_batch_size: int = 32  # prompts per sampling batch (x n rows)
     score_batch_size: int = 32  # sequences per no-grad forward for log Q' and log P(y|x)
 
 
@@ -77,6 +72,16 @@ class Config(RecipeConfig):
     data: DataConfig  # data.train: prompt records with target `attributes` (object or label)
     attribute_model: RewardSourceConfig  # a source that returns attribute scores (model, http, oracle...)
     steerlm2: SteerLM2Config
+    # n = `sampling.n` >= 2 samples per target: the weights are a softmax over them. Q' must be sampled
+    # as is (temperature 1, no top-k/top-p) for the importance weights to hold.
+    sampling: SamplingConfig = SamplingConfig(n=4)
+
+    @model_validator(mode="after")
+    def _groups_of_two(self) -> "Config":
+        if self.sampling.n < 2:
+            raise ValueError(f"sampling.n={self.sampling.n}: SteerLM 2.0's weights are a softmax over the n samples "
+                             "of a target; use >= 2")
+        return self
 
 
 @dataclass
@@ -139,69 +144,72 @@ def _score(run: Run, model, sequences: list[list[Example]], pad_id: int, batch_s
 # --- 1-2: sample from Q', then the three log-probabilities --------------------------------------
 
 
-def _targets(fmt: SteerLMFormat, record: dict, where: str) -> dict[str, int]:
+def _targets(fmt: SteerLMFormat, record: Record) -> dict[str, int]:
     try:
-        return fmt.targets(record.get("attributes", record.get("label")))
+        return fmt.targets(record.data.get("attributes", record.data.get("label")))
     except LabelError as exc:
-        raise DataError(f"{where}: {exc}") from None
+        raise DataError(f"{record.source}: {exc}") from None
 
 
-def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFormat, records: list[dict],
+def _attribute_logps(scored, names: list[str], targets: list[dict[str, int]], n: int, sigma: float):
+    """(G, n) log P(a | x, y_i) of each group's targets over `names`, and the (G*n, A) predicted and
+    wanted levels (for the match metric)."""
+    missing = [a for a in names if a not in scored.names]
+    if scored.attributes is None or missing:
+        raise ConfigError(f"the attribute model returns attributes {scored.names or 'none'}; the likelihood "
+                          f"needs {missing or names}")
+    predicted = scored.attributes[:, [scored.names.index(a) for a in names]]  # (G*n, A)
+    wanted = torch.tensor([[t[a] for a in names] for t in targets]).repeat_interleave(n, 0)  # (G*n, A)
+    return attribute_log_likelihood(predicted, wanted, sigma).view(len(targets), n), predicted, wanted
+
+
+def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFormat, records: list[Record],
                   attribute_model, iteration: int) -> tuple[list[dict], dict[str, float]]:
     """This process's share of the prompts: n samples each with all three log-probabilities, as
     sample records, and summed rollout statistics."""
-    s2, d = cfg.steerlm2, run.dist
+    s2, d, n = cfg.steerlm2, run.dist, cfg.sampling.n
     mine = list(range(d.rank, len(records), d.world_size))
+    share = [records[i] for i in mine]
+    messages = [prompt_messages(r) for r in share]
+    prompts = [r.data["prompt"] if "prompt" in r.data else m for r, m in zip(share, messages)]
+    targets = [_targets(fmt, r) for r in share]
+    # Q' answers the steered prompt (label line included); P(y|x) reads the same answer after the plain one.
+    steered = tokenizer([steered_prompt(tokenizer, m, fmt, t, cfg.data.chat_template)
+                         for m, t in zip(messages, targets)], add_special_tokens=False)["input_ids"]
+    plain = tokenizer([steered_prompt(tokenizer, m, None, None, cfg.data.chat_template) for m in messages],
+                      add_special_tokens=False)["input_ids"]
+    # A batch's seed follows the iteration and its first prompt's index in the dataset.
+    base = (cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed) + 100_003 * iteration
+    names = s2.likelihood_attributes or list(fmt.attributes)
     rows: list[dict] = []
     sums = {"samples": 0.0, "tokens": 0.0, "ended": 0.0, "matched": 0.0, "attribute_logp": 0.0, "ess": 0.0,
             "groups": 0.0}
-    for start in range(0, len(mine), s2.generation_batch_size):
-        index = mine[start : start + s2.generation_batch_size]
-        chunk = [records[i] for i in index]
-        where = [f"{cfg.data.train.path}:{i + 1}" for i in index]
-        messages = [messages_from_value(r["prompt"], "user", f"{w}: field 'prompt'") for r, w in zip(chunk, where)]
-        targets = [_targets(fmt, r, w) for r, w in zip(chunk, where)]
-        steered = tokenizer([steered_prompt(tokenizer, m, fmt, t, cfg.data.chat_template)
-                             for m, t in zip(messages, targets)], add_special_tokens=False)["input_ids"]
-        plain = tokenizer([steered_prompt(tokenizer, m, None, None, cfg.data.chat_template) for m in messages],
-                          add_special_tokens=False)["input_ids"]
-        params = SamplingConfig(max_new_tokens=s2.max_new_tokens, temperature=s2.temperature,
-                                n=s2.samples_per_prompt, seed=cfg.train.seed + 100_003 * iteration + index[0])
-        model.eval()
-        with run.autocast():
-            completions = generate(model, steered, params, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                   tokenizer.decode)
-        model.train()
-        n = s2.samples_per_prompt
-        groups = [completions[g * n : (g + 1) * n] for g in range(len(chunk))]
-        initial = _score(run, model, [[_example(steered[g], c.token_ids, where[g]) for c in grp]
-                                      for g, grp in enumerate(groups)], tokenizer.pad_token_id, s2.score_batch_size)
-        prior_logps = _score(run, prior, [[_example(plain[g], c.token_ids, where[g]) for c in grp]
-                                          for g, grp in enumerate(groups)], tokenizer.pad_token_id,
+    for start, completions in sample_batches(model, tokenizer, steered, cfg.sampling, lambda s: base + mine[s],
+                                             run.autocast):
+        batch = range(start, start + len(completions) // n)  # offsets in the share
+        groups = [completions[g * n : (g + 1) * n] for g in range(len(batch))]  # (G) x (n)
+        initial = _score(run, model, [[_example(steered[p], c.token_ids, share[p].source) for c in grp]
+                                      for p, grp in zip(batch, groups)], tokenizer.pad_token_id, s2.score_batch_size)
+        prior_logps = _score(run, prior, [[_example(plain[p], c.token_ids, share[p].source) for c in grp]
+                                          for p, grp in zip(batch, groups)], tokenizer.pad_token_id,
                              s2.score_batch_size)
-        scored = attribute_model([r["prompt"] for r in chunk for _ in range(n)], [c.text for c in completions])
-        names = s2.likelihood_attributes or list(fmt.attributes)
-        missing = [a for a in names if a not in scored.names]
-        if scored.attributes is None or missing:
-            raise ConfigError(f"the attribute model returns attributes {scored.names or 'none'}; the likelihood "
-                              f"needs {missing or names}")
-        predicted = scored.attributes[:, [scored.names.index(a) for a in names]]  # (G*n, A)
-        wanted = torch.tensor([[t[a] for a in names] for t in targets]).repeat_interleave(n, 0)  # (G*n, A)
-        attribute_logps = attribute_log_likelihood(predicted, wanted, s2.attribute_sigma).view(len(chunk), n)
-        for g, record in enumerate(chunk):
+        scored = attribute_model([prompts[p] for p in batch for _ in range(n)], [c.text for c in completions])
+        attribute_logps, predicted, wanted = _attribute_logps(scored, names, [targets[p] for p in batch], n,
+                                                              s2.attribute_sigma)
+        for g, p in enumerate(batch):
             log_w = attribute_logps[g].double() + torch.tensor(prior_logps[g]) - torch.tensor(initial[g])
             w = torch.softmax(log_w, 0)
             sums["ess"] += float(1.0 / (w**2).sum()) / n  # effective sample size of w', as a fraction of n
             rows.append({
-                "prompt": record["prompt"], "label": fmt.label(targets[g]),
-                "prompt_ids": steered[g], "prior_prompt_ids": plain[g],
+                "prompt": prompts[p], "label": fmt.label(targets[p]),
+                "prompt_ids": steered[p], "prior_prompt_ids": plain[p],
                 "responses": [{"response": c.text, "token_ids": c.token_ids, "is_end": c.is_end,
                                "log(P(a|x,y))": float(attribute_logps[g, i]), "log(P(y|x))": prior_logps[g][i],
                                "log(Q(y|a,x))": initial[g][i], "sampler_logprob": sum(c.logprobs)}
                               for i, c in enumerate(groups[g])],
             })
         sums["samples"] += len(completions)
-        sums["groups"] += len(chunk)
+        sums["groups"] += len(batch)
         sums["tokens"] += sum(len(c.token_ids) for c in completions)
         sums["ended"] += sum(c.is_end for c in completions)
         sums["matched"] += float((predicted.round().clamp(0, 4) == wanted).float().mean(-1).sum())  # per attribute
@@ -227,10 +235,7 @@ def loss_fn(model, batch):
 def main(cfg: Config) -> None:
     run = start_run(cfg)
     s2 = cfg.steerlm2
-    records = [r.data for r in read_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)]
-    for i, r in enumerate(records):
-        if "prompt" not in r:
-            raise DataError(f"{cfg.data.train.path}:{i + 1}: a prompt record needs a 'prompt' field")
+    records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     attribute_model = build_reward_source(cfg.attribute_model)
     sampled = [t for t in range(1, s2.iterations + 1) if (run.output_dir / f"iteration_{t}" / "samples.jsonl").is_file()]
     rollout_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), s2.iterations,

@@ -1,6 +1,8 @@
-"""Rollouts for the online RL recipes (`ppo`, `reinforce`): sampling, scoring, per-token forward
-passes and the minibatch plan. Plain functions; the recipes call them in the order of their
-algorithm box.
+"""Samples from the policy and the per-token passes over them: the lower piece of every recipe that
+learns from its own samples. `sample_batches` is the one sampling loop (RL rollouts, rejection
+sampling, SteerLM 2.0): rendered prompt ids in, `sampling.batch_size` prompts per `generate` call,
+each batch seeded by the recipe's scheme. The RL core on top (`training/rl.py`) turns the samples
+into `Rollout`s, scores them and trains on them.
 
 A `Rollout` is one sampled response with its per-token tensors, all (R,) over the R response
 tokens (EOS included, as sampled): old log-probs (the actor at sampling time), reference
@@ -21,43 +23,29 @@ on the unwrapped module, which is why the RL recipes use DDP, not FSDP, across p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from alignkit.config import Section
-from alignkit.data.batching import collate_groups
-from alignkit.data.formats import messages_from_value
-from alignkit.data.io import DataError
-from alignkit.data.tokenize import IGNORE, Example
 from alignkit.config import SamplingConfig
-from alignkit.generation.sampler import generate
+from alignkit.data.batching import collate_groups
+from alignkit.data.formats import prompt_messages
+from alignkit.data.io import Record
+from alignkit.data.tokenize import IGNORE, Example
+from alignkit.generation.sampler import Completion, generate
 from alignkit.models.forward import logits_at
 from alignkit.models.loading import unwrap
 from alignkit.models.reward import RewardModelInfo, sequence_scores
 from alignkit.training.distributed import all_reduce_sum
 from alignkit.training.loop import to_device
 
-__all__ = ["Rollout", "RolloutConfig", "collate_rollouts", "epoch_plan", "forward_rollouts", "pad", "reduce_sums",
-           "sample_rollouts", "step_prompts", "token_logps", "token_values", "unpad"]
+__all__ = ["Rollout", "collate_rollouts", "epoch_plan", "forward_rollouts", "pad", "reduce_sums", "render_prompts",
+           "sample_batches", "step_prompts", "token_logps", "token_values", "unpad"]
 
 Tensor = torch.Tensor
-
-
-class RolloutConfig(Section):
-    prompts_per_step: int = Field(16, ge=1)  # prompts per RL step, over all processes
-    samples_per_prompt: int = Field(1, ge=1)  # responses per prompt (RLOO and GRPO need >= 2)
-    max_new_tokens: int = 64
-    # Sampling as is (temperature 1, no truncation) keeps the rollouts on-policy: the old log-probs
-    # are the model's own. Other settings sample from a different policy than the one trained.
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    generation_batch_size: int = 32  # prompts per sampling batch (x samples_per_prompt rows)
 
 
 @dataclass
@@ -97,33 +85,31 @@ def step_prompts(num_records: int, step: int, per_step: int, seed: int) -> list[
     return out
 
 
-def sample_rollouts(model, tokenizer, records: list[dict], indices: list[int], where: str, rc: RolloutConfig,
-                    max_seq_len: int, seed: int, chat_template: str | None, autocast) -> list[Rollout]:
-    """`rc.samples_per_prompt` responses to each record in `indices`, in batches of prompts.
-    A prompt that leaves no room for `max_new_tokens` within `max_seq_len` is an error naming its
-    record, not a silently truncated rollout."""
+def render_prompts(tokenizer, records: list[Record], chat_template: str | None) -> list[list[int]]:
+    """(P) token ids of each record's prompt conversation (`prompt_messages`), rendered by the chat
+    template up to the assistant's turn."""
+    texts = [tokenizer.apply_chat_template(prompt_messages(r), tokenize=False, add_generation_prompt=True,
+                                           chat_template=chat_template) for r in records]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def sample_batches(model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig,
+                   seed_of: Callable[[int], int], autocast=contextlib.nullcontext
+                   ) -> Iterator[tuple[int, list[Completion]]]:
+    """`sampling.n` samples of each prompt, `sampling.batch_size` prompts per `generate` call. The
+    batch whose first prompt is `prompt_ids[start]` samples with seed `seed_of(start)`: the recipe's
+    scheme fixes which samples a resumed run or another number of processes sees. Yields (start,
+    the batch's completions: sample j of its prompt i at i * n + j); the model's train/eval mode is
+    restored before each yield."""
     module = unwrap(model)  # generation skips the DDP wrapper (no gradients, no collectives)
-    rollouts: list[Rollout] = []
-    for start in range(0, len(indices), rc.generation_batch_size):
-        chunk = indices[start : start + rc.generation_batch_size]
-        texts = [tokenizer.apply_chat_template(
-            messages_from_value(records[i]["prompt"], "user", f"{where}:{i + 1}: field 'prompt'"),
-            tokenize=False, add_generation_prompt=True, chat_template=chat_template) for i in chunk]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for i, p in zip(chunk, ids):
-            if len(p) + rc.max_new_tokens > max_seq_len:
-                raise DataError(f"{where}:{i + 1}: the prompt is {len(p)} tokens; with rollout.max_new_tokens="
-                                f"{rc.max_new_tokens} it exceeds data.max_seq_len={max_seq_len}")
-        params = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
-                                top_p=rc.top_p, n=rc.samples_per_prompt, seed=seed + start)
+    for start in range(0, len(prompt_ids), sampling.batch_size):
+        params = sampling.model_copy(update={"seed": seed_of(start)})
         was_training = module.training
         with autocast():
-            completions = generate(module, ids, params, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                   tokenizer.decode)
+            completions = generate(module, prompt_ids[start : start + sampling.batch_size], params,
+                                   tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)
         module.train(was_training)
-        rollouts += [Rollout(records[chunk[c.prompt_index]], start + c.prompt_index, ids[c.prompt_index],
-                             c.token_ids, c.text, c.is_end) for c in completions]
-    return rollouts
+        yield start, completions
 
 
 # --- forward passes over rollouts ---------------------------------------------------------------

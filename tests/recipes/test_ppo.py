@@ -8,9 +8,13 @@ steps, which the oracle's reward would not show on a random model.
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from alignkit.config import find_config, load_config
+from alignkit.models.loading import load_causal_lm, load_tokenizer
+from alignkit.recipes import ppo as ppo_recipe
 from tests.conftest import read_metrics as metrics
 from tests.conftest import run_recipe
 
@@ -50,9 +54,11 @@ def test_ppo_raises_the_reward_and_saves_actor_and_critic(learning_run):
 
 def test_first_update_has_ratio_one_and_zero_kl(tmp_path):
     """Actor and reference start equal: KL 0; one minibatch, one epoch: every ratio is exactly 1
-    (the old log-probs come from the same micro-batches), so nothing is clipped."""
+    (the old log-probs come from the same micro-batches), so nothing is clipped. And
+    `checkpoint.save_final=false` writes neither the actor's nor the critic's final model."""
     out = tmp_path / "run"
     ppo(out, *VOWELS, "ppo.steps=1", "ppo.epochs=1", "ppo.minibatches=1", "checkpoint.save_final=false")
+    assert not (out / "final").exists() and not (out / "critic/final").exists()
     step = metrics(out)[0]
     assert step["rollout/kl"] == 0.0
     assert step["actor/ratio"] == pytest.approx(1.0, abs=1e-6)
@@ -100,17 +106,29 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(learning_run, tmp_path)
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
+    """With LoRA the reference is the actor with its adapters off: the update moves the adapters
+    (lora_B starts at zero) and leaves every base weight exactly as loaded, so the reference stays put."""
     out = tmp_path / "run"
-    ppo(out, *VOWELS, "ppo.steps=3", "model.lora.enabled=true", "model.lora.r=4", "optim.lr=1.0e-2")
+    lora = ["model.lora.enabled=true", "model.lora.r=4"]
+    ppo(out, *VOWELS, "ppo.steps=3", *lora, "optim.lr=1.0e-2")
     m = metrics(out)
     assert m[0]["rollout/kl"] == 0.0 and m[-1]["rollout/kl"] != 0.0
     AutoModelForCausalLM.from_pretrained(out / "final")  # merged
+    cfg = load_config(ppo_recipe.Config, find_config("ppo", "tiny"), [f"output_dir={out}", *lora])
+    initial = load_causal_lm(cfg.model, load_tokenizer(cfg.model), seed=cfg.train.seed).state_dict()
+    trained = torch.load(out / "checkpoints/step_2/state.pt", weights_only=False)["model"]  # after 8 updates
+    assert trained.keys() == initial.keys()
+    adapters = [k for k in initial if "lora_" in k]
+    assert adapters and all(not torch.equal(trained[k], initial[k]) for k in adapters if "lora_B" in k)
+    assert any(not torch.equal(trained[k], initial[k]) for k in adapters if "lora_A" in k)
+    assert all(torch.equal(trained[k], initial[k]) for k in initial if "lora_" not in k)
 
 
 def test_a_prompt_too_long_for_the_context_is_reported(tmp_path):
     result = ppo(tmp_path / "run", "data.max_seq_len=24", ok=False)
     assert result.returncode != 0
-    assert "builtin:prompts?n=64&seed=0:" in result.stderr and "data.max_seq_len=24" in result.stderr
+    assert "builtin:prompts?n=64&seed=0" in result.stderr and "the prompt is" in result.stderr
+    assert "sampling.max_new_tokens=16 it exceeds data.max_seq_len=24" in result.stderr
 
 
 def test_two_processes_split_the_rollouts(tmp_path):

@@ -35,8 +35,8 @@ def test_critic_free_methods_raise_the_reward(tmp_path, estimator):
 
 
 def test_one_sample_per_prompt_is_refused(tmp_path):
-    result = reinforce(tmp_path / "run", "rollout.samples_per_prompt=1", ok=False)
-    assert result.returncode != 0 and "samples_per_prompt=1" in result.stderr
+    result = reinforce(tmp_path / "run", "sampling.n=1", ok=False)
+    assert result.returncode != 0 and "sampling.n=1: rloo compares the samples of one prompt" in result.stderr
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
@@ -45,6 +45,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     reinforce(whole, *args)
     assert reinforce(killed, *args, ok=False, env={"ALIGNKIT_TEST_KILL_AT_STEP": "3"}).returncode != 0
     reinforce(killed, *args)
+    assert not (whole / "final").exists()  # checkpoint.save_final=false
     a, b = metrics(whole), metrics(killed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):

@@ -48,8 +48,8 @@ def test_iterations_keep_the_best_samples_and_train_on_them(tiny_run):
 def test_best_of_n_with_more_samples_raises_the_kept_reward(tmp_path):
     """The oracle's best of 8 beats its best of 1 (= a random sample) on the same prompts."""
     one, eight = tmp_path / "one", tmp_path / "eight"
-    rs(one, "rs.iterations=1", "rs.samples_per_prompt=1", "checkpoint.save_final=false")
-    rs(eight, "rs.iterations=1", "rs.samples_per_prompt=8", "checkpoint.save_final=false")
+    rs(one, "rs.iterations=1", "sampling.n=1", "checkpoint.save_final=false")
+    rs(eight, "rs.iterations=1", "sampling.n=8", "checkpoint.save_final=false")
     kept = [json.loads((o / "metrics.jsonl").read_text().splitlines()[0])["rollout/reward_kept"] for o in (one, eight)]
     assert kept[1] > kept[0] + 0.01
 
@@ -69,7 +69,7 @@ def test_resume_after_a_kill_reuses_finished_iterations(tiny_run, tmp_path):
 
 def test_bad_settings_are_named(tmp_path):
     result = rs(tmp_path / "x", "rs.keep_per_prompt=5", ok=False)
-    assert result.returncode == 2 and "rs.keep_per_prompt=5 > rs.samples_per_prompt=4" in result.stderr
+    assert result.returncode == 2 and "rs.keep_per_prompt=5 > sampling.n=4" in result.stderr
     result = rs(tmp_path / "y", "reward.kind=http", ok=False)
     assert result.returncode == 2 and "kind=http needs `url`" in result.stderr
 

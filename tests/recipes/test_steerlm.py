@@ -151,6 +151,11 @@ def test_steerlm2_needs_a_steerlm_model(tmp_path):
     assert result.returncode == 2 and "is not a SteerLM model" in result.stderr
 
 
+def test_steerlm2_needs_two_samples_per_target(tmp_path):
+    result = steerlm2(tmp_path / "x", tmp_path / "unused", "sampling.n=1", ok=False)  # refused before loading
+    assert result.returncode == 2 and "sampling.n=1: SteerLM 2.0's weights are a softmax" in result.stderr
+
+
 @pytest.mark.distributed
 def test_steerlm2_two_processes_share_the_prompts(steerlm_model, steerlm2_run, tmp_path):
     out = tmp_path / "two"

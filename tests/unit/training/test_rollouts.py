@@ -1,4 +1,5 @@
-"""The RL rollout plumbing: prompt schedule, minibatch plan, packing order of per-token tensors."""
+"""The rollout plumbing: prompt schedule, the shared sampling loop, minibatch plan, packing order of
+per-token tensors; and the RL core's `sample_rollouts` on top of it."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import contextlib
 import pytest
 import torch
 
-from alignkit.data.io import DataError
+from alignkit.config import SamplingConfig
+from alignkit.data.io import DataError, Record
+from alignkit.generation.sampler import generate
 from alignkit.models.reward import RewardModelInfo
-from alignkit.training.rollouts import (Rollout, RolloutConfig, collate_rollouts, epoch_plan, forward_rollouts, pad,
-                                        sample_rollouts, step_prompts, token_logps, token_values, unpad)
+from alignkit.training.rl import sample_rollouts
+from alignkit.training.rollouts import (Rollout, collate_rollouts, epoch_plan, forward_rollouts, pad, render_prompts,
+                                        sample_batches, step_prompts, token_logps, token_values, unpad)
 from tests.conftest import tiny_model
 
 
@@ -88,19 +92,37 @@ def test_token_values_read_the_head_at_each_response_position(tokenizer):
     assert scores.shape == (1, 2)
 
 
+def _records(*prompts):
+    return [Record({"prompt": p}, f"prompts.jsonl:{i + 1}") for i, p in enumerate(prompts)]
+
+
 def test_a_prompt_longer_than_the_context_names_its_record(tokenizer):
     model = tiny_model(tokenizer)
-    records = [{"prompt": "short"}, {"prompt": "x" * 200}]
-    with pytest.raises(DataError, match=r"prompts.jsonl:2: the prompt is \d+ tokens"):
-        sample_rollouts(model, tokenizer, records, [0, 1], "prompts.jsonl", RolloutConfig(max_new_tokens=8), 128,
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: the prompt is \d+ tokens; with sampling.max_new_tokens=8"):
+        sample_rollouts(model, tokenizer, _records("short", "x" * 200), [0, 1], SamplingConfig(max_new_tokens=8), 128,
                         0, None, contextlib.nullcontext)
 
 
 def test_sampled_rollouts_group_the_samples_of_a_prompt(tokenizer):
     model = tiny_model(tokenizer)
-    records = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
-    out = sample_rollouts(model, tokenizer, records, [2, 0], "p", RolloutConfig(samples_per_prompt=3, max_new_tokens=4,
-                          generation_batch_size=1), 256, 0, None, contextlib.nullcontext)
+    out = sample_rollouts(model, tokenizer, _records("a", "b", "c"), [2, 0], SamplingConfig(n=3, max_new_tokens=4,
+                          batch_size=1), 256, 0, None, contextlib.nullcontext)
     assert [r.group for r in out] == [0, 0, 0, 1, 1, 1]
     assert [r.prompt["prompt"] for r in out] == ["c"] * 3 + ["a"] * 3
     assert all(1 <= len(r.response_ids) <= 4 for r in out)
+
+
+def test_sample_batches_seed_each_batch_by_the_callers_scheme(tokenizer):
+    """Batches of `batch_size` prompts, the batch at offset `start` seeded `seed_of(start)`: the same
+    completions as one `generate` call per batch with that seed; the model's mode is restored."""
+    model = tiny_model(tokenizer).train()
+    prompt_ids = render_prompts(tokenizer, _records("a", "bb", "ccc", "dddd", "e"), None)
+    sampling = SamplingConfig(n=2, max_new_tokens=5, batch_size=2)
+    got = list(sample_batches(model, tokenizer, prompt_ids, sampling, lambda start: 100 + 7 * start))
+    assert [start for start, _ in got] == [0, 2, 4] and model.training
+    for start, completions in got:
+        params = sampling.model_copy(update={"seed": 100 + 7 * start})
+        alone = generate(model, prompt_ids[start : start + 2], params, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                         tokenizer.decode)
+        assert [c.token_ids for c in completions] == [c.token_ids for c in alone]
+        assert len(completions) == 2 * len(prompt_ids[start : start + 2])

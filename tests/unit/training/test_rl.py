@@ -9,6 +9,7 @@ import torch
 
 from alignkit.config import find_config, load_config
 from alignkit.recipes import ppo
+from alignkit.training import rl
 from alignkit.training.distributed import Dist
 from alignkit.training.loop import Run
 from alignkit.training.optim import build_optimizer, build_scheduler
@@ -25,13 +26,13 @@ def test_skipping_zero_advantage_rollouts_gives_the_same_step(tokenizer, tmp_pat
         response = torch.randint(3, 200, (3 + i,), generator=g).tolist()
         rollouts.append(Rollout({}, 0, [5, 6, 7 + i], response, "", True, advantages=torch.full((3 + i,), advantage)))
     minibatch = [[0, 1], [2, 4], [3]]  # the second micro-batch is all zero-advantage
-    loss_fn = partial(ppo.actor_loss, clip_eps=0.2)
+    loss_fn = partial(rl.actor_loss, clip_eps=0.2)
     params = []
     for skip in (frozenset(), frozenset({0, 2, 4})):
         model = tiny_model(tokenizer, seed=4)
         optimizer = build_optimizer(model, cfg.optim)
-        sums, units, _ = ppo.train_on(run, model, optimizer, build_scheduler(optimizer, 1, cfg.optim), rollouts,
-                                      minibatch, loss_fn, "actor_tokens", tokenizer.pad_token_id, skip)
+        sums, units, _ = rl.train_on(run, model, optimizer, build_scheduler(optimizer, 1, cfg.optim), rollouts,
+                                     minibatch, loss_fn, "actor_tokens", tokenizer.pad_token_id, skip)
         assert units == sum(len(r.response_ids) for r in rollouts)  # skipped tokens still normalise
         params.append(copy.deepcopy(model.state_dict()))
     for key in params[0]:

@@ -1,0 +1,216 @@
+"""The RL core: what every online recipe (`ppo`, `reinforce`) shares, as plain functions the recipes
+call in the order of their algorithm box.
+
+    sample_and_score    steps 1-2: this process's share of the step's prompts, sampled and scored
+    reference_logps     the reference policy's per-token log-probs (a frozen copy, or adapters off)
+    global_moments      whitening statistics over every process's tokens (`mean_std` reads them)
+    actor_loss          the clipped surrogate (+ entropy bonus, + GRPO's KL term)
+    critic_loss         the clipped value loss
+    train_epochs        every epoch's minibatches, one optimizer step each (`train_on`)
+    rollout_stats, monitor_stats, actor_metrics    the shared `rollout/` and `actor/` metrics
+
+Below this sits `training/rollouts.py` (the sampling loop, packing and per-token forward passes);
+above it, the recipes. Sampling is configured by the recipe's `sampling` section
+(`alignkit.config.SamplingConfig`); which prompts a step uses by `rollout.prompts_per_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+from pydantic import Field
+
+from alignkit.config import ConfigError, SamplingConfig, Section
+from alignkit.data.io import DataError, Record
+from alignkit.losses.policy_gradient import kl_per_token, masked_moments, ppo_policy_loss, value_loss
+from alignkit.models.loading import adapters_off
+from alignkit.models.reward import RewardModelInfo
+from alignkit.training.distributed import Dist, all_reduce_sum
+from alignkit.training.loop import Run, optimizer_step, reduce_metrics
+from alignkit.training.rollouts import (Rollout, collate_rollouts, reduce_sums, render_prompts, sample_batches,
+                                        step_prompts, token_logps, token_values)
+
+__all__ = ["RolloutConfig", "actor_loss", "actor_metrics", "check_processes", "critic_loss", "global_moments",
+           "mean_std", "monitor_stats", "reference_logps", "rollout_stats", "sample_and_score", "sample_rollouts",
+           "train_epochs", "train_on"]
+
+
+class RolloutConfig(Section):
+    prompts_per_step: int = Field(16, ge=1)  # prompts per RL step, over all processes
+
+
+def check_processes(cfg, d: Dist) -> None:
+    """Generation runs on each process's full copy of the model (DDP), and every process gets the
+    same number of prompts (so all run the same collectives)."""
+    if d.enabled and cfg.distributed.strategy != "ddp":
+        raise ConfigError("distributed.strategy: RL recipes generate on each process's full model copy; use ddp")
+    if cfg.rollout.prompts_per_step % d.world_size:
+        raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must divide by the number of "
+                          f"processes ({d.world_size})")
+
+
+# --- 1-2. sample and score ------------------------------------------------------------------------
+
+
+def sample_rollouts(model, tokenizer, records: list[Record], indices: list[int], sampling: SamplingConfig,
+                    max_seq_len: int, seed: int, chat_template: str | None, autocast) -> list[Rollout]:
+    """`sampling.n` responses to each record in `indices`; the batch starting at offset `start` of
+    `indices` samples with seed `seed + start`. A prompt that leaves no room for `max_new_tokens`
+    within `max_seq_len` is an error naming its record, not a silently truncated rollout."""
+    chosen = [records[i] for i in indices]
+    prompt_ids = render_prompts(tokenizer, chosen, chat_template)
+    for record, ids in zip(chosen, prompt_ids):
+        if len(ids) + sampling.max_new_tokens > max_seq_len:
+            raise DataError(f"{record.source}: the prompt is {len(ids)} tokens; with sampling.max_new_tokens="
+                            f"{sampling.max_new_tokens} it exceeds data.max_seq_len={max_seq_len}")
+    rollouts: list[Rollout] = []
+    for start, completions in sample_batches(model, tokenizer, prompt_ids, sampling, lambda s: seed + s, autocast):
+        for c in completions:
+            p = start + c.prompt_index  # the prompt's offset among this process's prompts: its group
+            rollouts.append(Rollout(chosen[p].data, p, prompt_ids[p], c.token_ids, c.text, c.is_end))
+    return rollouts
+
+
+def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[Record], reward, step: int):
+    """Steps 1-2 of every RL recipe: this process's share of step `step`'s prompts, sampled
+    (`sampling.n` each) and scored. Seeds derive from (`sampling.seed`, else `train.seed`), the step
+    and the rank. Returns (rollouts with `score` set, (B,) scores, generation seconds, scoring seconds)."""
+    d = run.dist
+    t0 = time.perf_counter()
+    indices = step_prompts(len(records), step, cfg.rollout.prompts_per_step, cfg.train.seed)[d.rank :: d.world_size]
+    base = cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed
+    seed = base + 1_000_003 * (step + 1) + 10_007 * d.rank
+    rollouts = sample_rollouts(actor, tokenizer, records, indices, cfg.sampling, cfg.data.max_seq_len, seed,
+                               cfg.data.chat_template, run.autocast)
+    t1 = time.perf_counter()
+    scores = reward([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards.float()  # (B,)
+    for r, score in zip(rollouts, scores.tolist()):
+        r.score = score
+    return rollouts, scores, t1 - t0, time.perf_counter() - t1
+
+
+# --- 3. per-token passes and advantage statistics ---------------------------------------------------
+
+
+def reference_logps(actor, reference, lora: bool):
+    """fn(batch) -> (N,) log-probs under the reference (a frozen copy, or the actor without adapters)."""
+    def fn(batch):
+        with adapters_off(actor, lora) if reference is None else contextlib.nullcontext():
+            return token_logps(reference if reference is not None else actor, batch)[0]
+    return fn
+
+
+def global_moments(x: torch.Tensor, mask: torch.Tensor, d: Dist) -> torch.Tensor:
+    """(3,) [sum, sum of squares, count] of (B, T) x over the mask and over every process."""
+    return all_reduce_sum(masked_moments(x, mask), d)
+
+
+def mean_std(moments: torch.Tensor) -> tuple[float, float]:
+    """Mean and (population) std from `global_moments`."""
+    total, total_sq, count = moments.tolist()
+    mean = total / max(count, 1.0)
+    return mean, math.sqrt(max(total_sq / max(count, 1.0) - mean**2, 0.0))
+
+
+# --- 4-5. losses and update epochs ------------------------------------------------------------------
+
+
+def actor_loss(model, batch, clip_eps: float, entropy_coef: float = 0.0, kl_coef: float = 0.0,
+               kl_estimator: str = "k3"):
+    """The clipped surrogate over the tokens of `actor_mask`, minus `entropy_coef` x entropy, plus
+    `kl_coef` x the per-token KL to the reference (GRPO's KL term; PPO puts its KL in the reward).
+    Without `old_logps` in the batch (a single update per rollout) the old policy is the current one:
+    ratio 1, and the gradient is the same, at no extra forward pass. Sums over tokens."""
+    logps, entropy = token_logps(model, batch, entropy="grad" if entropy_coef else "detached")  # (N,)
+    old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+    mask = batch["actor_mask"]
+    loss, metrics = ppo_policy_loss(logps, old, batch["advantages"], mask, clip_eps)
+    m = mask.to(logps.dtype)
+    if entropy_coef:
+        loss = loss - entropy_coef * (entropy * m).sum()
+    metrics["entropy"] = (entropy.detach() * m).sum()
+    if kl_coef:
+        kl = kl_per_token(logps, batch["ref_logps"], kl_estimator) * m
+        loss = loss + kl_coef * kl.sum()
+        metrics["kl_loss"] = kl.detach().sum()
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def critic_loss(model, batch, info: RewardModelInfo, normalize: bool, clip: float | None):
+    values = token_values(model, batch, info, normalize)  # (N,)
+    return value_loss(values, batch["values"], batch["returns"], batch["response_mask"], clip)
+
+
+def train_on(run: Run, model, optimizer, scheduler, rollouts: list[Rollout], minibatch: list[list[int]],
+             loss_fn, units: str, pad_id: int, skip: frozenset[int] = frozenset()) -> tuple[dict, float, float]:
+    """One optimizer step on a minibatch (micro-batches of rollout indices); `units` names the
+    normaliser: "actor_tokens" or "num_units" (every response token). Rollouts in `skip` have a loss
+    of exactly zero (advantage 0 and no other term: a GRPO group whose samples all scored the
+    same): they are left out of the forward and backward passes but counted in the normaliser, so
+    the step is the same as with them. Every micro-batch keeps at least one rollout, so all
+    processes run the same collectives. Returns (metric sums, global units, grad norm)."""
+    batches = []
+    for mb in minibatch:
+        kept = [i for i in mb if i not in skip] or mb[:1]
+        batch = collate_rollouts([rollouts[i] for i in kept], pad_id)
+        batch["num_units"] = sum(len(rollouts[i].response_ids) for i in mb
+                                 if units == "num_units" or rollouts[i].trains_actor)
+        batches.append(batch)
+    sums, global_units, _, grad_norm = optimizer_step(run, model, optimizer, batches, loss_fn)
+    scheduler.step()
+    return sums, global_units, grad_norm
+
+
+def train_epochs(run: Run, part: tuple, rollouts: list[Rollout], plans: list, loss_fn, units: str, pad_id: int,
+                 skip: frozenset[int] = frozenset()) -> tuple[dict, float, float]:
+    """Every epoch's minibatches for one model (`part` = model, optimizer, scheduler), one optimizer
+    step each (`train_on`). Actor and critic are separate models trained on fixed rollouts, so one
+    can run after the other. Returns (metric sums, global units, mean grad norm) over all steps."""
+    sums: dict = {}
+    total_units, norms = 0.0, []
+    for plan in plans:
+        for minibatch in plan:
+            step_sums, step_units, norm = train_on(run, *part, rollouts, minibatch, loss_fn, units, pad_id, skip)
+            sums = {k: sums.get(k, 0) + v for k, v in step_sums.items()}
+            total_units += step_units
+            norms.append(norm)
+    return sums, total_units, sum(norms) / len(norms)
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+
+def actor_metrics(sums: dict, d: Dist) -> dict[str, float]:
+    """`actor/*` means over the tokens the updates computed (global)."""
+    totals = reduce_metrics(sums, 1.0, d)
+    tokens = max(totals.pop("tokens", 0.0), 1.0)
+    return {f"actor/{k}": v / tokens for k, v in totals.items()}
+
+
+def rollout_stats(rollouts: list[Rollout], d: Dist) -> dict[str, float]:
+    """Global means over every process's rollouts: reward, response length, ended fraction, and
+    (when reference log-probs are there) kl = sum_t (log pi_old - log pi_ref) per response."""
+    sums = {"n": len(rollouts), "reward": sum(r.score for r in rollouts),
+            "tokens": sum(len(r.response_ids) for r in rollouts), "ended": sum(r.is_end for r in rollouts)}
+    if rollouts and rollouts[0].ref_logps is not None and rollouts[0].old_logps is not None:
+        sums["kl"] = sum(float((r.old_logps - r.ref_logps).sum()) for r in rollouts)
+    g = reduce_sums(sums, d)
+    n = max(g.pop("n"), 1.0)
+    out = {"rollout/reward": g["reward"] / n, "rollout/response_tokens": g["tokens"] / n,
+           "rollout/ended_fraction": g["ended"] / n, "rollout/samples": n}
+    if "kl" in g:
+        out["rollout/kl"] = g["kl"] / n
+    return out
+
+
+def monitor_stats(monitor, rollouts: list[Rollout], d: Dist) -> dict[str, float]:
+    """`rollout/monitor_reward`: the monitoring source's mean over every process's rollouts."""
+    if monitor is None:
+        return {}
+    scores = monitor([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards
+    g = reduce_sums({"n": len(rollouts), "sum": float(scores.sum())}, d)
+    return {"rollout/monitor_reward": g["sum"] / max(g["n"], 1.0)}
