@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import model_validator
@@ -52,7 +54,7 @@ from alignkit.models.reward import RewardModelInfo, init_head_to_mean, score_hea
 from alignkit.training.distributed import score_sharded
 from alignkit.training.loop import fit, save_final, start_run
 
-__all__ = ["Config", "RewardLossConfig", "main"]
+__all__ = ["Config", "RewardLossConfig", "Task", "main", "pairwise_task", "regression_task"]
 
 HELPSTEER_ATTRIBUTES = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
 
@@ -179,88 +181,130 @@ def attribute_report(predicted: torch.Tensor, examples: list[AttributeExample], 
     return out
 
 
+# --- the two kinds of reward model -----------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """What differs between a pairwise (Bradley-Terry) and an attribute-regression reward model:
+    the items `fit` trains on, and the sequences scored for the statistics and the report."""
+
+    train_items: list
+    eval_items: list | None
+    item_length: Callable[[Any], int]
+    collate: Callable[[list], dict]
+    loss_fn: Callable
+    summarize: Callable[[dict[str, float]], dict[str, float]]
+    statistics_sequences: list[list[int]]  # training responses scored for the reward's mean and std
+    validation_sequences: list[list[int]]
+    report: Callable[[torch.Tensor], dict[str, float]]  # (N, A) validation scores -> eval.json
+
+
+def pairwise_task(run, cfg: Config, tokenizer) -> Task:
+    """Bradley-Terry (plain, margin, scaled) on preference pairs; a scalar head."""
+    datasets = {}
+    for name, spec in (("train", cfg.data.train), ("validation", cfg.data.validation)):
+        if spec is not None:
+            datasets[name], stats = load_reward_pairs(spec, cfg.data, tokenizer)
+            if cfg.loss.type != "bt" and (bad := next((p for p in datasets[name] if p.margin is None), None)):
+                raise DataError(f"{bad.chosen.source}: loss.type={cfg.loss.type} needs a 'margin' field in every pair")
+            run.log.info(f"{name} data {spec.path}: {stats.summary().replace('examples', 'pairs')}")
+    train, val = _require_train(datasets, cfg), datasets.get("validation")
+    return Task(
+        train_items=train, eval_items=val,
+        item_length=lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids),
+        collate=partial(collate_reward_pairs, pad_id=tokenizer.pad_token_id),
+        loss_fn=partial(pair_loss, loss_type=cfg.loss.type), summarize=summarize_pairs,
+        statistics_sequences=_pair_sequences(train[: max(1, cfg.normalization_samples // 2)]),
+        validation_sequences=_pair_sequences(val or []),
+        report=lambda scores: pairwise_report(scores.reshape(-1, 2)),
+    )
+
+
+def regression_task(run, cfg: Config, tokenizer, model) -> Task:
+    """SteerLM attribute regression on labelled responses, packed into rows when `data.pack`; a
+    new head starts at the labels' means (`init_head_to_mean`)."""
+    names, datasets = cfg.loss.names, {}
+    for name, spec in (("train", cfg.data.train), ("validation", cfg.data.validation)):
+        if spec is not None:
+            datasets[name], stats = load_attribute_examples(spec, cfg.data, tokenizer, names)
+            run.log.info(f"{name} data {spec.path}: {stats.summary()}")
+    train, val = _require_train(datasets, cfg), datasets.get("validation")
+    if _new_head(run, cfg, model) and cfg.init_head_to_mean:
+        _init_head(run, model, train[:256], tokenizer.pad_token_id)
+    by_id = {id(e.example): e for split in datasets.values() for e in split}
+
+    def rows(examples: list[AttributeExample]) -> list[list[AttributeExample]]:
+        if not cfg.data.pack:
+            return [[e] for e in examples]
+        return [[by_id[id(x)] for x in row] for row in pack_examples([e.example for e in examples],
+                                                                    cfg.data.max_seq_len)]
+
+    return Task(
+        train_items=rows(train), eval_items=rows(val) if val is not None else None,
+        item_length=lambda row: sum(len(e.example.input_ids) for e in row),
+        collate=partial(collate_attribute_rows, pad_id=tokenizer.pad_token_id),
+        loss_fn=attribute_loss, summarize=partial(summarize_attributes, names=names),
+        statistics_sequences=[e.example.input_ids for e in train[: cfg.normalization_samples]],
+        validation_sequences=[e.example.input_ids for e in val or []],
+        report=lambda scores: attribute_report(scores, val, names),
+    )
+
+
+def _require_train(datasets: dict[str, list], cfg: Config) -> list:
+    if not datasets["train"]:
+        raise ConfigError(f"no training data left after data.overlength={cfg.data.overlength}")
+    return datasets["train"]
+
+
+def _new_head(run, cfg: Config, model) -> bool:
+    new = not any(p.any() for p in score_head(model).parameters())  # new heads start at zero
+    run.log.info(f"reward head: {len(cfg.loss.names)} output(s) ({', '.join(cfg.loss.names)}), "
+                 + ("new, zero-initialised" if new else f"loaded from {cfg.model.path}"))
+    return new
+
+
+def _init_head(run, model, sample: list[AttributeExample], pad_id: int) -> None:
+    """Start the new head at the labels' mean: only the variation is left to learn."""
+    targets = torch.tensor([e.targets for e in sample])  # (N, A), NaN = missing
+    mean = torch.nan_to_num(targets.nanmean(0), nan=0.0)
+    spread = init_head_to_mean(model, [e.example.input_ids for e in sample], pad_id, mean)
+    run.log.info(f"regression head initialised to the label means ({', '.join(f'{m:.2f}' for m in mean)}); "
+                 f"initial prediction spread {spread:.2g} of the mean")
+
+
 # --- the recipe ---------------------------------------------------------------------------
 
 
 def main(cfg: Config) -> None:
     run = start_run(cfg)
     lc = cfg.loss
-    names = lc.names
 
     # --- model and data ---------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id
-    model = load_sequence_scorer(cfg.model, tokenizer, num_labels=len(names), seed=cfg.train.seed)
-    datasets: dict[str, list] = {}
-    for name, spec in (("train", cfg.data.train), ("validation", cfg.data.validation)):
-        if spec is None:
-            continue
-        if lc.type == "regression":
-            datasets[name], stats = load_attribute_examples(spec, cfg.data, tokenizer, names)
-        else:
-            datasets[name], stats = load_reward_pairs(spec, cfg.data, tokenizer)
-            if lc.type != "bt" and (bad := next((p for p in datasets[name] if p.margin is None), None)):
-                raise DataError(f"{bad.chosen.source}: loss.type={lc.type} needs a 'margin' field in every pair")
-        kind = "examples" if lc.type == "regression" else "pairs"
-        run.log.info(f"{name} data {spec.path}: {stats.summary().replace('examples', kind)}")
-    if not datasets["train"]:
-        raise ConfigError(f"no training data left after data.overlength={cfg.data.overlength}")
-
-    new_head = not any(p.any() for p in score_head(model).parameters())  # new heads start at zero
-    run.log.info(f"reward head: {len(names)} output(s) ({', '.join(names)}), "
-                 + ("new, zero-initialised" if new_head else f"loaded from {cfg.model.path}"))
-    if lc.type == "regression" and cfg.init_head_to_mean and new_head:
-        # Start the new head at the labels' mean: only the variation is left to learn.
-        sample = datasets["train"][:256]
-        targets = torch.tensor([e.targets for e in sample])  # (N, A), NaN = missing
-        mean = torch.nan_to_num(targets.nanmean(0), nan=0.0)
-        spread = init_head_to_mean(model, [e.example.input_ids for e in sample], pad_id, mean)
-        run.log.info(f"regression head initialised to the label means ({', '.join(f'{m:.2f}' for m in mean)}); "
-                     f"initial prediction spread {spread:.2g} of the mean")
+    model = load_sequence_scorer(cfg.model, tokenizer, num_labels=len(lc.names), seed=cfg.train.seed)
+    if lc.type == "regression":
+        task = regression_task(run, cfg, tokenizer, model)
+    else:
+        task = pairwise_task(run, cfg, tokenizer)
+        _new_head(run, cfg, model)
 
     # --- train: minimise the ranking or regression loss -------------------------------------
-    if lc.type == "regression":
-        by_id = {id(e.example): e for split in datasets.values() for e in split}
-
-        def rows(examples: list[AttributeExample]) -> list[list[AttributeExample]]:
-            if not cfg.data.pack:
-                return [[e] for e in examples]
-            return [[by_id[id(x)] for x in row] for row in pack_examples([e.example for e in examples],
-                                                                        cfg.data.max_seq_len)]
-
-        train_items, eval_items = rows(datasets["train"]), rows(datasets["validation"]) if "validation" in datasets else None
-        item_length = lambda row: sum(len(e.example.input_ids) for e in row)  # noqa: E731
-        collate = partial(collate_attribute_rows, pad_id=pad_id)
-        loss_fn = attribute_loss
-        summarize = partial(summarize_attributes, names=names)
-    else:
-        train_items, eval_items = datasets["train"], datasets.get("validation")
-        item_length = lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids)  # noqa: E731
-        collate = partial(collate_reward_pairs, pad_id=pad_id)
-        loss_fn = partial(pair_loss, loss_type=lc.type)
-        summarize = summarize_pairs
-    model = fit(run, model, train_items, item_length, collate, loss_fn, eval_items, summarize)
+    model = fit(run, model, task.train_items, task.item_length, task.collate, task.loss_fn, task.eval_items,
+                task.summarize)
 
     # --- reward statistics on training responses, exact validation report -------------------
-    info = RewardModelInfo(names, lc.weights)
+    info = RewardModelInfo(lc.names, lc.weights)
     if cfg.normalization_samples > 0:
-        if lc.type == "regression":
-            sample = [e.example.input_ids for e in datasets["train"][: cfg.normalization_samples]]
-        else:
-            sample = _pair_sequences(datasets["train"][: max(1, cfg.normalization_samples // 2)])
-        rewards = info.reward(_predict(run, cfg, model, sample, pad_id).float())
+        rewards = info.reward(_predict(run, cfg, model, task.statistics_sequences, pad_id).float())
         info.mean, info.std = float(rewards.mean()), float(rewards.std()) if len(rewards) > 1 else 1.0
         info.std = info.std if info.std > 1e-6 else 1.0
         run.log.info(f"reward statistics over {len(rewards)} training responses: mean {info.mean:.4g}, "
                      f"std {info.std:.4g}")
     report: dict = {"reward_mean": info.mean, "reward_std": info.std}
-    if "validation" in datasets:
-        val = datasets["validation"]
-        if lc.type == "regression":
-            predicted = _predict(run, cfg, model, [e.example.input_ids for e in val], pad_id)
-            report.update(attribute_report(predicted, val, names))
-        else:
-            report.update(pairwise_report(_predict(run, cfg, model, _pair_sequences(val), pad_id).reshape(-1, 2)))
+    if task.eval_items is not None:
+        report.update(task.report(_predict(run, cfg, model, task.validation_sequences, pad_id)))
         run.log.info("validation: " + ", ".join(f"{k}={v:.4g}" for k, v in report.items()))
     if run.dist.is_main:
         (run.output_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -33,8 +33,7 @@ from torch import nn
 from alignkit.config import RecipeConfig, save_config
 from alignkit.data.batching import PAD_SLOT, BatchPlan
 from alignkit.models.loading import autocast, save_causal_lm
-from alignkit.training.checkpoint import (latest_checkpoint, load_checkpoint, load_checkpoints, save_checkpoint,
-                                         save_checkpoints)
+from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints, save_checkpoints
 from alignkit.training.distributed import Dist, all_reduce_sum, barrier, full_state_dict, init_distributed, wrap_model
 from alignkit.training.logging import MetricLogger, get_logger
 from alignkit.training.optim import build_optimizer, build_scheduler
@@ -186,53 +185,39 @@ def fit(
     )
     total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * plan.steps_per_epoch
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
-
-    start_step = 0
-    checkpoints = run.output_dir / "checkpoints"
-    resume_from = latest_checkpoint(checkpoints) if cfg.checkpoint.resume else None
-    if resume_from is not None:
-        start_step = load_checkpoint(resume_from, model, optimizer, scheduler, d)["step"]
-        run.log.info(f"resumed from {resume_from} (step {start_step} of {total_steps})")
-
-    logger = MetricLogger(run.output_dir, cfg.logging, total_steps, d.is_main,
-                          run_config=cfg.model_dump(mode="json"), resumed_step=start_step)
+    parts = {"model": (model, optimizer, build_scheduler(optimizer, total_steps, cfg.optim))}
+    start_step, _, logger = resume(run, parts, total_steps)
+    scheduler = parts["model"][2]
     run.log.info(
         f"training {total_steps} steps: {len(train_items)} items, {plan.steps_per_epoch} steps/epoch, "
         f"global batch {tc.global_batch_size} = {tc.micro_batch_size} micro x {plan.accumulation_steps} "
         f"accumulation x {d.world_size} processes"
     )
+
+    def evaluate_now() -> dict[str, float]:
+        return evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches, summarize)
+
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         batches = _micro_batches(plan.micro_batches(step), train_items, collate)
         lr = scheduler.get_last_lr()[0]
         sums, global_units, global_tokens, grad_norm = optimizer_step(run, model, optimizer, batches, loss_fn)
         scheduler.step()
-
-        done = step + 1
-        if done % tc.log_every == 0 or done == total_steps:
-            metrics_out = reduce_metrics(sums, global_units, d)
+        metrics: dict[str, float] = {}
+        if _log_due(step + 1, tc.log_every, total_steps):  # the reduction is a collective: all ranks or none
+            metrics = reduce_metrics(sums, global_units, d)
             if summarize is not None:
-                metrics_out = summarize(metrics_out)
-            if not math.isfinite(metrics_out.get("loss", 0.0)) or not math.isfinite(grad_norm):
-                raise FloatingPointError(f"step {done}: non-finite loss or gradient (loss={metrics_out.get('loss')}, grad_norm={grad_norm})")
+                metrics = summarize(metrics)
             elapsed = time.perf_counter() - t0
-            metrics_out.update({
-                "lr": lr, "grad_norm": grad_norm, "epoch": step / max(plan.steps_per_epoch, 1),
-                "throughput/tokens_per_s": global_tokens / elapsed, "perf/step_time_s": elapsed,
-            })
-            logger.log(done, metrics_out)
-        if eval_plan is not None and tc.eval_every and done % tc.eval_every == 0 and done != total_steps:
-            logger.log(done, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches, summarize))
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total_steps:
-            save_checkpoint(checkpoints, done, model, optimizer, scheduler, d, cfg.checkpoint.keep_last)
-        if os.environ.get("ALIGNKIT_TEST_KILL_AT_STEP") == str(done):  # fault injection for resume tests
-            os.kill(os.getpid(), signal.SIGKILL)
+            metrics.update({"lr": lr, "grad_norm": grad_norm, "epoch": step / max(plan.steps_per_epoch, 1),
+                            "throughput/tokens_per_s": global_tokens / elapsed, "perf/step_time_s": elapsed})
+        finish_step(run, logger, step, metrics, parts, {}, total_steps,
+                    evaluate=evaluate_now if eval_plan is not None and tc.eval_every else None)
 
     if eval_plan is not None:
         logger.log(total_steps, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches, summarize))
     if start_step < total_steps:
-        save_checkpoint(checkpoints, total_steps, model, optimizer, scheduler, d, cfg.checkpoint.keep_last)
+        save_checkpoints(run.output_dir / "checkpoints", total_steps, parts, d, cfg.checkpoint.keep_last)
     logger.close()
     return model
 
@@ -272,15 +257,24 @@ def resume(run: Run, parts: dict, steps: int, trainable_only: bool = False) -> t
     return start, extra, logger
 
 
+def _log_due(done: int, every: int, steps: int) -> bool:
+    return done % every == 0 or done == steps
+
+
 def finish_step(run: Run, logger: MetricLogger, step: int, metrics: dict[str, float], parts: dict, extra: dict,
-                steps: int, trainable_only: bool = False) -> None:
-    """Log (checking for non-finite values), checkpoint when due, and the resume tests' kill switch."""
+                steps: int, trainable_only: bool = False,
+                evaluate: Callable[[], dict[str, float]] | None = None) -> None:
+    """The end of every training step, in every loop (`fit`, RL, DRaFT+): log when due (checking for
+    non-finite values), evaluate every `train.eval_every` steps (not at the last step: the caller
+    evaluates the final model), checkpoint when due, and the resume tests' kill switch."""
     done = step + 1
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
-        raise FloatingPointError(f"step {done}: non-finite {', '.join(bad)}")
-    if done % run.cfg.train.log_every == 0 or done == steps:
+        raise FloatingPointError(f"step {done}: non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)}")
+    if metrics and _log_due(done, run.cfg.train.log_every, steps):
         logger.log(done, metrics)
+    if evaluate is not None and done % run.cfg.train.eval_every == 0 and done != steps:
+        logger.log(done, evaluate())
     if run.cfg.checkpoint.every and done % run.cfg.checkpoint.every == 0 and done != steps:
         save_checkpoints(run.output_dir / "checkpoints", done, parts, run.dist, run.cfg.checkpoint.keep_last, extra,
                          trainable_only)

@@ -101,11 +101,19 @@ def test_cdpo_hand_computed():
     assert _value("dpo", label_smoothing=0.1) == pytest.approx(0.618139, abs=1e-6)
 
 
-def test_cdpo_with_zero_eps_equals_dpo():
+def test_cdpo_is_dpo_mixed_with_the_flipped_pair():
+    """cDPO (Mitchell 2023): with label-flip rate eps, the loss is (1 - eps) x DPO on the pair plus
+    eps x DPO on the pair with chosen and rejected swapped. At eps = 0.5 the label carries no
+    information: swapping chosen and rejected leaves the loss unchanged."""
     pc, pr, rc, rr = _random_pairs(6, seed=1)
     plain, _ = dpo_loss(pc, pr, rc, rr, beta=0.3)
-    smoothed, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, label_smoothing=0.0)
-    torch.testing.assert_close(plain, smoothed)
+    flipped, _ = dpo_loss(pr, pc, rr, rc, beta=0.3)
+    smoothed, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, label_smoothing=0.2)
+    torch.testing.assert_close(smoothed, 0.8 * plain + 0.2 * flipped)
+    assert abs(float(smoothed - plain)) > 1e-3  # the smoothing term is really there
+    half, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, label_smoothing=0.5)
+    half_swapped, _ = dpo_loss(pr, pc, rr, rc, beta=0.3, label_smoothing=0.5)
+    torch.testing.assert_close(half, half_swapped)
 
 
 def test_ipo_hand_computed():
