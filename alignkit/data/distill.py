@@ -10,9 +10,9 @@ descending order) and their token ids. One safetensors file per dataset holds
     offsets (E+1,) int64     example index[j] owns rows offsets[j]:offsets[j+1], one per
                              target position (target_ids != IGNORE), in position order
 
-and is named by `cache_key`, a hash of everything its content depends on (the teacher, the
-tokenized examples, K), so a rerun with the same inputs reuses it and any change makes a
-new file. Files are written atomically (a temporary file renamed into place).
+and is named by `alignkit.data.cache.cache_key` of `topk_cache_spec` (the teacher, K) and the
+tokenized examples, so a rerun with the same inputs reuses it and any change makes a new file.
+Files are written atomically (`alignkit.data.cache.save_safetensors`).
 
 Training attaches each example's rows to `Example.extra` and `collate_rows_with_teacher`
 concatenates them in exactly the order `logits_at` returns the student's logits: row-major
@@ -22,19 +22,14 @@ and, inside an example, target position after target position.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from alignkit.config import ModelConfig
 from alignkit.data.batching import collate_rows
+from alignkit.data.cache import save_safetensors
 from alignkit.data.tokenize import Example
 
 __all__ = [
@@ -42,11 +37,10 @@ __all__ = [
     "TOPK_LOGITS",
     "TopK",
     "attach_topk",
-    "cache_key",
     "collate_rows_with_teacher",
     "load_topk",
     "save_topk",
-    "teacher_fingerprint",
+    "topk_cache_spec",
 ]
 
 TOPK_LOGITS = "teacher_topk_logits"  # Example.extra and batch key: (n_targets, K) float32
@@ -56,48 +50,14 @@ _FORMAT = 1  # bump when the file layout or what is stored changes
 TopK = dict[int, tuple[torch.Tensor, torch.Tensor]]  # example index -> ((n, K) logits, (n, K) ids)
 
 
-def teacher_fingerprint(teacher: ModelConfig, seed: int) -> dict:
-    """What identifies the teacher's logits: its config and, for a local model, its files.
-
-    Weight files are identified by name, size and modification time (hashing gigabytes of
-    weights on every start would cost more than the cache saves); retraining a teacher into
-    the same directory changes the times, so it is not mistaken for the old one.
-    """
-    # Only what changes the logits: not memory/speed knobs, not the tokenizer (the data is
-    # tokenized with the student's, and the vocabularies are checked to be equal).
-    spec = teacher.model_dump(mode="json", include={"path", "random_init", "precision"})
-    if teacher.path is not None:
-        root = Path(teacher.path).resolve()
-        spec["path"] = str(root)
-        spec["files"] = sorted(
-            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.iterdir()
-            if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-        )
-    else:
-        spec["seed"] = seed  # a random teacher is a function of its seed
-    return spec
-
-
-def cache_key(teacher: dict, examples: Sequence[Example], top_k: int) -> str:
-    """A hash of the teacher fingerprint, K and the examples' token ids and targets.
-
-    Hashing the tokenized examples (not the data path) covers the dataset's content, split
-    and limit, the tokenizer, the chat template, max_seq_len and the over-length policy.
-    """
-    h = hashlib.sha256(json.dumps({"format": _FORMAT, "teacher": teacher, "top_k": top_k}, sort_keys=True).encode())
-    h.update(np.asarray([len(examples)], dtype=np.int64).tobytes())
-    for e in examples:
-        h.update(np.asarray([len(e.input_ids)], dtype=np.int64).tobytes())
-        h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
-        h.update(np.asarray(e.target_ids, dtype=np.int64).tobytes())
-    return h.hexdigest()[:20]
+def topk_cache_spec(teacher: dict, top_k: int) -> dict:
+    """What a top-K file depends on besides the examples (`cache_key`): the teacher's
+    `model_fingerprint`, K and the file layout's version."""
+    return {"format": _FORMAT, "teacher": teacher, "top_k": top_k}
 
 
 def save_topk(path: str | Path, topk: TopK, metadata: dict[str, str] | None = None) -> None:
     """Write `{example index: ((n, K) logits, (n, K) ids)}` to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     index = sorted(topk)
     k = next(iter(topk.values()))[0].shape[1] if topk else 0
     counts = torch.tensor([topk[i][0].shape[0] for i in index], dtype=torch.long)
@@ -108,17 +68,7 @@ def save_topk(path: str | Path, topk: TopK, metadata: dict[str, str] | None = No
         # ids < vocabulary size < 2**31: int32 halves the file
         "ids": torch.cat([topk[i][1].to(torch.int32) for i in index]) if index else torch.zeros(0, k, dtype=torch.int32),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a shared cache must be readable
-        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_safetensors(path, tensors, metadata)
 
 
 def load_topk(path: str | Path) -> TopK:

@@ -35,15 +35,15 @@ from pydantic import Field, model_validator
 
 from alignkit.config import ConfigError, DataConfig, ModelConfig, RecipeConfig, Section
 from alignkit.data.batching import collate_rows
+from alignkit.data.cache import cache_key, model_fingerprint
 from alignkit.data.distill import (
     TOPK_IDS,
     TOPK_LOGITS,
     attach_topk,
-    cache_key,
     collate_rows_with_teacher,
     load_topk,
     save_topk,
-    teacher_fingerprint,
+    topk_cache_spec,
 )
 from alignkit.data.sft import load_sft_examples, make_rows, row_length
 from alignkit.data.tokenize import IGNORE
@@ -170,9 +170,10 @@ def main(cfg: Config) -> None:
     teacher = None
     if cfg.mode == "offline":
         cache_dir = Path(cfg.cache_dir or run.output_dir / "teacher_topk")
-        fingerprint = teacher_fingerprint(cfg.teacher, cfg.train.seed + 1)
+        fingerprint = model_fingerprint(cfg.teacher, cfg.train.seed + 1)
         metadata = {"teacher": json.dumps(fingerprint), "top_k": str(cfg.top_k)}  # for whoever inspects a file
-        paths = {name: cache_dir / f"{name}-{cache_key(fingerprint, examples, cfg.top_k)}.safetensors"
+        spec = topk_cache_spec(fingerprint, cfg.top_k)
+        paths = {name: cache_dir / f"{name}-{cache_key(spec, examples)}.safetensors"
                  for name, examples in datasets.items()}
         # Every process looks before the first barrier below, so all see the same answer.
         missing = [name for name, path in paths.items() if not path.is_file()]

@@ -31,42 +31,67 @@ are the same model at step 0) and warns loudly if they do not.
 Chosen and rejected responses go through the model in ONE padding-free forward pass: each
 pair is one row [prompt+chosen | prompt+rejected] with restarting position ids.
 
+Iterative on-policy DPO (`online`; Xu et al. 2023, "Some things are more CRINGE than others:
+iterative preference optimization with the pairwise cringe loss"; Xiong et al. 2024, "Iterative
+preference learning from human feedback: bridging theory and practice for RLHF under
+KL-constraint"; Guo et al. 2024, "Direct language model alignment from online AI feedback").
+`data.train` then holds prompts, and per iteration t = 1..T:
+
+    1. the current policy (iteration t-1's result; at t = 1 `model.*`) answers every prompt n times
+    2. the judge (`online.judge`: a reward model, a server, a Python function or the oracle)
+       scores the answers; an answer cut by max_new_tokens scores 0
+    3. the best and the worst answer to a prompt become a pair (prompts whose answers tie within
+       `online.min_margin` give none)
+    4. DPO on the pairs, from and against the current policy (it is the reference)
+
+Each iteration is a complete run in `output_dir/iteration_t/` (pairs.jsonl, then the DPO run's
+metrics, checkpoints and final/), so a killed run resumes at the iteration (and training step)
+it stopped in; `output_dir/final/` is the last iteration's model. The pairs' statistics per
+iteration go to `output_dir/metrics.jsonl` (`rollout/reward`, `rollout/ended_fraction`,
+`rollout/response_tokens`, `rollout/pairs`, `rollout/margin`). The samples do not depend on the
+number of processes (`alignkit.training.sampled_pairs`).
+
     alignkit run dpo --config tiny
     alignkit run dpo --config my.yaml model.path=runs/sft/final loss.type=ipo loss.beta=0.5 --nproc 8
+    alignkit run dpo --config tiny_online
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import model_validator
-from safetensors.torch import load_file, save_file
+from pydantic import Field, model_validator
+from safetensors.torch import load_file
 
-from alignkit.config import ConfigError, DataConfig, RecipeConfig, Section
-from alignkit.data.distill import cache_key, teacher_fingerprint
+from alignkit.config import ConfigError, DataConfig, DatasetConfig, RecipeConfig, SamplingConfig, Section
+from alignkit.data.cache import cache_key, model_fingerprint, save_safetensors
+from alignkit.data.formats import read_prompt_records
+from alignkit.data.io import write_jsonl
 from alignkit.data.preference import (
     PreferencePair,
     collate_pairs,
     load_kto_pairs,
     load_preference_pairs,
     pair_length,
-    sequence_logps,
 )
 from alignkit.data.tokenize import IGNORE
 from alignkit.losses.preference import dpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
-from alignkit.models.forward import logits_at
-from alignkit.models.loading import adapters_off, load_causal_lm, load_tokenizer, unwrap
-from alignkit.training.distributed import all_reduce_sum, score_sharded
-from alignkit.training.loop import fit, save_final, start_run, to_device
+from alignkit.models.forward import logits_at, sequence_logps
+from alignkit.models.loading import adapters_off, load_causal_lm, load_tokenizer
+from alignkit.rewards import RewardSourceConfig, build_reward_source
+from alignkit.tasks.datasets import MIN_PREFERENCE_MARGIN
+from alignkit.tasks.oracle import oracle_rewards
+from alignkit.training.distributed import barrier, score_sharded
+from alignkit.training.logging import MetricLogger
+from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_run, save_final, start_run, to_device
+from alignkit.training.sampled_pairs import Judge, sampled_preference_pairs
 
-__all__ = ["Config", "PreferenceLossConfig", "ReferenceConfig", "main", "policy_logps"]
+__all__ = ["Config", "OnlineConfig", "PreferenceLossConfig", "ReferenceConfig", "main", "policy_logps"]
 
 LossType = Literal["dpo", "ipo", "hinge", "robust", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "simpo", "orpo", "kto"]
 REFERENCE_FREE = ("simpo", "orpo")
@@ -115,10 +140,39 @@ class ReferenceConfig(Section):
     check_tolerance: float | None = None
 
 
+class OnlineConfig(Section):
+    """Iterative on-policy DPO (module docstring); `data.train` holds the prompts."""
+
+    iterations: int = Field(2, ge=1)
+    # n answers per prompt (>= 2), in batches of batch_size prompts; seed None: train.seed.
+    # Iteration t samples with seed + t.
+    sampling: SamplingConfig = SamplingConfig(n=4, temperature=1.0)
+    judge: RewardSourceConfig
+    min_margin: float = Field(MIN_PREFERENCE_MARGIN, ge=0.0)  # best minus worst reward needed for a pair
+    # Sample under the training precision's autocast (bf16_autocast: bf16 matmuls, faster);
+    # false: in the weights' own dtype (fp32 master weights under bf16_autocast).
+    autocast: bool = True
+
+    @model_validator(mode="after")
+    def _two_answers(self) -> "OnlineConfig":
+        if self.sampling.n < 2:
+            raise ValueError("online.sampling.n: a pair needs at least 2 answers per prompt")
+        return self
+
+
 class Config(RecipeConfig):
-    data: DataConfig
+    data: DataConfig  # data.train: preference pairs; with `online`, prompt records
     loss: PreferenceLossConfig = PreferenceLossConfig()
     reference: ReferenceConfig = ReferenceConfig()
+    online: OnlineConfig | None = None
+
+    @model_validator(mode="after")
+    def _online_fits(self) -> "Config":
+        if self.online is not None and self.loss.type == "kto":
+            raise ValueError("online: on-policy pairs are paired data; loss.type=kto learns from unpaired labels")
+        if self.online is not None and self.model.lora.enabled and not self.model.lora.merge_on_save:
+            raise ValueError("online with LoRA needs model.lora.merge_on_save (the next iteration loads final/)")
+        return self
 
 
 # --- log-probabilities: both responses of every pair in one forward pass ------------------
@@ -184,22 +238,7 @@ _FORMAT = "dpo-reference-logps-1"
 
 def _cache_path(cache_dir: Path, name: str, fingerprint: dict, pairs: list[PreferencePair]) -> Path:
     flat = [e for p in pairs for e in (p.chosen, p.rejected)]
-    return cache_dir / f"{name}-{cache_key({'format': _FORMAT, 'reference': fingerprint}, flat, top_k=0)}.safetensors"
-
-
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a shared cache must be readable
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return cache_dir / f"{name}-{cache_key({'format': _FORMAT, 'reference': fingerprint}, flat)}.safetensors"
 
 
 def _score_pairs(run, cfg: Config, model, pairs: list[PreferencePair], pad_id: int) -> torch.Tensor:
@@ -224,7 +263,7 @@ def _score_pairs(run, cfg: Config, model, pairs: list[PreferencePair], pad_id: i
 
 def _cached_reference(run, cfg: Config, model, datasets: dict[str, list[PreferencePair]], pad_id: int) -> None:
     cache_dir = Path(cfg.reference.cache_dir or run.output_dir / "reference_logps")
-    fingerprint = teacher_fingerprint(cfg.model, cfg.train.seed)
+    fingerprint = model_fingerprint(cfg.model, cfg.train.seed)
     paths = {name: _cache_path(cache_dir, name, fingerprint, pairs) for name, pairs in datasets.items()}
     # Every process looks before any scoring (a collective), so all see the same answer.
     missing = {name for name, path in paths.items() if not path.is_file()}
@@ -240,7 +279,7 @@ def _cached_reference(run, cfg: Config, model, datasets: dict[str, list[Preferen
             run.log.info(f"computing reference log-probs for {len(pairs)} {name} pairs")
             logps = _score_pairs(run, cfg, model, pairs, pad_id)
             if run.dist.is_main:
-                _save_atomic(path, {"logps": logps.contiguous()}, {"reference": json.dumps(fingerprint)})
+                save_safetensors(path, {"logps": logps}, {"reference": json.dumps(fingerprint)})
         for pair, (c, r) in zip(pairs, logps.tolist()):
             pair.reference = (c, r)
 
@@ -303,16 +342,27 @@ def summarize_kto(metrics: dict[str, float]) -> dict[str, float]:
 
 def main(cfg: Config) -> None:
     run = start_run(cfg)
-    lc = cfg.loss
-    if lc.type in NEEDS_REWARDS and lc.label_smoothing:
-        raise ConfigError(f"loss.label_smoothing is not used by loss.type={lc.type}")
-
-    # --- policy, tokenizer and preference pairs ---------------------------------------------
+    if cfg.loss.type in NEEDS_REWARDS and cfg.loss.label_smoothing:
+        raise ConfigError(f"loss.label_smoothing is not used by loss.type={cfg.loss.type}")
+    if cfg.online is not None:
+        _iterate(run)
+        return
     tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id
     model = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+    train(run, model, tokenizer, cfg.data.train)
+    if cfg.checkpoint.save_final:
+        save_final(run, model, tokenizer)
+
+
+def train(run: Run, model, tokenizer, train_data: DatasetConfig):
+    """DPO of `model` (the policy, and the reference as it is now) on the pairs of `train_data`;
+    returns the trained model (wrapped by `fit`)."""
+    cfg, lc = run.cfg, run.cfg.loss
+    pad_id = tokenizer.pad_token_id
+
+    # --- preference pairs ----------------------------------------------------------------------
     datasets: dict[str, list[PreferencePair]] = {}
-    for name, spec in (("train", cfg.data.train), ("validation", cfg.data.validation)):
+    for name, spec in (("train", train_data), ("validation", cfg.data.validation)):
         if spec is not None:
             if lc.type == "kto":
                 datasets[name], stats = load_kto_pairs(spec, cfg.data, tokenizer)
@@ -346,9 +396,66 @@ def main(cfg: Config) -> None:
         ref = policy if reference is model else reference
         return loss_fn(policy, batch, cfg, ref)
 
-    model = fit(run, model, datasets["train"], pair_length, collate, train_loss, datasets.get("validation"),
-                summarize_kto if lc.type == "kto" else None)
+    return fit(run, model, datasets["train"], pair_length, collate, train_loss, datasets.get("validation"),
+               summarize_kto if lc.type == "kto" else None)
 
-    # --- save in Hugging Face format ---------------------------------------------------------
-    if cfg.checkpoint.save_final:
-        save_final(run, model, tokenizer)
+
+# --- iterative on-policy DPO: sample, judge, pair, train; repeat from the result ----------
+
+
+def _judge(cfg: RewardSourceConfig) -> Judge:
+    """The reward source as a judge of Python floats. The oracle is called directly: its rewards
+    have 4 decimals, and a float32 RewardOutput would turn a gap of exactly min_margin into less."""
+    if cfg.kind == "oracle":
+        return oracle_rewards
+    source = build_reward_source(cfg)
+    return lambda prompts, responses: source(prompts, responses).rewards.tolist()
+
+
+def _iterate(run: Run) -> None:
+    cfg, online = run.cfg, run.cfg.online
+    prompts = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
+    judge = _judge(online.judge)
+    # On a resumed run keep the pair statistics of the iterations whose pairs are on disk.
+    sampled = [t for t in range(1, online.iterations + 1) if _pairs_path(run, t).is_file()]
+    pair_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), online.iterations,
+                            run.dist.is_main, resumed_step=max(sampled, default=0))
+    for t in range(1, online.iterations + 1):
+        it_run = iteration_run(run, t)  # 1. the policy: iteration t-1's final model (t = 1: model.*)
+        if it_run is None:
+            continue
+        tokenizer = load_tokenizer(it_run.cfg.model)
+        model = load_causal_lm(it_run.cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
+        if not _pairs_path(run, t).is_file():  # 2-3. answers, judged, best vs worst (reused on resume)
+            _sample_pairs(it_run, t, model, tokenizer, prompts, judge, pair_log)
+        # 4. DPO from and against the current policy
+        model = train(it_run, model, tokenizer, DatasetConfig(path=str(_pairs_path(run, t))))
+        save_final(it_run, model, tokenizer)
+        barrier(run.dist)
+        del model
+    pair_log.close()
+    copy_last_iteration(run, online.iterations)
+
+
+def _pairs_path(run: Run, t: int) -> Path:
+    return run.output_dir / f"iteration_{t}" / "pairs.jsonl"
+
+
+def _sample_pairs(run: Run, t: int, model, tokenizer, prompts, judge: Judge, pair_log: MetricLogger) -> None:
+    """Iteration t's pairs from `model`'s answers, written to pairs.jsonl; statistics logged at step t."""
+    online, data = run.cfg.online, run.cfg.data
+    sampling = online.sampling.model_copy(update={"seed": (online.sampling.seed if online.sampling.seed is not None
+                                                           else run.cfg.train.seed) + t})
+    with run.autocast() if online.autocast else contextlib.nullcontext():
+        pairs, metrics = sampled_preference_pairs(model, tokenizer, prompts, sampling, judge,
+                                                  min_margin=online.min_margin, chat_template=data.chat_template,
+                                                  system_prompt=data.system_prompt, d=run.dist)
+    pair_log.log(t, metrics)
+    run.log.info(f"iteration {t}: {len(pairs)} on-policy pairs from {len(prompts)} prompts x {sampling.n} answers; "
+                 + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if not pairs:
+        raise ConfigError(f"iteration {t}: no pair: every prompt's answers scored within online.min_margin="
+                          f"{online.min_margin} of each other (or none ended: raise sampling.max_new_tokens)")
+    if run.dist.is_main:
+        write_jsonl(pairs, run.output_dir / "pairs.jsonl")
+    barrier(run.dist)

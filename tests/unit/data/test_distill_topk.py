@@ -7,23 +7,19 @@ from `logits_at`, whatever the packing, the row order and the filler rows.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-from alignkit.config import ModelConfig, RandomInitConfig
 from alignkit.data.batching import collate_rows, pack_examples
 from alignkit.data.distill import (
     TOPK_IDS,
     TOPK_LOGITS,
     attach_topk,
-    cache_key,
     collate_rows_with_teacher,
     load_topk,
     save_topk,
-    teacher_fingerprint,
 )
 from alignkit.data.tokenize import IGNORE, Example
 from alignkit.models.forward import logits_at
@@ -113,59 +109,6 @@ def test_teacher_rows_computed_per_example_match_logits_at_on_the_packed_batch(t
 
 
 # --- the cache ----------------------------------------------------------------------------
-
-
-def random_teacher(**kw) -> ModelConfig:
-    return ModelConfig(random_init=RandomInitConfig(**kw))
-
-
-def fake_model_dir(path):
-    path.mkdir()
-    (path / "config.json").write_text("{}")
-    (path / "model.safetensors").write_bytes(b"0" * 16)
-    (path / "tokenizer.json").write_text("{}")
-    return path
-
-
-def test_cache_key_is_stable_for_equal_inputs_and_changes_with_each_input(tmp_path):
-    teacher = teacher_fingerprint(random_teacher(), seed=1)
-    base = cache_key(teacher, make_examples(6), 8)
-    assert cache_key(teacher_fingerprint(random_teacher(), seed=1), make_examples(6), 8) == base  # rebuilt, same
-
-    one_token = make_examples(6)
-    one_token[3].input_ids[0] += 1
-    one_mask = make_examples(6)
-    one_mask[0].target_ids[0] = 5
-    changed = {
-        "top_k": cache_key(teacher, make_examples(6), 16),
-        "a token": cache_key(teacher, one_token, 8),
-        "a target": cache_key(teacher, one_mask, 8),
-        "one example fewer (data.limit)": cache_key(teacher, make_examples(6)[:5], 8),
-        "teacher seed": cache_key(teacher_fingerprint(random_teacher(), seed=2), make_examples(6), 8),
-        "teacher shape": cache_key(teacher_fingerprint(random_teacher(hidden_size=32), seed=1), make_examples(6), 8),
-        "teacher precision": cache_key(
-            teacher_fingerprint(ModelConfig(random_init=RandomInitConfig(), precision="bf16"), seed=1),
-            make_examples(6), 8),
-    }
-    assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
-
-    # Knobs that do not change the logits do not invalidate the cache.
-    same = ModelConfig(random_init=RandomInitConfig(), gradient_checkpointing=True, attn_implementation="eager")
-    assert cache_key(teacher_fingerprint(same, seed=1), make_examples(6), 8) == base
-
-
-def test_cache_key_of_a_local_teacher_follows_its_weight_files(tmp_path):
-    model_dir = fake_model_dir(tmp_path / "teacher")
-    cfg = ModelConfig(path=str(model_dir))
-    key = cache_key(teacher_fingerprint(cfg, seed=1), make_examples(3), 8)
-    assert cache_key(teacher_fingerprint(cfg, seed=99), make_examples(3), 8) == key  # seed only for random init
-    (model_dir / "tokenizer.json").write_text('{"x": 1}')  # not weights
-    assert cache_key(teacher_fingerprint(cfg, seed=1), make_examples(3), 8) == key
-    st = (model_dir / "model.safetensors").stat()
-    os.utime(model_dir / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # retrained
-    assert cache_key(teacher_fingerprint(cfg, seed=1), make_examples(3), 8) != key
-    other = fake_model_dir(tmp_path / "other")
-    assert cache_key(teacher_fingerprint(ModelConfig(path=str(other)), seed=1), make_examples(3), 8) != key
 
 
 def test_save_load_round_trip_is_atomic_and_attach_checks_shapes(tmp_path):
