@@ -183,32 +183,3 @@ def write_json(data: dict[str, Any], path: str | Path) -> Path:
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
     tmp.replace(path)
     return path
-
-
-def sampled_preference_pairs(model_dir: str | Path, prompts: list[dict[str, Any]], samples: int = 4,
-                             params: SamplingConfig = SamplingConfig(max_new_tokens=96, temperature=1.0, seed=0),
-                             min_margin: float = 0.05, all_pairs: bool = False) -> list[dict[str, Any]]:
-    """On-policy preference pairs: `samples` responses of the model to each prompt, judged by the
-    oracle; the best and the worst become chosen and rejected when their rewards differ by at
-    least `min_margin` (prompts whose samples all tie are skipped). With `all_pairs`, every
-    comparison among a prompt's samples that clears the margin (`ranked_pairs`: more data for a
-    reward model, which learns from each comparison; DPO keeps best-vs-worst).
-
-    Pairs from the policy's own distribution teach what the policy actually gets wrong, where
-    pairs from another writer (the demonstrator) mostly teach that writer's style: the usual
-    finding that on-policy preference data beats off-policy data for DPO.
-    """
-    model, tokenizer = load_for_eval(model_dir)
-    repeated = [p for p in prompts for _ in range(samples)]
-    completions = sample_responses(model, tokenizer, repeated, params)
-    from alignkit.tasks.datasets import best_worst_pair, ranked_pairs
-
-    records = []
-    for i, prompt in enumerate(prompts):
-        scored = [(score_response(prompt, c.text).reward if c.is_end else 0.0, c.text)
-                  for c in completions[i * samples : (i + 1) * samples]]
-        if all_pairs:
-            records += ranked_pairs(prompt["prompt"], scored, min_margin)
-        elif (record := best_worst_pair(prompt["prompt"], scored, min_margin)) is not None:
-            records.append(record)
-    return records

@@ -426,7 +426,9 @@ def _iterate(run: Run) -> None:
             continue
         tokenizer = load_tokenizer(it_run.cfg.model)
         model = load_causal_lm(it_run.cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
-        if not _pairs_path(run, t).is_file():  # 2-3. answers, judged, best vs worst (reused on resume)
+        if _pairs_path(run, t).is_file():
+            run.log.info(f"iteration {t}: reusing the pairs in {_pairs_path(run, t)}")
+        else:  # 2-3. answers, judged, best vs worst
             _sample_pairs(it_run, t, model, tokenizer, prompts, judge, pair_log)
         # 4. DPO from and against the current policy
         model = train(it_run, model, tokenizer, DatasetConfig(path=str(_pairs_path(run, t))))

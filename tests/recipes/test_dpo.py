@@ -16,6 +16,7 @@ import statistics
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -267,3 +268,62 @@ def test_kto_on_unpaired_data(tmp_path):
     assert statistics.mean(r["loss"] for r in train[-10:]) < statistics.mean(r["loss"] for r in train[:10]) - 0.02
     assert statistics.mean(r["rewards/margin"] for r in train[-10:] if "rewards/margin" in r) > 0.2
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+# --- iterative on-policy DPO (`online`): sample, judge, pair, train; repeat from the result ------
+
+
+def online_dpo(out, *overrides, env=None):
+    return run_cli("run", "dpo", "--config", "tiny_online", f"output_dir={out}", *QUIET, *overrides,
+                   env={**ENV, **(env or {})})
+
+
+def read_pairs(out, t):
+    return [json.loads(line) for line in (out / f"iteration_{t}" / "pairs.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def online_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo_online") / "run"
+    result = online_dpo(out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_online_dpo_trains_each_iteration_from_and_against_the_last_result(online_run):
+    out = online_run
+    rollout = metrics(out)  # one row of pair statistics per iteration
+    assert [r["step"] for r in rollout] == [1, 2]
+    for t, row in zip((1, 2), rollout):
+        pairs = read_pairs(out, t)
+        assert row["rollout/pairs"] == len(pairs) > 0 and 0 < row["rollout/ended_fraction"] < 1
+        assert all(p["chosen_reward"] - p["rejected_reward"] >= 0.05 for p in pairs)  # ties skipped
+        assert len({p["prompt"] for p in pairs}) == len(pairs)  # best vs worst: one pair per prompt
+        train = train_rows(out / f"iteration_{t}")
+        assert [r["step"] for r in train] == list(range(1, 7))
+        # The reference is the iteration's starting policy: every implicit reward is 0 at step 1.
+        assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert train[-1]["rewards/margin"] > train[0]["rewards/margin"] + 1.0
+    assert read_pairs(out, 1) != read_pairs(out, 2)  # sampled afresh, from the new policy
+    # Iteration 2 starts from iteration 1's result, which is also its reference.
+    cache = next((out / "iteration_2" / "reference_logps").glob("train-*.safetensors"))
+    with safe_open(str(cache), "pt") as f:
+        assert json.loads(f.metadata()["reference"])["path"] == str((out / "iteration_1" / "final").resolve())
+    final, last = load_file(str(out / "final" / "model.safetensors")), load_file(
+        str(out / "iteration_2" / "final" / "model.safetensors"))
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_online_dpo_resumed_equals_uninterrupted(online_run, tmp_path):
+    out, resumed = online_run, tmp_path / "resumed"
+    killed = online_dpo(resumed, env={"ALIGNKIT_TEST_KILL_AT_STEP": "4"})  # in iteration 1, after its pairs
+    assert killed.returncode != 0 and not (resumed / "iteration_2").exists()
+    result = online_dpo(resumed)
+    assert result.returncode == 0, result.stderr
+    assert "iteration 1: reusing the pairs" in result.stderr and "step 4 of 6" in result.stderr
+    assert metrics(resumed) == metrics(out)
+    keys = ["loss", "rewards/margin"]
+    for t in (1, 2):
+        assert read_pairs(resumed, t) == read_pairs(out, t)
+        assert [r[k] for r in train_rows(resumed / f"iteration_{t}") for k in keys] == pytest.approx(
+            [r[k] for r in train_rows(out / f"iteration_{t}") for k in keys], rel=1e-6, abs=1e-7)
