@@ -1,9 +1,9 @@
-"""The `alignkit` command line.
+"""The `alignkit` command line: each command parses its options, calls one function of the package
+that does the work, and prints.
 
     alignkit run RECIPE --config CONFIG [key.path=value ...] [--nproc N]
-    alignkit ls
-    alignkit validate CONFIG [--recipe RECIPE]
-    alignkit score --model RM --data FILE [--out FILE]
+    alignkit ls | validate CONFIG | demo | build-data
+    alignkit generate | eval | score | annotate | generate-images | shape-world | serve reward|generate
 
 CONFIG is a YAML path or the name of a shipped config (`configs/RECIPE/NAME.yaml`).
 New knobs go into the config tree, never into new flags.
@@ -11,6 +11,7 @@ New knobs go into the config tree, never into new flags.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -18,16 +19,30 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 import yaml
 
-from alignkit.config import ConfigError, configs_dir, find_config, load_config
-from alignkit.data.io import DataError
+from alignkit.config import ConfigError, SamplingConfig, configs_dir, find_config, load_config
+from alignkit.data.io import DataError, read_records, write_jsonl
+from alignkit.data.steerlm import DEFAULT_ATTRIBUTES
+from alignkit.data.steerlm import annotate as annotate_records
+from alignkit.data.taskworld import build_datasets
+from alignkit.demo import run_demo
+from alignkit.diffusion.inference import sample_image_grid
+from alignkit.diffusion.pretrain import build_shape_world
+from alignkit.evaluation.evaluate import evaluate_dataset
+from alignkit.generation.offline import generate_dataset
 from alignkit.recipes import RECIPES, recipe_module
+from alignkit.rewards import RewardSourceConfig, build_reward_source
+from alignkit.rewards.scoring import score_dataset
 from alignkit.training.distributed import shutdown
 
 __all__ = ["app", "main"]
+
+# options that several commands share
+_RewardModelDir = Annotated[str, typer.Option(help="reward model directory (what `alignkit run reward_model` saves)")]
+_Normalize = Annotated[bool, typer.Option(help="standardise rewards with the model's mean and std")]
+_Host = Annotated[str, typer.Option(help="address to bind; loopback unless you mean to expose it")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align generative models: SFT, distillation, DPO, reward models, RLHF, SteerLM, DRaFT+.")
@@ -36,6 +51,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def _reported(*errors: type[Exception]):
+    """Errors of these kinds (bad input, a missing file) end the command with their message, no traceback."""
+    try:
+        yield
+    except errors as exc:
+        _fail(str(exc))
 
 
 def _load(recipe: str, config: str, overrides: list[str]):
@@ -64,7 +88,7 @@ def run(
 ) -> None:
     """Run a recipe. Extra arguments `a.b=c` override config values."""
     overrides = list(ctx.args)
-    try:
+    with _reported(ConfigError, DataError, FileNotFoundError):
         module, cfg = _load(recipe, config, overrides)  # validate before launching anything
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -78,8 +102,6 @@ def run(
         # must exit at once so that torchrun stops the others, not wait at a barrier.
         if shutdown():
             _exit_now()
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        _fail(str(exc))
 
 
 @app.command("ls")
@@ -97,15 +119,13 @@ def validate(
     recipe: Annotated[str | None, typer.Option(help="recipe (default: the config's `recipe` key or its folder name)")] = None,
 ) -> None:
     """Check a config without running it."""
-    try:
+    with _reported(ConfigError, DataError):
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         data = yaml.safe_load(path.read_text()) or {}
         recipe = recipe or (data.get("recipe") if isinstance(data, dict) else None) or path.parent.name
         _load(recipe, str(path), [])
-    except (ConfigError, DataError) as exc:
-        _fail(str(exc))
     typer.secho(f"ok: {config} is a valid {recipe} config", fg=typer.colors.GREEN)
 
 
@@ -115,12 +135,8 @@ def demo(
     output_dir: Annotated[str, typer.Option("--output-dir", help="where the demo writes")] = "runs/demo",
 ) -> None:
     """Run the end-to-end demo on the task world (stages whose inputs are unchanged are reused)."""
-    from alignkit.demo import run_demo
-
-    try:
+    with _reported(ConfigError, DataError, ValueError):
         run_demo([s for s in stages.split(",") if s] or None, output_dir)
-    except (ConfigError, DataError, ValueError) as exc:
-        _fail(str(exc))
 
 
 @app.command("build-data")
@@ -129,8 +145,6 @@ def build_data(
     seed: int = 0,
 ) -> None:
     """Write every task-world dataset (pretraining corpus, SFT, preferences, attributes, prompts, ...)."""
-    from alignkit.data.taskworld import build_datasets
-
     for name, path in build_datasets(out, seed=seed).items():
         typer.echo(f"{name:18s} {path}")
 
@@ -146,73 +160,30 @@ def evaluate(
     seed: int = 0,
 ) -> None:
     """Sample responses to held-out task-world prompts and score them with the oracle."""
-    from alignkit.data.io import read_records
-    from alignkit.evaluation.evaluate import evaluate_model, plot_results, write_json
-    from alignkit.config import SamplingConfig
-
-    try:
-        records = [r.data for r in read_records(prompts)]
-        if not records or "prompt" not in records[0]:
-            raise DataError(f"{prompts}: expected prompt records with a 'prompt' field")
-        params = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        result = evaluate_model(model, records, params, reference_dir=reference)
-    except (DataError, FileNotFoundError, OSError) as exc:
-        _fail(str(exc))
-    write_json(result.to_json(records), Path(out) / "eval.json")
-    plot_results({Path(model).name: result.metrics}, Path(out) / "eval.png")
-    for key, value in result.metrics.items():
+    params = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    with _reported(DataError, FileNotFoundError, OSError):
+        metrics = evaluate_dataset(model, prompts, out, params, reference_dir=reference)
+    for key, value in metrics.items():
         typer.echo(f"{key:32s} {value:.4f}")
 
 
 @app.command()
 def score(
-    model: Annotated[str, typer.Option(help="reward model directory (what `alignkit run reward_model` saves)")],
+    model: _RewardModelDir,
     data: Annotated[str, typer.Option(help="records: {prompt, response} (or completion), or preference pairs")],
     out: Annotated[str | None, typer.Option(help="write the records with their scores here (JSONL)")] = None,
-    normalize: Annotated[bool, typer.Option(help="standardise rewards with the model's mean and std")] = False,
+    normalize: _Normalize = False,
     batch_size: int = 16,
 ) -> None:
     """Score responses (or both sides of preference pairs) with a reward model."""
-    import json
-
-    from alignkit.data.io import read_records
-    from alignkit.data.preference import RESPONSE_KEYS
-    from alignkit.rewards import LocalRewardModel
-
-    try:
-        records = read_records(data)
-        if not records:
-            raise DataError(f"{data}: no records")
-        rm = LocalRewardModel(model, batch_size=batch_size, normalize=normalize)
-        first = records[0].data
-        pair_keys = next((k for k in RESPONSE_KEYS if k[0] in first), None)
-        sides = list(pair_keys) if pair_keys else ["completion" if "completion" in first else "response"]
-        for r in records:
-            missing = [k for k in ("prompt", *sides) if k not in r.data]
-            if missing:
-                raise DataError(f"{r.source}: missing field(s) {', '.join(missing)} (every record must have "
-                                f"{', '.join(('prompt', *sides))}, like the first)")
-        scored = {side: rm.score([r.data["prompt"] for r in records], [r.data[side] for r in records])
-                  for side in sides}
-    except (DataError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    rows = []
-    for i, r in enumerate(records):
-        row = dict(r.data)
-        for side in sides:
-            prefix = "" if len(sides) == 1 else f"{side}_"
-            row[f"{prefix}score"] = float(scored[side].rewards[i])
-            if len(rm.names) > 1:
-                row[f"{prefix}score_attributes"] = dict(zip(rm.names, scored[side].attributes[i].tolist()))
-        rows.append(row)
+    with _reported(DataError, FileNotFoundError, ValueError):
+        scores = score_dataset(data, model, batch_size=batch_size, normalize=normalize)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    rewards = torch.cat([scored[side].rewards for side in sides])
-    typer.echo(f"records {len(records)}  reward mean {float(rewards.mean()):.4f}  std {float(rewards.std()):.4f}")
-    if pair_keys:
-        accuracy = float((scored[sides[0]].rewards > scored[sides[1]].rewards).float().mean())
-        typer.echo(f"pairwise accuracy {accuracy:.4f}")
+        write_jsonl(scores.rows, out)
+    rewards = scores.rewards
+    typer.echo(f"records {len(scores.rows)}  reward mean {float(rewards.mean()):.4f}  std {float(rewards.std()):.4f}")
+    if scores.accuracy is not None:
+        typer.echo(f"pairwise accuracy {scores.accuracy:.4f}")
 
 
 @app.command()
@@ -222,26 +193,16 @@ def annotate(
     reward_model: Annotated[str | None, typer.Option(help="attribute model directory (a regression reward model)")] = None,
     url: Annotated[str | None, typer.Option(help="or a reward server (`alignkit serve reward`) with attributes")] = None,
     oracle: Annotated[bool, typer.Option(help="or the task world's oracle")] = False,
-    attributes: Annotated[str, typer.Option(help="the label's attributes, in order")] = ",".join(
-        ("helpfulness", "correctness", "coherence", "complexity", "verbosity")),
+    attributes: Annotated[str, typer.Option(help="the label's attributes, in order")] = ",".join(DEFAULT_ATTRIBUTES),
 ) -> None:
     """SteerLM step 2: label each response with its attributes (clipped to 0..4, rounded)."""
-    import json
-
-    from alignkit.data.io import read_records
-    from alignkit.data.steerlm import annotate as annotate_records
-    from alignkit.rewards import RewardSourceConfig, build_reward_source
-
     sources = [k for k, v in (("model", reward_model), ("http", url), ("oracle", oracle)) if v]
     if len(sources) != 1:
         _fail("give exactly one of --reward-model, --url, --oracle")
-    try:
+    with _reported(DataError, FileNotFoundError, ValueError, RuntimeError):
         source = build_reward_source(RewardSourceConfig(kind=sources[0], path=reward_model, url=url))
         rows = annotate_records(read_records(data), source, [a.strip() for a in attributes.split(",") if a.strip()])
-    except (DataError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        _fail(str(exc))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    write_jsonl(rows, out)
     typer.echo(f"annotated {len(rows)} records -> {out}")
 
 
@@ -263,58 +224,11 @@ def generate(
              "a record's own 'attributes' (object or label) wins")] = None,
 ) -> None:
     """Sample responses with the KV-cache engine and write them as JSONL."""
-    import json
-
-    from alignkit.data.formats import messages_from_value
-    from alignkit.data.io import read_records
-    from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
-    from alignkit.evaluation.evaluate import load_for_eval
-    from alignkit.config import SamplingConfig
-    from alignkit.generation.sampler import generate as sample
-
-    try:
-        records = read_records(prompts)
-        conversations = []
-        for r in records:
-            if "messages" in r.data:
-                conversations.append(messages_from_value(r.data["messages"], "user", f"{r.source}: field 'messages'"))
-            elif "prompt" in r.data:
-                conversations.append(messages_from_value(r.data["prompt"], "user", f"{r.source}: field 'prompt'"))
-            else:
-                raise DataError(f"{r.source}: a prompt record needs 'prompt' or 'messages'")
-        if not Path(model, "config.json").is_file():
-            raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model}")
-        lm, tokenizer = load_for_eval(model)
-        fmt = SteerLMFormat.from_config(lm.config)
-        texts, labels = [], []
-        for r, c in zip(records, conversations):
-            request = r.data.get("attributes", attributes)
-            try:
-                texts.append(steered_prompt(tokenizer, c, fmt, request))
-            except LabelError as exc:
-                raise DataError(f"{r.source}: {exc}") from None
-            labels.append({"label": fmt.label(request)} if fmt else {})
-    except (DataError, FileNotFoundError, OSError) as exc:
-        _fail(str(exc))
     params = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
-                            stop=tuple(stop or ()), seed=seed)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    written = ended = 0
-    with open(out, "w", encoding="utf-8") as f:
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start : start + batch_size]
-            batch_params = params.model_copy(update={"seed": seed + start})
-            for c in sample(lm, chunk, batch_params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode):
-                record = records[start + c.prompt_index].data
-                steer = labels[start + c.prompt_index]
-                f.write(json.dumps({"prompt": record.get("prompt", record.get("messages")), **steer, "response": c.text,
-                                    "sample": written % n, "is_end": c.is_end, "finish_reason": c.finish_reason,
-                                    "num_tokens": len(c.token_ids), "logprob": sum(c.logprobs)},
-                                   ensure_ascii=False) + "\n")
-                written += 1
-                ended += c.is_end
-    typer.echo(f"wrote {written} samples for {len(ids)} prompts to {out} ({ended} ended on EOS or a stop string)")
+                            stop=list(stop or ()), seed=seed, batch_size=batch_size)
+    with _reported(DataError, FileNotFoundError, OSError):
+        written, n_prompts, ended = generate_dataset(model, prompts, out, params, attributes)
+    typer.echo(f"wrote {written} samples for {n_prompts} prompts to {out} ({ended} ended on EOS or a stop string)")
 
 
 @app.command("generate-images")
@@ -332,34 +246,10 @@ def generate_images(
     reward: Annotated[str | None, typer.Option(help="score the images: a reward directory or module:function")] = None,
 ) -> None:
     """Sample images from a diffusion pipeline (with DRaFT+ adapters, optionally annealed) into a PNG grid."""
-    import json
-
-    from alignkit.diffusion.images import save_grid
-    from alignkit.diffusion.inference import generate_images as sample_images
-    from alignkit.diffusion.inference import load_for_images, read_prompts
-    from alignkit.diffusion.reward import load_image_reward
-    from alignkit.diffusion.sampling import diversity
-
-    try:
-        if schedule != "draft" and lora is None:
-            raise ValueError(f"--schedule {schedule}: mixing base and fine-tuned models needs --lora")
-        pipe = load_for_images(model, lora)
-        texts = prompts
-        if len(prompts) == 1 and (Path(prompts[0]).is_file() or prompts[0].startswith("builtin:")):
-            texts = read_prompts(prompts[0], pipe.tokenizer)
-        images = sample_images(pipe, texts, list(range(seed, seed + n)), steps, guidance, schedule)
-        scores = load_image_reward(reward)(images.flatten(0, 1), [t for t in texts for _ in range(n)]) if reward else None
-    except (DataError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    save_grid(images, out, labels=texts)
-    summary = {"prompts": texts, "seeds": list(range(seed, seed + n)), "schedule": schedule,
-               "diversity": diversity(images) if n > 1 else None}
-    if scores is not None:
-        summary["rewards"] = scores.view(len(texts), n).tolist()
-        summary["reward"] = float(scores.mean())
-    Path(out).with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    extra = f", mean reward {summary['reward']:.3f}" if scores is not None else ""
-    typer.echo(f"wrote {len(texts)} x {n} images to {out}{extra}")
+    with _reported(DataError, FileNotFoundError, ValueError):
+        summary = sample_image_grid(out, prompts, model, lora, schedule, n, seed, steps, guidance, reward)
+    extra = f", mean reward {summary['reward']:.3f}" if "reward" in summary else ""
+    typer.echo(f"wrote {len(summary['prompts'])} x {n} images to {out}{extra}")
 
 
 @app.command("shape-world")
@@ -372,21 +262,8 @@ def shape_world(
     seed: int = 0,
 ) -> None:
     """Build the shape world for DRaFT+: a pretrained base pipeline (base/), its reward judge (judge/)."""
-    import json
-
-    from alignkit.diffusion.pipeline import save_pipeline
-    from alignkit.diffusion.pretrain import pretrain_shape_pipeline
-    from alignkit.diffusion.reward import train_shape_judge
-
-    root = Path(out)
-    judge, judge_report = train_shape_judge(n=judge_images, seed=seed)
-    judge.save(root / "judge")
-    typer.echo(f"judge: {judge_report}")
-    pipe, report = pretrain_shape_pipeline(n_images=images, vae_steps=vae_steps, unet_steps=unet_steps, seed=seed,
-                                           log=typer.echo)
-    save_pipeline(pipe, root / "base")
-    (root / "report.json").write_text(json.dumps({"judge": judge_report, "base": report}, indent=1))
-    typer.echo(f"wrote {root / 'base'} and {root / 'judge'}")
+    build_shape_world(out, unet_steps, vae_steps, images, judge_images, seed, log=typer.echo)
+    typer.echo(f"wrote {Path(out) / 'base'} and {Path(out) / 'judge'}")
 
 
 serve_app = typer.Typer(no_args_is_help=True, help="HTTP servers: a reward model, an OpenAI-compatible LM.")
@@ -395,57 +272,39 @@ app.add_typer(serve_app, name="serve")
 
 @serve_app.command("reward")
 def serve_reward(
-    model: Annotated[str, typer.Option(help="reward model directory (what `alignkit run reward_model` saves)")],
-    host: Annotated[str, typer.Option(help="address to bind; loopback unless you mean to expose it")] = "127.0.0.1",
+    model: _RewardModelDir,
+    host: _Host = "127.0.0.1",
     port: int = 5555,
     token_env: Annotated[str | None, typer.Option(help="require `Authorization: Bearer <token>` with the token "
                                                        "read from this environment variable")] = None,
-    normalize: Annotated[bool, typer.Option(help="standardise rewards with the model's mean and std")] = False,
+    normalize: _Normalize = False,
     max_batch: Annotated[int, typer.Option(help="responses per forward batch, gathered across requests")] = 64,
     max_delay_ms: Annotated[float, typer.Option(help="how long a request waits for others to join its batch")] = 5.0,
     max_items: Annotated[int, typer.Option(help="responses allowed in one request")] = 1024,
 ) -> None:
     """Serve a reward model over HTTP: POST /score, GET /health."""
-    import os
+    from alignkit.serving.reward_server import serve_reward_model  # local: fastapi and uvicorn, for serving only
 
-    import uvicorn
-
-    from alignkit.rewards import LocalRewardModel
-    from alignkit.serving.reward_server import create_app
-
-    token = None
-    if token_env:
-        token = os.environ.get(token_env)
-        if not token:
-            _fail(f"--token-env {token_env}: the variable is not set")
-    try:
-        rm = LocalRewardModel(model, batch_size=min(max_batch, 32), normalize=normalize)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    server = create_app(rm.score, model_name=str(model), names=rm.names, max_batch=max_batch,
-                        max_delay_ms=max_delay_ms, max_items=max_items, token=token)
-    uvicorn.run(server, host=host, port=port, log_level="warning")
+    token = os.environ.get(token_env) if token_env else None
+    if token_env and not token:
+        _fail(f"--token-env {token_env}: the variable is not set")
+    with _reported(FileNotFoundError, ValueError):
+        serve_reward_model(model, host, port, token, normalize, max_batch, max_delay_ms, max_items)
 
 
 @serve_app.command("generate")
 def serve_generate(
     model: Annotated[str, typer.Option(help="HF causal LM directory")],
-    host: Annotated[str, typer.Option(help="address to bind; loopback unless you mean to expose it")] = "127.0.0.1",
+    host: _Host = "127.0.0.1",
     port: int = 8000,
     name: Annotated[str | None, typer.Option(help="the model id clients ask for (default: the directory)")] = None,
     max_tokens_limit: Annotated[int, typer.Option(help="the most new tokens a request may ask for")] = 1024,
 ) -> None:
     """Serve a causal LM behind an OpenAI-compatible API: /v1/completions, /v1/chat/completions."""
-    import uvicorn
+    from alignkit.serving.openai_server import serve_model  # local: fastapi and uvicorn, for serving only
 
-    from alignkit.evaluation.evaluate import load_for_eval
-    from alignkit.serving.openai_server import create_app
-
-    if not Path(model, "config.json").is_file():
-        _fail(f"not a Hugging Face model directory (no config.json): {model}")
-    lm, tokenizer = load_for_eval(model)
-    server = create_app(lm, tokenizer, name or str(model), max_tokens_limit=max_tokens_limit)
-    uvicorn.run(server, host=host, port=port, log_level="warning")
+    with _reported(FileNotFoundError):
+        serve_model(model, host, port, name, max_tokens_limit)
 
 
 def main() -> None:

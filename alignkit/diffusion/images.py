@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 __all__ = ["save_grid", "to_uint8"]
 
@@ -21,8 +22,6 @@ def save_grid(rows: torch.Tensor, path: str | Path, scale: int = 4, labels: list
     """Save (R, C, 3, H, W) images in [-1, 1] as one PNG: R rows of C images, each enlarged `scale`
     times (nearest neighbour: small images stay sharp), with a grey `gap` between them and, if
     given, one label per row written above it."""
-    from PIL import Image, ImageDraw
-
     R, C, _, H, W = rows.shape
     cell_h, cell_w = H * scale, W * scale
     label_h = 12 if labels else 0

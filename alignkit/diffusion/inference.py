@@ -1,6 +1,6 @@
 """Sampling images from a base pipeline, optionally with DRaFT+ LoRA adapters and annealed
-importance guidance (AIG) between the two (`alignkit generate-images`, the demo, validation), and
-the batch sampler DRaFT+ trains through (`sample_batch`)."""
+importance guidance (AIG) between the two (`alignkit generate-images`: `sample_image_grid`; the
+demo, validation), and the batch sampler DRaFT+ trains through (`sample_batch`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from pathlib import Path
 import torch
 
 from alignkit.data.io import DataError, read_records
-from alignkit.diffusion.sampling import decode, denoise, encode_prompts, initial_noise
+from alignkit.diffusion.images import save_grid
+from alignkit.diffusion.pipeline import frozen, load_pipeline
+from alignkit.diffusion.reward import load_image_reward
+from alignkit.diffusion.sampling import decode, denoise, diversity, encode_prompts, initial_noise
 
-__all__ = ["generate_images", "load_for_images", "read_prompts", "sample_batch"]
+__all__ = ["generate_images", "load_for_images", "read_prompts", "sample_batch", "sample_image_grid"]
 
 
 def read_prompts(path: str, tokenizer, split: str | None = None, limit: int | None = None) -> list[str]:
@@ -37,8 +40,6 @@ def read_prompts(path: str, tokenizer, split: str | None = None, limit: int | No
 def load_for_images(model: str | None, lora: str | None, device: str | torch.device = "cpu"):
     """A pipeline from `model` (a local diffusers directory), with the adapters in `lora` (a
     `draftp` final/ directory) loaded on its UNet. Without `model`, the base that `lora` names."""
-    from alignkit.diffusion.pipeline import frozen, load_pipeline
-
     if model is None:
         if lora is None:
             raise ValueError("give a base pipeline (--model), DRaFT+ adapters (--lora), or both")
@@ -84,3 +85,27 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int, guid
                            eta=eta, autocast=autocast)[0].cpu()
               for chunk in (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))]
     return torch.cat(images).view(len(prompts), len(seeds), *images[0].shape[1:])
+
+
+def sample_image_grid(out: str | Path, prompts: list[str], model: str | None = None, lora: str | None = None,
+                      schedule: str = "draft", n: int = 4, seed: int = 0, steps: int = 50, guidance: float = 7.5,
+                      reward: str | None = None) -> dict:
+    """`alignkit generate-images`: `n` images per prompt (seeds seed..seed+n-1) saved as a PNG grid at
+    `out`, one row per prompt, and a summary (prompts, seeds, diversity, rewards if `reward` names
+    one) at out.json, which is returned. `prompts` may be one records file (or builtin: name)."""
+    if schedule != "draft" and lora is None:
+        raise ValueError(f"--schedule {schedule}: mixing base and fine-tuned models needs --lora")
+    pipe = load_for_images(model, lora)
+    texts = prompts
+    if len(prompts) == 1 and (Path(prompts[0]).is_file() or prompts[0].startswith("builtin:")):
+        texts = read_prompts(prompts[0], pipe.tokenizer)
+    seeds = list(range(seed, seed + n))
+    images = generate_images(pipe, texts, seeds, steps, guidance, schedule)
+    scores = load_image_reward(reward)(images.flatten(0, 1), [t for t in texts for _ in range(n)]) if reward else None
+    save_grid(images, out, labels=texts)
+    summary = {"prompts": texts, "seeds": seeds, "schedule": schedule, "diversity": diversity(images) if n > 1 else None}
+    if scores is not None:
+        summary["rewards"] = scores.view(len(texts), n).tolist()
+        summary["reward"] = float(scores.mean())
+    Path(out).with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    return summary

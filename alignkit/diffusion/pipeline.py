@@ -13,6 +13,8 @@ gradient.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ _WORDS = ["a", "an", "on", *SHAPES, *COLOURS]
 def shape_tokenizer():
     """A CLIP tokenizer whose vocabulary is the shape world's words (one token each) plus single
     characters (anything else still tokenizes)."""
+    # local, like every import of diffusers and CLIP here: seconds of start-up, for DRaFT+ only
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -41,9 +44,6 @@ def shape_tokenizer():
             merges.append(f"{pieces[0]} {pieces[1]}")
             pieces = [pieces[0] + pieces[1], *pieces[2:]]
             vocab.setdefault(pieces[0], len(vocab))
-    import json
-    import tempfile
-
     directory = Path(tempfile.mkdtemp(prefix="shape_tokenizer_"))
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -53,6 +53,7 @@ def shape_tokenizer():
 
 def build_tiny_pipeline(seed: int = 0, width: int = 32, text_width: int = 32):
     """A randomly initialised `StableDiffusionPipeline` for 32x32 shape-world images."""
+    # local: diffusers and CLIP cost seconds of start-up
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -95,7 +96,7 @@ def save_pipeline(pipe, directory: str | Path) -> Path:
 
 def load_pipeline(directory: str | Path, device: str = "cpu"):
     """A local diffusers directory (no downloads) as a `StableDiffusionPipeline`."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # local: seconds of start-up
 
     if not (Path(directory) / "model_index.json").is_file():
         raise FileNotFoundError(f"not a diffusers pipeline directory (no model_index.json): {directory}")

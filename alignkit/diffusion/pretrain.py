@@ -11,24 +11,28 @@ Two stages, as Stable Diffusion was built (only much smaller):
 
     alignkit shape-world --out runs/shapes            # base pipeline and reward judge (~6 min)
 
-The result is a plain diffusers directory. It is deliberately under-trained: its images often
+`build_shape_world` writes what DRaFT+ starts from: the pretrained pipeline (base/), the judge
+trained first (judge/, the reward) and report.json. The result is a plain diffusers directory. It is deliberately under-trained: its images often
 get the colour, the shape or the background wrong, which leaves a differentiable reward (the
 judge in `alignkit.diffusion.reward`) room to improve it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from alignkit.diffusion.pipeline import build_tiny_pipeline
-from alignkit.diffusion.reward import render_batch
+from alignkit.diffusion.pipeline import build_tiny_pipeline, save_pipeline
+from alignkit.diffusion.reward import render_batch, train_shape_judge
 from alignkit.tasks.shapes import shape_records
 
-__all__ = ["pretrain_shape_pipeline"]
+__all__ = ["build_shape_world", "pretrain_shape_pipeline"]
 
 
 def _train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float,
@@ -101,3 +105,20 @@ def pretrain_shape_pipeline(n_images: int = 4000, vae_steps: int = 300, unet_ste
     report = {"vae_mse": mse, "unet_noise_mse": noise_mse, "images": n_images,
               "seconds": time.perf_counter() - start}
     return pipe, report
+
+
+def build_shape_world(out: str | Path, unet_steps: int = 1500, vae_steps: int = 300, images: int = 4000,
+                      judge_images: int = 3000, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The shape world for DRaFT+ in `out`: a reward judge trained on `judge_images` rendered images
+    (judge/), then a base pipeline pretrained on `images` (base/), and report.json; returns the
+    report {"judge": held-out accuracies, "base": pretraining errors and seconds}."""
+    root = Path(out)
+    judge, judge_report = train_shape_judge(n=judge_images, seed=seed)
+    judge.save(root / "judge")
+    log(f"judge: {judge_report}")
+    pipe, base_report = pretrain_shape_pipeline(n_images=images, vae_steps=vae_steps, unet_steps=unet_steps,
+                                                seed=seed, log=log)
+    save_pipeline(pipe, root / "base")
+    report = {"judge": judge_report, "base": base_report}
+    (root / "report.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -141,7 +141,7 @@ class ClipScorer(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> "ClipScorer":
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoTokenizer, CLIPModel  # local: CLIP costs seconds of start-up
 
         directory = Path(directory)
         model = CLIPModel.from_pretrained(directory, local_files_only=True).eval().requires_grad_(False)

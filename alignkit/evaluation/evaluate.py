@@ -25,15 +25,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alignkit.config import SamplingConfig
+from alignkit.data.formats import read_prompt_records
+from alignkit.data.io import DataError
 from alignkit.data.steerlm import SteerLMFormat, steered_prompt
 from alignkit.evaluation.stats import mean_with_ci, win_rate
-from alignkit.config import SamplingConfig
 from alignkit.generation.sampler import Completion, generate
+from alignkit.models.loading import load_for_eval
 from alignkit.tasks import ATTRIBUTES, score_response
 
-__all__ = ["EvalResult", "evaluate_model", "load_for_eval", "plot_results", "sample_responses", "sequence_logprobs"]
+__all__ = ["EvalResult", "evaluate_dataset", "evaluate_model", "plot_results", "sample_responses", "sequence_logprobs",
+           "write_json"]
 
 
 @dataclass
@@ -47,12 +50,6 @@ class EvalResult:
         items = [{"prompt": p["prompt"], "task": p.get("task"), "response": r, **s}
                  for p, r, s in zip(prompts, self.responses, self.scores)]
         return {"metrics": self.metrics, "items": items}
-
-
-def load_for_eval(model_dir: str | Path):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, tokenizer
 
 
 def _prompt_ids(tokenizer, prompts: list[dict[str, Any]], steer: SteerLMFormat | None = None) -> list[list[int]]:
@@ -144,9 +141,25 @@ def evaluate_model(
     return EvalResult(metrics=metrics, responses=responses, rewards=rewards, scores=scores)
 
 
+def evaluate_dataset(model_dir: str | Path, prompts: str, out_dir: str | Path, params: SamplingConfig,
+                     reference_dir: str | Path | None = None) -> dict[str, float]:
+    """`alignkit eval`: `evaluate_model` on a prompt dataset (a file or `builtin:eval?n=...`), written
+    to out_dir/eval.json (metrics and every item) and eval.png; returns the metrics."""
+    records = read_prompt_records(prompts)
+    for record in records:  # the oracle judges task-world prompts, which are text
+        if not isinstance(record.data.get("prompt"), str):
+            raise DataError(f"{record.source}: expected prompt records with a 'prompt' string (a task-world prompt "
+                            "the oracle can judge)")
+    items = [r.data for r in records]
+    result = evaluate_model(model_dir, items, params, reference_dir=reference_dir)
+    write_json(result.to_json(items), Path(out_dir) / "eval.json")
+    plot_results({Path(model_dir).name: result.metrics}, Path(out_dir) / "eval.png")
+    return result.metrics
+
+
 def plot_results(results: dict[str, dict[str, float]], path: str | Path, title: str = "oracle evaluation") -> Path:
     """One panel of reward (with CI) per model and one of attribute means."""
-    import matplotlib
+    import matplotlib  # local: a second of start-up, for plots only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

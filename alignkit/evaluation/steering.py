@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from alignkit.data.steerlm import MAX_LEVEL, MIN_LEVEL, SteerLMFormat
-from alignkit.evaluation.evaluate import load_for_eval, sample_responses
-from alignkit.evaluation.stats import spearman
 from alignkit.config import SamplingConfig
+from alignkit.data.steerlm import MAX_LEVEL, MIN_LEVEL, SteerLMFormat
+from alignkit.evaluation.evaluate import sample_responses
+from alignkit.evaluation.stats import spearman
+from alignkit.models.loading import load_for_eval
 from alignkit.tasks import score_response
 
 __all__ = ["attribute_control"]

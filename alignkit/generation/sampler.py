@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from alignkit.config import SamplingConfig
 
@@ -113,8 +114,6 @@ def generate(
         input_ids[i, width - len(p):] = torch.tensor(p, device=device)
         mask[i, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-
-    from transformers import DynamicCache
 
     cache = DynamicCache()
     step_kwargs = _step_kwargs(model, cache)

@@ -4,7 +4,8 @@
 `AutoModelForCausalLM` knows) or build a random model from `model.random_init`.
 `save_causal_lm` writes `final/`-style directories that `from_pretrained` loads,
 merging LoRA adapters into the weights when asked. Saving is atomic: the files are
-written into a temporary sibling directory that is renamed into place.
+written into a temporary sibling directory that is renamed into place. `load_for_eval` reads
+such a directory back for sampling (`alignkit generate`, `eval`, `serve generate`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from alignkit.config import LoraConfig, ModelConfig
 from alignkit.models.tokenizer import byte_tokenizer
@@ -33,6 +35,7 @@ __all__ = [
     "apply_lora",
     "autocast",
     "load_causal_lm",
+    "load_for_eval",
     "load_sequence_scorer",
     "load_tokenizer",
     "random_init_config",
@@ -52,6 +55,15 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         # Padding positions never reach a loss, so any existing token will do.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_for_eval(model_dir: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A saved causal LM (fp32, eval mode) and its tokenizer, for sampling and scoring."""
+    if not Path(model_dir, "config.json").is_file():
+        raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, tokenizer
 
 
 def random_init_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
@@ -149,8 +161,6 @@ def _load(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int, auto_
 @contextlib.contextmanager
 def _quiet_transformers(quiet: bool):
     """Silence transformers' load report (\"score.weight MISSING\") while loading a backbone."""
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     if quiet:
         hf_logging.set_verbosity_error()
@@ -169,6 +179,7 @@ def _seeded(seed: int):
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap `model` with LoRA adapters. task_type SEQ_CLS also trains the (new) score head in full."""
+    # local: importing peft costs seconds of start-up, and only LoRA runs need it
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -237,7 +248,7 @@ def save_causal_lm(
         hf_model = unwrap(model)
         with torch.device("meta"):
             if _is_peft(hf_model):
-                from peft import get_peft_model
+                from peft import get_peft_model  # local: seconds of start-up, LoRA models only
 
                 base_config = hf_model.get_base_model().config
                 skeleton = get_peft_model(auto_class.from_config(base_config), hf_model.peft_config["default"])

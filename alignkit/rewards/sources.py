@@ -25,6 +25,7 @@ from pydantic import model_validator
 
 from alignkit.config import Section
 from alignkit.rewards.local import LocalRewardModel, RewardOutput
+from alignkit.tasks.oracle import ATTRIBUTES, score_response
 
 __all__ = ["FunctionReward", "OracleReward", "RemoteRewardModel", "RewardSourceConfig", "RewardSourceError",
            "build_reward_source"]
@@ -96,8 +97,6 @@ class OracleReward:
     """The task world's oracle: the scalar reward and the seven attributes of each response."""
 
     def __call__(self, prompts: list, responses: list[str]) -> RewardOutput:
-        from alignkit.tasks.oracle import ATTRIBUTES, score_response
-
         scores = [score_response(p, r) for p, r in zip(prompts, responses, strict=True)]
         return RewardOutput(torch.tensor([s.reward for s in scores], dtype=torch.float32),
                             torch.tensor([[getattr(s, a) for a in ATTRIBUTES] for s in scores], dtype=torch.float32),
@@ -110,7 +109,7 @@ class RemoteRewardModel:
 
     def __init__(self, url: str, timeout_s: float = 60.0, retries: int = 3, token: str | None = None,
                  backoff_s: float = 0.5):
-        import httpx
+        import httpx  # local, here and below: a quarter second of start-up, for remote rewards only
 
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -26,15 +26,17 @@ import time
 import uuid
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
 from alignkit.config import SamplingConfig
+from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
 from alignkit.generation.sampler import generate
+from alignkit.models.loading import load_for_eval
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "serve_model"]
 
 
 class _Sampling(BaseModel):
@@ -129,3 +131,11 @@ def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024, 
                              "finish_reason": "length" if not c.is_end else "stop"} for i, c in enumerate(out)]}
 
     return app
+
+
+def serve_model(model_dir: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
+                max_tokens_limit: int = 1024) -> None:
+    """`alignkit serve generate`: the causal LM in `model_dir` behind `create_app`, until stopped."""
+    model, tokenizer = load_for_eval(model_dir)
+    server = create_app(model, tokenizer, name or str(model_dir), max_tokens_limit=max_tokens_limit)
+    uvicorn.run(server, host=host, port=port, log_level="warning")

@@ -23,11 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-__all__ = ["ScoreRequest", "create_app"]
+from alignkit.rewards import LocalRewardModel
+
+__all__ = ["ScoreRequest", "create_app", "serve_reward_model"]
 
 Scorer = Callable[[list, list], Any]  # (prompts, responses) -> RewardOutput
 
@@ -144,3 +147,13 @@ def create_app(scorer: Scorer, model_name: str = "reward_model", names: list[str
             raise HTTPException(status_code=500, detail=f"scoring failed: {type(exc).__name__}: {exc}") from None
 
     return app
+
+
+def serve_reward_model(model_dir: str, host: str = "127.0.0.1", port: int = 5555, token: str | None = None,
+                       normalize: bool = False, max_batch: int = 64, max_delay_ms: float = 5.0,
+                       max_items: int = 1024) -> None:
+    """`alignkit serve reward`: the reward model in `model_dir` behind `create_app`, until stopped."""
+    rm = LocalRewardModel(model_dir, batch_size=min(max_batch, 32), normalize=normalize)
+    server = create_app(rm.score, model_name=str(model_dir), names=rm.names, max_batch=max_batch,
+                        max_delay_ms=max_delay_ms, max_items=max_items, token=token)
+    uvicorn.run(server, host=host, port=port, log_level="warning")

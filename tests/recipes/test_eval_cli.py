@@ -27,7 +27,10 @@ def test_eval_rejects_non_prompt_data(tmp_path):
     data = tmp_path / "x.jsonl"
     data.write_text('{"text": "hello"}\n')
     result = run_cli("eval", "--model", str(tmp_path), "--prompts", str(data))
-    assert result.returncode == 2 and "expected prompt records" in result.stderr
+    assert result.returncode == 2 and "x.jsonl:1: a prompt record needs a 'prompt'" in result.stderr
+    data.write_text('{"messages": [{"role": "user", "content": "hello"}]}\n')  # a prompt, but not the oracle's
+    result = run_cli("eval", "--model", str(tmp_path), "--prompts", str(data))
+    assert result.returncode == 2 and "x.jsonl:1: expected prompt records with a 'prompt' string" in result.stderr
 
 
 def test_build_data_writes_every_dataset(tmp_path):

@@ -30,7 +30,7 @@ def test_generate_reports_bad_input(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"question": "x"}) + "\n")
     result = run_cli("generate", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(tmp_path / "o"))
-    assert result.returncode == 2 and "prompts.jsonl:1: a prompt record needs 'prompt' or 'messages'" in result.stderr
+    assert result.returncode == 2 and "prompts.jsonl:1: a prompt record needs a 'prompt'" in result.stderr
     prompts.write_text(json.dumps({"prompt": "x"}) + "\n")
     result = run_cli("generate", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "no config.json" in result.stderr and "Traceback" not in result.stderr
