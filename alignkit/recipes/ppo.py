@@ -46,8 +46,15 @@ from pydantic import Field
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from alignkit.config import (DataConfig, DistributedConfig, ModelConfig, OptimConfig, RecipeConfig, SamplingConfig,
-                             Section)
+from alignkit.config import (
+    DataConfig,
+    DistributedConfig,
+    ModelConfig,
+    OptimConfig,
+    RecipeConfig,
+    SamplingConfig,
+    Section,
+)
 from alignkit.data.formats import read_prompt_records
 from alignkit.losses.policy_gradient import adaptive_kl_coef, gae, kl_per_token, token_rewards, whiten
 from alignkit.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
@@ -56,11 +63,30 @@ from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import Dist, wrap_model
 from alignkit.training.loop import finish_step, reduce_metrics, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
-from alignkit.training.rl import (RolloutConfig, actor_loss, actor_metrics, check_processes, critic_loss,
-                                  global_moments, mean_std, monitor_stats, reference_logps, rollout_stats,
-                                  sample_and_score, train_epochs)
-from alignkit.training.rollouts import (Rollout, epoch_plan, forward_rollouts, pad, reduce_sums, token_logps,
-                                        token_values, unpad)
+from alignkit.training.rl import (
+    RolloutConfig,
+    actor_loss,
+    actor_metrics,
+    check_processes,
+    critic_loss,
+    global_moments,
+    mean_std,
+    monitor_stats,
+    reference_logps,
+    rollout_stats,
+    sample_and_score,
+    train_epochs,
+)
+from alignkit.training.rollouts import (
+    Rollout,
+    epoch_plan,
+    forward_rollouts,
+    pad,
+    reduce_sums,
+    token_logps,
+    token_values,
+    unpad,
+)
 
 __all__ = ["Config", "CriticConfig", "PPOConfig", "main"]
 

@@ -42,8 +42,17 @@ from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import wrap_model
 from alignkit.training.loop import finish_step, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
-from alignkit.training.rl import (RolloutConfig, actor_loss, actor_metrics, check_processes, monitor_stats,
-                                  reference_logps, rollout_stats, sample_and_score, train_epochs)
+from alignkit.training.rl import (
+    RolloutConfig,
+    actor_loss,
+    actor_metrics,
+    check_processes,
+    monitor_stats,
+    reference_logps,
+    rollout_stats,
+    sample_and_score,
+    train_epochs,
+)
 from alignkit.training.rollouts import epoch_plan, forward_rollouts, reduce_sums, token_logps
 
 __all__ = ["Config", "ReinforceConfig", "main"]
@@ -74,7 +83,7 @@ class Config(RecipeConfig):
     distributed: DistributedConfig = DistributedConfig(strategy="ddp")
 
     @model_validator(mode="after")
-    def _groups_of_two(self) -> "Config":
+    def _groups_of_two(self) -> Config:
         if self.sampling.n < 2:
             raise ValueError(f"sampling.n={self.sampling.n}: {self.reinforce.estimator} compares the samples of "
                              "one prompt; use >= 2")

@@ -63,7 +63,7 @@ class Config(RecipeConfig):
     sampling: SamplingConfig = SamplingConfig(n=4)  # N samples per prompt
 
     @model_validator(mode="after")
-    def _keep_at_most_n(self) -> "Config":
+    def _keep_at_most_n(self) -> Config:
         if self.rs.keep_per_prompt > self.sampling.n:
             raise ValueError(f"rs.keep_per_prompt={self.rs.keep_per_prompt} > sampling.n={self.sampling.n}")
         return self
@@ -109,7 +109,8 @@ def sample_and_select(run: Run, cfg: Config, model, tokenizer, records: list[Rec
 def _encode_kept(rows: list[dict], cfg: Config, tokenizer, where: str):
     stats, examples = EncodeStats(total=len(rows)), []
     for i, row in enumerate(rows):
-        messages = [*prompt_messages(Record(row, f"{where}:{i + 1}")), {"role": "assistant", "content": row["response"]}]
+        answer = {"role": "assistant", "content": row["response"]}
+        messages = [*prompt_messages(Record(row, f"{where}:{i + 1}")), answer]
         example = fit_length(encode_conversation(tokenizer, messages, cfg.data.chat_template, f"{where}:{i + 1}"),
                              cfg.data.max_seq_len, cfg.data.overlength, stats)
         if example is not None:

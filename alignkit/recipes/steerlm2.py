@@ -50,8 +50,7 @@ from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import barrier, gather_rollouts
 from alignkit.training.logging import MetricLogger
-from alignkit.training.loop import (Run, copy_last_iteration, fit, iteration_run, save_final, start_run,
-                                    to_device)
+from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_run, save_final, start_run, to_device
 from alignkit.training.rollouts import sample_batches
 
 __all__ = ["Config", "SteerLM2Config", "main"]
@@ -77,7 +76,7 @@ class Config(RecipeConfig):
     sampling: SamplingConfig = SamplingConfig(n=4)
 
     @model_validator(mode="after")
-    def _groups_of_two(self) -> "Config":
+    def _groups_of_two(self) -> Config:
         if self.sampling.n < 2:
             raise ValueError(f"sampling.n={self.sampling.n}: SteerLM 2.0's weights are a softmax over the n samples "
                              "of a target; use >= 2")
@@ -237,7 +236,8 @@ def main(cfg: Config) -> None:
     s2 = cfg.steerlm2
     records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     attribute_model = build_reward_source(cfg.attribute_model)
-    sampled = [t for t in range(1, s2.iterations + 1) if (run.output_dir / f"iteration_{t}" / "samples.jsonl").is_file()]
+    sampled = [t for t in range(1, s2.iterations + 1)
+               if (run.output_dir / f"iteration_{t}" / "samples.jsonl").is_file()]
     rollout_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), s2.iterations,
                                run.dist.is_main, resumed_step=max(sampled, default=0))
     prior_cfg = ModelConfig(path=s2.prior_path, precision=cfg.model.precision)
@@ -253,7 +253,8 @@ def main(cfg: Config) -> None:
         model = load_causal_lm(it_run.cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
         fmt = SteerLMFormat.from_config(model.config)
         if fmt is None:
-            raise ConfigError(f"model.path={it_run.cfg.model.path} is not a SteerLM model (no `steerlm` in its config.json)")
+            raise ConfigError(f"model.path={it_run.cfg.model.path} is not a SteerLM model "
+                              "(no `steerlm` in its config.json)")
         unknown = [a for a in s2.likelihood_attributes or [] if a not in fmt.attributes]
         if unknown:
             raise ConfigError(f"steerlm2.likelihood_attributes: {unknown} are not in the model's label "

@@ -30,8 +30,16 @@ from alignkit.models.loading import adapters_off
 from alignkit.models.reward import RewardModelInfo
 from alignkit.training.distributed import Dist, all_reduce_sum
 from alignkit.training.loop import Run, optimizer_step, reduce_metrics
-from alignkit.training.rollouts import (Rollout, collate_rollouts, reduce_sums, render_prompts, sample_batches,
-                                        step_prompts, token_logps, token_values)
+from alignkit.training.rollouts import (
+    Rollout,
+    collate_rollouts,
+    reduce_sums,
+    render_prompts,
+    sample_batches,
+    step_prompts,
+    token_logps,
+    token_values,
+)
 
 __all__ = ["RolloutConfig", "actor_loss", "actor_metrics", "check_processes", "critic_loss", "global_moments",
            "mean_std", "monitor_stats", "reference_logps", "rollout_stats", "sample_and_score", "sample_rollouts",

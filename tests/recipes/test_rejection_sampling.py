@@ -41,7 +41,8 @@ def test_iterations_keep_the_best_samples_and_train_on_them(tiny_run):
     assert trained and all("loss" in r for r in trained)
     AutoModelForCausalLM.from_pretrained(tiny_run / "final")
     # the final model is the last iteration's
-    a, b = load_file(str(tiny_run / "final/model.safetensors")), load_file(str(tiny_run / "iteration_2/final/model.safetensors"))
+    a = load_file(str(tiny_run / "final/model.safetensors"))
+    b = load_file(str(tiny_run / "iteration_2/final/model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)
 
 

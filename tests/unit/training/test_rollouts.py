@@ -13,8 +13,19 @@ from alignkit.data.io import DataError, Record
 from alignkit.generation.sampler import generate
 from alignkit.models.reward import RewardModelInfo
 from alignkit.training.rl import sample_rollouts
-from alignkit.training.rollouts import (Rollout, collate_rollouts, epoch_plan, forward_rollouts, pad, render_prompts,
-                                        sample_batches, step_prompts, token_logps, token_values, unpad)
+from alignkit.training.rollouts import (
+    Rollout,
+    collate_rollouts,
+    epoch_plan,
+    forward_rollouts,
+    pad,
+    render_prompts,
+    sample_batches,
+    step_prompts,
+    token_logps,
+    token_values,
+    unpad,
+)
 from tests.conftest import tiny_model
 
 
