@@ -349,12 +349,12 @@ def main(cfg: Config) -> None:
         return
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
-    train(run, model, tokenizer, cfg.data.train)
+    model = _train(run, model, tokenizer, cfg.data.train)
     if cfg.checkpoint.save_final:
         save_final(run, model, tokenizer)
 
 
-def train(run: Run, model, tokenizer, train_data: DatasetConfig):
+def _train(run: Run, model, tokenizer, train_data: DatasetConfig):
     """DPO of `model` (the policy, and the reference as it is now) on the pairs of `train_data`;
     returns the trained model (wrapped by `fit`)."""
     cfg, lc = run.cfg, run.cfg.loss
@@ -403,19 +403,18 @@ def train(run: Run, model, tokenizer, train_data: DatasetConfig):
 # --- iterative on-policy DPO: sample, judge, pair, train; repeat from the result ----------
 
 
-def _judge(cfg: RewardSourceConfig) -> Judge:
+def _judge(cfg: RewardSourceConfig, device) -> Judge:
     """The reward source as a judge of Python floats. The oracle is called directly: its rewards
     have 4 decimals, and a float32 RewardOutput would turn a gap of exactly min_margin into less."""
     if cfg.kind == "oracle":
         return oracle_rewards
-    source = build_reward_source(cfg)
+    source = build_reward_source(cfg, device)
     return lambda prompts, responses: source(prompts, responses).rewards.tolist()
 
 
 def _iterate(run: Run) -> None:
     cfg, online = run.cfg, run.cfg.online
     prompts = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
-    judge = _judge(online.judge)
     # On a resumed run keep the pair statistics of the iterations whose pairs are on disk.
     sampled = [t for t in range(1, online.iterations + 1) if _pairs_path(run, t).is_file()]
     pair_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), online.iterations,
@@ -429,9 +428,9 @@ def _iterate(run: Run) -> None:
         if _pairs_path(run, t).is_file():
             run.log.info(f"iteration {t}: reusing the pairs in {_pairs_path(run, t)}")
         else:  # 2-3. answers, judged, best vs worst
-            _sample_pairs(it_run, t, model, tokenizer, prompts, judge, pair_log)
+            _sample_pairs(it_run, t, model, tokenizer, prompts, pair_log)
         # 4. DPO from and against the current policy
-        model = train(it_run, model, tokenizer, DatasetConfig(path=str(_pairs_path(run, t))))
+        model = _train(it_run, model, tokenizer, DatasetConfig(path=str(_pairs_path(run, t))))
         save_final(it_run, model, tokenizer)
         barrier(run.dist)
         del model
@@ -443,9 +442,11 @@ def _pairs_path(run: Run, t: int) -> Path:
     return run.output_dir / f"iteration_{t}" / "pairs.jsonl"
 
 
-def _sample_pairs(run: Run, t: int, model, tokenizer, prompts, judge: Judge, pair_log: MetricLogger) -> None:
-    """Iteration t's pairs from `model`'s answers, written to pairs.jsonl; statistics logged at step t."""
+def _sample_pairs(run: Run, t: int, model, tokenizer, prompts, pair_log: MetricLogger) -> None:
+    """Iteration t's pairs from `model`'s answers, written to pairs.jsonl; statistics logged at step t.
+    The judge (a reward model: its memory) lives only while the pairs are made."""
     online, data = run.cfg.online, run.cfg.data
+    judge = _judge(online.judge, run.dist.device)
     sampling = online.sampling.model_copy(update={"seed": (online.sampling.seed if online.sampling.seed is not None
                                                            else run.cfg.train.seed) + t})
     with run.autocast() if online.autocast else contextlib.nullcontext():
