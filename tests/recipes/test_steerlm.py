@@ -9,6 +9,8 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from alignkit.data.io import read_records
+from alignkit.tasks import score_response
 from tests.conftest import run_cli
 
 QUIET = ["logging.progress=none"]
@@ -67,12 +69,9 @@ def test_generate_is_steered_by_requested_attributes(steerlm_model, tmp_path):
 
 
 def test_annotate_cli_and_recipe_label_with_the_oracle(tmp_path):
-    from alignkit.tasks import score_response
-    from alignkit.tasks.builtin import builtin_records
-
     out = tmp_path / "labelled.jsonl"
     cli("annotate", "--data", "builtin:demos?n=6", "--out", str(out), "--oracle", "--attributes", "verbosity,politeness")
-    for row, record in zip(lines(out), builtin_records("builtin:demos?n=6")):
+    for row, record in zip(lines(out), read_records("builtin:demos?n=6")):
         s = score_response(record.data["prompt"], record.data["response"])
         assert row["label"] == f"verbosity:{s.verbosity},politeness:{s.politeness}"
     run = tmp_path / "run"
