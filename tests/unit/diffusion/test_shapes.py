@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from alignkit.diffusion.inference import generate_images, load_for_images
+from alignkit.diffusion.reward import load_image_reward
 from alignkit.diffusion.shapes import render
 from alignkit.tasks.shapes import COLOURS, ShapeSpec
+from tests.conftest import run_cli
 
 
 def test_rendering_is_deterministic_and_shows_the_caption():
@@ -25,10 +28,6 @@ def test_shapes_differ_in_area_for_the_same_size():
 
 
 def test_shape_world_command_writes_a_loadable_base_and_judge(tmp_path):
-    from alignkit.diffusion.inference import generate_images, load_for_images
-    from alignkit.diffusion.reward import load_image_reward
-    from tests.conftest import run_cli
-
     result = run_cli("shape-world", "--out", str(tmp_path), "--unet-steps", "2", "--vae-steps", "2", "--images", "64",
                      "--judge-images", "64", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
