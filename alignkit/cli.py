@@ -108,7 +108,7 @@ def run(
 def list_recipes() -> None:
     """List recipes and their shipped configs."""
     root = configs_dir()
-    for name, module_path in RECIPES.items():
+    for name in RECIPES:
         configs = sorted(p.stem for p in (root / name).glob("*.yaml"))
         typer.echo(f"{name:20s} {', '.join(configs) or '-'}")
 
@@ -116,7 +116,9 @@ def list_recipes() -> None:
 @app.command()
 def validate(
     config: Annotated[str, typer.Argument(help="config path")],
-    recipe: Annotated[str | None, typer.Option(help="recipe (default: the config's `recipe` key or its folder name)")] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="recipe (default: the config's `recipe` key or its folder name)")
+    ] = None,
 ) -> None:
     """Check a config without running it."""
     with _reported(ConfigError, DataError):
@@ -131,7 +133,8 @@ def validate(
 
 @app.command()
 def demo(
-    stages: Annotated[str, typer.Option(help="comma-separated stages, or 'all' (default: data,tokenizer,base,sft,dpo,reward_model)")] = "",
+    stages: Annotated[str, typer.Option(help="comma-separated stages, or 'all' "
+                                             "(default: data,tokenizer,base,sft,dpo,reward_model)")] = "",
     output_dir: Annotated[str, typer.Option("--output-dir", help="where the demo writes")] = "runs/demo",
 ) -> None:
     """Run the end-to-end demo on the task world (stages whose inputs are unchanged are reused)."""
@@ -153,7 +156,9 @@ def build_data(
 def evaluate(
     model: Annotated[str, typer.Option(help="HF model directory to evaluate")],
     reference: Annotated[str | None, typer.Option(help="reference model directory: win rate and KL")] = None,
-    prompts: Annotated[str, typer.Option(help="prompt records (JSONL with a 'prompt' field) or builtin:eval?n=...")] = "builtin:eval?n=350&seed=0",
+    prompts: Annotated[
+        str, typer.Option(help="prompt records (JSONL with a 'prompt' field) or builtin:eval?n=...")
+    ] = "builtin:eval?n=350&seed=0",
     out: Annotated[str, typer.Option(help="output directory for eval.json and eval.png")] = "runs/eval",
     max_new_tokens: int = 96,
     temperature: float = 0.7,
@@ -190,8 +195,10 @@ def score(
 def annotate(
     data: Annotated[str, typer.Option(help="records: prompt/response or chat (the last assistant turn is annotated)")],
     out: Annotated[str, typer.Option(help="output JSONL: the records with a SteerLM 'label'")],
-    reward_model: Annotated[str | None, typer.Option(help="attribute model directory (a regression reward model)")] = None,
-    url: Annotated[str | None, typer.Option(help="or a reward server (`alignkit serve reward`) with attributes")] = None,
+    reward_model: Annotated[
+        str | None, typer.Option(help="attribute model directory (a regression reward model)")
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="or a reward server with attributes (alignkit serve reward)")] = None,
     oracle: Annotated[bool, typer.Option(help="or the task world's oracle")] = False,
     attributes: Annotated[str, typer.Option(help="the label's attributes, in order")] = ",".join(DEFAULT_ATTRIBUTES),
 ) -> None:
@@ -236,9 +243,13 @@ def generate_images(
     out: Annotated[str, typer.Option(help="output PNG: one row per prompt, one column per seed")],
     prompts: Annotated[list[str], typer.Option("--prompt", help="a prompt (repeatable), or a records file with "
                                                                 "'prompt' (JSONL, builtin:captions?n=4, ...)")],
-    model: Annotated[str | None, typer.Option(help="base diffusers pipeline directory (default: the one --lora names)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="base diffusers pipeline directory (default: the one --lora names)")
+    ] = None,
     lora: Annotated[str | None, typer.Option(help="DRaFT+ adapters (a draftp run's final/)")] = None,
-    schedule: Annotated[str, typer.Option(help="annealed importance guidance: base, draft, linear, power_P, step_F")] = "draft",
+    schedule: Annotated[
+        str, typer.Option(help="annealed importance guidance: base, draft, linear, power_P, step_F")
+    ] = "draft",
     n: Annotated[int, typer.Option(help="images per prompt (seeds seed..seed+n-1)")] = 4,
     seed: int = 0,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,

@@ -148,7 +148,7 @@ class SteerLMFormat:
                 "defaults": dict(self.defaults)}
 
     @classmethod
-    def from_config(cls, config: Any) -> "SteerLMFormat | None":
+    def from_config(cls, config: Any) -> SteerLMFormat | None:
         """The format saved in a model's config (`config.steerlm`), or None for a model that is not a SteerLM model."""
         entry = getattr(config, "steerlm", None)
         if not entry:
@@ -172,7 +172,8 @@ def record_targets(data: Mapping[str, Any], names: Sequence[str], where: str) ->
     conversation format the label may sit on the last assistant turn instead."""
     label = data.get("label")
     if label is None and isinstance(data.get("conversations"), list):
-        turns = [t for t in data["conversations"] if isinstance(t, dict) and str(t.get("from", "")).lower() == "assistant"]
+        turns = [t for t in data["conversations"]
+                 if isinstance(t, dict) and str(t.get("from", "")).lower() == "assistant"]
         label = turns[-1].get("label") if turns else None
     try:
         if isinstance(label, str):

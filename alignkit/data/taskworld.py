@@ -21,8 +21,10 @@ from alignkit.tasks.oracle import REWARD_WEIGHTS
 __all__ = ["build_datasets"]
 
 
-def build_datasets(out_dir: str | Path, seed: int = 0, sizes: DatasetSizes = DatasetSizes()) -> dict[str, Path]:
-    """Write every task-world dataset to `out_dir`; returns {name: path}, manifest.json included."""
+def build_datasets(out_dir: str | Path, seed: int = 0, sizes: DatasetSizes | None = None) -> dict[str, Path]:
+    """Write every task-world dataset to `out_dir` (`sizes`: default DatasetSizes()); returns {name: path},
+    manifest.json included."""
+    sizes = sizes or DatasetSizes()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

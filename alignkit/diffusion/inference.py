@@ -103,7 +103,8 @@ def sample_image_grid(out: str | Path, prompts: list[str], model: str | None = N
     images = generate_images(pipe, texts, seeds, steps, guidance, schedule)
     scores = load_image_reward(reward)(images.flatten(0, 1), [t for t in texts for _ in range(n)]) if reward else None
     save_grid(images, out, labels=texts)
-    summary = {"prompts": texts, "seeds": seeds, "schedule": schedule, "diversity": diversity(images) if n > 1 else None}
+    summary = {"prompts": texts, "seeds": seeds, "schedule": schedule,
+               "diversity": diversity(images) if n > 1 else None}
     if scores is not None:
         summary["rewards"] = scores.view(len(texts), n).tolist()
         summary["reward"] = float(scores.mean())

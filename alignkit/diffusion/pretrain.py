@@ -12,9 +12,10 @@ Two stages, as Stable Diffusion was built (only much smaller):
     alignkit shape-world --out runs/shapes            # base pipeline and reward judge (~6 min)
 
 `build_shape_world` writes what DRaFT+ starts from: the pretrained pipeline (base/), the judge
-trained first (judge/, the reward) and report.json. The result is a plain diffusers directory. It is deliberately under-trained: its images often
-get the colour, the shape or the background wrong, which leaves a differentiable reward (the
-judge in `alignkit.diffusion.reward`) room to improve it.
+trained first (judge/, the reward) and report.json. The pipeline is a plain diffusers directory.
+It is deliberately under-trained: its images often get the colour, the shape or the background
+wrong, which leaves a differentiable reward (the judge in `alignkit.diffusion.reward`) room to
+improve it.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignkit.diffusion.shapes import render
@@ -85,7 +85,7 @@ class ShapeJudge(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ShapeJudge":
+    def load(cls, directory: str | Path) -> ShapeJudge:
         directory = Path(directory)
         config = json.loads((directory / "config.json").read_text())
         if config.get("kind") != "shape_judge" or any(config.get(k) != v for k, v in _HEADS.items()):
@@ -140,7 +140,7 @@ class ClipScorer(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ClipScorer":
+    def load(cls, directory: str | Path) -> ClipScorer:
         from transformers import AutoTokenizer, CLIPModel  # local: CLIP costs seconds of start-up
 
         directory = Path(directory)
@@ -161,7 +161,10 @@ class ClipScorer(nn.Module):
         return self.model.logit_scale.exp() * cosine
 
 
-def load_image_reward(spec: str, device: str | torch.device = "cpu") -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+ImageReward = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (images (B, 3, H, W), captions) -> (B,)
+
+
+def load_image_reward(spec: str, device: str | torch.device = "cpu") -> ImageReward:
     """A differentiable reward `(images (B, 3, H, W) in [-1, 1], captions) -> (B,)` from
     a directory (a shape-world judge, or any CLIP checkpoint) or `package.module:function`."""
     path = Path(spec)

@@ -35,8 +35,10 @@ from alignkit.generation.sampler import Completion, generate
 from alignkit.models.loading import load_for_eval
 from alignkit.tasks import ATTRIBUTES, score_response
 
-__all__ = ["EvalResult", "evaluate_dataset", "evaluate_model", "plot_results", "sample_responses", "sequence_logprobs",
-           "write_json"]
+__all__ = ["EVAL_SAMPLING", "EvalResult", "evaluate_dataset", "evaluate_model", "plot_results", "sample_responses",
+           "sequence_logprobs", "write_json"]
+
+EVAL_SAMPLING = SamplingConfig(max_new_tokens=96, temperature=0.7, seed=0)  # the same as `alignkit eval`
 
 
 @dataclass
@@ -105,7 +107,7 @@ def _score_metrics(prompts, responses) -> tuple[dict[str, float], list[float], l
 def evaluate_model(
     model_dir: str | Path,
     prompts: list[dict[str, Any]],
-    params: SamplingConfig = SamplingConfig(max_new_tokens=96, temperature=0.7, seed=0),
+    params: SamplingConfig = EVAL_SAMPLING,
     reference_dir: str | Path | None = None,
     reference_name: str = "reference",
     reference_rewards: list[float] | None = None,

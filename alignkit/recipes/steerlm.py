@@ -35,8 +35,14 @@ from alignkit.data.batching import collate_rows
 from alignkit.data.formats import to_messages
 from alignkit.data.io import DataError, Record, read_records, write_jsonl
 from alignkit.data.sft import make_rows, row_length
-from alignkit.data.steerlm import (DEFAULT_ATTRIBUTES, DEFAULT_LABEL_TEMPLATE, SteerLMFormat, annotate,
-                                   encode_steerlm, record_targets)
+from alignkit.data.steerlm import (
+    DEFAULT_ATTRIBUTES,
+    DEFAULT_LABEL_TEMPLATE,
+    SteerLMFormat,
+    annotate,
+    encode_steerlm,
+    record_targets,
+)
 from alignkit.data.tokenize import EncodeStats, fit_length
 from alignkit.models.forward import sft_token_loss
 from alignkit.models.loading import load_causal_lm, load_tokenizer

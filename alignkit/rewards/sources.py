@@ -47,7 +47,7 @@ class RewardSourceConfig(Section):
     token_env: str | None = "ALIGNKIT_REWARD_TOKEN"  # http: bearer token read from this variable, if set
 
     @model_validator(mode="after")
-    def _needs(self) -> "RewardSourceConfig":
+    def _needs(self) -> RewardSourceConfig:
         needed = {"model": "path", "http": "url", "function": "function"}.get(self.kind)
         if needed and getattr(self, needed) is None:
             raise ValueError(f"reward source kind={self.kind} needs `{needed}`")

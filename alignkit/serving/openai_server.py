@@ -66,7 +66,8 @@ class ChatRequest(_Sampling):
     attributes: dict[str, float] | str | None = None  # SteerLM target attributes
 
 
-def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024, default_max_tokens: int = 128) -> FastAPI:
+def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024,
+               default_max_tokens: int = 128) -> FastAPI:
     app = FastAPI(title="alignkit OpenAI-compatible server")
     lock = threading.Lock()  # one generation at a time on the one model
     steer = SteerLMFormat.from_config(model.config)

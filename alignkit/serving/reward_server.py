@@ -83,7 +83,7 @@ def create_app(scorer: Scorer, model_name: str = "reward_model", names: list[str
                     break
                 try:
                     nxt = await asyncio.wait_for(queue.get(), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 if size + nxt.size > max_batch:  # keep it for the next batch
                     queue.put_nowait(nxt)

@@ -201,7 +201,10 @@ class DatasetSizes:
     redteam: int = 200
 
 
-def dataset_builders(seed: int = 0, sizes: DatasetSizes = DatasetSizes()) -> dict[str, Callable[[], list[dict[str, Any]]]]:
+Builder = Callable[[], list[dict[str, Any]]]
+
+
+def dataset_builders(seed: int = 0, sizes: DatasetSizes = DatasetSizes()) -> dict[str, Builder]:
     """{file name: a function that generates its records}, for every task-world dataset file, in the
     order they are written."""
     return {

@@ -107,7 +107,7 @@ _FACT_LINES = {
 def _lookup_templates() -> list[_Template]:
     out = []
     for relation, (line, *questions) in _FACT_LINES.items():
-        facts = " ".join(line.replace("{n}", "{n%d}" % i).replace("{v}", "{v%d}" % i) for i in (1, 2, 3))
+        facts = " ".join(line.replace("{n}", f"{{n{i}}}").replace("{v}", f"{{v{i}}}") for i in (1, 2, 3))
         for question in questions:
             out.append(_t("lookup", f"Facts: {facts} {question}", relation=relation))
     return out

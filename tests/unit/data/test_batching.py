@@ -29,7 +29,7 @@ def test_collate_restarts_positions_and_pads_without_targets():
     batch = collate_rows([[a, b], [b], None], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [4, 5, 0, 0, 0], [0, 0, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
-    assert batch["target_ids"].tolist() == [[2, 3, IGNORE, 5, IGNORE], [5, IGNORE, IGNORE, IGNORE, IGNORE], [IGNORE] * 5]
+    assert batch["target_ids"].tolist() == [[2, 3, IGNORE, 5, IGNORE], [5] + [IGNORE] * 4, [IGNORE] * 5]
     assert batch["num_units"] == 4 and batch["num_tokens"] == 7
 
 

@@ -70,7 +70,8 @@ def test_message_lists_and_system_prompt():
     ({"prompt": "Q?", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "list of assistant messages"),
     ({"prompt": [], "chosen": "a", "rejected": "b"}, "field 'prompt' is an empty list"),
     ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "ends with an assistant"),
-    ({"prompt": "Q?", "chosen": "a", "rejected": "b", "chosen_reward": "high"}, "'chosen_reward' must be a finite number"),
+    ({"prompt": "Q?", "chosen": "a", "rejected": "b", "chosen_reward": "high"},
+     "'chosen_reward' must be a finite number"),
 ])
 def test_malformed_records_name_file_and_line(data, message):
     with pytest.raises(DataError, match="f.jsonl:3") as info:
@@ -80,7 +81,8 @@ def test_malformed_records_name_file_and_line(data, message):
 
 def test_rpo_needs_rewards(tmp_path):
     path = tmp_path / "prefs.jsonl"
-    path.write_text(json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b", "chosen_reward": 1, "rejected_reward": 0})
+    pair = {"prompt": "Q", "chosen": "a", "rejected": "b", "chosen_reward": 1, "rejected_reward": 0}
+    path.write_text(json.dumps(pair)
                     + "\n" + json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b", "chosen_reward": 1}) + "\n")
     records = read_records(path)
     parse_preference(records[0], require_rewards=True)

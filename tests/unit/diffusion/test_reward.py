@@ -3,8 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.diffusion.reward import (ClipScorer, ShapeJudge, brightness_reward, load_image_reward, render_batch,
-                                     train_shape_judge)
+from alignkit.diffusion.reward import (
+    ClipScorer,
+    ShapeJudge,
+    brightness_reward,
+    load_image_reward,
+    render_batch,
+    train_shape_judge,
+)
 from alignkit.tasks.shapes import ShapeSpec
 
 
@@ -67,7 +73,8 @@ def test_clip_scorer_loads_from_a_directory_and_is_differentiable(tmp_path):
     scores.sum().backward()
     assert images.grad.abs().sum() > 0  # the gradient reaches the pixels through resize and normalise
     # PickScore's form: exp(logit_scale) * cosine, so |score| <= exp(logit_scale)
-    assert float(scores.detach().abs().max()) <= float(ClipScorer.load(tmp_path / "clip").model.logit_scale.exp()) + 1e-4
+    logit_scale = float(ClipScorer.load(tmp_path / "clip").model.logit_scale.exp())
+    assert float(scores.detach().abs().max()) <= logit_scale + 1e-4
 
 
 def test_load_image_reward_kinds_and_errors(tmp_path, judge_and_report):

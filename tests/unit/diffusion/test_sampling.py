@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from alignkit.diffusion.pipeline import build_tiny_pipeline
-from alignkit.diffusion.sampling import (aig_weight, decode, denoise, diversity, diversity_by_prompt, encode_prompts,
-                                         initial_noise, parse_schedule)
+from alignkit.diffusion.sampling import (
+    aig_weight,
+    decode,
+    denoise,
+    diversity,
+    diversity_by_prompt,
+    encode_prompts,
+    initial_noise,
+    parse_schedule,
+)
 
 PROMPTS = ["a red circle on blue", "a green square on white"]
 STEPS, GUIDANCE = 4, 3.0

@@ -2,9 +2,9 @@
 
 import pytest
 
+from alignkit.config import SamplingConfig
 from alignkit.data.steerlm import SteerLMFormat
 from alignkit.evaluation import steering
-from alignkit.config import SamplingConfig
 from alignkit.models.tokenizer import byte_tokenizer
 from tests.conftest import tiny_model
 
