@@ -66,7 +66,9 @@ def cache_key(spec: dict, examples: Sequence[Example]) -> str:
     return h.hexdigest()[:20]
 
 
-def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Write `tensors` to `path` atomically (a temporary file in the same folder, renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,8 @@ def save_topk(path: str | Path, topk: TopK, metadata: dict[str, str] | None = No
         "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
         "logits": torch.cat([topk[i][0].float() for i in index]) if index else torch.zeros(0, k),
         # ids < vocabulary size < 2**31: int32 halves the file
-        "ids": torch.cat([topk[i][1].to(torch.int32) for i in index]) if index else torch.zeros(0, k, dtype=torch.int32),
+        "ids": (torch.cat([topk[i][1].to(torch.int32) for i in index]) if index
+                else torch.zeros(0, k, dtype=torch.int32)),
     }
     save_safetensors(path, tensors, metadata)
 

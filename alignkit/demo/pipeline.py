@@ -56,8 +56,14 @@ class Stage:
     in_summary: bool = False  # a stage that is not a generative model but reports metrics (reward models)
 
 
-def run_pipeline(stages: Sequence[Stage], names: Sequence[str] | None, output_dir: str | Path, settings: Section,
-                 version: int, default: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+def run_pipeline(
+    stages: Sequence[Stage],
+    names: Sequence[str] | None,
+    output_dir: str | Path,
+    settings: Section,
+    version: int,
+    default: Sequence[str] = (),
+) -> dict[str, dict[str, Any]]:
     """Run (or reuse) the stages `names` (None: `default`; ["all"]: every stage) and what they
     need, in table order; write summary.json and the report. Returns {model stage: metrics}."""
     log = get_logger()
@@ -75,8 +81,7 @@ def run_pipeline(stages: Sequence[Stage], names: Sequence[str] | None, output_di
     summary = {s.name: demo.results[s.name] for s in shown if s.is_model or s.in_summary}
     write_json(summary, demo.path("summary.json"))
     models = [s.name for s in shown if s.is_model]
-    write_report(demo.root, settings, {s.name: demo.results[s.name] for s in shown}, models,
-                 len(demo.eval_prompts()))
+    write_report(demo.root, settings, {s.name: demo.results[s.name] for s in shown}, models, len(demo.eval_prompts()))
     return {name: demo.results[name] for name in models}
 
 
@@ -148,17 +153,22 @@ def _current_extra_stages(stages: Sequence[Stage], requested: list[Stage], demo:
     `make demo` after `--stages all` keeps reporting them rather than dropping them from the summary
     (table order: a stage's upstream is decided before it)."""
     names = {s.name for s in requested}
-    return [s for s in stages if s.name not in names and all(n in demo.fingerprints for n in s.needs)
-            and _saved_metrics(s, demo, version) is not None]
+    return [
+        s
+        for s in stages
+        if s.name not in names
+        and all(n in demo.fingerprints for n in s.needs)
+        and _saved_metrics(s, demo, version) is not None
+    ]
 
 
 def _add_win_rates(demo: Demo, stages: list[Stage]) -> None:
     """Win rate of every later model stage against base and sft, from the stored per-prompt rewards."""
-    rewards = {s.name: json.loads(demo.path(s.name, "eval.json").read_text())["rewards"]
-               for s in stages if s.is_model}
+    rewards = {s.name: json.loads(demo.path(s.name, "eval.json").read_text())["rewards"] for s in stages if s.is_model}
     order = list(rewards)
     for name in rewards:
         for reference in ("base", "sft"):
             if reference in rewards and order.index(reference) < order.index(name):
-                demo.results[name].update(mean_with_ci(f"win_rate_vs_{reference}",
-                                                       win_rate(rewards[name], rewards[reference])))
+                demo.results[name].update(
+                    mean_with_ci(f"win_rate_vs_{reference}", win_rate(rewards[name], rewards[reference]))
+                )

@@ -22,17 +22,28 @@ Results = dict[str, dict[str, Any]]  # {stage: metrics} of the stages shown, in 
 def write_report(root: Path, settings: Section, results: Results, models: list[str], eval_prompts: int) -> None:
     """root/report.md with the table of the `models` stages, reward.png and every section of the
     stages in `results`; the table and the sections on the console."""
-    plot = plot_results({name: results[name] for name in models}, root / "reward.png",
-                        "task-world oracle evaluation (held-out prompts)")
+    plot = plot_results(
+        {name: results[name] for name in models}, root / "reward.png", "task-world oracle evaluation (held-out prompts)"
+    )
     table = _table(results, models)
-    sections = [*_reward_model_lines(results), *_steering_lines(results, settings.steering),
-                *_rl_lines(results, root), *_draftp_lines(results, settings.draftp)]
+    sections = [
+        *_reward_model_lines(results),
+        *_steering_lines(results, settings.steering),
+        *_rl_lines(results, root),
+        *_draftp_lines(results, settings.draftp),
+    ]
     sampling = settings.evaluation.sampling
     report = [
-        "# alignkit demo report", "",
+        "# alignkit demo report",
+        "",
         f"Held-out prompts: {eval_prompts} (an equal number per skill), sampled at temperature "
         f"{sampling.temperature}, up to {sampling.max_new_tokens} tokens, scored by the task-world oracle.",
-        "", table, "", f"![reward]({plot.name})", "", *sections,
+        "",
+        table,
+        "",
+        f"![reward]({plot.name})",
+        "",
+        *sections,
         "Stage timings (s): " + ", ".join(f"{name} {m.get('seconds', 0):.0f}" for name, m in results.items()),
     ]
     (root / "report.md").write_text("\n".join(report) + "\n")
@@ -43,14 +54,19 @@ def write_report(root: Path, settings: Section, results: Results, models: list[s
 
 
 def _table(results: Results, models: list[str]) -> str:
-    header = "| stage | reward (95% CI) | correctness | harmful rate | win rate vs base | KL to reference |\n|---|---|---|---|---|---|"
+    header = (
+        "| stage | reward (95% CI) | correctness | harmful rate | win rate vs base | KL to reference |\n"
+        "|---|---|---|---|---|---|"
+    )
     rows = []
     for name in models:
         m = results[name]
         win = f"{m['win_rate_vs_base']:.2f}" if "win_rate_vs_base" in m else "-"
         kl = f"{m['kl']:.2f}" if "kl" in m else "-"
-        rows.append(f"| {name} | {m['reward']:.3f} [{m['reward_ci_low']:.3f}, {m['reward_ci_high']:.3f}] | "
-                    f"{m['correctness']:.3f} | {m['harmful_rate']:.3f} | {win} | {kl} |")
+        rows.append(
+            f"| {name} | {m['reward']:.3f} [{m['reward_ci_low']:.3f}, {m['reward_ci_high']:.3f}] | "
+            f"{m['correctness']:.3f} | {m['harmful_rate']:.3f} | {win} | {kl} |"
+        )
     return "\n".join([header, *rows])
 
 
@@ -83,8 +99,9 @@ def _steering_lines(results: Results, steering: Section) -> list[str]:
     rows = []
     first = results[steered[0]]
     if "sft_attribute_accuracy" in first:
-        rows.append(("sft (ignores the label)", {k.removeprefix("sft_"): v for k, v in first.items()
-                                                 if k.startswith("sft_")}))
+        rows.append(
+            ("sft (ignores the label)", {k.removeprefix("sft_"): v for k, v in first.items() if k.startswith("sft_")})
+        )
     rows += [(name, results[name]) for name in steered]
     asked = ", ".join(f"{k} {v}" for k, v in steering.best_targets.items())
     return [
@@ -93,9 +110,14 @@ def _steering_lines(results: Results, steering: Section) -> list[str]:
         "",
         "| model | attribute accuracy | " + " | ".join(f"{n} Spearman | {n} by level 0..4" for n in names) + " |",
         "|---|---|" + "---|---|" * len(names),
-        *[f"| {label} | {m['attribute_accuracy']:.3f} | " + " | ".join(
-            f"{m[f'{n}_spearman']:.2f} | {' '.join(f'{x:.1f}' for x in m[f'{n}_by_level'])}" for n in names) + " |"
-          for label, m in rows],
+        *[
+            f"| {label} | {m['attribute_accuracy']:.3f} | "
+            + " | ".join(
+                f"{m[f'{n}_spearman']:.2f} | {' '.join(f'{x:.1f}' for x in m[f'{n}_by_level'])}" for n in names
+            )
+            + " |"
+            for label, m in rows
+        ],
         "",
         f"The SteerLM rows of the main table ask for {asked}.",
         "",
@@ -109,28 +131,45 @@ def _rl_lines(results: Results, root: Path) -> list[str]:
     if not rl:
         return []
     plot = _plot_curves({name: results[name]["curves"] for name in rl}, root / "rl_curves.png")
-    lines = [f"RL training curves (rollout reward the stage trains on, the oracle's reward of the same rollouts, "
-             f"KL to the SFT model per response): ![rl curves]({plot.name})", ""]
+    lines = [
+        f"RL training curves (rollout reward the stage trains on, the oracle's reward of the same rollouts, "
+        f"KL to the SFT model per response): ![rl curves]({plot.name})",
+        "",
+    ]
     for name in rl:
         m = results[name]
         if "reward_gain_vs_sft" in m:
-            lines += [f"{name} vs SFT on the same held-out prompts (paired, 95% CI): reward "
-                      f"{m['reward_gain_vs_sft']:+.3f} [{m['reward_gain_vs_sft_ci_low']:+.3f}, "
-                      f"{m['reward_gain_vs_sft_ci_high']:+.3f}], correctness {m['correctness_gain_vs_sft']:+.3f} "
-                      f"[{m['correctness_gain_vs_sft_ci_low']:+.3f}, {m['correctness_gain_vs_sft_ci_high']:+.3f}], "
-                      f"win rate {m['win_rate_vs_sft']:.3f}, KL to SFT {m['kl']:.2f}.", ""]
+            lines += [
+                f"{name} vs SFT on the same held-out prompts (paired, 95% CI): reward "
+                f"{m['reward_gain_vs_sft']:+.3f} [{m['reward_gain_vs_sft_ci_low']:+.3f}, "
+                f"{m['reward_gain_vs_sft_ci_high']:+.3f}], correctness {m['correctness_gain_vs_sft']:+.3f} "
+                f"[{m['correctness_gain_vs_sft_ci_low']:+.3f}, {m['correctness_gain_vs_sft_ci_high']:+.3f}], "
+                f"win rate {m['win_rate_vs_sft']:.3f}, KL to SFT {m['kl']:.2f}.",
+                "",
+            ]
     if "ppo" in rl:
         m = results["ppo"]
-        lines += [f"PPO, reward model vs oracle on the held-out answers (change from SFT, mean over skills): "
-                  f"reward model {m['rm_change']:+.3f} (standardised), oracle {m['oracle_change']:+.3f}.",
-                  "", "| skill | reward-model change | oracle change |", "|---|---|---|",
-                  *[f"| {task} | {v['rm_change']:+.3f} | {v['oracle_change']:+.3f} |" for task, v in m["by_skill"].items()],
-                  "", "Reward hacking (reward model up, oracle down): " +
-                  (", ".join(m["reward_hacked_skills"]) or "none seen") + "; where the reward model's gain most "
-                  "exceeds the oracle's (it credits answers the oracle does not): " + ", ".join(
-                      f"{task} ({v['rm_change'] - v['oracle_change']:+.3f})" for task, v in sorted(
-                          m["by_skill"].items(), key=lambda kv: kv[1]["oracle_change"] - kv[1]["rm_change"])[:2]) +
-                  ".", ""]
+        lines += [
+            f"PPO, reward model vs oracle on the held-out answers (change from SFT, mean over skills): "
+            f"reward model {m['rm_change']:+.3f} (standardised), oracle {m['oracle_change']:+.3f}.",
+            "",
+            "| skill | reward-model change | oracle change |",
+            "|---|---|---|",
+            *[f"| {task} | {v['rm_change']:+.3f} | {v['oracle_change']:+.3f} |" for task, v in m["by_skill"].items()],
+            "",
+            "Reward hacking (reward model up, oracle down): "
+            + (", ".join(m["reward_hacked_skills"]) or "none seen")
+            + "; where the reward model's gain most "
+            "exceeds the oracle's (it credits answers the oracle does not): "
+            + ", ".join(
+                f"{task} ({v['rm_change'] - v['oracle_change']:+.3f})"
+                for task, v in sorted(
+                    m["by_skill"].items(), key=lambda kv: kv[1]["oracle_change"] - kv[1]["rm_change"]
+                )[:2]
+            )
+            + ".",
+            "",
+        ]
     return lines
 
 
@@ -138,27 +177,38 @@ def _draftp_lines(results: Results, draftp: Section) -> list[str]:
     if "draftp" not in results:
         return []
     m = results["draftp"]
+
     def row(label: str, p: str) -> str:
         distance = f"{m[p + 'distance_to_base']:.3f}" if p + "distance_to_base" in m else "-"
-        return (f"| {label} | {m[p + 'reward']:.3f} [{m[p + 'reward_ci_low']:.3f}, {m[p + 'reward_ci_high']:.3f}] | "
-                f"{m[p + 'diversity']:.3f} [{m[p + 'diversity_ci_low']:.3f}, {m[p + 'diversity_ci_high']:.3f}] | "
-                f"{m[p + 'diversity'] / m['base_diversity']:.2f} | {distance} |")
+        return (
+            f"| {label} | {m[p + 'reward']:.3f} [{m[p + 'reward_ci_low']:.3f}, {m[p + 'reward_ci_high']:.3f}] | "
+            f"{m[p + 'diversity']:.3f} [{m[p + 'diversity_ci_low']:.3f}, {m[p + 'diversity_ci_high']:.3f}] | "
+            f"{m[p + 'diversity'] / m['base_diversity']:.2f} | {distance} |"
+        )
 
-    return ["DRaFT+ on the shape world (text-to-image; the judge's reward: mean probability of the caption's "
-            "shape, colour and background; diversity: mean pairwise RMS distance between one caption's images; "
-            "distance to base: RMS distance to the base model's image for the same caption and seed; "
-            f"90 captions x {len(draftp.eval_seeds)} seeds):", "",
-            "| model | reward (95% CI) | diversity (95% CI) | diversity / base | distance to base |",
-            "|---|---|---|---|---|",
-            row("base", "base_"), row("DRaFT (kl_coeff 0)", "draft_"), row(f"DRaFT+ (kl_coeff {m['kl_coeff']:g})", ""),
-            row("DRaFT+ with AIG (linear)", "draftp_aig_linear_"), "",
-            "Diversity change on the same captions and seeds (paired, 95% CI): DRaFT+ vs DRaFT "
-            f"{m['diversity_gain_vs_draft']:+.3f} [{m['diversity_gain_vs_draft_ci_low']:+.3f}, "
-            f"{m['diversity_gain_vs_draft_ci_high']:+.3f}], DRaFT+ vs base {m['diversity_gain_vs_base']:+.3f} "
-            f"[{m['diversity_gain_vs_base_ci_low']:+.3f}, {m['diversity_gain_vs_base_ci_high']:+.3f}], DRaFT vs base "
-            f"{m['draft_diversity_gain_vs_base']:+.3f} [{m['draft_diversity_gain_vs_base_ci_low']:+.3f}, "
-            f"{m['draft_diversity_gain_vs_base_ci_high']:+.3f}].", "",
-            "Same captions and seeds, rows base / DRaFT / DRaFT+: ![draftp grid](draftp_grid.png)", ""]
+    return [
+        "DRaFT+ on the shape world (text-to-image; the judge's reward: mean probability of the caption's "
+        "shape, colour and background; diversity: mean pairwise RMS distance between one caption's images; "
+        "distance to base: RMS distance to the base model's image for the same caption and seed; "
+        f"90 captions x {len(draftp.eval_seeds)} seeds):",
+        "",
+        "| model | reward (95% CI) | diversity (95% CI) | diversity / base | distance to base |",
+        "|---|---|---|---|---|",
+        row("base", "base_"),
+        row("DRaFT (kl_coeff 0)", "draft_"),
+        row(f"DRaFT+ (kl_coeff {m['kl_coeff']:g})", ""),
+        row("DRaFT+ with AIG (linear)", "draftp_aig_linear_"),
+        "",
+        "Diversity change on the same captions and seeds (paired, 95% CI): DRaFT+ vs DRaFT "
+        f"{m['diversity_gain_vs_draft']:+.3f} [{m['diversity_gain_vs_draft_ci_low']:+.3f}, "
+        f"{m['diversity_gain_vs_draft_ci_high']:+.3f}], DRaFT+ vs base {m['diversity_gain_vs_base']:+.3f} "
+        f"[{m['diversity_gain_vs_base_ci_low']:+.3f}, {m['diversity_gain_vs_base_ci_high']:+.3f}], DRaFT vs base "
+        f"{m['draft_diversity_gain_vs_base']:+.3f} [{m['draft_diversity_gain_vs_base_ci_low']:+.3f}, "
+        f"{m['draft_diversity_gain_vs_base_ci_high']:+.3f}].",
+        "",
+        "Same captions and seeds, rows base / DRaFT / DRaFT+: ![draftp grid](draftp_grid.png)",
+        "",
+    ]
 
 
 def _plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:

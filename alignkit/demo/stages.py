@@ -49,11 +49,13 @@ class DataSettings(Section):
     sizes: dict[str, int]  # fields of alignkit.tasks.datasets.DatasetSizes (missing ones: its defaults)
 
     @model_validator(mode="after")
-    def _known_sizes(self) -> "DataSettings":
+    def _known_sizes(self) -> DataSettings:
         unknown = set(self.sizes) - set(DatasetSizes.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"data.sizes: unknown dataset(s) {sorted(unknown)}; known: "
-                             f"{', '.join(DatasetSizes.__dataclass_fields__)}")
+            raise ValueError(
+                f"data.sizes: unknown dataset(s) {sorted(unknown)}; known: "
+                f"{', '.join(DatasetSizes.__dataclass_fields__)}"
+            )
         return self
 
 
@@ -101,14 +103,16 @@ class DemoConfig(Section):
 # --- helpers the stages share -----------------------------------------------------------------
 
 
-def _train(demo: Demo, stage: str, overrides: list[str], config: str | None = None,
-           output: Path | None = None) -> RecipeConfig:
+def _train(
+    demo: Demo, stage: str, overrides: list[str], config: str | None = None, output: Path | None = None
+) -> RecipeConfig:
     """Run the recipe named in configs/demo/CONFIG.yaml (default: the stage's name) in this process;
     returns its resolved config."""
     path = find_config("demo", config or stage)
     module = recipe_module(_config_recipe(path))
-    cfg = load_config(module.Config, path,
-                      [f"output_dir={output or demo.path(stage)}", "logging.progress=lines", *overrides])
+    cfg = load_config(
+        module.Config, path, [f"output_dir={output or demo.path(stage)}", "logging.progress=lines", *overrides]
+    )
     module.main(cfg)
     return cfg
 
@@ -117,25 +121,37 @@ def _config_recipe(path: Path) -> str:
     return yaml.safe_load(path.read_text())["recipe"]
 
 
-def _evaluate(demo: Demo, stage: str, reference: str | None = None,
-              attributes: dict[str, int] | None = None) -> dict[str, Any]:
+def _evaluate(
+    demo: Demo, stage: str, reference: str | None = None, attributes: dict[str, int] | None = None
+) -> dict[str, Any]:
     prompts = demo.eval_prompts()
     reference_rewards = None
     if reference is not None:
         reference_rewards = json.loads(demo.path(reference, "eval.json").read_text())["rewards"]
     result = evaluate_model(
-        demo.path(stage, "final"), prompts, demo.settings.evaluation.sampling,
+        demo.path(stage, "final"),
+        prompts,
+        demo.settings.evaluation.sampling,
         reference_dir=demo.path(reference, "final") if reference else None,
-        reference_name=reference or "reference", reference_rewards=reference_rewards, attributes=attributes,
+        reference_name=reference or "reference",
+        reference_rewards=reference_rewards,
+        attributes=attributes,
     )
     write_json({**result.to_json(prompts), "rewards": result.rewards}, demo.path(stage, "eval.json"))
     if reference is not None:  # paired on the same prompts: far tighter than comparing two means' CIs
         reference_items = json.loads(demo.path(reference, "eval.json").read_text())["items"]
-        result.metrics.update(mean_with_ci(f"reward_gain_vs_{reference}",
-                                           [a - b for a, b in zip(result.rewards, reference_rewards)]))
-        result.metrics.update(mean_with_ci(f"correctness_gain_vs_{reference}", [
-            float(a["correctness"] == 4) - float(b["correctness"] == 4)
-            for a, b in zip(result.scores, reference_items)]))
+        result.metrics.update(
+            mean_with_ci(f"reward_gain_vs_{reference}", [a - b for a, b in zip(result.rewards, reference_rewards)])
+        )
+        result.metrics.update(
+            mean_with_ci(
+                f"correctness_gain_vs_{reference}",
+                [
+                    float(a["correctness"] == 4) - float(b["correctness"] == 4)
+                    for a, b in zip(result.scores, reference_items)
+                ],
+            )
+        )
     return result.metrics
 
 
@@ -160,15 +176,24 @@ def _tokenizer(demo: Demo) -> dict[str, Any]:
 
 
 def _base(demo: Demo) -> dict[str, Any]:
-    _train(demo, "base", [f"model.tokenizer_path={demo.path('tokenizer')}",
-                          f"data.train.path={demo.path('data', 'pretrain.jsonl')}"])
+    _train(
+        demo,
+        "base",
+        [f"model.tokenizer_path={demo.path('tokenizer')}", f"data.train.path={demo.path('data', 'pretrain.jsonl')}"],
+    )
     return _evaluate(demo, "base")
 
 
 def _sft(demo: Demo) -> dict[str, Any]:
-    _train(demo, "sft", [f"model.path={demo.path('base', 'final')}",
-                         f"data.train.path={demo.path('data', 'sft.jsonl')}",
-                         f"data.validation.path={demo.path('data', 'sft_valid.jsonl')}"])
+    _train(
+        demo,
+        "sft",
+        [
+            f"model.path={demo.path('base', 'final')}",
+            f"data.train.path={demo.path('data', 'sft.jsonl')}",
+            f"data.validation.path={demo.path('data', 'sft_valid.jsonl')}",
+        ],
+    )
     return _evaluate(demo, "sft", reference="base")
 
 
@@ -179,12 +204,19 @@ def _dpo(demo: Demo) -> dict[str, Any]:
     """Iterative on-policy DPO from the SFT model (the `dpo` recipe's `online` option): each
     iteration the current model answers the training prompts, the oracle's best and worst answers
     become pairs, and DPO trains from (and against) the current model."""
-    cfg = _train(demo, "dpo", [f"model.path={demo.path('sft', 'final')}",
-                               f"data.train.path={demo.path('data', 'prompts.jsonl')}",
-                               f"data.validation.path={demo.path('data', 'prefs_valid.jsonl')}"])
+    cfg = _train(
+        demo,
+        "dpo",
+        [
+            f"model.path={demo.path('sft', 'final')}",
+            f"data.train.path={demo.path('data', 'prompts.jsonl')}",
+            f"data.validation.path={demo.path('data', 'prefs_valid.jsonl')}",
+        ],
+    )
     metrics = _evaluate(demo, "dpo", reference="sft")
-    metrics["pairs_per_round"] = [len(_read_jsonl(demo.path("dpo", f"iteration_{t}", "pairs.jsonl")))
-                                  for t in range(1, cfg.online.iterations + 1)]
+    metrics["pairs_per_round"] = [
+        len(_read_jsonl(demo.path("dpo", f"iteration_{t}", "pairs.jsonl"))) for t in range(1, cfg.online.iterations + 1)
+    ]
     return metrics
 
 
@@ -202,28 +234,52 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
     sampling = demo.settings.reward_model.sampling
     train_prompts = read_prompt_records(str(demo.path("data", "prompts.jsonl")))
     # The held-out pairs' prompts alone: the oracle judges by the prompt text, as for any prompt.
-    valid_prompts = [Record({"prompt": r["prompt"]}, f"prefs_valid.jsonl:{i + 1}")
-                     for i, r in enumerate(_read_jsonl(demo.path("data", "prefs_valid.jsonl")))]
+    valid_prompts = [
+        Record({"prompt": r["prompt"]}, f"prefs_valid.jsonl:{i + 1}")
+        for i, r in enumerate(_read_jsonl(demo.path("data", "prefs_valid.jsonl")))
+    ]
     out = demo.path("reward_model")
     out.mkdir(parents=True, exist_ok=True)
     # Every pair of the SFT model's answers (sampling.n per prompt) that the oracle separates.
     model, tokenizer = load_for_eval(sft)
     onpolicy, _ = sampled_preference_pairs(model, tokenizer, train_prompts, sampling, oracle_rewards, all_pairs=True)
-    held_out, _ = sampled_preference_pairs(model, tokenizer, valid_prompts,
-                                           sampling.model_copy(update={"seed": sampling.seed + 1}), oracle_rewards,
-                                           all_pairs=True)
+    held_out, _ = sampled_preference_pairs(
+        model,
+        tokenizer,
+        valid_prompts,
+        sampling.model_copy(update={"seed": sampling.seed + 1}),
+        oracle_rewards,
+        all_pairs=True,
+    )
     del model
     demonstrator = _read_jsonl(demo.path("data", "prefs.jsonl"))
     write_jsonl(demonstrator + onpolicy, out / "bt_train.jsonl")
     write_jsonl(held_out, out / "onpolicy_valid.jsonl")
-    get_logger().info(f"demo: reward model: {len(demonstrator)} demonstrator pairs + {len(onpolicy)} comparisons "
-                      f"of the SFT model's answers ({sampling.n} per prompt); {len(held_out)} held-out comparisons")
-    _train(demo, "reward_model", [f"model.path={sft}", f"data.train.path={out / 'bt_train.jsonl'}",
-                                  f"data.validation.path={demo.path('data', 'prefs_valid.jsonl')}"],
-           output=out / "bt")
-    _train(demo, "reward_model", [f"model.path={sft}", f"data.train.path={demo.path('data', 'attributes.jsonl')}",
-                                  f"data.validation.path={demo.path('data', 'attributes_valid.jsonl')}"],
-           config="attribute_model", output=out / "attributes")
+    get_logger().info(
+        f"demo: reward model: {len(demonstrator)} demonstrator pairs + {len(onpolicy)} comparisons "
+        f"of the SFT model's answers ({sampling.n} per prompt); {len(held_out)} held-out comparisons"
+    )
+    _train(
+        demo,
+        "reward_model",
+        [
+            f"model.path={sft}",
+            f"data.train.path={out / 'bt_train.jsonl'}",
+            f"data.validation.path={demo.path('data', 'prefs_valid.jsonl')}",
+        ],
+        output=out / "bt",
+    )
+    _train(
+        demo,
+        "reward_model",
+        [
+            f"model.path={sft}",
+            f"data.train.path={demo.path('data', 'attributes.jsonl')}",
+            f"data.validation.path={demo.path('data', 'attributes_valid.jsonl')}",
+        ],
+        config="attribute_model",
+        output=out / "attributes",
+    )
     bt = json.loads((out / "bt" / "eval.json").read_text())
     attributes = json.loads((out / "attributes" / "eval.json").read_text())
     correct = round(bt["pairwise_accuracy"] * bt["pairs"])
@@ -233,17 +289,28 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
     chosen = rm.score([r["prompt"] for r in held_out], [r["chosen"] for r in held_out]).rewards
     rejected = rm.score([r["prompt"] for r in held_out], [r["rejected"] for r in held_out]).rewards
     metrics.update(mean_with_ci("onpolicy_pairwise_accuracy", (chosen > rejected).float().tolist()))
-    metrics.update({"onpolicy_pairs": len(held_out), "train_pairs_demonstrator": len(demonstrator),
-                    "train_pairs_onpolicy": len(onpolicy)})
+    metrics.update(
+        {
+            "onpolicy_pairs": len(held_out),
+            "train_pairs_demonstrator": len(demonstrator),
+            "train_pairs_onpolicy": len(onpolicy),
+        }
+    )
     metrics.update({k: v for k, v in attributes.items() if k.startswith(("pearson/", "mae/"))})
     return metrics
 
 
 def _rejection_sampling(demo: Demo) -> dict[str, Any]:
     """Best-of-4 by the stage `reward_model`'s Bradley-Terry model (the oracle only evaluates)."""
-    _train(demo, "rejection_sampling", [f"model.path={demo.path('sft', 'final')}",
-                                        f"data.train.path={demo.path('data', 'prompts.jsonl')}",
-                                        f"reward.path={demo.path('reward_model', 'bt', 'final')}"])
+    _train(
+        demo,
+        "rejection_sampling",
+        [
+            f"model.path={demo.path('sft', 'final')}",
+            f"data.train.path={demo.path('data', 'prompts.jsonl')}",
+            f"reward.path={demo.path('reward_model', 'bt', 'final')}",
+        ],
+    )
     return _evaluate(demo, "rejection_sampling", reference="sft")
 
 
@@ -263,8 +330,9 @@ def _steer_metrics(demo: Demo, stage: str) -> dict[str, Any]:
     metrics.update(attribute_control(model, prompts, list(STEERABLE_ATTRIBUTES), steering.base))
     if stage == "steerlm":
         fmt = SteerLMFormat.from_config(AutoConfig.from_pretrained(model))
-        sft = attribute_control(demo.path("sft", "final"), prompts, list(STEERABLE_ATTRIBUTES), steering.base,
-                                steer=fmt)
+        sft = attribute_control(
+            demo.path("sft", "final"), prompts, list(STEERABLE_ATTRIBUTES), steering.base, steer=fmt
+        )
         metrics.update({f"sft_{k}": v for k, v in sft.items()})
     return metrics
 
@@ -274,12 +342,23 @@ def _steerlm(demo: Demo) -> dict[str, Any]:
     labelled by steering.annotator; then asked for the best attributes, and steered."""
     lines = [r for name in ("attributes.jsonl", "sft.jsonl") for r in _read_jsonl(demo.path("data", name))]
     demo.path("steerlm").mkdir(parents=True, exist_ok=True)
-    write_jsonl([{"prompt": r["prompt"], "response": r["response"]} for r in lines],
-                demo.path("steerlm", "responses.jsonl"))
-    annotator = (["annotate.kind=oracle"] if demo.settings.steering.annotator == "oracle" else
-                 [f"annotate.path={demo.path('reward_model', 'attributes', 'final')}"])
-    _train(demo, "steerlm", [f"model.path={demo.path('sft', 'final')}",
-                             f"data.train.path={demo.path('steerlm', 'responses.jsonl')}", *annotator])
+    write_jsonl(
+        [{"prompt": r["prompt"], "response": r["response"]} for r in lines], demo.path("steerlm", "responses.jsonl")
+    )
+    annotator = (
+        ["annotate.kind=oracle"]
+        if demo.settings.steering.annotator == "oracle"
+        else [f"annotate.path={demo.path('reward_model', 'attributes', 'final')}"]
+    )
+    _train(
+        demo,
+        "steerlm",
+        [
+            f"model.path={demo.path('sft', 'final')}",
+            f"data.train.path={demo.path('steerlm', 'responses.jsonl')}",
+            *annotator,
+        ],
+    )
     return _steer_metrics(demo, "steerlm")
 
 
@@ -289,12 +368,20 @@ def _steerlm2(demo: Demo) -> dict[str, Any]:
     attributes (configs/demo/steerlm2.yaml), log P(y|x) from the SFT model."""
     steering = demo.settings.steering
     demo.path("steerlm2").mkdir(parents=True, exist_ok=True)
-    targets = [{**r, "attributes": {**steering.base, **r["attributes"]}}
-               for r in steer_prompt_records(steering.steerlm2_prompts, seed=0)]
+    targets = [
+        {**r, "attributes": {**steering.base, **r["attributes"]}}
+        for r in steer_prompt_records(steering.steerlm2_prompts, seed=0)
+    ]
     write_jsonl(targets, demo.path("steerlm2", "targets.jsonl"))
-    _train(demo, "steerlm2", [f"model.path={demo.path('steerlm', 'final')}",
-                              f"data.train.path={demo.path('steerlm2', 'targets.jsonl')}",
-                              f"steerlm2.prior_path={demo.path('sft', 'final')}"])
+    _train(
+        demo,
+        "steerlm2",
+        [
+            f"model.path={demo.path('steerlm', 'final')}",
+            f"data.train.path={demo.path('steerlm2', 'targets.jsonl')}",
+            f"steerlm2.prior_path={demo.path('sft', 'final')}",
+        ],
+    )
     return _steer_metrics(demo, "steerlm2")
 
 
@@ -321,21 +408,35 @@ def _reward_hacking(demo: Demo, stage: str) -> dict[str, Any]:
             t = by_task.setdefault(item["task"], {})
             for key, value in ((f"{model}_rm", score), (f"{model}_oracle", item["reward"]), (f"{model}_n", 1.0)):
                 t[key] = t.get(key, 0.0) + value
-    table = {task: {"rm_change": t[f"{stage}_rm"] / t[f"{stage}_n"] - t["sft_rm"] / t["sft_n"],
-                    "oracle_change": t[f"{stage}_oracle"] / t[f"{stage}_n"] - t["sft_oracle"] / t["sft_n"]}
-             for task, t in sorted(by_task.items())}
+    table = {
+        task: {
+            "rm_change": t[f"{stage}_rm"] / t[f"{stage}_n"] - t["sft_rm"] / t["sft_n"],
+            "oracle_change": t[f"{stage}_oracle"] / t[f"{stage}_n"] - t["sft_oracle"] / t["sft_n"],
+        }
+        for task, t in sorted(by_task.items())
+    }
     total = {k: sum(v[k] for v in table.values()) / len(table) for k in ("rm_change", "oracle_change")}
     hacked = [task for task, v in table.items() if v["rm_change"] > 0.05 and v["oracle_change"] < -0.01]
-    return {"rm_change": total["rm_change"], "oracle_change": total["oracle_change"], "by_skill": table,
-            "reward_hacked_skills": hacked}
+    return {
+        "rm_change": total["rm_change"],
+        "oracle_change": total["oracle_change"],
+        "by_skill": table,
+        "reward_hacked_skills": hacked,
+    }
 
 
 def _ppo(demo: Demo) -> dict[str, Any]:
     """PPO from the SFT model against the stage `reward_model`'s Bradley-Terry model (the oracle
     monitors the rollouts and judges the result); the critic starts from the reward model."""
-    _train(demo, "ppo", [f"model.path={demo.path('sft', 'final')}",
-                         f"data.train.path={demo.path('data', 'prompts.jsonl')}",
-                         f"reward.path={demo.path('reward_model', 'bt', 'final')}"])
+    _train(
+        demo,
+        "ppo",
+        [
+            f"model.path={demo.path('sft', 'final')}",
+            f"data.train.path={demo.path('data', 'prompts.jsonl')}",
+            f"reward.path={demo.path('reward_model', 'bt', 'final')}",
+        ],
+    )
     metrics = _evaluate(demo, "ppo", reference="sft")
     metrics.update(_reward_hacking(demo, "ppo"))
     metrics["curves"] = _rl_curves("ppo", demo)
@@ -344,8 +445,11 @@ def _ppo(demo: Demo) -> dict[str, Any]:
 
 def _grpo(demo: Demo) -> dict[str, Any]:
     """GRPO from the SFT model against the oracle's check of the final answer (a verifiable reward)."""
-    _train(demo, "grpo", [f"model.path={demo.path('sft', 'final')}",
-                          f"data.train.path={demo.path('data', 'prompts.jsonl')}"])
+    _train(
+        demo,
+        "grpo",
+        [f"model.path={demo.path('sft', 'final')}", f"data.train.path={demo.path('data', 'prompts.jsonl')}"],
+    )
     metrics = _evaluate(demo, "grpo", reference="sft")
     metrics["curves"] = _rl_curves("grpo", demo)
     return metrics
@@ -363,8 +467,9 @@ def _shapes(demo: Demo) -> dict[str, Any]:
 
     judge, judge_report = train_shape_judge(n=3000)
     judge.save(demo.path("shapes", "judge"))
-    pipe, pretrain_report = pretrain_shape_pipeline(unet_steps=demo.settings.draftp.pretrain_steps,
-                                                    log=get_logger().info)
+    pipe, pretrain_report = pretrain_shape_pipeline(
+        unet_steps=demo.settings.draftp.pretrain_steps, log=get_logger().info
+    )
     save_pipeline(pipe, demo.path("shapes", "base"))
     return {"judge": judge_report, "pretrain": pretrain_report}
 
@@ -389,10 +494,16 @@ def _draftp(demo: Demo) -> dict[str, Any]:
     judge = ShapeJudge.load(shapes / "judge")
     pipes = {name: load_for_images(None, run / "final") for name, run in runs.items()}
     samples = {}
-    for name, pipe, schedule in (("base", pipes["draftp"], "base"), ("draft", pipes["draft"], "draft"),
-                                 ("draftp", pipes["draftp"], "draft"), ("draftp_aig_linear", pipes["draftp"], "linear")):
-        samples[name] = generate_images(pipe, captions, list(seeds), cfg.sampling.steps,
-                                        cfg.sampling.guidance_scale, schedule)
+    models = (
+        ("base", pipes["draftp"], "base"),
+        ("draft", pipes["draft"], "draft"),
+        ("draftp", pipes["draftp"], "draft"),
+        ("draftp_aig_linear", pipes["draftp"], "linear"),
+    )
+    for name, pipe, schedule in models:
+        samples[name] = generate_images(
+            pipe, captions, list(seeds), cfg.sampling.steps, cfg.sampling.guidance_scale, schedule
+        )
     metrics = _image_metrics(samples, judge, captions, seeds)
     metrics["kl_coeff"] = cfg.draftp.kl_coeff
     _draftp_grid(demo, samples, captions)
@@ -439,8 +550,11 @@ def _draftp_grid(demo: Demo, samples: dict[str, torch.Tensor], captions: list[st
 
 def _draftp_curves(run: Path) -> dict[str, list[float]]:
     rows = _read_jsonl(run / "metrics.jsonl")
-    return {"step": [r["step"] for r in rows if "reward" in r], "reward": [r["reward"] for r in rows if "reward" in r],
-            "regularizer": [r["regularizer"] for r in rows if "regularizer" in r]}
+    return {
+        "step": [r["step"] for r in rows if "reward" in r],
+        "reward": [r["reward"] for r in rows if "reward" in r],
+        "regularizer": [r["regularizer"] for r in rows if "regularizer" in r],
+    }
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -452,14 +566,38 @@ STAGES = [
     Stage("base", _base, ("tokenizer",), configs=("base",), settings=EVALUATED, is_model=True),
     Stage("sft", _sft, ("base",), configs=("sft",), settings=EVALUATED, is_model=True),
     Stage("dpo", _dpo, ("sft",), configs=("dpo",), settings=EVALUATED, is_model=True),
-    Stage("reward_model", _reward_model, ("sft",), configs=("reward_model", "attribute_model"),
-          settings=("reward_model",), in_summary=True),
-    Stage("rejection_sampling", _rejection_sampling, ("sft", "reward_model"), configs=("rejection_sampling",),
-          settings=EVALUATED, is_model=True),
-    Stage("steerlm", _steerlm, ("sft", "reward_model"), configs=("steerlm",), settings=(*EVALUATED, "steering"),
-          is_model=True),
-    Stage("steerlm2", _steerlm2, ("sft", "steerlm"), configs=("steerlm2",), settings=(*EVALUATED, "steering"),
-          is_model=True),
+    Stage(
+        "reward_model",
+        _reward_model,
+        ("sft",),
+        configs=("reward_model", "attribute_model"),
+        settings=("reward_model",),
+        in_summary=True,
+    ),
+    Stage(
+        "rejection_sampling",
+        _rejection_sampling,
+        ("sft", "reward_model"),
+        configs=("rejection_sampling",),
+        settings=EVALUATED,
+        is_model=True,
+    ),
+    Stage(
+        "steerlm",
+        _steerlm,
+        ("sft", "reward_model"),
+        configs=("steerlm",),
+        settings=(*EVALUATED, "steering"),
+        is_model=True,
+    ),
+    Stage(
+        "steerlm2",
+        _steerlm2,
+        ("sft", "steerlm"),
+        configs=("steerlm2",),
+        settings=(*EVALUATED, "steering"),
+        is_model=True,
+    ),
     Stage("ppo", _ppo, ("sft", "reward_model"), configs=("ppo",), settings=EVALUATED, is_model=True),
     Stage("grpo", _grpo, ("sft",), configs=("grpo",), settings=EVALUATED, is_model=True),
     Stage("shapes", _shapes, (), settings=("draftp",)),
@@ -468,8 +606,9 @@ STAGES = [
 DEFAULT_STAGES = ["data", "tokenizer", "base", "sft", "dpo", "reward_model"]
 
 
-def run_demo(stage_names: list[str] | None = None, output_dir: str | Path = "runs/demo",
-             settings: str | Path | None = None) -> dict[str, Any]:
+def run_demo(
+    stage_names: list[str] | None = None, output_dir: str | Path = "runs/demo", settings: str | Path | None = None
+) -> dict[str, Any]:
     """Run (or reuse) the requested stages (None: DEFAULT_STAGES; ["all"]: every stage) and their
     dependencies with the settings file (default configs/demo.yaml); write the report."""
     config = load_config(DemoConfig, settings or configs_dir() / "demo.yaml")

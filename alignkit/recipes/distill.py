@@ -75,7 +75,7 @@ class Config(RecipeConfig):
     loss: DistillLossConfig = DistillLossConfig()
 
     @model_validator(mode="after")
-    def _frozen_teacher(self) -> "Config":
+    def _frozen_teacher(self) -> Config:
         if self.teacher.lora.enabled:
             raise ValueError("teacher.lora: the teacher is frozen, a LoRA adapter on it would never train")
         return self

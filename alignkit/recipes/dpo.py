@@ -115,7 +115,7 @@ class PreferenceLossConfig(Section):
     average_logprobs: bool | None = None
 
     @model_validator(mode="after")
-    def _resolve(self) -> "PreferenceLossConfig":
+    def _resolve(self) -> PreferenceLossConfig:
         if self.type in REFERENCE_FREE and self.average_logprobs is False:
             raise ValueError(f"loss.average_logprobs: {self.type} is defined on per-token mean log-probs")
         if self.preference_weight == 0 and not self.sft_weight:
@@ -154,7 +154,7 @@ class OnlineConfig(Section):
     autocast: bool = True
 
     @model_validator(mode="after")
-    def _two_answers(self) -> "OnlineConfig":
+    def _two_answers(self) -> OnlineConfig:
         if self.sampling.n < 2:
             raise ValueError("online.sampling.n: a pair needs at least 2 answers per prompt")
         return self
@@ -167,7 +167,7 @@ class Config(RecipeConfig):
     online: OnlineConfig | None = None
 
     @model_validator(mode="after")
-    def _online_fits(self) -> "Config":
+    def _online_fits(self) -> Config:
         if self.online is not None and self.loss.type == "kto":
             raise ValueError("online: on-policy pairs are paired data; loss.type=kto learns from unpaired labels")
         if self.online is not None and self.model.lora.enabled and not self.model.lora.merge_on_save:

@@ -71,8 +71,9 @@ def sampled_preference_pairs(
     mine: list[_Group] = []
     for b in range(rank, len(batches), world):
         seed = None if sampling.seed is None else sampling.seed + b * sampling.batch_size * sampling.n
-        mine += _sample_and_judge(model, tokenizer, prompts, ids, batches[b],
-                                  sampling.model_copy(update={"seed": seed}), judge)
+        mine += _sample_and_judge(
+            model, tokenizer, prompts, ids, batches[b], sampling.model_copy(update={"seed": seed}), judge
+        )
     if d is not None:
         mine, _ = gather_rollouts(mine, {}, d)
     groups = sorted(mine, key=lambda g: g.index)  # prompt order
@@ -80,31 +81,54 @@ def sampled_preference_pairs(
     return pairs, _metrics(groups, pairs)
 
 
-def _prompt_ids(tokenizer, prompts: Sequence[Record], chat_template: str | None,
-                system_prompt: str | None) -> list[list[int]]:
-    texts = [tokenizer.apply_chat_template(with_system_prompt(prompt_messages(p), system_prompt), tokenize=False,
-                                           add_generation_prompt=True, chat_template=chat_template) for p in prompts]
+def _prompt_ids(
+    tokenizer, prompts: Sequence[Record], chat_template: str | None, system_prompt: str | None
+) -> list[list[int]]:
+    texts = [
+        tokenizer.apply_chat_template(
+            with_system_prompt(prompt_messages(p), system_prompt),
+            tokenize=False,
+            add_generation_prompt=True,
+            chat_template=chat_template,
+        )
+        for p in prompts
+    ]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _sample_and_judge(model, tokenizer, prompts: Sequence[Record], ids: list[list[int]], batch: list[int],
-                      sampling: SamplingConfig, judge: Judge) -> list[_Group]:
+def _sample_and_judge(
+    model,
+    tokenizer,
+    prompts: Sequence[Record],
+    ids: list[list[int]],
+    batch: list[int],
+    sampling: SamplingConfig,
+    judge: Judge,
+) -> list[_Group]:
     """Each prompt of the batch with its n judged answers."""
-    completions = generate(model, [ids[i] for i in batch], sampling, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                           tokenizer.decode)  # row k * n + j: answer j to prompt batch[k]
+    completions = generate(
+        model, [ids[i] for i in batch], sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode
+    )  # row k * n + j: answer j to prompt batch[k]
     rewards = [0.0] * len(completions)
     ended = [k for k, c in enumerate(completions) if c.is_end]
     if ended:
-        judged = judge([prompts[batch[completions[k].prompt_index]].data for k in ended],
-                       [completions[k].text for k in ended])
+        judged = judge(
+            [prompts[batch[completions[k].prompt_index]].data for k in ended], [completions[k].text for k in ended]
+        )
         for k, reward in zip(ended, judged, strict=True):
             rewards[k] = reward
     n = sampling.n
     groups = []
     for k, i in enumerate(batch):
         answers = completions[k * n : (k + 1) * n]
-        groups.append(_Group(i, [(r, c.text) for r, c in zip(rewards[k * n : (k + 1) * n], answers)],
-                             sum(len(c.token_ids) for c in answers), sum(c.is_end for c in answers)))
+        groups.append(
+            _Group(
+                i,
+                [(r, c.text) for r, c in zip(rewards[k * n : (k + 1) * n], answers)],
+                sum(len(c.token_ids) for c in answers),
+                sum(c.is_end for c in answers),
+            )
+        )
     return groups
 
 

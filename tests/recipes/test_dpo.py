@@ -201,7 +201,8 @@ def test_step0_check_warns_when_policy_and_reference_differ(tokenizer):
     from alignkit.training.logging import get_logger
     from tests.conftest import REPO, tiny_model
 
-    cfg = load_config(recipe.Config, REPO / "configs/dpo/tiny.yaml", ["output_dir=/nonexistent", "data.validation=null"])
+    cfg = load_config(recipe.Config, REPO / "configs/dpo/tiny.yaml",
+                      ["output_dir=/nonexistent", "data.validation=null"])
     pairs, _ = load_preference_pairs(cfg.data.train.model_copy(update={"path": "builtin:prefs?n=4"}), cfg.data,
                                      tokenizer)
     run = SimpleNamespace(dist=SimpleNamespace(device=torch.device("cpu")), log=get_logger(),

@@ -15,8 +15,14 @@ get_logger()  # its handler writes to the session's stderr, not to one test's ca
 
 
 def model_metrics(reward):
-    return {"reward": reward, "reward_ci_low": reward - 0.1, "reward_ci_high": reward + 0.1, "correctness": 0.5,
-            "harmful_rate": 0.1, **{f"attribute/{a}": 2.0 for a in ATTRIBUTES}}
+    return {
+        "reward": reward,
+        "reward_ci_low": reward - 0.1,
+        "reward_ci_high": reward + 0.1,
+        "correctness": 0.5,
+        "harmful_rate": 0.1,
+        **{f"attribute/{a}": 2.0 for a in ATTRIBUTES},
+    }
 
 
 def fake_stages(calls, m2_settings=()):
@@ -34,10 +40,14 @@ def fake_stages(calls, m2_settings=()):
             demo.path(name).mkdir(parents=True)
             demo.path(name, "eval.json").write_text(json.dumps({"rewards": [reward] * 4}))
             return model_metrics(reward)
+
         return run
 
-    return [Stage("data", data, ()), Stage("m1", model("m1", 0.4), ("data",), is_model=True),
-            Stage("m2", model("m2", 0.6), ("m1",), settings=m2_settings, is_model=True)]
+    return [
+        Stage("data", data, ()),
+        Stage("m1", model("m1", 0.4), ("data",), is_model=True),
+        Stage("m2", model("m2", 0.6), ("m1",), settings=m2_settings, is_model=True),
+    ]
 
 
 def run(stages, names, root, version=1, settings=SETTINGS, default=("m1",)):
@@ -138,8 +148,14 @@ def test_the_shipped_stage_table_names_real_configs_settings_and_earlier_stages(
 
 
 def test_the_settings_file_is_checked_and_names_a_bad_key(tmp_path):
-    assert SETTINGS.steering.best_targets == {"helpfulness": 4, "correctness": 4, "coherence": 4, "harmlessness": 4,
-                                              "verbosity": 1, "politeness": 4}
+    assert SETTINGS.steering.best_targets == {
+        "helpfulness": 4,
+        "correctness": 4,
+        "coherence": 4,
+        "harmlessness": 4,
+        "verbosity": 1,
+        "politeness": 4,
+    }
     bad = tmp_path / "demo.yaml"
     bad.write_text((configs_dir() / "demo.yaml").read_text().replace("eval_per_skill:", "eval_per_skil:"))
     with pytest.raises(ValueError, match="eval_per_skil"):

@@ -62,7 +62,8 @@ def test_cache_key_is_stable_for_equal_inputs_and_changes_with_each_input():
         "model seed": key(model_fingerprint(random_model(), seed=2), make_examples(6)),
         "model shape": key(model_fingerprint(random_model(hidden_size=32), seed=1), make_examples(6)),
         "model precision": key(
-            model_fingerprint(ModelConfig(random_init=RandomInitConfig(), precision="bf16"), seed=1), make_examples(6)),
+            model_fingerprint(ModelConfig(random_init=RandomInitConfig(), precision="bf16"), seed=1), make_examples(6)
+        ),
     }
     assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
 
@@ -95,7 +96,7 @@ def test_save_safetensors_is_atomic_and_readable_by_others(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0o600
 
-    with pytest.raises(Exception):  # a failed write leaves the old file and no temporary
+    with pytest.raises(AttributeError):  # a failed write leaves the old file and no temporary
         save_safetensors(path, {"bad": "not a tensor"})
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
     assert torch.equal(load_file(str(path))["logps"], tensors["logps"])

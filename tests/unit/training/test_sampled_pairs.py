@@ -39,11 +39,13 @@ def test_best_against_worst_of_each_prompt_unended_answers_score_zero(tokenizer,
     assert [order.index(p["prompt"]) for p in pairs] == sorted(order.index(p["prompt"]) for p in pairs)
     for p in pairs:
         assert p["chosen_reward"] - p["rejected_reward"] >= 0.05 and p["margin"] == round(
-            p["chosen_reward"] - p["rejected_reward"], 4)
+            p["chosen_reward"] - p["rejected_reward"], 4
+        )
         # a rejected answer the judge never saw was cut by max_new_tokens: it scores 0
         assert p["rejected"] in judge.seen or p["rejected_reward"] == 0.0
     assert 0 < metrics["rollout/ended_fraction"] < 1 and len(judge.seen) == round(
-        metrics["rollout/ended_fraction"] * len(prompts) * SAMPLING.n)
+        metrics["rollout/ended_fraction"] * len(prompts) * SAMPLING.n
+    )
 
 
 def test_samples_are_seeded_ties_are_skipped_and_all_pairs_extends_best_vs_worst(tokenizer, prompts):
@@ -51,13 +53,15 @@ def test_samples_are_seeded_ties_are_skipped_and_all_pairs_extends_best_vs_worst
     best, _ = sampled_preference_pairs(model, tokenizer, prompts, SAMPLING, LengthJudge())
     again, _ = sampled_preference_pairs(model, tokenizer, prompts, SAMPLING, LengthJudge())
     assert again == best  # per-batch seeds: the same answers
-    reseeded, _ = sampled_preference_pairs(model, tokenizer, prompts, SAMPLING.model_copy(update={"seed": 4}),
-                                           LengthJudge())
+    reseeded, _ = sampled_preference_pairs(
+        model, tokenizer, prompts, SAMPLING.model_copy(update={"seed": 4}), LengthJudge()
+    )
     assert reseeded != best
     every, _ = sampled_preference_pairs(model, tokenizer, prompts, SAMPLING, LengthJudge(), all_pairs=True)
     assert len(every) > len(best) and all(p in every for p in best)
-    tied, metrics = sampled_preference_pairs(model, tokenizer, prompts, SAMPLING, lambda ps, rs: [1.0] * len(rs),
-                                             min_margin=1.5)  # unended (0) vs ended (1): within the margin
+    tied, metrics = sampled_preference_pairs(
+        model, tokenizer, prompts, SAMPLING, lambda ps, rs: [1.0] * len(rs), min_margin=1.5
+    )  # unended (0) vs ended (1): within the margin
     assert tied == [] and metrics["rollout/pairs"] == 0
     with pytest.raises(ValueError, match="at least 2 answers"):
         sampled_preference_pairs(model, tokenizer, prompts, SAMPLING.model_copy(update={"n": 1}), LengthJudge())
