@@ -26,9 +26,10 @@ from typing import Any, NamedTuple
 from alignkit.config import SamplingConfig
 from alignkit.data.formats import prompt_messages, with_system_prompt
 from alignkit.data.io import Record
-from alignkit.generation.sampler import generate
+from alignkit.generation.sampler import Completion
 from alignkit.tasks.datasets import MIN_PREFERENCE_MARGIN, best_worst_pair, ranked_pairs
 from alignkit.training.distributed import Dist, gather_rollouts
+from alignkit.training.rollouts import sample_batches
 
 __all__ = ["Judge", "sampled_preference_pairs"]
 
@@ -66,14 +67,18 @@ def sampled_preference_pairs(
         raise ValueError(f"sampling.n={sampling.n}: a preference pair needs at least 2 answers per prompt")
     ids = _prompt_ids(tokenizer, prompts, chat_template, system_prompt)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # stable
-    batches = [order[s : s + sampling.batch_size] for s in range(0, len(order), sampling.batch_size)]
+    size, n = sampling.batch_size, sampling.n
     rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
+    # This process's batches b = rank, rank + W, ... back to back: every batch but the globally last
+    # is full, so the shared loop cuts them at the same places; batch b is seeded seed + b * size * n.
+    mine_order = [i for b in range(rank, -(-len(order) // size), world) for i in order[b * size : (b + 1) * size]]
+
+    def seed_of(start: int) -> int | None:
+        return None if sampling.seed is None else sampling.seed + (rank + start // size * world) * size * n
+
     mine: list[_Group] = []
-    for b in range(rank, len(batches), world):
-        seed = None if sampling.seed is None else sampling.seed + b * sampling.batch_size * sampling.n
-        mine += _sample_and_judge(
-            model, tokenizer, prompts, ids, batches[b], sampling.model_copy(update={"seed": seed}), judge
-        )
+    for start, completions in sample_batches(model, tokenizer, [ids[i] for i in mine_order], sampling, seed_of):
+        mine += _judged(prompts, mine_order[start : start + size], completions, n, judge)
     if d is not None:
         mine, _ = gather_rollouts(mine, {}, d)
     groups = sorted(mine, key=lambda g: g.index)  # prompt order
@@ -96,19 +101,10 @@ def _prompt_ids(
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _sample_and_judge(
-    model,
-    tokenizer,
-    prompts: Sequence[Record],
-    ids: list[list[int]],
-    batch: list[int],
-    sampling: SamplingConfig,
-    judge: Judge,
-) -> list[_Group]:
-    """Each prompt of the batch with its n judged answers."""
-    completions = generate(
-        model, [ids[i] for i in batch], sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode
-    )  # row k * n + j: answer j to prompt batch[k]
+def _judged(prompts: Sequence[Record], batch: list[int], completions: list[Completion], n: int,
+            judge: Judge) -> list[_Group]:
+    """Each prompt of the batch with its n judged answers (completion k * n + j: answer j to
+    prompt batch[k])."""
     rewards = [0.0] * len(completions)
     ended = [k for k, c in enumerate(completions) if c.is_end]
     if ended:
@@ -117,7 +113,6 @@ def _sample_and_judge(
         )
         for k, reward in zip(ended, judged, strict=True):
             rewards[k] = reward
-    n = sampling.n
     groups = []
     for k, i in enumerate(batch):
         answers = completions[k * n : (k + 1) * n]
