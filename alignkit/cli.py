@@ -44,8 +44,12 @@ _RewardModelDir = Annotated[str, typer.Option(help="reward model directory (what
 _Normalize = Annotated[bool, typer.Option(help="standardise rewards with the model's mean and std")]
 _Host = Annotated[str, typer.Option(help="address to bind; loopback unless you mean to expose it")]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Align generative models: SFT, distillation, DPO, reward models, RLHF, SteerLM, DRaFT+.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Align generative models: SFT, distillation, DPO, reward models, RLHF, SteerLM, DRaFT+.",
+)
 
 
 def _fail(message: str) -> None:
@@ -91,8 +95,20 @@ def run(
     with _reported(ConfigError, DataError, FileNotFoundError):
         module, cfg = _load(recipe, config, overrides)  # validate before launching anything
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "alignkit.cli", "run", recipe, "--config", str(find_config(recipe, config)), *overrides]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={nproc}",
+                "-m",
+                "alignkit.cli",
+                "run",
+                recipe,
+                "--config",
+                str(find_config(recipe, config)),
+                *overrides,
+            ]
             raise typer.Exit(code=subprocess.call(cmd))
         module.main(cfg)
         # Leave the process group explicitly, then end a torchrun rank without the interpreter's
@@ -133,8 +149,9 @@ def validate(
 
 @app.command()
 def demo(
-    stages: Annotated[str, typer.Option(help="comma-separated stages, or 'all' "
-                                             "(default: data,tokenizer,base,sft,dpo,reward_model)")] = "",
+    stages: Annotated[
+        str, typer.Option(help="comma-separated stages, or 'all' (default: data,tokenizer,base,sft,dpo,reward_model)")
+    ] = "",
     output_dir: Annotated[str, typer.Option("--output-dir", help="where the demo writes")] = "runs/demo",
 ) -> None:
     """Run the end-to-end demo on the task world (stages whose inputs are unchanged are reused)."""
@@ -226,13 +243,25 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable); the text is cut before it")] = None,
     seed: int = 0,
     batch_size: Annotated[int, typer.Option(help="prompts per batch (x n rows)")] = 32,
-    attributes: Annotated[str | None, typer.Option(
-        help="SteerLM models: target attributes, e.g. 'verbosity:0,politeness:4' (others: the model's defaults); "
-             "a record's own 'attributes' (object or label) wins")] = None,
+    attributes: Annotated[
+        str | None,
+        typer.Option(
+            help="SteerLM models: target attributes, e.g. 'verbosity:0,politeness:4' (others: the model's defaults); "
+            "a record's own 'attributes' (object or label) wins"
+        ),
+    ] = None,
 ) -> None:
     """Sample responses with the KV-cache engine and write them as JSONL."""
-    params = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, n=n,
-                            stop=list(stop or ()), seed=seed, batch_size=batch_size)
+    params = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        n=n,
+        stop=list(stop or ()),
+        seed=seed,
+        batch_size=batch_size,
+    )
     with _reported(DataError, FileNotFoundError, OSError):
         written, n_prompts, ended = generate_dataset(model, prompts, out, params, attributes)
     typer.echo(f"wrote {written} samples for {n_prompts} prompts to {out} ({ended} ended on EOS or a stop string)")
@@ -241,8 +270,12 @@ def generate(
 @app.command("generate-images")
 def generate_images(
     out: Annotated[str, typer.Option(help="output PNG: one row per prompt, one column per seed")],
-    prompts: Annotated[list[str], typer.Option("--prompt", help="a prompt (repeatable), or a records file with "
-                                                                "'prompt' (JSONL, builtin:captions?n=4, ...)")],
+    prompts: Annotated[
+        list[str],
+        typer.Option(
+            "--prompt", help="a prompt (repeatable), or a records file with 'prompt' (JSONL, builtin:captions?n=4, ...)"
+        ),
+    ],
     model: Annotated[
         str | None, typer.Option(help="base diffusers pipeline directory (default: the one --lora names)")
     ] = None,
@@ -286,8 +319,10 @@ def serve_reward(
     model: _RewardModelDir,
     host: _Host = "127.0.0.1",
     port: int = 5555,
-    token_env: Annotated[str | None, typer.Option(help="require `Authorization: Bearer <token>` with the token "
-                                                       "read from this environment variable")] = None,
+    token_env: Annotated[
+        str | None,
+        typer.Option(help="require `Authorization: Bearer <token>` with the token read from this environment variable"),
+    ] = None,
     normalize: _Normalize = False,
     max_batch: Annotated[int, typer.Option(help="responses per forward batch, gathered across requests")] = 64,
     max_delay_ms: Annotated[float, typer.Option(help="how long a request waits for others to join its batch")] = 5.0,

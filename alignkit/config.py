@@ -96,7 +96,7 @@ class ModelConfig(Section):
     lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
-    def _path_or_random_init(self) -> "ModelConfig":
+    def _path_or_random_init(self) -> ModelConfig:
         if self.path is None and self.random_init is None:
             raise ValueError("set `path` (a local HF model directory) or `random_init`")
         return self

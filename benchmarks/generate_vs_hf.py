@@ -34,7 +34,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.config import SamplingConfig
-from alignkit.generation.sampler import generate
+    from alignkit.generation.sampler import generate
     from alignkit.tasks.datasets import eval_prompt_records
 
     if not Path(a.model, "config.json").is_file():
@@ -42,8 +42,12 @@ from alignkit.generation.sampler import generate
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     records = eval_prompt_records(a.prompts // 7 + 1)[: a.prompts]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                           add_generation_prompt=True) for r in records]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        for r in records
+    ]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     batches = [ids[i : i + a.batch] for i in range(0, len(ids), a.batch)]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -51,8 +55,14 @@ from alignkit.generation.sampler import generate
     def run_alignkit() -> int:
         tokens = 0
         for k, batch in enumerate(batches):
-            out = generate(model, batch, SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=1.0, seed=k),
-                           eos, pad, tokenizer.decode)
+            out = generate(
+                model,
+                batch,
+                SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=1.0, seed=k),
+                eos,
+                pad,
+                tokenizer.decode,
+            )
             tokens += sum(len(c.token_ids) for c in out)
         return tokens
 
@@ -63,9 +73,18 @@ from alignkit.generation.sampler import generate
             enc = tokenizer.pad({"input_ids": batch}, return_tensors="pt")
             torch.manual_seed(k)
             with torch.no_grad():
-                out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
-                                     max_new_tokens=a.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-            new = out[:, enc["input_ids"].shape[1]:]
+                out = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    use_cache=True,
+                    max_new_tokens=a.max_new_tokens,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
             for row in new.tolist():  # tokens up to and including the first EOS
                 tokens += row.index(eos) + 1 if eos in row else len(row)
         return tokens
@@ -81,8 +100,10 @@ from alignkit.generation.sampler import generate
         results[name] = best
         print(f"{name:22s} {best:8.0f} generated tokens/s  ({tokens} tokens)", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {a.model} ({n_params / 1e6:.1f}M params, fp32), {len(ids)} prompts, batch {a.batch}, up to "
-          f"{a.max_new_tokens} new tokens, temperature 1; best of {a.repeats}")
+    print(
+        f"model {a.model} ({n_params / 1e6:.1f}M params, fp32), {len(ids)} prompts, batch {a.batch}, up to "
+        f"{a.max_new_tokens} new tokens, temperature 1; best of {a.repeats}"
+    )
     print(f"ratio alignkit / transformers.generate: {results['alignkit'] / results['transformers.generate']:.2f}x")
 
 

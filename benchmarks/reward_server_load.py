@@ -47,22 +47,49 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="rm_load_"))
     tokenizer = byte_tokenizer()
-    model = load_sequence_scorer(ModelConfig(random_init=RandomInitConfig(hidden_size=256, num_layers=4, num_heads=4,
-                                                                          num_kv_heads=2, intermediate_size=688)),
-                                 tokenizer, 1)
+    model = load_sequence_scorer(
+        ModelConfig(
+            random_init=RandomInitConfig(
+                hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=688
+            )
+        ),
+        tokenizer,
+        1,
+    )
     with torch.no_grad():
         model.score.weight.normal_()
     params = sum(p.numel() for p in model.parameters())
-    rm_dir = save_causal_lm(model, model.state_dict(), tokenizer, work / "rm",
-                            auto_class=AutoModelForSequenceClassification,
-                            config_updates=RewardModelInfo(["reward"], [1.0]).config_updates())
+    rm_dir = save_causal_lm(
+        model,
+        model.state_dict(),
+        tokenizer,
+        work / "rm",
+        auto_class=AutoModelForSequenceClassification,
+        config_updates=RewardModelInfo(["reward"], [1.0]).config_updates(),
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "serve", "reward", "--model", str(rm_dir),
-                               "--port", str(port), "--max-batch", str(a.max_batch),
-                               "--max-delay-ms", str(a.max_delay_ms)], cwd=REPO, env=dict(os.environ))
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "alignkit.cli",
+            "serve",
+            "reward",
+            "--model",
+            str(rm_dir),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(a.max_batch),
+            "--max-delay-ms",
+            str(a.max_delay_ms),
+        ],
+        cwd=REPO,
+        env=dict(os.environ),
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -71,7 +98,7 @@ def main() -> None:
                 break
             except httpx.ConnectError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise SystemExit("the server did not start")
+                    raise SystemExit("the server did not start") from None
                 time.sleep(0.2)
 
         latencies: list[float] = []
@@ -84,9 +111,12 @@ def main() -> None:
             with httpx.Client(timeout=60) as http:
                 while time.time() < stop_at:
                     n = a.per_request
-                    body = {"prompts": [f"What is {rng.randint(1, 99)} + {rng.randint(1, 99)}?" for _ in range(n)],
-                            "responses": ["The answer is " + str(rng.randint(1, 200)) + "." * rng.randint(1, 30)
-                                          for _ in range(n)]}
+                    body = {
+                        "prompts": [f"What is {rng.randint(1, 99)} + {rng.randint(1, 99)}?" for _ in range(n)],
+                        "responses": [
+                            "The answer is " + str(rng.randint(1, 200)) + "." * rng.randint(1, 30) for _ in range(n)
+                        ],
+                    }
                     t = time.perf_counter()
                     try:
                         answer = http.post(f"{url}/score", json=body)
@@ -110,11 +140,15 @@ def main() -> None:
         server.wait(10)
     latencies.sort()
     pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")  # noqa: E731
-    print(f"{a.clients} clients x {a.seconds:.0f} s, {a.per_request} responses per request, server max batch "
-          f"{a.max_batch}, max delay {a.max_delay_ms} ms; model: {params / 1e6:.1f}M-parameter Llama (byte tokenizer)")
-    print(f"requests {len(latencies)} ok, {len(errors)} errors; {len(latencies) / elapsed:.1f} requests/s, "
-          f"{len(latencies) * a.per_request / elapsed:.1f} responses/s; latency p50 {pct(0.5):.0f} ms, "
-          f"p99 {pct(0.99):.0f} ms; server forward batches {health['batches']} for {health['requests']} requests")
+    print(
+        f"{a.clients} clients x {a.seconds:.0f} s, {a.per_request} responses per request, server max batch "
+        f"{a.max_batch}, max delay {a.max_delay_ms} ms; model: {params / 1e6:.1f}M-parameter Llama (byte tokenizer)"
+    )
+    print(
+        f"requests {len(latencies)} ok, {len(errors)} errors; {len(latencies) / elapsed:.1f} requests/s, "
+        f"{len(latencies) * a.per_request / elapsed:.1f} responses/s; latency p50 {pct(0.5):.0f} ms, "
+        f"p99 {pct(0.99):.0f} ms; server forward batches {health['batches']} for {health['requests']} requests"
+    )
     if errors:
         print("errors:", sorted(set(errors)))
 

@@ -42,12 +42,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
     p.add_argument("--generations", type=int, default=8, help="completions per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--model", type=str, default=None,
-                   help="a trained HF model directory (e.g. runs/demo/sft/final): completions end at different "
-                        "lengths, as in real RL. Default: a random Llama (every completion runs to the limit)")
-    p.add_argument("--reward", choices=["vowels", "correct"], default=None,
-                   help="vowels: fraction of vowels; correct: the task world's verifiable answer check (default "
-                        "with --model; most groups then score alike and carry no gradient)")
+    p.add_argument(
+        "--model",
+        type=str,
+        default=None,
+        help="a trained HF model directory (e.g. runs/demo/sft/final): completions end at different "
+        "lengths, as in real RL. Default: a random Llama (every completion runs to the limit)",
+    )
+    p.add_argument(
+        "--reward",
+        choices=["vowels", "correct"],
+        default=None,
+        help="vowels: fraction of vowels; correct: the task world's verifiable answer check (default "
+        "with --model; most groups then score alike and carry no gradient)",
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -90,24 +98,51 @@ def prepare(workdir: Path, a: argparse.Namespace) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(a.model)
-        return {"workdir": str(workdir), "model_dir": str(Path(a.model).resolve()), "data": str(data),
-                "params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size,
-                "steps": a.steps, "warmup": a.warmup, "prompts": a.prompts, "generations": a.generations,
-                "max_new_tokens": a.max_new_tokens, "lr": 1e-5, "reward": a.reward}
+        return {
+            "workdir": str(workdir),
+            "model_dir": str(Path(a.model).resolve()),
+            "data": str(data),
+            "params": sum(p.numel() for p in model.parameters()),
+            "vocab": model.config.vocab_size,
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "prompts": a.prompts,
+            "generations": a.generations,
+            "max_new_tokens": a.max_new_tokens,
+            "lr": 1e-5,
+            "reward": a.reward,
+        }
     tokenizer = train_bpe_tokenizer([r["prompt"] for r in records] * 4, vocab_size=a.vocab)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=a.hidden, num_hidden_layers=a.layers,
-                         num_attention_heads=a.heads, num_key_value_heads=a.heads,
-                         intermediate_size=int(round(a.hidden * 2.6875 / 16) * 16), max_position_embeddings=2048,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.heads,
+        intermediate_size=int(round(a.hidden * 2.6875 / 16) * 16),
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(workdir / "model", safe_serialization=True)
     tokenizer.save_pretrained(workdir / "model")
-    return {"workdir": str(workdir), "model_dir": str(workdir / "model"), "data": str(data),
-            "params": sum(p.numel() for p in model.parameters()), "vocab": config.vocab_size,
-            "steps": a.steps, "warmup": a.warmup, "prompts": a.prompts, "generations": a.generations,
-            "max_new_tokens": a.max_new_tokens, "lr": 1e-5, "reward": a.reward}
+    return {
+        "workdir": str(workdir),
+        "model_dir": str(workdir / "model"),
+        "data": str(data),
+        "params": sum(p.numel() for p in model.parameters()),
+        "vocab": config.vocab_size,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "prompts": a.prompts,
+        "generations": a.generations,
+        "max_new_tokens": a.max_new_tokens,
+        "lr": 1e-5,
+        "reward": a.reward,
+    }
 
 
 # --- workers --------------------------------------------------------------------------------
@@ -131,7 +166,8 @@ def worker_alignkit(spec: dict) -> dict:
     out = Path(spec["workdir"]) / "alignkit"
     completions = spec["prompts"] * spec["generations"]
     cfg = {
-        "recipe": "reinforce", "output_dir": str(out),
+        "recipe": "reinforce",
+        "output_dir": str(out),
         "model": {"path": spec["model_dir"], "precision": "bf16_autocast"},
         "data": {"train": {"path": spec["data"]}, "max_seq_len": 512},
         "reward": {"kind": "function", "function": "benchmarks.rl_vs_trl:alignkit_reward"},
@@ -148,10 +184,15 @@ def worker_alignkit(spec: dict) -> dict:
     t0 = time.perf_counter()
     reinforce.main(load_config(reinforce.Config, path))
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    measured = metrics[spec["warmup"]:]
+    measured = metrics[spec["warmup"] :]
     timing = {k: sum(m[k] for m in measured) / len(measured) for k in measured[0] if k.startswith("timing/")}
-    return {"ends": ends, "start": t0, "reward": [m["rollout/reward"] for m in metrics],
-            "tokens": [m["rollout/response_tokens"] for m in metrics], "timing": timing}
+    return {
+        "ends": ends,
+        "start": t0,
+        "reward": [m["rollout/reward"] for m in metrics],
+        "tokens": [m["rollout/response_tokens"] for m in metrics],
+        "timing": timing,
+    }
 
 
 def alignkit_reward(prompts, responses):
@@ -180,20 +221,36 @@ def worker_trl(spec: dict) -> dict:
         return out
 
     records = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines()]
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "record": json.dumps(r)}
-                            for r in records])
+    ds = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "record": json.dumps(r)} for r in records]
+    )
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     model.generation_config.use_cache = True  # models saved before alignkit 8acd62b said False
     completions = spec["prompts"] * spec["generations"]
-    args = GRPOConfig(output_dir=str(Path(spec["workdir"]) / "trl"), max_steps=spec["warmup"] + spec["steps"],
-                      per_device_train_batch_size=completions, gradient_accumulation_steps=1,
-                      num_generations=spec["generations"], max_completion_length=spec["max_new_tokens"],
-                      temperature=1.0, beta=0.0, learning_rate=spec["lr"], lr_scheduler_type="constant",
-                      weight_decay=0.0, bf16=True, use_cpu=True, logging_steps=1, save_strategy="no",
-                      report_to="none", disable_tqdm=True, seed=0)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer,
-                          callbacks=[Clock()])
+    args = GRPOConfig(
+        output_dir=str(Path(spec["workdir"]) / "trl"),
+        max_steps=spec["warmup"] + spec["steps"],
+        per_device_train_batch_size=completions,
+        gradient_accumulation_steps=1,
+        num_generations=spec["generations"],
+        max_completion_length=spec["max_new_tokens"],
+        temperature=1.0,
+        beta=0.0,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        bf16=True,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer, callbacks=[Clock()]
+    )
     t0 = time.perf_counter()
     trainer.train()
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
@@ -204,11 +261,17 @@ def run_worker(name: str, spec: dict) -> dict:
     spec_path = Path(spec["workdir"]) / f"{name}_spec.json"
     result_path = Path(spec["workdir"]) / f"{name}_result.json"
     spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(HERE.parents[1]),
-               RL_BENCH_REWARD=spec["reward"])
+    env = dict(
+        os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(HERE.parents[1]), RL_BENCH_REWARD=spec["reward"]
+    )
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(HERE), "--worker", name, "--spec", str(spec_path)], env=env,
-                          capture_output=True, text=True, cwd=HERE.parents[1])
+    proc = subprocess.run(
+        [sys.executable, str(HERE), "--worker", name, "--spec", str(spec_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=HERE.parents[1],
+    )
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"{name} worker failed (exit {proc.returncode})")
@@ -217,10 +280,14 @@ def run_worker(name: str, spec: dict) -> dict:
     measured = len(ends) - w
     seconds = ends[-1] - ends[w - 1]
     completions = spec["prompts"] * spec["generations"]
-    return {"samples_per_s": measured * completions / seconds, "iteration_s": seconds / measured,
-            "process_s": time.perf_counter() - t0, "mean_tokens": raw["tokens"][-1] if raw["tokens"] else None,
-            "reward_first_last": (raw["reward"][0], raw["reward"][-1]) if raw["reward"] else None,
-            "timing": raw.get("timing")}
+    return {
+        "samples_per_s": measured * completions / seconds,
+        "iteration_s": seconds / measured,
+        "process_s": time.perf_counter() - t0,
+        "mean_tokens": raw["tokens"][-1] if raw["tokens"] else None,
+        "reward_first_last": (raw["reward"][0], raw["reward"][-1]) if raw["reward"] else None,
+        "timing": raw.get("timing"),
+    }
 
 
 def main(argv=None) -> None:
@@ -235,19 +302,27 @@ def main(argv=None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="rl_vs_trl_"))
     spec = prepare(workdir, a)
     model = a.model or f"random Llama hidden {a.hidden}, {a.layers} layers"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: {model}, vocabulary {spec['vocab']}, "
-          f"{spec['params'] / 1e6:.1f}M params; reward: {a.reward}; {a.prompts} prompts x "
-          f"{a.generations} completions x {a.max_new_tokens} tokens per iteration; {a.warmup} warm-up + {a.steps} "
-          f"measured iterations; bf16 autocast; GRPO, beta 0", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: {model}, vocabulary {spec['vocab']}, "
+        f"{spec['params'] / 1e6:.1f}M params; reward: {a.reward}; {a.prompts} prompts x "
+        f"{a.generations} completions x {a.max_new_tokens} tokens per iteration; {a.warmup} warm-up + {a.steps} "
+        f"measured iterations; bf16 autocast; GRPO, beta 0",
+        flush=True,
+    )
     results = {}
     for name in ("alignkit", "trl"):
         r = results[name] = run_worker(name, spec)
-        print(f"{name:8s} {r['samples_per_s']:.1f} completions/s ({r['iteration_s']:.2f} s/iteration; mean completion "
-              f"{r['mean_tokens']} tokens; reward {r['reward_first_last'][0]:.3f} -> {r['reward_first_last'][1]:.3f})",
-              flush=True)
+        print(
+            f"{name:8s} {r['samples_per_s']:.1f} completions/s ({r['iteration_s']:.2f} s/iteration; mean completion "
+            f"{r['mean_tokens']} tokens; reward {r['reward_first_last'][0]:.3f} -> {r['reward_first_last'][1]:.3f})",
+            flush=True,
+        )
         if r["timing"]:
-            print("         per iteration: " + ", ".join(f"{k.removeprefix('timing/')} {v:.2f} s"
-                                                         for k, v in r["timing"].items()), flush=True)
+            print(
+                "         per iteration: "
+                + ", ".join(f"{k.removeprefix('timing/')} {v:.2f} s" for k, v in r["timing"].items()),
+                flush=True,
+            )
     results["ratio"] = results["alignkit"]["samples_per_s"] / results["trl"]["samples_per_s"]
     print(f"ratio alignkit / TRL: {results['ratio']:.2f}x", flush=True)
     if a.json:

@@ -34,7 +34,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -48,8 +47,12 @@ HERE = Path(__file__).resolve()
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="measured optimizer steps per framework (default 16; 3 with --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="steps excluded from the measurement (default 4; 2 with --quick)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="measured optimizer steps per framework (default 16; 3 with --quick)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="steps excluded from the measurement (default 4; 2 with --quick)"
+    )
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
@@ -59,11 +62,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8, help="global batch in packed rows of --seq-len tokens")
     p.add_argument("--alignkit-micro", type=int, default=8, help="alignkit train.micro_batch_size (rows)")
-    p.add_argument("--trl-micro", type=int, default=4, help="TRL per_device_train_batch_size (accumulation = batch / micro)")
+    p.add_argument(
+        "--trl-micro", type=int, default=4, help="TRL per_device_train_batch_size (accumulation = batch / micro)"
+    )
     p.add_argument("--alignkit-compile", choices=["on", "off"], default="on", help="model.compile")
     p.add_argument("--trl-compile", choices=["on", "off"], default="on", help="TrainingArguments.torch_compile")
-    p.add_argument("--trl-packing", choices=["wrapped", "bfd"], default="wrapped",
-                   help="TRL packing_strategy (bfd implies padding_free)")
+    p.add_argument(
+        "--trl-packing",
+        choices=["wrapped", "bfd"],
+        default="wrapped",
+        help="TRL packing_strategy (bfd implies padding_free)",
+    )
     p.add_argument("--trl-padding-free", action="store_true", help="TRL padding_free=True (forced by bfd)")
     p.add_argument("--only", choices=["alignkit", "trl"], default=None, help="run one framework only")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -178,10 +187,17 @@ def prepare(workdir: Path, a: argparse.Namespace) -> dict:
 
     model_dir = workdir / "model"
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=a.hidden, num_hidden_layers=a.layers,
-        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, intermediate_size=a.intermediate,
-        max_position_embeddings=max(2048, a.seq_len), tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        intermediate_size=a.intermediate,
+        max_position_embeddings=max(2048, a.seq_len),
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -190,16 +206,36 @@ def prepare(workdir: Path, a: argparse.Namespace) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     return {
-        "workdir": str(workdir), "model_dir": str(model_dir), "data": str(data),
-        "n_examples": len(kept), "mean_tokens": n_tokens / len(kept), "prompt_fraction": n_prompt / n_tokens,
-        "n_params": n_params, "n_nonemb": n_params - n_embed, "vocab": len(tokenizer),
-        "hidden": a.hidden, "layers": a.layers, "heads": a.heads, "kv_heads": a.kv_heads,
-        "intermediate": a.intermediate, "seq_len": a.seq_len, "batch": a.batch,
-        "steps": a.steps, "warmup": a.warmup, "threads": a.threads,
-        "alignkit_micro": a.alignkit_micro, "alignkit_compile": a.alignkit_compile == "on",
-        "trl_micro": a.trl_micro, "trl_compile": a.trl_compile == "on", "trl_packing": a.trl_packing,
+        "workdir": str(workdir),
+        "model_dir": str(model_dir),
+        "data": str(data),
+        "n_examples": len(kept),
+        "mean_tokens": n_tokens / len(kept),
+        "prompt_fraction": n_prompt / n_tokens,
+        "n_params": n_params,
+        "n_nonemb": n_params - n_embed,
+        "vocab": len(tokenizer),
+        "hidden": a.hidden,
+        "layers": a.layers,
+        "heads": a.heads,
+        "kv_heads": a.kv_heads,
+        "intermediate": a.intermediate,
+        "seq_len": a.seq_len,
+        "batch": a.batch,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "threads": a.threads,
+        "alignkit_micro": a.alignkit_micro,
+        "alignkit_compile": a.alignkit_compile == "on",
+        "trl_micro": a.trl_micro,
+        "trl_compile": a.trl_compile == "on",
+        "trl_packing": a.trl_packing,
         "trl_padding_free": a.trl_padding_free or a.trl_packing == "bfd",
-        "lr": 1e-4, "weight_decay": 0.01, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0,
+        "lr": 1e-4,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "grad_clip": 1.0,
     }
 
 
@@ -266,10 +302,22 @@ def worker_alignkit(spec: dict) -> None:
         "output_dir": str(out),
         "model": {"path": spec["model_dir"], "precision": "bf16_autocast", "compile": spec["alignkit_compile"]},
         "data": {"train": {"path": spec["data"]}, "max_seq_len": spec["seq_len"], "pack": True},
-        "optim": {"lr": spec["lr"], "weight_decay": spec["weight_decay"], "betas": spec["betas"], "eps": spec["eps"],
-                  "schedule": "constant", "warmup_steps": 0, "grad_clip": spec["grad_clip"]},
-        "train": {"max_steps": spec["warmup"] + spec["steps"], "global_batch_size": spec["batch"],
-                  "micro_batch_size": spec["alignkit_micro"], "log_every": 1, "seed": 0},
+        "optim": {
+            "lr": spec["lr"],
+            "weight_decay": spec["weight_decay"],
+            "betas": spec["betas"],
+            "eps": spec["eps"],
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "grad_clip": spec["grad_clip"],
+        },
+        "train": {
+            "max_steps": spec["warmup"] + spec["steps"],
+            "global_batch_size": spec["batch"],
+            "micro_batch_size": spec["alignkit_micro"],
+            "log_every": 1,
+            "seed": 0,
+        },
         "checkpoint": {"every": None, "save_final": False, "resume": False},
         "logging": {"tensorboard": False, "progress": "lines"},
     }
@@ -278,12 +326,15 @@ def worker_alignkit(spec: dict) -> None:
     t0 = time.perf_counter()
     sft.main(load_config(sft.Config, cfg_path))
     own = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rec.dump(spec["result"], {
-        "total_s": time.perf_counter() - t0,
-        "own_tokens_per_s": [r["throughput/tokens_per_s"] for r in own if "throughput/tokens_per_s" in r],
-        "own_step_s": [r["perf/step_time_s"] for r in own if "perf/step_time_s" in r],
-        "loss": [r.get("loss") for r in own if "loss" in r],
-    })
+    rec.dump(
+        spec["result"],
+        {
+            "total_s": time.perf_counter() - t0,
+            "own_tokens_per_s": [r["throughput/tokens_per_s"] for r in own if "throughput/tokens_per_s" in r],
+            "own_step_s": [r["perf/step_time_s"] for r in own if "perf/step_time_s" in r],
+            "loss": [r.get("loss") for r in own if "loss" in r],
+        },
+    )
 
 
 def worker_trl(spec: dict) -> None:
@@ -295,11 +346,15 @@ def worker_trl(spec: dict) -> None:
     rec = StepRecorder()
     records = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
     # Conversational prompt/completion: TRL renders it with the same chat template alignkit uses.
-    ds = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": r["prompt"]}],
-         "completion": [{"role": "assistant", "content": r["completion"]}]}
-        for r in records
-    ])
+    ds = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in records
+        ]
+    )
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
     accumulation = spec["batch"] // spec["trl_micro"]
@@ -308,14 +363,29 @@ def worker_trl(spec: dict) -> None:
         max_steps=spec["warmup"] + spec["steps"],
         per_device_train_batch_size=spec["trl_micro"],
         gradient_accumulation_steps=accumulation,
-        learning_rate=spec["lr"], weight_decay=spec["weight_decay"],
-        adam_beta1=spec["betas"][0], adam_beta2=spec["betas"][1], adam_epsilon=spec["eps"],
-        max_grad_norm=spec["grad_clip"], lr_scheduler_type="constant", warmup_steps=0,
-        max_length=spec["seq_len"], packing=True, packing_strategy=spec["trl_packing"],
-        padding_free=spec["trl_padding_free"], completion_only_loss=True,
-        bf16=True, use_cpu=True, torch_compile=spec["trl_compile"],
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, seed=0, shuffle_dataset=False,
+        learning_rate=spec["lr"],
+        weight_decay=spec["weight_decay"],
+        adam_beta1=spec["betas"][0],
+        adam_beta2=spec["betas"][1],
+        adam_epsilon=spec["eps"],
+        max_grad_norm=spec["grad_clip"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_length=spec["seq_len"],
+        packing=True,
+        packing_strategy=spec["trl_packing"],
+        padding_free=spec["trl_padding_free"],
+        completion_only_loss=True,
+        bf16=True,
+        use_cpu=True,
+        torch_compile=spec["trl_compile"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        shuffle_dataset=False,
     )
 
     class Count(SFTTrainer):
@@ -340,9 +410,16 @@ def worker_trl(spec: dict) -> None:
     setup_s = time.perf_counter() - t0
     out = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    rec.dump(spec["result"], {"total_s": time.perf_counter() - t0, "setup_s": setup_s,
-                              "train_runtime": out.metrics.get("train_runtime"), "loss": losses,
-                              "optim": str(args.optim)})
+    rec.dump(
+        spec["result"],
+        {
+            "total_s": time.perf_counter() - t0,
+            "setup_s": setup_s,
+            "train_runtime": out.metrics.get("train_runtime"),
+            "loss": losses,
+            "optim": str(args.optim),
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,7 +431,9 @@ def run_worker(name: str, spec: dict) -> dict:
     spec = dict(spec, result=str(Path(spec["workdir"]) / f"{name}_result.json"))
     spec_path = Path(spec["workdir"]) / f"{name}_spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TORCHINDUCTOR_CACHE_DIR=str(Path(spec["workdir"]) / "inductor"))
+    env = dict(
+        os.environ, TOKENIZERS_PARALLELISM="false", TORCHINDUCTOR_CACHE_DIR=str(Path(spec["workdir"]) / "inductor")
+    )
     cmd = [sys.executable, str(HERE), "--worker", name, "--spec", str(spec_path)]
     t0, busy0, ours0 = time.perf_counter(), _busy_cpu_s(), _children_cpu_s()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -437,8 +516,11 @@ def main(argv=None) -> None:
 
     t_start = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="sft_vs_trl_"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}; "
-          f"work dir {workdir}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}; "
+        f"work dir {workdir}",
+        flush=True,
+    )
     peaks = [matmul_peak()]
     print(f"torch.mm 2048^3: fp32 {peaks[0]['fp32']:.0f} GFLOP/s, bf16 {peaks[0]['bf16']:.0f} GFLOP/s", flush=True)
     spec = prepare(workdir, a)
@@ -459,46 +541,59 @@ def main(argv=None) -> None:
         results[name] = summarize(raw, spec)
         r = results[name]
         loss = r["loss_first_last"]
-        print(f"{name:9s} {r['tokens_per_s']:8.0f} tokens/s  ({r['tokens_per_step']:.0f} tokens/step, "
-              f"{r['seconds']:.1f} s measured, process {r['process_s']:.0f} s, "
-              f"loss {loss[0]:.2f} -> {loss[1]:.2f}, other processes used {r['other_cores']:.1f} cores meanwhile; "
-              f"step times {r['step_times']})", flush=True)
+        print(
+            f"{name:9s} {r['tokens_per_s']:8.0f} tokens/s  ({r['tokens_per_step']:.0f} tokens/step, "
+            f"{r['seconds']:.1f} s measured, process {r['process_s']:.0f} s, "
+            f"loss {loss[0]:.2f} -> {loss[1]:.2f}, other processes used {r['other_cores']:.1f} cores meanwhile; "
+            f"step times {r['step_times']})",
+            flush=True,
+        )
         peaks.append(matmul_peak())
     # The peak is measured before and after each run (the machine may be shared); the best is used.
     peak = {k: max(p[k] for p in peaks) for k in ("fp32", "bf16")}
 
     settings = {
         "alignkit": f"model.precision=bf16_autocast, model.compile={str(spec['alignkit_compile']).lower()}, "
-                    f"data.pack=true, train.micro_batch_size={spec['alignkit_micro']} "
-                    f"(accumulation {spec['batch'] // spec['alignkit_micro']}), AdamW (torch default, foreach)",
+        f"data.pack=true, train.micro_batch_size={spec['alignkit_micro']} "
+        f"(accumulation {spec['batch'] // spec['alignkit_micro']}), AdamW (torch default, foreach)",
         "trl": f"bf16=True, use_cpu=True, torch_compile={spec['trl_compile']}, packing=True, "
-               f"packing_strategy={spec['trl_packing']!r}, padding_free={spec['trl_padding_free']}, "
-               f"per_device_train_batch_size={spec['trl_micro']} (accumulation {spec['batch'] // spec['trl_micro']}), "
-               f"completion_only_loss=True, optim=adamw_torch_fused (default)",
+        f"packing_strategy={spec['trl_packing']!r}, padding_free={spec['trl_padding_free']}, "
+        f"per_device_train_batch_size={spec['trl_micro']} (accumulation {spec['batch'] // spec['trl_micro']}), "
+        f"completion_only_loss=True, optim=adamw_torch_fused (default)",
     }
     print(f"\n=== SFT throughput, steady state (load average now {os.getloadavg()[0]:.2f}) ===")
-    print(f"torch.mm 2048^3 peak (best of {len(peaks)} measurements): fp32 {peak['fp32']:.0f} GFLOP/s, "
-          f"bf16 {peak['bf16']:.0f} GFLOP/s")
+    print(
+        f"torch.mm 2048^3 peak (best of {len(peaks)} measurements): fp32 {peak['fp32']:.0f} GFLOP/s, "
+        f"bf16 {peak['bf16']:.0f} GFLOP/s"
+    )
     for name, r in results.items():
         print(f"{name:9s} {r['tokens_per_s']:8.0f} tokens/s   [{settings[name]}]")
     if len(results) == 2:
         print(f"ratio alignkit / TRL: {results['alignkit']['tokens_per_s'] / results['trl']['tokens_per_s']:.2f}x")
     for name, r in results.items():
         m, n = r["model_flops_per_s"] / 1e9, r["needed_flops_per_s"] / 1e9
-        print(f"{name:9s} model FLOP/s {m:5.0f} G = {100 * m / peak['bf16']:.0f}% of the bf16 peak "
-              f"({100 * m / peak['fp32']:.0f}% of fp32); 'needed' {n:.0f} G = {100 * n / peak['bf16']:.0f}% of bf16; "
-              f"attention {100 * r['attention_share']:.1f}% of model FLOPs")
-    print("FLOPs per step: model = 6*N_nonemb*tokens + 6*layers*d_model*sum(L_i^2) (causal attention within each "
-          "attention segment L_i: a packed example for alignkit and TRL bfd, a whole row for TRL wrapped); "
-          "'needed' counts the LM head (V*d) only on loss tokens.")
+        print(
+            f"{name:9s} model FLOP/s {m:5.0f} G = {100 * m / peak['bf16']:.0f}% of the bf16 peak "
+            f"({100 * m / peak['fp32']:.0f}% of fp32); 'needed' {n:.0f} G = {100 * n / peak['bf16']:.0f}% of bf16; "
+            f"attention {100 * r['attention_share']:.1f}% of model FLOPs"
+        )
+    print(
+        "FLOPs per step: model = 6*N_nonemb*tokens + 6*layers*d_model*sum(L_i^2) (causal attention within each "
+        "attention segment L_i: a packed example for alignkit and TRL bfd, a whole row for TRL wrapped); "
+        "'needed' counts the LM head (V*d) only on loss tokens."
+    )
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
     if a.json:
-        Path(a.json).write_text(json.dumps({"peak_gflops": peak, "peaks": peaks, "spec": spec, "settings": settings,
-                                            "results": results}, indent=2))
+        Path(a.json).write_text(
+            json.dumps(
+                {"peak_gflops": peak, "peaks": peaks, "spec": spec, "settings": settings, "results": results}, indent=2
+            )
+        )
     if not a.keep:
         import shutil
 
         shutil.rmtree(workdir, ignore_errors=True)
+
 
 if __name__ == "__main__":
     main()

@@ -19,10 +19,18 @@ SHORT = {
     "sft/tiny": ["train.max_steps=3", "train.eval_every=null"],
     "distill/tiny": ["train.max_steps=3", "train.eval_every=null"],
     "dpo/tiny": ["train.max_steps=3", "train.eval_every=null"],
-    "reward_model/tiny": ["train.max_steps=3", "train.eval_every=null", "normalization_samples=0",
-                          "data.validation=null"],
-    "reward_model/tiny_regression": ["train.max_steps=3", "train.eval_every=null", "normalization_samples=0",
-                                     "data.validation=null"],
+    "reward_model/tiny": [
+        "train.max_steps=3",
+        "train.eval_every=null",
+        "normalization_samples=0",
+        "data.validation=null",
+    ],
+    "reward_model/tiny_regression": [
+        "train.max_steps=3",
+        "train.eval_every=null",
+        "normalization_samples=0",
+        "data.validation=null",
+    ],
     "steerlm/tiny": ["train.max_steps=3", "train.eval_every=null"],
     "rejection_sampling/tiny": ["rs.iterations=1", "train.epochs=1"],
     "ppo/tiny": ["ppo.steps=2"],
@@ -39,7 +47,9 @@ def main(out_root: Path) -> None:
         module = recipe_module(recipe)
         out = out_root / name.replace("/", "_")
         module.main(load_config(module.Config, find_config(recipe, config), [f"output_dir={out}", *COMMON, *overrides]))
-        logged[name] = [json.loads(line) for f in sorted(out.rglob("metrics.jsonl")) for line in f.read_text().splitlines()]
+        logged[name] = [
+            json.loads(line) for f in sorted(out.rglob("metrics.jsonl")) for line in f.read_text().splitlines()
+        ]
     (out_root / "golden.json").write_text(json.dumps(logged))
 
 

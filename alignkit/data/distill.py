@@ -66,8 +66,9 @@ def save_topk(path: str | Path, topk: TopK, metadata: dict[str, str] | None = No
         "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
         "logits": torch.cat([topk[i][0].float() for i in index]) if index else torch.zeros(0, k),
         # ids < vocabulary size < 2**31: int32 halves the file
-        "ids": (torch.cat([topk[i][1].to(torch.int32) for i in index]) if index
-                else torch.zeros(0, k, dtype=torch.int32)),
+        "ids": (
+            torch.cat([topk[i][1].to(torch.int32) for i in index]) if index else torch.zeros(0, k, dtype=torch.int32)
+        ),
     }
     save_safetensors(path, tensors, metadata)
 
@@ -77,10 +78,7 @@ def load_topk(path: str | Path) -> TopK:
     t = load_file(str(path))
     ids = t["ids"].long()
     bounds = t["offsets"].tolist()
-    return {
-        int(i): (t["logits"][a:b], ids[a:b])
-        for i, a, b in zip(t["index"].tolist(), bounds[:-1], bounds[1:])
-    }
+    return {int(i): (t["logits"][a:b], ids[a:b]) for i, a, b in zip(t["index"].tolist(), bounds[:-1], bounds[1:])}
 
 
 def attach_topk(examples: Sequence[Example], topk: TopK, top_k: int, where: str) -> None:

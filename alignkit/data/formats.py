@@ -16,8 +16,15 @@ from typing import Any
 
 from alignkit.data.io import DataError, Record, read_records
 
-__all__ = ["Message", "ROLES", "messages_from_value", "prompt_messages", "read_prompt_records", "to_messages",
-           "with_system_prompt"]
+__all__ = [
+    "Message",
+    "ROLES",
+    "messages_from_value",
+    "prompt_messages",
+    "read_prompt_records",
+    "to_messages",
+    "with_system_prompt",
+]
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")

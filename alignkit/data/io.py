@@ -118,8 +118,9 @@ def read_records(path: str | Path, split: str | None = None, limit: int | None =
         import datasets  # local: 1 s of start-up, for saved directories and Parquet only
 
         return _from_dataset(datasets.Dataset.from_parquet(str(path)), path, limit)
-    raise DataError(f"{path}: unsupported dataset format {suffix!r} (use .jsonl, .json, .parquet or a saved "
-                    "datasets directory)")
+    raise DataError(
+        f"{path}: unsupported dataset format {suffix!r} (use .jsonl, .json, .parquet or a saved datasets directory)"
+    )
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:

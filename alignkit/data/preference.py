@@ -95,8 +95,9 @@ def _reward(data: dict, key: str, where: str) -> float | None:
     return float(value)
 
 
-def parse_preference(record: Record, system_prompt: str | None = None,
-                     require_rewards: bool = False) -> ParsedPreference:
+def parse_preference(
+    record: Record, system_prompt: str | None = None, require_rewards: bool = False
+) -> ParsedPreference:
     """The record's prompt messages, chosen and rejected responses and optional rewards."""
     data, where = record.data, record.source
     keys = next((pair for pair in RESPONSE_KEYS if pair[0] in data or pair[1] in data), None)
@@ -120,15 +121,21 @@ def parse_preference(record: Record, system_prompt: str | None = None,
             f"{where}: missing {' and '.join(absent)}: the rpo_* losses regress on ground-truth rewards, "
             "so every record needs chosen_reward and rejected_reward"
         )
-    return ParsedPreference(prompt, _response(data[keys[0]], where, keys[0]), _response(data[keys[1]], where, keys[1]),
-                            chosen_reward, rejected_reward)
+    return ParsedPreference(
+        prompt,
+        _response(data[keys[0]], where, keys[0]),
+        _response(data[keys[1]], where, keys[1]),
+        chosen_reward,
+        rejected_reward,
+    )
 
 
-def _encode_response(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], response: list[Message],
-                     template: str | None, where: str) -> Example:
+def _encode_response(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[Message], response: list[Message], template: str | None, where: str
+) -> Example:
     """prompt + response token ids; shifted targets on the response's assistant turns only."""
     text, spans = render_with_spans(tokenizer, [*prompt, *response], template, where)
-    spans = spans[sum(m["role"] == "assistant" for m in prompt):]  # drop assistant turns of the prompt
+    spans = spans[sum(m["role"] == "assistant" for m in prompt) :]  # drop assistant turns of the prompt
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = encoding["input_ids"]
     labels = [IGNORE] * len(ids)
@@ -138,12 +145,15 @@ def _encode_response(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], 
     return Example(input_ids=ids, target_ids=labels[1:] + [IGNORE], source=where)
 
 
-def encode_pair(tokenizer: PreTrainedTokenizerBase, parsed: ParsedPreference, template: str | None,
-                where: str) -> PreferencePair:
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, parsed: ParsedPreference, template: str | None, where: str
+) -> PreferencePair:
     return PreferencePair(
         chosen=_encode_response(tokenizer, parsed.prompt, parsed.chosen, template, where),
         rejected=_encode_response(tokenizer, parsed.prompt, parsed.rejected, template, where),
-        source=where, chosen_reward=parsed.chosen_reward, rejected_reward=parsed.rejected_reward,
+        source=where,
+        chosen_reward=parsed.chosen_reward,
+        rejected_reward=parsed.rejected_reward,
     )
 
 
@@ -160,8 +170,9 @@ def _fit_pair(pair: PreferencePair, data: DataConfig, stats: EncodeStats) -> Pre
     return pair
 
 
-def load_preference_pairs(dataset: DatasetConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                          require_rewards: bool = False) -> tuple[list[PreferencePair], EncodeStats]:
+def load_preference_pairs(
+    dataset: DatasetConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase, require_rewards: bool = False
+) -> tuple[list[PreferencePair], EncodeStats]:
     """Tokenized pairs after the over-length policy (stats count pairs)."""
     records = read_records(dataset.path, dataset.split, dataset.limit)
     stats = EncodeStats(total=len(records))
@@ -183,12 +194,15 @@ def _kto_label(record: Record) -> bool:
         return data["label"]
     if data.get("preference") in ("chosen", "rejected"):  # NeMo-Aligner
         return data["preference"] == "chosen"
-    raise DataError(f"{where}: missing field 'label' (true/false; or NeMo-Aligner's 'preference': "
-                    f"'chosen'|'rejected'); found fields: {', '.join(sorted(data)) or 'none'}")
+    raise DataError(
+        f"{where}: missing field 'label' (true/false; or NeMo-Aligner's 'preference': "
+        f"'chosen'|'rejected'); found fields: {', '.join(sorted(data)) or 'none'}"
+    )
 
 
-def load_kto_pairs(dataset: DatasetConfig, data: DataConfig,
-                   tokenizer: PreTrainedTokenizerBase) -> tuple[list[PreferencePair], EncodeStats]:
+def load_kto_pairs(
+    dataset: DatasetConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[PreferencePair], EncodeStats]:
     """KTO's unpaired examples as pairs [own completion | mismatched completion] with a label.
 
     Records: `{"prompt", "completion", "label": bool}` (TRL), or `{"prompt", "response",
@@ -206,20 +220,28 @@ def load_kto_pairs(dataset: DatasetConfig, data: DataConfig,
         key = "response" if "response" in d and "completion" not in d else "completion"
         missing = [k for k in ("prompt", key) if k not in d]
         if missing:
-            raise DataError(f"{where}: missing field(s) {', '.join(repr(k) for k in missing)} (a KTO record has "
-                            "prompt, completion and label)")
-        prompt = with_system_prompt(messages_from_value(d["prompt"], "user", f"{where}: field 'prompt'"),
-                                    data.system_prompt)
+            raise DataError(
+                f"{where}: missing field(s) {', '.join(repr(k) for k in missing)} (a KTO record has "
+                "prompt, completion and label)"
+            )
+        prompt = with_system_prompt(
+            messages_from_value(d["prompt"], "user", f"{where}: field 'prompt'"), data.system_prompt
+        )
         parsed.append((prompt, _response(d[key], where, key), _kto_label(record), where))
     if len(parsed) == 1:
-        raise DataError(f"{dataset.path}: KTO needs at least 2 records (the reference point pairs each prompt "
-                        "with another record's completion)")
+        raise DataError(
+            f"{dataset.path}: KTO needs at least 2 records (the reference point pairs each prompt "
+            "with another record's completion)"
+        )
     pairs = []
     for i, (prompt, completion, label, where) in enumerate(parsed):
         other = parsed[(i + 1) % len(parsed)][1]
-        pair = PreferencePair(chosen=_encode_response(tokenizer, prompt, completion, data.chat_template, where),
-                              rejected=_encode_response(tokenizer, prompt, other, data.chat_template, where),
-                              source=where, label=label)
+        pair = PreferencePair(
+            chosen=_encode_response(tokenizer, prompt, completion, data.chat_template, where),
+            rejected=_encode_response(tokenizer, prompt, other, data.chat_template, where),
+            source=where,
+            label=label,
+        )
         pair = _fit_pair(pair, data, stats)
         if pair is not None:
             pairs.append(pair)

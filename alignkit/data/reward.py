@@ -69,8 +69,9 @@ def scored_example(ids: list[int], source: str) -> Example:
     return Example(input_ids=ids, target_ids=[IGNORE] * (len(ids) - 1) + [ids[-1]], source=source)
 
 
-def encode_scored(tokenizer: PreTrainedTokenizerBase, messages: list[Message], template: str | None,
-                  where: str) -> Example:
+def encode_scored(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], template: str | None, where: str
+) -> Example:
     """A conversation (prompt + response messages) rendered with the chat template."""
     text, _ = render_with_spans(tokenizer, messages, template, where)
     return scored_example(tokenizer(text, add_special_tokens=False)["input_ids"], where)
@@ -81,8 +82,10 @@ def _fit(example: Example, data: DataConfig, stats: EncodeStats) -> Example | No
     if n <= data.max_seq_len:
         return example
     if data.overlength == "error":
-        raise DataError(f"{example.source}: sequence has {n} tokens, more than data.max_seq_len={data.max_seq_len} "
-                        "(set data.overlength to 'drop' or 'truncate')")
+        raise DataError(
+            f"{example.source}: sequence has {n} tokens, more than data.max_seq_len={data.max_seq_len} "
+            "(set data.overlength to 'drop' or 'truncate')"
+        )
     if data.overlength == "drop":
         stats.dropped[f"longer than max_seq_len={data.max_seq_len}"] += 1
         return None
@@ -99,8 +102,9 @@ def _margin(record: Record) -> float | None:
     return abs(float(value))
 
 
-def load_reward_pairs(dataset: DatasetConfig, data: DataConfig,
-                      tokenizer: PreTrainedTokenizerBase) -> tuple[list[RewardPair], EncodeStats]:
+def load_reward_pairs(
+    dataset: DatasetConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[RewardPair], EncodeStats]:
     """Tokenized preference pairs; a pair is dropped whole when either side is (stats count pairs)."""
     records = read_records(dataset.path, dataset.split, dataset.limit)
     stats = EncodeStats(total=len(records))
@@ -110,8 +114,13 @@ def load_reward_pairs(dataset: DatasetConfig, data: DataConfig,
         sides = []
         for response in (parsed.chosen, parsed.rejected):
             scratch = EncodeStats()
-            sides.append(_fit(encode_scored(tokenizer, [*parsed.prompt, *response], data.chat_template,
-                                            record.source), data, scratch))
+            sides.append(
+                _fit(
+                    encode_scored(tokenizer, [*parsed.prompt, *response], data.chat_template, record.source),
+                    data,
+                    scratch,
+                )
+            )
             stats.dropped.update(scratch.dropped)
             stats.truncated += scratch.truncated
         if None not in sides:
@@ -125,8 +134,10 @@ def _attribute_targets(record: Record, attributes: Sequence[str]) -> list[float]
     if "label" in data:  # NeMo-Aligner: a list in attribute order, negative = missing
         label = data["label"]
         if not isinstance(label, list) or len(label) != len(attributes):
-            raise DataError(f"{where}: field 'label' must be a list of {len(attributes)} numbers "
-                            f"(attributes {', '.join(attributes)}), got {label!r}")
+            raise DataError(
+                f"{where}: field 'label' must be a list of {len(attributes)} numbers "
+                f"(attributes {', '.join(attributes)}), got {label!r}"
+            )
         values = dict(zip(attributes, label))
         missing = lambda v: v is None or (isinstance(v, (int, float)) and v < 0)  # noqa: E731
     else:
@@ -148,8 +159,9 @@ def _attribute_targets(record: Record, attributes: Sequence[str]) -> list[float]
     return targets
 
 
-def load_attribute_examples(dataset: DatasetConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                            attributes: Sequence[str]) -> tuple[list[AttributeExample], EncodeStats]:
+def load_attribute_examples(
+    dataset: DatasetConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase, attributes: Sequence[str]
+) -> tuple[list[AttributeExample], EncodeStats]:
     """Tokenized responses with their attribute targets, in `attributes` order."""
     records = read_records(dataset.path, dataset.split, dataset.limit)
     stats = EncodeStats(total=len(records))
@@ -157,19 +169,27 @@ def load_attribute_examples(dataset: DatasetConfig, data: DataConfig, tokenizer:
     for record in records:
         d, where = record.data, record.source
         if "label" not in d and "attributes" not in d:
-            raise DataError(f"{where}: missing field 'attributes' (or NeMo-Aligner's 'label'); found fields: "
-                            f"{', '.join(sorted(d)) or 'none'}")
+            raise DataError(
+                f"{where}: missing field 'attributes' (or NeMo-Aligner's 'label'); found fields: "
+                f"{', '.join(sorted(d)) or 'none'}"
+            )
         targets = _attribute_targets(record, attributes)
         if isinstance(d.get("text"), str) and "prompt" not in d:
             example = scored_example(tokenizer(d["text"], add_special_tokens=False)["input_ids"], where)
         else:
             for key in ("prompt", "response"):
                 if key not in d:
-                    raise DataError(f"{where}: missing field {key!r} (an attribute record has prompt, response "
-                                    "and attributes, or NeMo-Aligner's text and label)")
-            messages = with_system_prompt([*messages_from_value(d["prompt"], "user", f"{where}: field 'prompt'"),
-                                           *messages_from_value(d["response"], "assistant", f"{where}: field 'response'")],
-                                          data.system_prompt)
+                    raise DataError(
+                        f"{where}: missing field {key!r} (an attribute record has prompt, response "
+                        "and attributes, or NeMo-Aligner's text and label)"
+                    )
+            messages = with_system_prompt(
+                [
+                    *messages_from_value(d["prompt"], "user", f"{where}: field 'prompt'"),
+                    *messages_from_value(d["response"], "assistant", f"{where}: field 'response'"),
+                ],
+                data.system_prompt,
+            )
             example = encode_scored(tokenizer, messages, data.chat_template, where)
         example = _fit(example, data, stats)
         if example is not None:

@@ -34,8 +34,19 @@ from alignkit.data.formats import Message, to_messages
 from alignkit.data.io import DataError, Record
 from alignkit.data.tokenize import Example, encode_spans
 
-__all__ = ["DEFAULT_ATTRIBUTES", "DEFAULT_LABEL_TEMPLATE", "LabelError", "SteerLMFormat", "annotate", "encode_steerlm",
-           "format_attribute_label", "parse_attribute_label", "record_targets", "steered_prompt", "to_level"]
+__all__ = [
+    "DEFAULT_ATTRIBUTES",
+    "DEFAULT_LABEL_TEMPLATE",
+    "LabelError",
+    "SteerLMFormat",
+    "annotate",
+    "encode_steerlm",
+    "format_attribute_label",
+    "parse_attribute_label",
+    "record_targets",
+    "steered_prompt",
+    "to_level",
+]
 
 DEFAULT_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 DEFAULT_LABEL_TEMPLATE = "[{label}]\n"
@@ -92,9 +103,16 @@ def parse_attribute_label(label: str, names: Sequence[str] | None = DEFAULT_ATTR
     if names is not None and list(out) != list(names):
         unknown = [n for n in out if n not in names]
         missing = [n for n in names if n not in out]
-        detail = "; ".join(filter(None, [f"unknown {unknown}" if unknown else "",
-                                         f"missing {missing}" if missing else "",
-                                         "" if unknown or missing else "out of order"]))
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"unknown {unknown}" if unknown else "",
+                    f"missing {missing}" if missing else "",
+                    "" if unknown or missing else "out of order",
+                ],
+            )
+        )
         raise LabelError(f"label {label!r}: expected the attributes {', '.join(names)} in this order ({detail})")
     return out
 
@@ -130,8 +148,9 @@ class SteerLMFormat:
         if unknown:
             close = difflib.get_close_matches(unknown[0], self.attributes, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise LabelError(f"unknown attribute(s) {unknown}{hint}; this model is steered by "
-                             f"{', '.join(self.attributes)}")
+            raise LabelError(
+                f"unknown attribute(s) {unknown}{hint}; this model is steered by {', '.join(self.attributes)}"
+            )
         missing = [n for n in self.attributes if n not in request and n not in self.defaults]
         if missing:
             raise LabelError(f"no target for attribute(s) {missing} and no default level recorded for them")
@@ -144,8 +163,11 @@ class SteerLMFormat:
         return self.label_template.replace("{label}", self.label(request))
 
     def to_config(self) -> dict[str, Any]:
-        return {"attributes": list(self.attributes), "label_template": self.label_template,
-                "defaults": dict(self.defaults)}
+        return {
+            "attributes": list(self.attributes),
+            "label_template": self.label_template,
+            "defaults": dict(self.defaults),
+        }
 
     @classmethod
     def from_config(cls, config: Any) -> SteerLMFormat | None:
@@ -153,8 +175,11 @@ class SteerLMFormat:
         entry = getattr(config, "steerlm", None)
         if not entry:
             return None
-        return cls(tuple(entry["attributes"]), entry.get("label_template", DEFAULT_LABEL_TEMPLATE),
-                   {k: int(v) for k, v in (entry.get("defaults") or {}).items()})
+        return cls(
+            tuple(entry["attributes"]),
+            entry.get("label_template", DEFAULT_LABEL_TEMPLATE),
+            {k: int(v) for k, v in (entry.get("defaults") or {}).items()},
+        )
 
     @staticmethod
     def most_common_levels(labels: Sequence[Mapping[str, int]], names: Sequence[str]) -> dict[str, int]:
@@ -172,8 +197,9 @@ def record_targets(data: Mapping[str, Any], names: Sequence[str], where: str) ->
     conversation format the label may sit on the last assistant turn instead."""
     label = data.get("label")
     if label is None and isinstance(data.get("conversations"), list):
-        turns = [t for t in data["conversations"]
-                 if isinstance(t, dict) and str(t.get("from", "")).lower() == "assistant"]
+        turns = [
+            t for t in data["conversations"] if isinstance(t, dict) and str(t.get("from", "")).lower() == "assistant"
+        ]
         label = turns[-1].get("label") if turns else None
     try:
         if isinstance(label, str):
@@ -182,31 +208,42 @@ def record_targets(data: Mapping[str, Any], names: Sequence[str], where: str) ->
             return parse_attribute_label(format_attribute_label(data["attributes"], names), names)
     except LabelError as exc:
         raise DataError(f"{where}: {exc}") from None
-    raise DataError(f"{where}: a SteerLM record needs a 'label' string (e.g. "
-                    f"{format_attribute_label(dict.fromkeys(names, 4), names)!r}) or an 'attributes' object")
+    raise DataError(
+        f"{where}: a SteerLM record needs a 'label' string (e.g. "
+        f"{format_attribute_label(dict.fromkeys(names, 4), names)!r}) or an 'attributes' object"
+    )
 
 
 def _render(tokenizer, messages, template, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=template)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+    )
 
 
-def steered_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], fmt: SteerLMFormat | None,
-                   request: Mapping[str, Any] | str | None = None, chat_template: str | None = None) -> str:
+def steered_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    fmt: SteerLMFormat | None,
+    request: Mapping[str, Any] | str | None = None,
+    chat_template: str | None = None,
+) -> str:
     """The prompt text for generation: the conversation up to the generation prompt, then (for a
     SteerLM model, `fmt` not None) the label line of `request` (missing attributes: the defaults).
     Target attributes for a model that is not a SteerLM model are an error, not ignored."""
     text = _render(tokenizer, messages, chat_template, add_generation_prompt=True)
     if fmt is None:
         if request:
-            raise LabelError("target attributes were given, but this model is not a SteerLM model "
-                             "(its config.json has no `steerlm` entry)")
+            raise LabelError(
+                "target attributes were given, but this model is not a SteerLM model "
+                "(its config.json has no `steerlm` entry)"
+            )
         return text
     return text + fmt.label_line(request)
 
 
-def encode_steerlm(tokenizer: PreTrainedTokenizerBase, messages: list[Message], label_line: str,
-                   chat_template: str | None, where: str) -> Example:
+def encode_steerlm(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], label_line: str, chat_template: str | None, where: str
+) -> Example:
     """An attribute-conditioned example: [conversation up to the generation prompt][label line]
     [last assistant turn]; targets cover the last assistant turn only (earlier turns are context)."""
     if not messages or messages[-1]["role"] != "assistant":
@@ -214,9 +251,11 @@ def encode_steerlm(tokenizer: PreTrainedTokenizerBase, messages: list[Message], 
     before = _render(tokenizer, messages[:-1], chat_template, add_generation_prompt=True)
     full = _render(tokenizer, messages, chat_template)
     if not full.startswith(before):
-        raise DataError(f"{where}: the chat template is not prefix-consistent (the rendered conversation does not "
-                        "start with the rendered prompt), so the label cannot be placed; set data.chat_template")
-    text = before + label_line + full[len(before):]
+        raise DataError(
+            f"{where}: the chat template is not prefix-consistent (the rendered conversation does not "
+            "start with the rendered prompt), so the label cannot be placed; set data.chat_template"
+        )
+    text = before + label_line + full[len(before) :]
     return encode_spans(tokenizer, text, [(len(before) + len(label_line), len(text))], where)
 
 
@@ -242,8 +281,9 @@ def annotate(records: list[Record], source, names: list[str], batch_size: int = 
         scored = source(list(prompts), list(responses))
         missing = [n for n in names if n not in scored.names]
         if scored.attributes is None or missing:
-            raise DataError(f"the attribute source returns attributes {scored.names or 'none'}; "
-                            f"the label needs {missing or names}")
+            raise DataError(
+                f"the attribute source returns attributes {scored.names or 'none'}; the label needs {missing or names}"
+            )
         columns = [scored.names.index(n) for n in names]
         for record, row in zip(chunk, scored.attributes.tolist()):
             label = format_attribute_label({n: row[c] for n, c in zip(names, columns)}, names)

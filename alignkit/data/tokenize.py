@@ -23,7 +23,16 @@ from transformers import PreTrainedTokenizerBase
 from alignkit.data.formats import Message
 from alignkit.data.io import DataError
 
-__all__ = ["IGNORE", "EncodeStats", "Example", "encode_conversation", "encode_spans", "encode_text", "fit_length", "render_with_spans"]
+__all__ = [
+    "IGNORE",
+    "EncodeStats",
+    "Example",
+    "encode_conversation",
+    "encode_spans",
+    "encode_text",
+    "fit_length",
+    "render_with_spans",
+]
 
 IGNORE = -100
 
@@ -67,8 +76,7 @@ def render_with_spans(
     """The rendered conversation and the (start, end) character span of each assistant turn."""
     if template is None and tokenizer.chat_template is None:
         raise DataError(
-            f"{where}: the tokenizer has no chat template; set data.chat_template "
-            "(a Jinja template over `messages`)"
+            f"{where}: the tokenizer has no chat template; set data.chat_template (a Jinja template over `messages`)"
         )
     full = _render(tokenizer, messages, template)
     spans = []
@@ -130,7 +138,9 @@ def fit_length(example: Example, max_seq_len: int, policy: str, stats: EncodeSta
         if policy == "drop":
             stats.dropped[f"longer than max_seq_len={max_seq_len}"] += 1
             return None
-        example = Example(example.input_ids[:max_seq_len], example.target_ids[:max_seq_len], example.source, example.extra)
+        example = Example(
+            example.input_ids[:max_seq_len], example.target_ids[:max_seq_len], example.source, example.extra
+        )
         if example.num_targets == 0:
             stats.dropped["prompt fills max_seq_len, no response token left"] += 1
             return None

@@ -17,8 +17,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return pixels.movedim(-3, -1).cpu().numpy()
 
 
-def save_grid(rows: torch.Tensor, path: str | Path, scale: int = 4, labels: list[str] | None = None,
-              gap: int = 2) -> Path:
+def save_grid(
+    rows: torch.Tensor, path: str | Path, scale: int = 4, labels: list[str] | None = None, gap: int = 2
+) -> Path:
     """Save (R, C, 3, H, W) images in [-1, 1] as one PNG: R rows of C images, each enlarged `scale`
     times (nearest neighbour: small images stay sharp), with a grey `gap` between them and, if
     given, one label per row written above it."""

@@ -29,8 +29,10 @@ def read_prompts(path: str, tokenizer, split: str | None = None, limit: int | No
             raise DataError(f"{record.source}: a prompt record needs a non-empty 'prompt' string")
         n_tokens = len(tokenizer(prompt).input_ids)
         if n_tokens > tokenizer.model_max_length:
-            raise DataError(f"{record.source}: the prompt is {n_tokens} tokens; the text encoder takes at most "
-                            f"{tokenizer.model_max_length}")
+            raise DataError(
+                f"{record.source}: the prompt is {n_tokens} tokens; the text encoder takes at most "
+                f"{tokenizer.model_max_length}"
+            )
         prompts.append(prompt)
     if not prompts:
         raise DataError(f"{path}: no prompt records")
@@ -55,9 +57,19 @@ def load_for_images(model: str | None, lora: str | None, device: str | torch.dev
     return pipe
 
 
-def sample_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, *, grad_steps: int = 0,
-                 regularize: bool = False, schedule: str = "draft", eta: float = 0.0,
-                 autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    *,
+    grad_steps: int = 0,
+    regularize: bool = False,
+    schedule: str = "draft",
+    eta: float = 0.0,
+    autocast=contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch through `denoise` and the VAE: images (B, 3, H, W) in [-1, 1], float32 (with a graph
     through the last `grad_steps` steps and the decode), and the regulariser (0 unless asked)."""
     device = pipe.unet.device
@@ -66,30 +78,66 @@ def sample_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidanc
     cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, device)  # (B, L, D)
     uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""], device).expand_as(cond)
     with autocast():
-        result = denoise(unet, pipe.scheduler, torch.cat([uncond, cond]), initial_noise(shape, seeds, device),
-                         steps=steps, guidance=guidance, grad_steps=grad_steps, regularize=regularize,
-                         schedule=schedule, eta=eta)
+        result = denoise(
+            unet,
+            pipe.scheduler,
+            torch.cat([uncond, cond]),
+            initial_noise(shape, seeds, device),
+            steps=steps,
+            guidance=guidance,
+            grad_steps=grad_steps,
+            regularize=regularize,
+            schedule=schedule,
+            eta=eta,
+        )
         images = decode(pipe.vae, result.latents)
     return images.float(), result.regularizer.float()
 
 
 @torch.no_grad()
-def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                    schedule: str = "draft", eta: float = 0.0, batch_size: int = 32,
-                    autocast=contextlib.nullcontext) -> torch.Tensor:
+def generate_images(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    schedule: str = "draft",
+    eta: float = 0.0,
+    batch_size: int = 32,
+    autocast=contextlib.nullcontext,
+) -> torch.Tensor:
     """(P, S, 3, H, W) images in [-1, 1]: each prompt from each seed's x_T. `schedule` mixes
     the base and fine-tuned predictions (AIG; anything but `draft` needs adapters); a pipeline
     without adapters samples its own model with `draft`."""
     rows = [(p, s) for p in prompts for s in seeds]
-    images = [sample_batch(pipe, [p for p, _ in chunk], [s for _, s in chunk], steps, guidance, schedule=schedule,
-                           eta=eta, autocast=autocast)[0].cpu()
-              for chunk in (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))]
+    images = [
+        sample_batch(
+            pipe,
+            [p for p, _ in chunk],
+            [s for _, s in chunk],
+            steps,
+            guidance,
+            schedule=schedule,
+            eta=eta,
+            autocast=autocast,
+        )[0].cpu()
+        for chunk in (rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
+    ]
     return torch.cat(images).view(len(prompts), len(seeds), *images[0].shape[1:])
 
 
-def sample_image_grid(out: str | Path, prompts: list[str], model: str | None = None, lora: str | None = None,
-                      schedule: str = "draft", n: int = 4, seed: int = 0, steps: int = 50, guidance: float = 7.5,
-                      reward: str | None = None) -> dict:
+def sample_image_grid(
+    out: str | Path,
+    prompts: list[str],
+    model: str | None = None,
+    lora: str | None = None,
+    schedule: str = "draft",
+    n: int = 4,
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 7.5,
+    reward: str | None = None,
+) -> dict:
     """`alignkit generate-images`: `n` images per prompt (seeds seed..seed+n-1) saved as a PNG grid at
     `out`, one row per prompt, and a summary (prompts, seeds, diversity, rewards if `reward` names
     one) at out.json, which is returned. `prompts` may be one records file (or builtin: name)."""
@@ -103,8 +151,12 @@ def sample_image_grid(out: str | Path, prompts: list[str], model: str | None = N
     images = generate_images(pipe, texts, seeds, steps, guidance, schedule)
     scores = load_image_reward(reward)(images.flatten(0, 1), [t for t in texts for _ in range(n)]) if reward else None
     save_grid(images, out, labels=texts)
-    summary = {"prompts": texts, "seeds": seeds, "schedule": schedule,
-               "diversity": diversity(images) if n > 1 else None}
+    summary = {
+        "prompts": texts,
+        "seeds": seeds,
+        "schedule": schedule,
+        "diversity": diversity(images) if n > 1 else None,
+    }
     if scores is not None:
         summary["rewards"] = scores.view(len(texts), n).tolist()
         summary["reward"] = float(scores.mean())

@@ -47,8 +47,9 @@ def shape_tokenizer():
     directory = Path(tempfile.mkdtemp(prefix="shape_tokenizer_"))
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16,
-                         pad_token="<|endoftext|>")
+    return CLIPTokenizer(
+        str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16, pad_token="<|endoftext|>"
+    )
 
 
 def build_tiny_pipeline(seed: int = 0, width: int = 32, text_width: int = 32):
@@ -59,25 +60,64 @@ def build_tiny_pipeline(seed: int = 0, width: int = 32, text_width: int = 32):
 
     torch.manual_seed(seed)
     tokenizer = shape_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(width, 2 * width),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(width, 2 * width),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        mid_block_add_attention=False,
+    )
     # Attention only at 8x8 (the second block and the middle): at 16x16 it took 70% of a training
     # step on a CPU (256 tokens, head width 4) for nothing a global caption needs.
     # (`attention_head_dim` is the number of heads in diffusers' UNet2DConditionModel.)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(width, 2 * width),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=text_width, attention_head_dim=4, layers_per_block=1, norm_num_groups=8)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(width, 2 * width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_width,
+        attention_head_dim=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def frozen(pipe):
@@ -100,5 +140,6 @@ def load_pipeline(directory: str | Path, device: str = "cpu"):
 
     if not (Path(directory) / "model_index.json").is_file():
         raise FileNotFoundError(f"not a diffusers pipeline directory (no model_index.json): {directory}")
-    return StableDiffusionPipeline.from_pretrained(directory, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, local_files_only=True).to(device)
+    return StableDiffusionPipeline.from_pretrained(
+        directory, safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
+    ).to(device)

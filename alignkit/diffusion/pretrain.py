@@ -36,8 +36,16 @@ from alignkit.tasks.shapes import shape_records
 __all__ = ["build_shape_world", "pretrain_shape_pipeline"]
 
 
-def _train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float,
-               generator: torch.Generator, log: Callable[[str], None]) -> float:
+def _train_vae(
+    vae,
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    kl_weight: float,
+    generator: torch.Generator,
+    log: Callable[[str], None],
+) -> float:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
     for step in range(steps):
@@ -55,8 +63,19 @@ def _train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float
     return float(mse)
 
 
-def _train_unet(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor,
-                steps: int, batch_size: int, lr: float, generator: torch.Generator, log) -> float:
+def _train_unet(
+    unet,
+    text_encoder,
+    scheduler,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    empty: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    log,
+) -> float:
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
@@ -80,8 +99,14 @@ def _train_unet(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch
     return sum(recent) / len(recent)
 
 
-def pretrain_shape_pipeline(n_images: int = 4000, vae_steps: int = 300, unet_steps: int = 1500,
-                            batch_size: int = 64, seed: int = 0, log: Callable[[str], None] = print):
+def pretrain_shape_pipeline(
+    n_images: int = 4000,
+    vae_steps: int = 300,
+    unet_steps: int = 1500,
+    batch_size: int = 64,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+):
     """A `StableDiffusionPipeline` pretrained on `n_images` rendered shape-world images, and a report
     (reconstruction and noise-prediction errors, seconds)."""
     start = time.perf_counter()
@@ -96,20 +121,31 @@ def pretrain_shape_pipeline(n_images: int = 4000, vae_steps: int = 300, unet_ste
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(256)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     latents = latents * vae.config.scaling_factor
-    tokenize = lambda texts: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,  # noqa: E731
-                                       return_tensors="pt").input_ids
+
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        return tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
+
     ids, empty = tokenize([s.caption for s in specs]), tokenize([""])[0]
-    noise_mse = _train_unet(unet, text_encoder, pipe.scheduler, latents, ids, empty, unet_steps, batch_size, 1e-3,
-                            generator, log)
+    noise_mse = _train_unet(
+        unet, text_encoder, pipe.scheduler, latents, ids, empty, unet_steps, batch_size, 1e-3, generator, log
+    )
     unet.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
-    report = {"vae_mse": mse, "unet_noise_mse": noise_mse, "images": n_images,
-              "seconds": time.perf_counter() - start}
+    report = {"vae_mse": mse, "unet_noise_mse": noise_mse, "images": n_images, "seconds": time.perf_counter() - start}
     return pipe, report
 
 
-def build_shape_world(out: str | Path, unet_steps: int = 1500, vae_steps: int = 300, images: int = 4000,
-                      judge_images: int = 3000, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+def build_shape_world(
+    out: str | Path,
+    unet_steps: int = 1500,
+    vae_steps: int = 300,
+    images: int = 4000,
+    judge_images: int = 3000,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """The shape world for DRaFT+ in `out`: a reward judge trained on `judge_images` rendered images
     (judge/), then a base pipeline pretrained on `images` (base/), and report.json; returns the
     report {"judge": held-out accuracies, "base": pretraining errors and seconds}."""
@@ -117,8 +153,9 @@ def build_shape_world(out: str | Path, unet_steps: int = 1500, vae_steps: int = 
     judge, judge_report = train_shape_judge(n=judge_images, seed=seed)
     judge.save(root / "judge")
     log(f"judge: {judge_report}")
-    pipe, base_report = pretrain_shape_pipeline(n_images=images, vae_steps=vae_steps, unet_steps=unet_steps,
-                                                seed=seed, log=log)
+    pipe, base_report = pretrain_shape_pipeline(
+        n_images=images, vae_steps=vae_steps, unet_steps=unet_steps, seed=seed, log=log
+    )
     save_pipeline(pipe, root / "base")
     report = {"judge": judge_report, "base": base_report}
     (root / "report.json").write_text(json.dumps(report, indent=1))

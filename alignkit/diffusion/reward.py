@@ -48,13 +48,17 @@ class ShapeJudge(nn.Module):
     def __init__(self, width: int = 32):
         super().__init__()
         self.width = width
+
         def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
             # GroupNorm: a yellow-on-white edge and a red-on-black edge give features of one scale
             return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
 
         self.features = nn.Sequential(  # 32 -> 16 -> 8, then pooled: where the shape is does not matter
-            *block(3, width, 1), *block(width, width, 2), *block(width, 2 * width, 1),
-            *block(2 * width, 2 * width, 2), *block(2 * width, 2 * width, 1),
+            *block(3, width, 1),
+            *block(width, width, 2),
+            *block(width, 2 * width, 1),
+            *block(2 * width, 2 * width, 2),
+            *block(2 * width, 2 * width, 1),
         )
         self.pool = nn.Sequential(nn.Linear(4 * width, 128), nn.SiLU())  # [mean, max] over positions
         self.heads = nn.ModuleDict({name: nn.Linear(128, len(labels)) for name, labels in _HEADS.items()})
@@ -67,8 +71,10 @@ class ShapeJudge(nn.Module):
     @staticmethod
     def targets(captions: list[str], device=None) -> dict[str, torch.Tensor]:
         specs = [parse_caption(c) for c in captions]
-        return {name: torch.tensor([labels.index(getattr(s, name)) for s in specs], device=device)
-                for name, labels in _HEADS.items()}
+        return {
+            name: torch.tensor([labels.index(getattr(s, name)) for s in specs], device=device)
+            for name, labels in _HEADS.items()
+        }
 
     def reward(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """(B,) mean over shape, colour and background of p(the caption's value | image); differentiable."""
@@ -95,8 +101,9 @@ class ShapeJudge(nn.Module):
         return judge.eval().requires_grad_(False)
 
 
-def train_shape_judge(n: int = 6000, epochs: int = 3, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                      held_out: int = 500) -> tuple[ShapeJudge, dict[str, float]]:
+def train_shape_judge(
+    n: int = 6000, epochs: int = 3, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, held_out: int = 500
+) -> tuple[ShapeJudge, dict[str, float]]:
     """Train a judge on n rendered images; returns it (eval mode, frozen) and held-out accuracies."""
     torch.manual_seed(seed)
     specs = shape_records(n + held_out, seed=seed)

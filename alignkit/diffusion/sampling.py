@@ -38,8 +38,17 @@ import torch
 
 from alignkit.losses.diffusion import noise_regularizer
 
-__all__ = ["DenoiseResult", "aig_weight", "decode", "denoise", "diversity", "diversity_by_prompt", "encode_prompts",
-           "initial_noise", "parse_schedule"]
+__all__ = [
+    "DenoiseResult",
+    "aig_weight",
+    "decode",
+    "denoise",
+    "diversity",
+    "diversity_by_prompt",
+    "encode_prompts",
+    "initial_noise",
+    "parse_schedule",
+]
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
@@ -71,12 +80,14 @@ def parse_schedule(schedule: str) -> Callable[[float], float]:
         return lambda s: s
     if m := re.fullmatch(r"power_(\d+(?:\.\d*)?)", schedule):
         p = float(m.group(1))
-        return lambda s: s ** p
+        return lambda s: s**p
     if m := re.fullmatch(r"step_(\d*\.?\d+)", schedule):
         f = float(m.group(1))
         return lambda s: float(s >= f)
-    raise ValueError(f"unknown AIG schedule {schedule!r} (use base, draft, linear, power_P such as power_2, "
-                     f"or step_F such as step_0.5)")
+    raise ValueError(
+        f"unknown AIG schedule {schedule!r} (use base, draft, linear, power_P such as power_2, "
+        f"or step_F such as step_0.5)"
+    )
 
 
 def _progress(i: int, steps: int) -> float:
@@ -92,7 +103,7 @@ def aig_weight(schedule: str, i: int, steps: int) -> float:
 def _guided(unet, x: torch.Tensor, t, context: torch.Tensor, guidance: float) -> torch.Tensor:
     """CFG noise prediction. context: (2B, L, D), the unconditional half first."""
     if guidance == 1.0:  # the unconditional half would get weight 0
-        return unet(x, t, encoder_hidden_states=context[x.shape[0]:]).sample
+        return unet(x, t, encoder_hidden_states=context[x.shape[0] :]).sample
     uncond, cond = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
     return uncond + guidance * (cond - uncond)
 
@@ -118,9 +129,20 @@ class DenoiseResult:
     graph_steps: list[int]  # the steps that kept a graph (for tests and logs)
 
 
-def denoise(unet, scheduler, context: torch.Tensor, latents: torch.Tensor, *, steps: int, guidance: float,
-            grad_steps: int = 0, regularize: bool = False, schedule: str = "draft", eta: float = 0.0,
-            generator: torch.Generator | None = None) -> DenoiseResult:
+def denoise(
+    unet,
+    scheduler,
+    context: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    steps: int,
+    guidance: float,
+    grad_steps: int = 0,
+    regularize: bool = False,
+    schedule: str = "draft",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> DenoiseResult:
     """Run the DDIM loop from `latents` (B, C, h, w) under `context` (2B, L, D: unconditional then
     conditional states). `grad_steps` K: the last K steps keep a graph (0: none, inference).
     `regularize`: compute the "+" term at those steps. `schedule`: AIG mixing with the initial model
@@ -130,8 +152,10 @@ def denoise(unet, scheduler, context: torch.Tensor, latents: torch.Tensor, *, st
     weight = parse_schedule(schedule)
     mixing = schedule != "draft"
     if (mixing or regularize) and not _has_adapters(unet):
-        raise ValueError("AIG schedules other than 'draft' and the regulariser need the UNet's LoRA adapters "
-                         "(the initial model is the UNet with them off)")
+        raise ValueError(
+            "AIG schedules other than 'draft' and the regulariser need the UNet's LoRA adapters "
+            "(the initial model is the UNet with them off)"
+        )
     scheduler.set_timesteps(steps, device=latents.device)
     x = latents * scheduler.init_noise_sigma
     graph_steps, eps_graph, eps_initial = [], [], []

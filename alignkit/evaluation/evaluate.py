@@ -35,8 +35,16 @@ from alignkit.generation.sampler import Completion, generate
 from alignkit.models.loading import load_for_eval
 from alignkit.tasks import ATTRIBUTES, score_response
 
-__all__ = ["EVAL_SAMPLING", "EvalResult", "evaluate_dataset", "evaluate_model", "plot_results", "sample_responses",
-           "sequence_logprobs", "write_json"]
+__all__ = [
+    "EVAL_SAMPLING",
+    "EvalResult",
+    "evaluate_dataset",
+    "evaluate_model",
+    "plot_results",
+    "sample_responses",
+    "sequence_logprobs",
+    "write_json",
+]
 
 EVAL_SAMPLING = SamplingConfig(max_new_tokens=96, temperature=0.7, seed=0)  # the same as `alignkit eval`
 
@@ -49,19 +57,29 @@ class EvalResult:
     scores: list[dict[str, Any]]
 
     def to_json(self, prompts: list[dict[str, Any]]) -> dict[str, Any]:
-        items = [{"prompt": p["prompt"], "task": p.get("task"), "response": r, **s}
-                 for p, r, s in zip(prompts, self.responses, self.scores)]
+        items = [
+            {"prompt": p["prompt"], "task": p.get("task"), "response": r, **s}
+            for p, r, s in zip(prompts, self.responses, self.scores)
+        ]
         return {"metrics": self.metrics, "items": items}
 
 
 def _prompt_ids(tokenizer, prompts: list[dict[str, Any]], steer: SteerLMFormat | None = None) -> list[list[int]]:
-    texts = [steered_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}], steer, p.get("attributes"))
-             for p in prompts]
+    texts = [
+        steered_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}], steer, p.get("attributes"))
+        for p in prompts
+    ]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def sample_responses(model, tokenizer, prompts: list[dict[str, Any]], params: SamplingConfig,
-                     batch_size: int = 64, steer: SteerLMFormat | None = None) -> list[Completion]:
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list[dict[str, Any]],
+    params: SamplingConfig,
+    batch_size: int = 64,
+    steer: SteerLMFormat | None = None,
+) -> list[Completion]:
     """One completion per prompt (in prompt order), generated in length-sorted batches. With
     `steer` (a SteerLM label format), each prompt is conditioned on its "attributes" (or the defaults)."""
     ids = _prompt_ids(tokenizer, prompts, steer)
@@ -69,10 +87,15 @@ def sample_responses(model, tokenizer, prompts: list[dict[str, Any]], params: Sa
     results: list[Completion | None] = [None] * len(ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch_params = params.model_copy(update={"n": 1,
-                                         "seed": None if params.seed is None else params.seed + start})
-        outs = generate(model, [ids[i] for i in chunk], batch_params, tokenizer.eos_token_id,
-                        tokenizer.pad_token_id, tokenizer.decode)
+        batch_params = params.model_copy(update={"n": 1, "seed": None if params.seed is None else params.seed + start})
+        outs = generate(
+            model,
+            [ids[i] for i in chunk],
+            batch_params,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            tokenizer.decode,
+        )
         for i, completion in zip(chunk, outs):
             completion.prompt_index = i
             results[i] = completion
@@ -143,15 +166,22 @@ def evaluate_model(
     return EvalResult(metrics=metrics, responses=responses, rewards=rewards, scores=scores)
 
 
-def evaluate_dataset(model_dir: str | Path, prompts: str, out_dir: str | Path, params: SamplingConfig,
-                     reference_dir: str | Path | None = None) -> dict[str, float]:
+def evaluate_dataset(
+    model_dir: str | Path,
+    prompts: str,
+    out_dir: str | Path,
+    params: SamplingConfig,
+    reference_dir: str | Path | None = None,
+) -> dict[str, float]:
     """`alignkit eval`: `evaluate_model` on a prompt dataset (a file or `builtin:eval?n=...`), written
     to out_dir/eval.json (metrics and every item) and eval.png; returns the metrics."""
     records = read_prompt_records(prompts)
     for record in records:  # the oracle judges task-world prompts, which are text
         if not isinstance(record.data.get("prompt"), str):
-            raise DataError(f"{record.source}: expected prompt records with a 'prompt' string (a task-world prompt "
-                            "the oracle can judge)")
+            raise DataError(
+                f"{record.source}: expected prompt records with a 'prompt' string (a task-world prompt "
+                "the oracle can judge)"
+            )
     items = [r.data for r in records]
     result = evaluate_model(model_dir, items, params, reference_dir=reference_dir)
     write_json(result.to_json(items), Path(out_dir) / "eval.json")
@@ -169,8 +199,12 @@ def plot_results(results: dict[str, dict[str, float]], path: str | Path, title: 
     names = list(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     means = [results[n]["reward"] for n in names]
-    errors = np.array([[results[n]["reward"] - results[n]["reward_ci_low"],
-                        results[n]["reward_ci_high"] - results[n]["reward"]] for n in names]).T
+    errors = np.array(
+        [
+            [results[n]["reward"] - results[n]["reward_ci_low"], results[n]["reward_ci_high"] - results[n]["reward"]]
+            for n in names
+        ]
+    ).T
     left.bar(names, means, yerr=errors, capsize=4, color="#4c72b0")
     left.set_ylabel("mean oracle reward (95% CI)")
     left.set_ylim(0, 1)

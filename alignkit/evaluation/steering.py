@@ -33,9 +33,14 @@ __all__ = ["attribute_control"]
 GREEDY = SamplingConfig(max_new_tokens=96, temperature=0.0)
 
 
-def attribute_control(model_dir: str | Path, prompts: list[dict[str, Any]], controlled: list[str],
-                      base: dict[str, int] | None = None, params: SamplingConfig = GREEDY,
-                      steer: SteerLMFormat | None = None) -> dict[str, Any]:
+def attribute_control(
+    model_dir: str | Path,
+    prompts: list[dict[str, Any]],
+    controlled: list[str],
+    base: dict[str, int] | None = None,
+    params: SamplingConfig = GREEDY,
+    steer: SteerLMFormat | None = None,
+) -> dict[str, Any]:
     """Requested-vs-measured statistics for each controlled attribute (see the module docstring)."""
     model, tokenizer = load_for_eval(model_dir)
     fmt = SteerLMFormat.from_config(model.config) or steer
@@ -52,8 +57,9 @@ def attribute_control(model_dir: str | Path, prompts: list[dict[str, Any]], cont
         matched = [int(r == m) for r, m in zip(requested, measured)]
         metrics[f"{name}_spearman"] = spearman(requested, measured)
         metrics[f"{name}_accuracy"] = float(np.mean(matched))
-        metrics[f"{name}_by_level"] = [float(np.mean([m for r, m in zip(requested, measured) if r == level]))
-                                       for level in levels]
+        metrics[f"{name}_by_level"] = [
+            float(np.mean([m for r, m in zip(requested, measured) if r == level])) for level in levels
+        ]
         hits, total = hits + sum(matched), total + len(matched)
     metrics["attribute_accuracy"] = hits / max(total, 1)
     return metrics

@@ -25,8 +25,9 @@ from alignkit.models.loading import load_for_eval
 __all__ = ["generate_dataset"]
 
 
-def _steered_prompts(records: list[Record], tokenizer, fmt: SteerLMFormat | None,
-                     attributes: str | None) -> tuple[list[str], list[dict[str, str]]]:
+def _steered_prompts(
+    records: list[Record], tokenizer, fmt: SteerLMFormat | None, attributes: str | None
+) -> tuple[list[str], list[dict[str, str]]]:
     """Each record's prompt text (with its label line for a SteerLM model) and the label fields of its rows."""
     texts, labels = [], []
     for record in records:
@@ -39,8 +40,9 @@ def _steered_prompts(records: list[Record], tokenizer, fmt: SteerLMFormat | None
     return texts, labels
 
 
-def generate_dataset(model_dir: str | Path, prompts: str, out: str | Path, params: SamplingConfig,
-                     attributes: str | None = None) -> tuple[int, int, int]:
+def generate_dataset(
+    model_dir: str | Path, prompts: str, out: str | Path, params: SamplingConfig, attributes: str | None = None
+) -> tuple[int, int, int]:
     """Sample `params.n` responses to every prompt record of `prompts` and write one row per sample to
     `out`: the prompt, the label (SteerLM), the response, its sample index, whether it ended (EOS or
     a stop string), its finish reason, token count and summed log-probability. Returns (samples
@@ -56,8 +58,17 @@ def generate_dataset(model_dir: str | Path, prompts: str, out: str | Path, param
         chunk = ids[start : start + params.batch_size]
         for c in generate(model, chunk, batch_params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode):
             record = records[start + c.prompt_index].data
-            rows.append({"prompt": record.get("prompt", record.get("messages")), **labels[start + c.prompt_index],
-                         "response": c.text, "sample": len(rows) % params.n, "is_end": c.is_end,
-                         "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids), "logprob": sum(c.logprobs)})
+            rows.append(
+                {
+                    "prompt": record.get("prompt", record.get("messages")),
+                    **labels[start + c.prompt_index],
+                    "response": c.text,
+                    "sample": len(rows) % params.n,
+                    "is_end": c.is_end,
+                    "finish_reason": c.finish_reason,
+                    "num_tokens": len(c.token_ids),
+                    "logprob": sum(c.logprobs),
+                }
+            )
     write_jsonl(rows, out)
     return len(rows), len(ids), sum(row["is_end"] for row in rows)

@@ -111,8 +111,8 @@ def generate(
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros((batch, width), dtype=torch.long, device=device)
     for i, p in enumerate(rows):  # left padding: every row's next token lands in the same column
-        input_ids[i, width - len(p):] = torch.tensor(p, device=device)
-        mask[i, width - len(p):] = 1
+        input_ids[i, width - len(p) :] = torch.tensor(p, device=device)
+        mask[i, width - len(p) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
     cache = DynamicCache()
@@ -124,8 +124,7 @@ def generate(
     texts: list[str | None] = [None] * batch
     step_ids, step_positions = input_ids, positions
     for _ in range(params.max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
-                    use_cache=True, **step_kwargs)
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True, **step_kwargs)
         logits = out.logits[:, -1, :].float()  # (R, V)
         if params.temperature == 0:
             next_tokens = logits.argmax(-1)
@@ -162,7 +161,14 @@ def generate(
         text = texts[row]
         if text is None and decode is not None:
             text = decode(ids[:-1] if reasons[row] == "eos" else ids)
-        completions.append(Completion(prompt_index=row // params.n, token_ids=ids, logprobs=logps[row],
-                                      text=text or "", is_end=reasons[row] != "length",
-                                      finish_reason=reasons[row]))
+        completions.append(
+            Completion(
+                prompt_index=row // params.n,
+                token_ids=ids,
+                logprobs=logps[row],
+                text=text or "",
+                is_end=reasons[row] != "length",
+                finish_reason=reasons[row],
+            )
+        )
     return completions

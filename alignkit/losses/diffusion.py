@@ -31,8 +31,9 @@ def noise_regularizer(eps_theta: list[torch.Tensor], eps_init: list[torch.Tensor
     return torch.stack(penalties).mean()
 
 
-def draftp_loss(rewards: torch.Tensor, regularizer: torch.Tensor,
-                kl_coeff: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def draftp_loss(
+    rewards: torch.Tensor, regularizer: torch.Tensor, kl_coeff: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed DRaFT+ loss of a micro-batch.
 
     Args:
@@ -47,6 +48,9 @@ def draftp_loss(rewards: torch.Tensor, regularizer: torch.Tensor,
     Example: rewards [0.5, 1.0], reg 0.2, kl_coeff 0.5 -> -1.5 + 0.5 * 0.2 * 2 = -1.3."""
     n = rewards.shape[0]
     loss_sum = -rewards.float().sum() + kl_coeff * regularizer.float() * n
-    metrics = {"reward": rewards.detach().float().sum(), "regularizer": regularizer.detach().float() * n,
-               "loss": loss_sum.detach()}
+    metrics = {
+        "reward": rewards.detach().float().sum(),
+        "regularizer": regularizer.detach().float() * n,
+        "loss": loss_sum.detach(),
+    }
     return loss_sum, metrics

@@ -81,9 +81,7 @@ def topk_kd_loss(
     if kl not in _KL_KINDS:
         raise ValueError(f"kl must be one of {_KL_KINDS}, got {kl!r}")
     if student_logits.dim() != 2:
-        raise ValueError(
-            f"student_logits must be (N, V), got shape {tuple(student_logits.shape)}"
-        )
+        raise ValueError(f"student_logits must be (N, V), got shape {tuple(student_logits.shape)}")
     if teacher_topk_logits.dim() != 2 or teacher_topk_logits.shape != teacher_topk_ids.shape:
         raise ValueError(
             "teacher_topk_logits and teacher_topk_ids must both be (N, K) with the same shape, "
@@ -92,8 +90,7 @@ def topk_kd_loss(
     n, vocab = student_logits.shape
     if teacher_topk_ids.shape[0] != n:
         raise ValueError(
-            f"student_logits has N={n} positions but the teacher tensors have "
-            f"N={teacher_topk_ids.shape[0]}"
+            f"student_logits has N={n} positions but the teacher tensors have N={teacher_topk_ids.shape[0]}"
         )
     k = teacher_topk_ids.shape[1]
     if k > vocab:
@@ -134,8 +131,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     """
     if logits.dim() != 2 or targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
         raise ValueError(
-            f"expected logits (N, V) and targets (N,), got {tuple(logits.shape)} "
-            f"and {tuple(targets.shape)}"
+            f"expected logits (N, V) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}"
         )
     return F.cross_entropy(logits.float(), targets, reduction="none")
 

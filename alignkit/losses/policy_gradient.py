@@ -21,8 +21,19 @@ from typing import Literal
 
 import torch
 
-__all__ = ["KL_ESTIMATORS", "adaptive_kl_coef", "gae", "grpo_advantages", "kl_per_token", "masked_moments",
-           "ppo_policy_loss", "rloo_advantages", "token_rewards", "value_loss", "whiten"]
+__all__ = [
+    "KL_ESTIMATORS",
+    "adaptive_kl_coef",
+    "gae",
+    "grpo_advantages",
+    "kl_per_token",
+    "masked_moments",
+    "ppo_policy_loss",
+    "rloo_advantages",
+    "token_rewards",
+    "value_loss",
+    "whiten",
+]
 
 Tensor = torch.Tensor
 KL_ESTIMATORS = ("k1", "abs", "k3")
@@ -111,8 +122,9 @@ def whiten(x: Tensor, mask: Tensor, moments: Tensor | None = None, eps: float = 
     return ((x - mean) * (var + eps) ** -0.5) * mask
 
 
-def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
-                    clip_eps: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+def ppo_policy_loss(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate, summed over masked tokens (eq. 7 of Schulman et al. 2017):
 
         rho = exp(logp - logp_old);  l_t = max(-A rho, -A clip(rho, 1 - eps, 1 + eps))
@@ -148,8 +160,9 @@ def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: 
     return loss, metrics
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-               clip: float | None = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The critic's clipped value loss, summed over masked tokens:
 
         V_clip = V_old + clip(V - V_old, -c, c);  l_t = 1/2 max((V - R)^2, (V_clip - R)^2)
@@ -165,8 +178,11 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
         loss = torch.maximum(loss, (clipped_values - returns).pow(2))
     total = 0.5 * (loss * m).sum()
     with torch.no_grad():
-        clipped_fraction = (((values - old_values).abs() > clip).to(m.dtype) * m).sum() if clip is not None else \
-            torch.zeros((), device=values.device)
+        clipped_fraction = (
+            (((values - old_values).abs() > clip).to(m.dtype) * m).sum()
+            if clip is not None
+            else torch.zeros((), device=values.device)
+        )
     return total, {"value_loss": total.detach(), "value_clip_fraction": clipped_fraction}
 
 

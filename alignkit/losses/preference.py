@@ -111,8 +111,9 @@ def _wins(gap: Tensor) -> Tensor:
     return (gap > TIE_TOLERANCE).to(gap.dtype) + 0.5 * (gap.abs() <= TIE_TOLERANCE).to(gap.dtype)
 
 
-def _pair_metrics(loss: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor,
-                  chosen_logps: Tensor, rejected_logps: Tensor) -> dict[str, Tensor]:
+def _pair_metrics(
+    loss: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor, rejected_logps: Tensor
+) -> dict[str, Tensor]:
     """The shared DPO-family metrics, each a detached sum over the batch."""
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     return {

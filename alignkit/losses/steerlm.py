@@ -27,8 +27,9 @@ __all__ = ["attribute_log_likelihood", "steerlm2_loss"]
 Tensor = torch.Tensor
 
 
-def steerlm2_loss(policy_logps: Tensor, initial_logps: Tensor, attribute_logps: Tensor, prior_logps: Tensor,
-                  response_tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def steerlm2_loss(
+    policy_logps: Tensor, initial_logps: Tensor, attribute_logps: Tensor, prior_logps: Tensor, response_tokens: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
     """SteerLM 2.0's loss over G prompt groups of n sampled responses each.
 
     Args:

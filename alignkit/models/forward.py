@@ -55,8 +55,9 @@ def logits_at(
     return out.logits.squeeze(0)  # (N, V)
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, seq_index: torch.Tensor,
-                   num_sequences: int) -> torch.Tensor:
+def sequence_logps(
+    logits: torch.Tensor, targets: torch.Tensor, seq_index: torch.Tensor, num_sequences: int
+) -> torch.Tensor:
     """Summed log-probabilities per sequence from the logits at its target positions.
 
     Args:

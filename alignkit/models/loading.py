@@ -79,8 +79,13 @@ def random_init_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
     )
     if ri.architecture == "gpt2":  # GPT-2 names its sizes differently and has no GQA
         return AutoConfig.for_model(
-            "gpt2", n_embd=ri.hidden_size, n_layer=ri.num_layers, n_head=ri.num_heads,
-            n_inner=ri.intermediate_size, n_positions=ri.max_position_embeddings, **common,
+            "gpt2",
+            n_embd=ri.hidden_size,
+            n_layer=ri.num_layers,
+            n_head=ri.num_heads,
+            n_inner=ri.intermediate_size,
+            n_positions=ri.max_position_embeddings,
+            **common,
         )
     return AutoConfig.for_model(
         ri.architecture,
@@ -104,8 +109,9 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     return _load(cfg, tokenizer, seed, AutoModelForCausalLM, "CAUSAL_LM")
 
 
-def load_sequence_scorer(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int,
-                         seed: int = 0) -> nn.Module:
+def load_sequence_scorer(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int, seed: int = 0
+) -> nn.Module:
     """A causal LM with a linear `score` head of `num_labels` outputs on its hidden states
     (`AutoModelForSequenceClassification`): a reward model, or a critic.
 
@@ -116,8 +122,9 @@ def load_sequence_scorer(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, n
     return _load(cfg, tokenizer, seed, AutoModelForSequenceClassification, "SEQ_CLS", num_labels=num_labels)
 
 
-def _load(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int, auto_class, task_type: str,
-          **config_kwargs) -> nn.Module:
+def _load(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int, auto_class, task_type: str, **config_kwargs
+) -> nn.Module:
     # Seeded: weights that from_pretrained initialises (a new head) must be equal on every rank.
     with _seeded(seed):
         if cfg.path is not None:
@@ -125,8 +132,11 @@ def _load(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int, auto_
                 raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {cfg.path}")
             with _quiet_transformers(task_type == "SEQ_CLS"):  # a new head is expected, not news
                 model, info = auto_class.from_pretrained(
-                    cfg.path, dtype=_dtype(cfg), attn_implementation=cfg.attn_implementation,
-                    output_loading_info=True, **config_kwargs,
+                    cfg.path,
+                    dtype=_dtype(cfg),
+                    attn_implementation=cfg.attn_implementation,
+                    output_loading_info=True,
+                    **config_kwargs,
                 )
             new_weights = set(info.get("missing_keys", []))
         else:

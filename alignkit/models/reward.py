@@ -39,8 +39,9 @@ def score_head(model: nn.Module) -> nn.Module:
     return unwrap(model).get_submodule(min(names, key=len))
 
 
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                    ends: torch.Tensor) -> torch.Tensor:
+def sequence_scores(
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, ends: torch.Tensor
+) -> torch.Tensor:
     """The head's output at the last token of each sequence.
 
     Args:
@@ -62,8 +63,9 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, position_ids: tor
 
 
 @torch.no_grad()
-def init_head_to_mean(model: nn.Module, sequences: list[list[int]], pad_id: int, target_mean: torch.Tensor,
-                      batch_size: int = 16) -> float:
+def init_head_to_mean(
+    model: nn.Module, sequences: list[list[int]], pad_id: int, target_mean: torch.Tensor, batch_size: int = 16
+) -> float:
     """Set the head so that it predicts `target_mean` (A,) on typical inputs: W = mu u^T / |u|^2,
     with u the mean last-token hidden state over `sequences` (the head has no bias).
 
@@ -110,13 +112,17 @@ class RewardModelInfo:
         }
 
     @classmethod
-    def from_config(cls, config) -> "RewardModelInfo":
+    def from_config(cls, config) -> RewardModelInfo:
         n = config.num_labels
         id2label = getattr(config, "id2label", None) or {}
         attributes = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
         weights = getattr(config, "reward_weights", None) or [1.0 / n] * n
-        return cls(attributes, [float(w) for w in weights], float(getattr(config, "reward_mean", 0.0) or 0.0),
-                   float(getattr(config, "reward_std", 1.0) or 1.0))
+        return cls(
+            attributes,
+            [float(w) for w in weights],
+            float(getattr(config, "reward_mean", 0.0) or 0.0),
+            float(getattr(config, "reward_std", 1.0) or 1.0),
+        )
 
     def reward(self, scores: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(N, A) attribute scores -> (N,) scalar rewards w . a, standardised if asked."""
@@ -125,8 +131,15 @@ class RewardModelInfo:
 
 
 @torch.no_grad()
-def score_sequences(model: nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int,
-                    device: torch.device, autocast=None, min_batches: int = 0) -> torch.Tensor:
+def score_sequences(
+    model: nn.Module,
+    sequences: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    autocast=None,
+    min_batches: int = 0,
+) -> torch.Tensor:
     """(N, A) float32 scores of N token sequences, one row each, in `batch_size` rows per forward.
 
     Sequences are batched by length (little padding) and the scores returned in input order.
@@ -149,8 +162,16 @@ def score_sequences(model: nn.Module, sequences: list[list[int]], pad_id: int, b
         rows = [[scored_example(sequences[i], "")] for i in chunk] or [[scored_example([pad_id], "")]]
         batch = collate_rows(rows, pad_id)
         with autocast() if autocast else contextlib.nullcontext():
-            scores = sequence_scores(model, batch["input_ids"].to(device), batch["position_ids"].to(device),
-                                     (batch["target_ids"] != IGNORE).to(device)).float().cpu()
+            scores = (
+                sequence_scores(
+                    model,
+                    batch["input_ids"].to(device),
+                    batch["position_ids"].to(device),
+                    (batch["target_ids"] != IGNORE).to(device),
+                )
+                .float()
+                .cpu()
+            )
         if out is None:
             out = torch.zeros(len(sequences), scores.shape[-1])
         if chunk:

@@ -49,7 +49,8 @@ def _byte_level(model: models.Model, split_digits: bool = False) -> Tokenizer:
     # by digit instead of memorising a token for every number.
     tokenizer.pre_tokenizer = (
         pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        if split_digits else byte_level
+        if split_digits
+        else byte_level
     )
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
@@ -65,7 +66,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return _wrap(tokenizer)
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, split_digits: bool = True) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 2048, split_digits: bool = True
+) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on `texts`; special tokens take ids 0..6; digits split by default."""
     tokenizer = _byte_level(models.BPE(unk_token="<unk>"), split_digits)
     trainer = trainers.BpeTrainer(

@@ -134,9 +134,15 @@ def loss_fn(model, batch, cfg: Config, teacher=None, vocab_size: int = 0):
     else:  # offline: rows stored in the same order as `logits` (see collate_rows_with_teacher)
         t_logits, t_ids = batch[TOPK_LOGITS], batch[TOPK_IDS]  # (N, K)
     loss, metrics = distill_loss(
-        logits, batch["target_ids"][select], t_logits, t_ids,
-        kd_weight=cfg.loss.kd_weight, sft_weight=cfg.loss.sft_weight, kl=cfg.loss.kl,
-        student_scale=cfg.loss.student_scale, teacher_scale=cfg.loss.teacher_scale,
+        logits,
+        batch["target_ids"][select],
+        t_logits,
+        t_ids,
+        kd_weight=cfg.loss.kd_weight,
+        sft_weight=cfg.loss.sft_weight,
+        kl=cfg.loss.kl,
+        student_scale=cfg.loss.student_scale,
+        teacher_scale=cfg.loss.teacher_scale,
     )
     metrics["loss"] = loss.detach()
     # Sums per target token like every metric (the loop divides by the target count): the
@@ -173,8 +179,9 @@ def main(cfg: Config) -> None:
         fingerprint = model_fingerprint(cfg.teacher, cfg.train.seed + 1)
         metadata = {"teacher": json.dumps(fingerprint), "top_k": str(cfg.top_k)}  # for whoever inspects a file
         spec = topk_cache_spec(fingerprint, cfg.top_k)
-        paths = {name: cache_dir / f"{name}-{cache_key(spec, examples)}.safetensors"
-                 for name, examples in datasets.items()}
+        paths = {
+            name: cache_dir / f"{name}-{cache_key(spec, examples)}.safetensors" for name, examples in datasets.items()
+        }
         # Every process looks before the first barrier below, so all see the same answer.
         missing = [name for name, path in paths.items() if not path.is_file()]
         teacher = load_teacher() if missing else None
@@ -208,8 +215,15 @@ def main(cfg: Config) -> None:
 
     # --- train: minimise KL_K(teacher || student) (+ sft_weight * CE) per target token -----
     val_rows = make_rows(datasets["validation"], cfg.data) if "validation" in datasets else None
-    model = fit(run, model, make_rows(datasets["train"], cfg.data), row_length, collate,
-                partial(loss_fn, cfg=cfg, teacher=teacher, vocab_size=vocab_size), val_rows)
+    model = fit(
+        run,
+        model,
+        make_rows(datasets["train"], cfg.data),
+        row_length,
+        collate,
+        partial(loss_fn, cfg=cfg, teacher=teacher, vocab_size=vocab_size),
+        val_rows,
+    )
 
     # --- save in Hugging Face format --------------------------------------------------------
     if cfg.checkpoint.save_final:

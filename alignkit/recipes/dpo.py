@@ -211,19 +211,34 @@ def loss_fn(model, batch, cfg: Config, reference=None):
         # KL(policy || reference), the reference point z_0 (detached), over this micro-batch.
         labels = batch.get("kto_label", torch.zeros(0, dtype=torch.bool)).to(logps.device)  # (P,)
         z = kto_reference_point(rejected.detach(), ref[1::2]) if len(labels) else 0.0
-        pref, metrics = kto_loss(chosen, ref[0::2], labels, z, beta=lc.beta,
-                                 desirable_weight=lc.desirable_weight, undesirable_weight=lc.undesirable_weight)
+        pref, metrics = kto_loss(
+            chosen,
+            ref[0::2],
+            labels,
+            z,
+            beta=lc.beta,
+            desirable_weight=lc.desirable_weight,
+            undesirable_weight=lc.undesirable_weight,
+        )
         chosen_nll = chosen_nll * labels  # SFT on desirable completions only
     elif lc.type == "simpo":
-        pref, metrics = simpo_loss(chosen, rejected, beta=lc.beta, gamma=lc.simpo_gamma,
-                                   label_smoothing=lc.label_smoothing)
+        pref, metrics = simpo_loss(
+            chosen, rejected, beta=lc.beta, gamma=lc.simpo_gamma, label_smoothing=lc.label_smoothing
+        )
     elif lc.type == "orpo":
         pref, metrics = orpo_loss(chosen, rejected, beta=lc.beta)
     else:
         pref, metrics = dpo_loss(
-            chosen, rejected, ref[0::2], ref[1::2], beta=lc.beta, loss_type=lc.type,
-            label_smoothing=lc.label_smoothing, chosen_rewards_gt=batch["chosen_reward_gt"],
-            rejected_rewards_gt=batch["rejected_reward_gt"], gt_reward_scale=lc.gt_reward_scale,
+            chosen,
+            rejected,
+            ref[0::2],
+            ref[1::2],
+            beta=lc.beta,
+            loss_type=lc.type,
+            label_smoothing=lc.label_smoothing,
+            chosen_rewards_gt=batch["chosen_reward_gt"],
+            rejected_rewards_gt=batch["rejected_reward_gt"],
+            gt_reward_scale=lc.gt_reward_scale,
         )
     sft = chosen_nll.sum()
     loss = lc.preference_weight * pref + lc.sft * sft
@@ -274,7 +289,8 @@ def _cached_reference(run, cfg: Config, model, datasets: dict[str, list[Preferen
             logps = load_file(str(path))["logps"]
             if logps.shape != (len(pairs), 2):
                 raise ValueError(
-                    f"{path}: holds {tuple(logps.shape)} log-probs for {len(pairs)} pairs; delete it to recompute")
+                    f"{path}: holds {tuple(logps.shape)} log-probs for {len(pairs)} pairs; delete it to recompute"
+                )
         else:
             run.log.info(f"computing reference log-probs for {len(pairs)} {name} pairs")
             logps = _score_pairs(run, cfg, model, pairs, pad_id)
@@ -322,7 +338,8 @@ def _check_kto_balance(run, lc: PreferenceLossConfig, pairs: list[PreferencePair
         run.log.warning(
             f"KTO: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {ratio:.3g}, outside "
             f"the recommended [1, 4/3] (Ethayarajh et al. 2024); e.g. loss.desirable_weight="
-            f"{lc.undesirable_weight * undesirable / desirable * 1.15:.3g}")
+            f"{lc.undesirable_weight * undesirable / desirable * 1.15:.3g}"
+        )
 
 
 def summarize_kto(metrics: dict[str, float]) -> dict[str, float]:
@@ -367,8 +384,9 @@ def _train(run: Run, model, tokenizer, train_data: DatasetConfig):
             if lc.type == "kto":
                 datasets[name], stats = load_kto_pairs(spec, cfg.data, tokenizer)
             else:
-                datasets[name], stats = load_preference_pairs(spec, cfg.data, tokenizer,
-                                                              require_rewards=lc.type in NEEDS_REWARDS)
+                datasets[name], stats = load_preference_pairs(
+                    spec, cfg.data, tokenizer, require_rewards=lc.type in NEEDS_REWARDS
+                )
             run.log.info(f"{name} data {spec.path}: {stats.summary().replace('examples', 'pairs')}")
     if not datasets["train"]:
         raise ConfigError(f"no training pair left after data.overlength={cfg.data.overlength}")
@@ -396,8 +414,16 @@ def _train(run: Run, model, tokenizer, train_data: DatasetConfig):
         ref = policy if reference is model else reference
         return loss_fn(policy, batch, cfg, ref)
 
-    return fit(run, model, datasets["train"], pair_length, collate, train_loss, datasets.get("validation"),
-               summarize_kto if lc.type == "kto" else None)
+    return fit(
+        run,
+        model,
+        datasets["train"],
+        pair_length,
+        collate,
+        train_loss,
+        datasets.get("validation"),
+        summarize_kto if lc.type == "kto" else None,
+    )
 
 
 # --- iterative on-policy DPO: sample, judge, pair, train; repeat from the result ----------
@@ -417,8 +443,13 @@ def _iterate(run: Run) -> None:
     prompts = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     # On a resumed run keep the pair statistics of the iterations whose pairs are on disk.
     sampled = [t for t in range(1, online.iterations + 1) if _pairs_path(run, t).is_file()]
-    pair_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), online.iterations,
-                            run.dist.is_main, resumed_step=max(sampled, default=0))
+    pair_log = MetricLogger(
+        run.output_dir,
+        cfg.logging.model_copy(update={"tensorboard": False}),
+        online.iterations,
+        run.dist.is_main,
+        resumed_step=max(sampled, default=0),
+    )
     for t in range(1, online.iterations + 1):
         it_run = iteration_run(run, t)  # 1. the policy: iteration t-1's final model (t = 1: model.*)
         if it_run is None:
@@ -447,18 +478,31 @@ def _sample_pairs(run: Run, t: int, model, tokenizer, prompts, pair_log: MetricL
     The judge (a reward model: its memory) lives only while the pairs are made."""
     online, data = run.cfg.online, run.cfg.data
     judge = _judge(online.judge, run.dist.device)
-    sampling = online.sampling.model_copy(update={"seed": (online.sampling.seed if online.sampling.seed is not None
-                                                           else run.cfg.train.seed) + t})
+    sampling = online.sampling.model_copy(
+        update={"seed": (online.sampling.seed if online.sampling.seed is not None else run.cfg.train.seed) + t}
+    )
     with run.autocast() if online.autocast else contextlib.nullcontext():
-        pairs, metrics = sampled_preference_pairs(model, tokenizer, prompts, sampling, judge,
-                                                  min_margin=online.min_margin, chat_template=data.chat_template,
-                                                  system_prompt=data.system_prompt, d=run.dist)
+        pairs, metrics = sampled_preference_pairs(
+            model,
+            tokenizer,
+            prompts,
+            sampling,
+            judge,
+            min_margin=online.min_margin,
+            chat_template=data.chat_template,
+            system_prompt=data.system_prompt,
+            d=run.dist,
+        )
     pair_log.log(t, metrics)
-    run.log.info(f"iteration {t}: {len(pairs)} on-policy pairs from {len(prompts)} prompts x {sampling.n} answers; "
-                 + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    run.log.info(
+        f"iteration {t}: {len(pairs)} on-policy pairs from {len(prompts)} prompts x {sampling.n} answers; "
+        + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    )
     if not pairs:
-        raise ConfigError(f"iteration {t}: no pair: every prompt's answers scored within online.min_margin="
-                          f"{online.min_margin} of each other (or none ended: raise sampling.max_new_tokens)")
+        raise ConfigError(
+            f"iteration {t}: no pair: every prompt's answers scored within online.min_margin="
+            f"{online.min_margin} of each other (or none ended: raise sampling.max_new_tokens)"
+        )
     if run.dist.is_main:
         write_jsonl(pairs, run.output_dir / "pairs.jsonl")
     barrier(run.dist)

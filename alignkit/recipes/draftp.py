@@ -10,8 +10,9 @@ Differentiable Rewards" (DRaFT); NVIDIA's DRaFT+ adds the regulariser). Per step
     4. at the K graph steps the initial model (the UNet with its LoRA adapters off) predicts the
        noise at the same x_t: reg = mean_K ||eps_theta - eps_init||^2 / D (see
        `alignkit.diffusion.sampling`)
-    5. L = -mean R + `draftp.kl_coeff` * reg (`alignkit.losses.diffusion`); the gradient reaches only the UNet's LoRA adapters
-       (VAE and text encoder frozen); averaged over processes, clipped, one AdamW step
+    5. L = -mean R + `draftp.kl_coeff` * reg (`alignkit.losses.diffusion`); the gradient reaches only
+       the UNet's LoRA adapters (VAE and text encoder frozen); averaged over processes, clipped, one
+       AdamW step
 
 `draftp.kl_coeff: 0` is plain DRaFT. Before the first step, every `draftp.val_every` steps and at
 the end, fixed
@@ -39,7 +40,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from alignkit.config import (ConfigError, DatasetConfig, OptimConfig, RecipeConfig, Section, TrainConfig)
+from alignkit.config import ConfigError, DatasetConfig, OptimConfig, RecipeConfig, Section, TrainConfig
 from alignkit.diffusion.images import save_grid
 from alignkit.diffusion.inference import generate_images, read_prompts, sample_batch
 from alignkit.diffusion.reward import load_image_reward
@@ -65,7 +66,7 @@ class PipelineConfig(Section):
     lora: UNetLoraConfig = UNetLoraConfig()
 
     @model_validator(mode="after")
-    def _path_or_tiny(self) -> "PipelineConfig":
+    def _path_or_tiny(self) -> PipelineConfig:
         if (self.path is None) == (not self.tiny):
             raise ValueError("set exactly one of `path` (a local diffusers pipeline) and `tiny: true`")
         return self
@@ -122,8 +123,9 @@ def add_lora(unet, cfg: UNetLoraConfig, d: Dist) -> list[torch.nn.Parameter]:
     every process. Returns the trainable parameters."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                target_modules=cfg.target_modules))
+    unet.add_adapter(
+        LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=cfg.target_modules)
+    )
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"model.lora.target_modules={cfg.target_modules}: matched no UNet module")
@@ -145,8 +147,9 @@ def step_batch(prompts: list[str], step: int, batch: int, seed: int, d: Dist) ->
     return [prompts[chosen[i]] for i in mine], [seed * 1_000_003 + step * batch + i for i in mine]
 
 
-def validate(run: Run, pipe, reward_fn, prompts: list[str], sc: ImageSamplingConfig, dc: DraftpConfig,
-             step: int) -> dict[str, float]:
+def validate(
+    run: Run, pipe, reward_fn, prompts: list[str], sc: ImageSamplingConfig, dc: DraftpConfig, step: int
+) -> dict[str, float]:
     """Fixed prompts x seeds (on the main process): mean reward, diversity, and a PNG grid."""
     val_prompts = list(dict.fromkeys(prompts))[: dc.val_prompts]
     seeds = [10_000 + s for s in range(dc.val_seeds)]
@@ -155,9 +158,12 @@ def validate(run: Run, pipe, reward_fn, prompts: list[str], sc: ImageSamplingCon
         rewards = reward_fn(grid.flatten(0, 1).to(run.dist.device), [p for p in val_prompts for _ in seeds]).float()
     directory = run.output_dir / "validation"
     save_grid(grid, directory / f"step_{step}.png", labels=val_prompts)
-    (directory / f"step_{step}.json").write_text(json.dumps(
-        {"prompts": val_prompts, "seeds": seeds, "rewards": rewards.view(len(val_prompts), len(seeds)).tolist()},
-        indent=1))
+    (directory / f"step_{step}.json").write_text(
+        json.dumps(
+            {"prompts": val_prompts, "seeds": seeds, "rewards": rewards.view(len(val_prompts), len(seeds)).tolist()},
+            indent=1,
+        )
+    )
     return {"val/reward": float(rewards.mean()), "val/diversity": diversity(grid)}
 
 
@@ -172,9 +178,17 @@ def save_lora(run: Run, pipe, cfg: Config, name: str = "final") -> Path:
     base = run.output_dir / "base" if cfg.model.tiny else Path(cfg.model.path)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
-    (directory / "alignkit.json").write_text(json.dumps(
-        {"kind": "draftp_lora", "base": str(base.resolve()),
-         "sampling": cfg.sampling.model_dump(), "kl_coeff": cfg.draftp.kl_coeff}, indent=1))
+    (directory / "alignkit.json").write_text(
+        json.dumps(
+            {
+                "kind": "draftp_lora",
+                "base": str(base.resolve()),
+                "sampling": cfg.sampling.model_dump(),
+                "kl_coeff": cfg.draftp.kl_coeff,
+            },
+            indent=1,
+        )
+    )
     return directory
 
 
@@ -198,8 +212,10 @@ def main(cfg: Config) -> None:
     optimizer = build_optimizer(unet, cfg.optim)
     parts = {"unet": (unet, optimizer, build_scheduler(optimizer, dc.steps, cfg.optim))}
     start, _, logger = resume(run, parts, dc.steps, trainable_only=True)
-    run.log.info(f"DRaFT{'+' if dc.kl_coeff else ''}: {dc.steps} steps x {batch} prompts, {sc.steps} DDIM steps, "
-                 f"backprop through the last {sc.truncation_steps}; {sum(p.numel() for p in params):,} LoRA parameters")
+    run.log.info(
+        f"DRaFT{'+' if dc.kl_coeff else ''}: {dc.steps} steps x {batch} prompts, {sc.steps} DDIM steps, "
+        f"backprop through the last {sc.truncation_steps}; {sum(p.numel() for p in params):,} LoRA parameters"
+    )
 
     if start == 0:  # the base model's numbers, for comparison (logged as step 0)
         logger.log(0, _validate_on_main(run, pipe, reward_fn, prompts, sc, dc, 0))
@@ -209,10 +225,18 @@ def main(cfg: Config) -> None:
         optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(3)  # reward, regulariser, loss (each summed over images)
         for i in range(0, len(mine), micro):
-            texts = mine[i:i + micro]
-            images, regularizer = sample_batch(pipe, texts, seeds[i:i + micro], sc.steps, sc.guidance_scale,
-                                               grad_steps=sc.truncation_steps, regularize=True, eta=sc.eta,
-                                               autocast=run.autocast)
+            texts = mine[i : i + micro]
+            images, regularizer = sample_batch(
+                pipe,
+                texts,
+                seeds[i : i + micro],
+                sc.steps,
+                sc.guidance_scale,
+                grad_steps=sc.truncation_steps,
+                regularize=True,
+                eta=sc.eta,
+                autocast=run.autocast,
+            )
             loss_sum, image_sums = draftp_loss(reward_fn(images, texts), regularizer, dc.kl_coeff)
             (loss_sum / batch).backward()  # summed over processes below: the mean over the global batch
             sums += torch.stack([image_sums[k].cpu() for k in ("reward", "regularizer", "loss")])
@@ -222,8 +246,14 @@ def main(cfg: Config) -> None:
         optimizer.step()
         parts["unet"][2].step()
         reward, regularizer, loss = (all_reduce_sum(sums, d) / batch).tolist()
-        metrics = {"reward": reward, "regularizer": regularizer, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                   "timing/step": time.perf_counter() - t0}
+        metrics = {
+            "reward": reward,
+            "regularizer": regularizer,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "timing/step": time.perf_counter() - t0,
+        }
         done = step + 1
         if done == dc.steps or (dc.val_every and done % dc.val_every == 0):
             metrics.update(_validate_on_main(run, pipe, reward_fn, prompts, sc, dc, done))

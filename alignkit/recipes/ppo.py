@@ -140,8 +140,9 @@ def _critic_model(cfg: Config) -> tuple[ModelConfig, RewardModelInfo]:
     its attribute weights and statistics (the value is w . a, standardised with the reward)."""
     path = cfg.critic.path or (cfg.reward.path if cfg.reward.kind == "model" else None)
     if path is None:
-        return cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}), \
-            RewardModelInfo(["value"], [1.0])
+        return cfg.model.model_copy(
+            update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}
+        ), RewardModelInfo(["value"], [1.0])
     config = AutoConfig.from_pretrained(path)
     if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
         info = RewardModelInfo.from_config(config)
@@ -150,8 +151,16 @@ def _critic_model(cfg: Config) -> tuple[ModelConfig, RewardModelInfo]:
     return ModelConfig(path=path, precision=cfg.model.precision), info
 
 
-def _advantages(rollouts: list[Rollout], old_logps: list[Tensor], ref_logps: list[Tensor], values: list[Tensor],
-                scores: Tensor, kl_coef: float, pc: PPOConfig, d: Dist) -> tuple[dict[str, float], Tensor]:
+def _advantages(
+    rollouts: list[Rollout],
+    old_logps: list[Tensor],
+    ref_logps: list[Tensor],
+    values: list[Tensor],
+    scores: Tensor,
+    kl_coef: float,
+    pc: PPOConfig,
+    d: Dist,
+) -> tuple[dict[str, float], Tensor]:
     """Step 4: token rewards r_t = -beta kl_t (+ R at the last token), GAE advantages and returns,
     advantages whitened with every process's token statistics; all stored on the rollouts with the
     per-token (R,) log-probs and values. Returns the `rollout/` statistics (and the critic's explained
@@ -161,9 +170,15 @@ def _advantages(rollouts: list[Rollout], old_logps: list[Tensor], ref_logps: lis
     values_p = pad(values)[0]
     token_r = token_rewards(kl, scores, mask, kl_coef)
     advantages, returns = gae(token_r, values_p, mask, pc.gamma, pc.lam)
-    moments = {name: global_moments(x, mask, d) for name, x in
-               (("advantages", advantages), ("returns", returns), ("values", values_p),
-                ("residual", returns - values_p))}
+    moments = {
+        name: global_moments(x, mask, d)
+        for name, x in (
+            ("advantages", advantages),
+            ("returns", returns),
+            ("values", values_p),
+            ("residual", returns - values_p),
+        )
+    }
     stats = {}
     for name in ("advantages", "returns", "values"):
         stats[f"rollout/{name}_mean"], stats[f"rollout/{name}_std"] = mean_std(moments[name])
@@ -171,8 +186,9 @@ def _advantages(rollouts: list[Rollout], old_logps: list[Tensor], ref_logps: lis
     stats["critic/explained_variance"] = 1.0 - residual_std**2 / max(stats["rollout/returns_std"] ** 2, 1e-8)
     if pc.whiten_advantages:
         advantages = whiten(advantages, mask, moments["advantages"])
-    for r, o, ref, v, a, ret in zip(rollouts, old_logps, ref_logps, values, unpad(advantages, mask),
-                                    unpad(returns, mask)):
+    for r, o, ref, v, a, ret in zip(
+        rollouts, old_logps, ref_logps, values, unpad(advantages, mask), unpad(returns, mask)
+    ):
         r.old_logps, r.ref_logps, r.values, r.advantages, r.returns = o, ref, v, a, ret
         r.trains_actor = r.is_end or pc.train_unended
     return stats, kl
@@ -195,18 +211,25 @@ def main(cfg: Config) -> None:
     if not lora:  # a frozen copy of the starting actor
         reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
     critic_model, info = _critic_model(cfg)
-    critic = wrap_model(load_sequence_scorer(critic_model, tokenizer, len(info.attributes), seed=cfg.train.seed), d,
-                        cfg.distributed.strategy)
+    critic = wrap_model(
+        load_sequence_scorer(critic_model, tokenizer, len(info.attributes), seed=cfg.train.seed),
+        d,
+        cfg.distributed.strategy,
+    )
     updates = pc.steps * pc.epochs * pc.minibatches
     actor_opt, critic_opt = build_optimizer(actor, cfg.optim), build_optimizer(critic, cfg.critic.optim)
-    parts = {"actor": (actor, actor_opt, build_scheduler(actor_opt, updates, cfg.optim)),
-             "critic": (critic, critic_opt, build_scheduler(critic_opt, updates, cfg.critic.optim))}
+    parts = {
+        "actor": (actor, actor_opt, build_scheduler(actor_opt, updates, cfg.optim)),
+        "critic": (critic, critic_opt, build_scheduler(critic_opt, updates, cfg.critic.optim)),
+    }
     values_of = partial(token_values, info=info, normalize=cfg.reward.normalize)
 
     start, extra, logger = resume(run, parts, pc.steps)
     kl_coef = extra.get("kl_coef", pc.kl_coef)
-    run.log.info(f"PPO: {pc.steps} steps of {rc.prompts_per_step} prompts x {cfg.sampling.n} samples, "
-                 f"{pc.epochs} epochs x {pc.minibatches} minibatches, {d.world_size} processes")
+    run.log.info(
+        f"PPO: {pc.steps} steps of {rc.prompts_per_step} prompts x {cfg.sampling.n} samples, "
+        f"{pc.epochs} epochs x {pc.minibatches} minibatches, {d.world_size} processes"
+    )
 
     for step in range(start, pc.steps):
         t0 = time.perf_counter()
@@ -215,11 +238,19 @@ def main(cfg: Config) -> None:
         t2 = time.perf_counter()
 
         # --- 3. old and reference log-probs, values: once, on the first epoch's micro-batches ------
-        plans = [epoch_plan(len(rollouts), pc.minibatches, cfg.train.micro_batch_size,
-                            cfg.train.seed + pc.epochs * step + e) for e in range(pc.epochs)]
+        plans = [
+            epoch_plan(len(rollouts), pc.minibatches, cfg.train.micro_batch_size, cfg.train.seed + pc.epochs * step + e)
+            for e in range(pc.epochs)
+        ]
         first = [mb for mini in plans[0] for mb in mini]
-        forward = partial(forward_rollouts, rollouts=rollouts, micro_batches=first, pad_id=pad_id, device=d.device,
-                          autocast=run.autocast)
+        forward = partial(
+            forward_rollouts,
+            rollouts=rollouts,
+            micro_batches=first,
+            pad_id=pad_id,
+            device=d.device,
+            autocast=run.autocast,
+        )
         old_logps = forward(lambda b: token_logps(actor, b)[0])
         ref_logps = forward(reference_logps(actor, reference, lora))
         values = forward(lambda b: values_of(critic, b))
@@ -237,23 +268,33 @@ def main(cfg: Config) -> None:
         actor_fn = partial(actor_loss, clip_eps=pc.clip_eps, entropy_coef=pc.entropy_coef)
         critic_fn = partial(critic_loss, info=info, normalize=cfg.reward.normalize, clip=pc.value_clip)
         lr = parts["actor"][2].get_last_lr()[0]
-        sums, units, metrics["critic/grad_norm"] = train_epochs(run, parts["critic"], rollouts, plans, critic_fn,
-                                                                 "num_units", pad_id)
+        sums, units, metrics["critic/grad_norm"] = train_epochs(
+            run, parts["critic"], rollouts, plans, critic_fn, "num_units", pad_id
+        )
         metrics.update({f"critic/{k}": v for k, v in reduce_metrics(sums, units, d).items()})
         if train_actor:
-            sums, _, metrics["actor/grad_norm"] = train_epochs(run, parts["actor"], rollouts, plans, actor_fn,
-                                                                "actor_tokens", pad_id)
+            sums, _, metrics["actor/grad_norm"] = train_epochs(
+                run, parts["actor"], rollouts, plans, actor_fn, "actor_tokens", pad_id
+            )
             metrics.update(actor_metrics(sums, d))
         t4 = time.perf_counter()
 
         # --- 6. adaptive KL coefficient -----------------------------------------------------------
         metrics["kl_coef"] = kl_coef
         if pc.target_kl is not None:
-            kl_coef = adaptive_kl_coef(kl_coef, sequence_kl["kl"] / sequence_kl["n"], pc.target_kl, pc.kl_horizon,
-                                       int(sequence_kl["n"]))
-        metrics.update({"lr": lr, "timing/generate_s": t_generate, "timing/score_s": t_score,
-                        "timing/logprobs_s": t3 - t2, "timing/train_s": t4 - t3,
-                        "throughput/samples_per_s": metrics["rollout/samples"] / (t4 - t0)})
+            kl_coef = adaptive_kl_coef(
+                kl_coef, sequence_kl["kl"] / sequence_kl["n"], pc.target_kl, pc.kl_horizon, int(sequence_kl["n"])
+            )
+        metrics.update(
+            {
+                "lr": lr,
+                "timing/generate_s": t_generate,
+                "timing/score_s": t_score,
+                "timing/logprobs_s": t3 - t2,
+                "timing/train_s": t4 - t3,
+                "throughput/samples_per_s": metrics["rollout/samples"] / (t4 - t0),
+            }
+        )
         finish_step(run, logger, step, metrics, parts, {"kl_coef": kl_coef}, pc.steps)
 
     logger.close()

@@ -85,8 +85,9 @@ class Config(RecipeConfig):
     @model_validator(mode="after")
     def _groups_of_two(self) -> Config:
         if self.sampling.n < 2:
-            raise ValueError(f"sampling.n={self.sampling.n}: {self.reinforce.estimator} compares the samples of "
-                             "one prompt; use >= 2")
+            raise ValueError(
+                f"sampling.n={self.sampling.n}: {self.reinforce.estimator} compares the samples of one prompt; use >= 2"
+            )
         return self
 
 
@@ -127,10 +128,18 @@ def main(cfg: Config) -> None:
         t2 = time.perf_counter()
 
         # --- 3. log-probs where needed, then per-response advantages ---------------------------------
-        plans = [epoch_plan(len(rollouts), rf.minibatches, cfg.train.micro_batch_size,
-                            cfg.train.seed + rf.epochs * step + e) for e in range(rf.epochs)]
-        forward = partial(forward_rollouts, rollouts=rollouts, micro_batches=[mb for mini in plans[0] for mb in mini],
-                          pad_id=pad_id, device=d.device, autocast=run.autocast)
+        plans = [
+            epoch_plan(len(rollouts), rf.minibatches, cfg.train.micro_batch_size, cfg.train.seed + rf.epochs * step + e)
+            for e in range(rf.epochs)
+        ]
+        forward = partial(
+            forward_rollouts,
+            rollouts=rollouts,
+            micro_batches=[mb for mini in plans[0] for mb in mini],
+            pad_id=pad_id,
+            device=d.device,
+            autocast=run.autocast,
+        )
         if need_old:
             for r, o in zip(rollouts, forward(lambda b: token_logps(actor, b)[0])):
                 r.old_logps = o
@@ -140,16 +149,24 @@ def main(cfg: Config) -> None:
         t3 = time.perf_counter()
         rewards = scores.clone()
         if rf.estimator == "rloo" and rf.kl_coef:
-            rewards -= rf.kl_coef * torch.tensor([float(kl_per_token(r.old_logps, r.ref_logps, estimator).sum())
-                                                  for r in rollouts])
+            rewards -= rf.kl_coef * torch.tensor(
+                [float(kl_per_token(r.old_logps, r.ref_logps, estimator).sum()) for r in rollouts]
+            )
         ended = torch.tensor([r.is_end for r in rollouts])
         adv = advantages(rf, rewards.view(-1, n), ended.view(-1, n)).reshape(-1)
         for r, a in zip(rollouts, adv.tolist()):
             r.advantages = torch.full((len(r.response_ids),), a)
             r.trains_actor = r.is_end or rf.train_unended
         metrics = {**rollout_stats(rollouts, d), **monitor_stats(monitor, rollouts, d)}
-        flat = reduce_sums({"groups": len(rollouts) // n, "zero_var": float((scores.view(-1, n).std(-1) == 0).sum()),
-                            "adv_abs": float(adv.abs().sum()), "reward_kl": float(rewards.sum())}, d)
+        flat = reduce_sums(
+            {
+                "groups": len(rollouts) // n,
+                "zero_var": float((scores.view(-1, n).std(-1) == 0).sum()),
+                "adv_abs": float(adv.abs().sum()),
+                "reward_kl": float(rewards.sum()),
+            },
+            d,
+        )
         metrics["rollout/zero_variance_groups"] = flat["zero_var"] / max(flat["groups"], 1)
         metrics["rollout/advantages_abs_mean"] = flat["adv_abs"] / metrics["rollout/samples"]
         if rf.estimator == "rloo" and rf.kl_coef:
@@ -161,14 +178,22 @@ def main(cfg: Config) -> None:
         # Without a KL term in the loss, a rollout with advantage 0 contributes exactly nothing.
         skip = frozenset(i for i, a in enumerate(adv.tolist()) if a == 0.0) if not kl_in_loss else frozenset()
         lr = parts["actor"][2].get_last_lr()[0]
-        sums, _, metrics["actor/grad_norm"] = train_epochs(run, parts["actor"], rollouts, plans, loss_fn,
-                                                            "actor_tokens", pad_id, skip)
+        sums, _, metrics["actor/grad_norm"] = train_epochs(
+            run, parts["actor"], rollouts, plans, loss_fn, "actor_tokens", pad_id, skip
+        )
         metrics.update(actor_metrics(sums, d))
         metrics["rollout/skipped_fraction"] = reduce_sums({"s": len(skip)}, d)["s"] / metrics["rollout/samples"]
         t4 = time.perf_counter()
-        metrics.update({"lr": lr, "timing/generate_s": t_generate,
-                        "timing/score_s": t_score, "timing/logprobs_s": t3 - t2, "timing/train_s": t4 - t3,
-                        "throughput/samples_per_s": metrics["rollout/samples"] / (t4 - t0)})
+        metrics.update(
+            {
+                "lr": lr,
+                "timing/generate_s": t_generate,
+                "timing/score_s": t_score,
+                "timing/logprobs_s": t3 - t2,
+                "timing/train_s": t4 - t3,
+                "throughput/samples_per_s": metrics["rollout/samples"] / (t4 - t0),
+            }
+        )
         finish_step(run, logger, step, metrics, parts, {}, rf.steps)
 
     logger.close()

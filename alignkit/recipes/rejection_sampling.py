@@ -82,15 +82,20 @@ def sample_and_select(run: Run, cfg: Config, model, tokenizer, records: list[Rec
     # A batch's seed follows its first prompt's index in the dataset: the same samples on any number of processes.
     base = cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed
     kept, sums = [], {"reward": 0.0, "reward_kept": 0.0, "tokens": 0.0, "ended": 0.0, "samples": 0.0, "kept": 0.0}
-    for start, completions in sample_batches(model, tokenizer, prompt_ids, cfg.sampling, lambda s: base + mine[s],
-                                             run.autocast):
+    for start, completions in sample_batches(
+        model, tokenizer, prompt_ids, cfg.sampling, lambda s: base + mine[s], run.autocast
+    ):
         chunk = share[start : start + cfg.sampling.batch_size]
-        rewards = reward([chunk[c.prompt_index].data for c in completions],
-                         [c.text for c in completions]).rewards.tolist()
+        rewards = reward(
+            [chunk[c.prompt_index].data for c in completions], [c.text for c in completions]
+        ).rewards.tolist()
         for i, record in enumerate(chunk):
             group = list(zip(rewards[i * n : (i + 1) * n], completions[i * n : (i + 1) * n]))  # (N) of prompt i
-            eligible = [(r, c) for r, c in group if (c.is_end or rs.keep_unended)
-                        and (rs.min_reward is None or r >= rs.min_reward)]
+            eligible = [
+                (r, c)
+                for r, c in group
+                if (c.is_end or rs.keep_unended) and (rs.min_reward is None or r >= rs.min_reward)
+            ]
             best = sorted(eligible, key=lambda rc: -rc[0])[: rs.keep_per_prompt]  # stable: earlier wins ties
             prompt = record.data["prompt"] if "prompt" in record.data else prompt_messages(record)
             kept += [{"prompt": prompt, "response": c.text, "reward": r} for r, c in best]
@@ -111,8 +116,12 @@ def _encode_kept(rows: list[dict], cfg: Config, tokenizer, where: str):
     for i, row in enumerate(rows):
         answer = {"role": "assistant", "content": row["response"]}
         messages = [*prompt_messages(Record(row, f"{where}:{i + 1}")), answer]
-        example = fit_length(encode_conversation(tokenizer, messages, cfg.data.chat_template, f"{where}:{i + 1}"),
-                             cfg.data.max_seq_len, cfg.data.overlength, stats)
+        example = fit_length(
+            encode_conversation(tokenizer, messages, cfg.data.chat_template, f"{where}:{i + 1}"),
+            cfg.data.max_seq_len,
+            cfg.data.overlength,
+            stats,
+        )
         if example is not None:
             examples.append(example)
     stats.kept = len(examples)
@@ -126,8 +135,13 @@ def main(cfg: Config) -> None:
     reward = build_reward_source(cfg.reward)
     # On a resumed run keep the rollout metrics of the iterations whose samples are on disk.
     sampled = [t for t in range(1, rs.iterations + 1) if (run.output_dir / f"iteration_{t}" / "kept.jsonl").is_file()]
-    rollout_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), rs.iterations,
-                               run.dist.is_main, resumed_step=max(sampled, default=0))
+    rollout_log = MetricLogger(
+        run.output_dir,
+        cfg.logging.model_copy(update={"tensorboard": False}),
+        rs.iterations,
+        run.dist.is_main,
+        resumed_step=max(sampled, default=0),
+    )
 
     for t in range(1, rs.iterations + 1):
         it_run = iteration_run(run, t)  # trains from the previous iteration's final model
@@ -145,17 +159,22 @@ def main(cfg: Config) -> None:
         else:
             kept, sums = gather_rollouts(*sample_and_select(run, cfg, model, tokenizer, records, reward), run.dist)
             n = max(sums["samples"], 1)
-            metrics = {"rollout/reward": sums["reward"] / n, "rollout/reward_kept": sums["reward_kept"] / max(
-                sums["kept"], 1), "rollout/response_tokens": sums["tokens"] / n,
-                "rollout/ended_fraction": sums["ended"] / n, "rollout/kept": sums["kept"]}
+            metrics = {
+                "rollout/reward": sums["reward"] / n,
+                "rollout/reward_kept": sums["reward_kept"] / max(sums["kept"], 1),
+                "rollout/response_tokens": sums["tokens"] / n,
+                "rollout/ended_fraction": sums["ended"] / n,
+                "rollout/kept": sums["kept"],
+            }
             rollout_log.log(t, metrics)
             run.log.info(f"iteration {t}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if run.dist.is_main:
                 write_jsonl(kept, samples)
             barrier(run.dist)
         if not kept:
-            raise ConfigError(f"iteration {t}: no sample was kept (rs.min_reward={rs.min_reward}, "
-                              f"rs.keep_unended={rs.keep_unended})")
+            raise ConfigError(
+                f"iteration {t}: no sample was kept (rs.min_reward={rs.min_reward}, rs.keep_unended={rs.keep_unended})"
+            )
 
         # --- 4. SFT on the kept samples -----------------------------------------------------------
         examples, stats = _encode_kept(kept, cfg, tokenizer, str(samples))

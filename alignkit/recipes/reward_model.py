@@ -67,12 +67,14 @@ class RewardLossConfig(Section):
     reward_weights: list[float] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "RewardLossConfig":
+    def _check(self) -> RewardLossConfig:
         if self.type != "regression" and (self.attributes or self.reward_weights):
             raise ValueError("loss.attributes and loss.reward_weights are for loss.type=regression")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.names):
-            raise ValueError(f"loss.reward_weights has {len(self.reward_weights)} values for "
-                             f"{len(self.names)} attributes ({', '.join(self.names)})")
+            raise ValueError(
+                f"loss.reward_weights has {len(self.reward_weights)} values for "
+                f"{len(self.names)} attributes ({', '.join(self.names)})"
+            )
         return self
 
     @property
@@ -103,8 +105,12 @@ def pair_loss(model, batch, loss_type: str):
     rewards = sequence_scores(model, batch["input_ids"], batch["position_ids"], batch["ends"])[:, 0]  # (2P,)
     chosen, rejected = rewards[0::2], rewards[1::2]  # (P,)
     margin = batch["margin"].to(rewards.device)
-    loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin if loss_type == "margin_bt" else None,
-                                       scale=margin if loss_type == "scaled_bt" else None)
+    loss, metrics = bradley_terry_loss(
+        chosen,
+        rejected,
+        margin=margin if loss_type == "margin_bt" else None,
+        scale=margin if loss_type == "scaled_bt" else None,
+    )
     metrics["rewards/mean_sq"] = (chosen.detach().float() ** 2 + rejected.detach().float() ** 2).sum() / 2
     return loss, metrics
 
@@ -143,8 +149,14 @@ def _predict(run, cfg: Config, model, sequences: list[list[int]], pad_id: int) -
     batch = cfg.train.micro_batch_size * 2
     # Under FSDP every forward is a collective: every process makes the same number of calls.
     most = math.ceil(math.ceil(len(sequences) / d.world_size) / batch)
-    return score_sharded(len(sequences), len(cfg.loss.names), d, lambda mine: score_sequences(
-        model, [sequences[i] for i in mine], pad_id, batch, d.device, run.autocast, min_batches=most))
+    return score_sharded(
+        len(sequences),
+        len(cfg.loss.names),
+        d,
+        lambda mine: score_sequences(
+            model, [sequences[i] for i in mine], pad_id, batch, d.device, run.autocast, min_batches=most
+        ),
+    )
 
 
 def _pair_sequences(pairs: list[RewardPair]) -> list[list[int]]:
@@ -211,10 +223,12 @@ def pairwise_task(run, cfg: Config, tokenizer) -> Task:
             run.log.info(f"{name} data {spec.path}: {stats.summary().replace('examples', 'pairs')}")
     train, val = _require_train(datasets, cfg), datasets.get("validation")
     return Task(
-        train_items=train, eval_items=val,
+        train_items=train,
+        eval_items=val,
         item_length=lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids),
         collate=partial(collate_reward_pairs, pad_id=tokenizer.pad_token_id),
-        loss_fn=partial(pair_loss, loss_type=cfg.loss.type), summarize=summarize_pairs,
+        loss_fn=partial(pair_loss, loss_type=cfg.loss.type),
+        summarize=summarize_pairs,
         statistics_sequences=_pair_sequences(train[: max(1, cfg.normalization_samples // 2)]),
         validation_sequences=_pair_sequences(val or []),
         report=lambda scores: pairwise_report(scores.reshape(-1, 2)),
@@ -237,14 +251,17 @@ def regression_task(run, cfg: Config, tokenizer, model) -> Task:
     def rows(examples: list[AttributeExample]) -> list[list[AttributeExample]]:
         if not cfg.data.pack:
             return [[e] for e in examples]
-        return [[by_id[id(x)] for x in row] for row in pack_examples([e.example for e in examples],
-                                                                    cfg.data.max_seq_len)]
+        return [
+            [by_id[id(x)] for x in row] for row in pack_examples([e.example for e in examples], cfg.data.max_seq_len)
+        ]
 
     return Task(
-        train_items=rows(train), eval_items=rows(val) if val is not None else None,
+        train_items=rows(train),
+        eval_items=rows(val) if val is not None else None,
         item_length=lambda row: sum(len(e.example.input_ids) for e in row),
         collate=partial(collate_attribute_rows, pad_id=tokenizer.pad_token_id),
-        loss_fn=attribute_loss, summarize=partial(summarize_attributes, names=names),
+        loss_fn=attribute_loss,
+        summarize=partial(summarize_attributes, names=names),
         statistics_sequences=[e.example.input_ids for e in train[: cfg.normalization_samples]],
         validation_sequences=[e.example.input_ids for e in val or []],
         report=lambda scores: attribute_report(scores, val, names),
@@ -259,8 +276,10 @@ def _require_train(datasets: dict[str, list], cfg: Config) -> list:
 
 def _new_head(run, cfg: Config, model) -> bool:
     new = not any(p.any() for p in score_head(model).parameters())  # new heads start at zero
-    run.log.info(f"reward head: {len(cfg.loss.names)} output(s) ({', '.join(cfg.loss.names)}), "
-                 + ("new, zero-initialised" if new else f"loaded from {cfg.model.path}"))
+    run.log.info(
+        f"reward head: {len(cfg.loss.names)} output(s) ({', '.join(cfg.loss.names)}), "
+        + ("new, zero-initialised" if new else f"loaded from {cfg.model.path}")
+    )
     return new
 
 
@@ -269,8 +288,10 @@ def _init_head(run, model, sample: list[AttributeExample], pad_id: int) -> None:
     targets = torch.tensor([e.targets for e in sample])  # (N, A), NaN = missing
     mean = torch.nan_to_num(targets.nanmean(0), nan=0.0)
     spread = init_head_to_mean(model, [e.example.input_ids for e in sample], pad_id, mean)
-    run.log.info(f"regression head initialised to the label means ({', '.join(f'{m:.2f}' for m in mean)}); "
-                 f"initial prediction spread {spread:.2g} of the mean")
+    run.log.info(
+        f"regression head initialised to the label means ({', '.join(f'{m:.2f}' for m in mean)}); "
+        f"initial prediction spread {spread:.2g} of the mean"
+    )
 
 
 # --- the recipe ---------------------------------------------------------------------------
@@ -291,8 +312,9 @@ def main(cfg: Config) -> None:
         _new_head(run, cfg, model)
 
     # --- train: minimise the ranking or regression loss -------------------------------------
-    model = fit(run, model, task.train_items, task.item_length, task.collate, task.loss_fn, task.eval_items,
-                task.summarize)
+    model = fit(
+        run, model, task.train_items, task.item_length, task.collate, task.loss_fn, task.eval_items, task.summarize
+    )
 
     # --- reward statistics on training responses, exact validation report -------------------
     info = RewardModelInfo(lc.names, lc.weights)
@@ -300,8 +322,9 @@ def main(cfg: Config) -> None:
         rewards = info.reward(_predict(run, cfg, model, task.statistics_sequences, pad_id).float())
         info.mean, info.std = float(rewards.mean()), float(rewards.std()) if len(rewards) > 1 else 1.0
         info.std = info.std if info.std > 1e-6 else 1.0
-        run.log.info(f"reward statistics over {len(rewards)} training responses: mean {info.mean:.4g}, "
-                     f"std {info.std:.4g}")
+        run.log.info(
+            f"reward statistics over {len(rewards)} training responses: mean {info.mean:.4g}, std {info.std:.4g}"
+        )
     report: dict = {"reward_mean": info.mean, "reward_std": info.std}
     if task.eval_items is not None:
         report.update(task.report(_predict(run, cfg, model, task.validation_sequences, pad_id)))

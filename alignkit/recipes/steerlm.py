@@ -76,8 +76,9 @@ def _annotated_records(run, cfg: Config, dataset, name: str) -> list[Record]:
     path = run.output_dir / f"{name}.jsonl"
     if not path.is_file():
         if run.dist.is_main:
-            run.log.info(f"annotating {len(records)} responses of {dataset.path} with the {cfg.annotate.kind} "
-                         "attribute source")
+            run.log.info(
+                f"annotating {len(records)} responses of {dataset.path} with the {cfg.annotate.kind} attribute source"
+            )
             write_jsonl(annotate(records, build_reward_source(cfg.annotate), cfg.steerlm.attributes), path)
         barrier(run.dist)
     return read_records(str(path))
@@ -91,8 +92,13 @@ def load_steerlm_examples(records: list[Record], fmt: SteerLMFormat, data: DataC
     stats, examples, labels = EncodeStats(total=len(records)), [], []
     for record in records:
         targets = record_targets(record.data, fmt.attributes, record.source)
-        example = encode_steerlm(tokenizer, to_messages(record, data.system_prompt), fmt.label_line(targets),
-                                 data.chat_template, record.source)
+        example = encode_steerlm(
+            tokenizer,
+            to_messages(record, data.system_prompt),
+            fmt.label_line(targets),
+            data.chat_template,
+            record.source,
+        )
         example = fit_length(example, data.max_seq_len, data.overlength, stats)
         if example is not None:
             examples.append(example)
@@ -127,5 +133,6 @@ def main(cfg: Config) -> None:
     fmt = SteerLMFormat(fmt.attributes, fmt.label_template, SteerLMFormat.most_common_levels(labels, fmt.attributes))
     if cfg.checkpoint.save_final:
         save_final(run, model, tokenizer, config_updates={"steerlm": fmt.to_config()})
-        run.log.info(f"steer it with: alignkit generate --model {Path(run.output_dir) / 'final'} "
-                     f"--attributes {fmt.label()}")
+        run.log.info(
+            f"steer it with: alignkit generate --model {Path(run.output_dir) / 'final'} --attributes {fmt.label()}"
+        )

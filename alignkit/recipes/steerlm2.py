@@ -78,8 +78,10 @@ class Config(RecipeConfig):
     @model_validator(mode="after")
     def _groups_of_two(self) -> Config:
         if self.sampling.n < 2:
-            raise ValueError(f"sampling.n={self.sampling.n}: SteerLM 2.0's weights are a softmax over the n samples "
-                             "of a target; use >= 2")
+            raise ValueError(
+                f"sampling.n={self.sampling.n}: SteerLM 2.0's weights are a softmax over the n samples "
+                "of a target; use >= 2"
+            )
         return self
 
 
@@ -155,15 +157,25 @@ def _attribute_logps(scored, names: list[str], targets: list[dict[str, int]], n:
     wanted levels (for the match metric)."""
     missing = [a for a in names if a not in scored.names]
     if scored.attributes is None or missing:
-        raise ConfigError(f"the attribute model returns attributes {scored.names or 'none'}; the likelihood "
-                          f"needs {missing or names}")
+        raise ConfigError(
+            f"the attribute model returns attributes {scored.names or 'none'}; the likelihood needs {missing or names}"
+        )
     predicted = scored.attributes[:, [scored.names.index(a) for a in names]]  # (G*n, A)
     wanted = torch.tensor([[t[a] for a in names] for t in targets]).repeat_interleave(n, 0)  # (G*n, A)
     return attribute_log_likelihood(predicted, wanted, sigma).view(len(targets), n), predicted, wanted
 
 
-def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFormat, records: list[Record],
-                  attribute_model, iteration: int) -> tuple[list[dict], dict[str, float]]:
+def sample_groups(
+    run: Run,
+    cfg: Config,
+    model,
+    prior,
+    tokenizer,
+    fmt: SteerLMFormat,
+    records: list[Record],
+    attribute_model,
+    iteration: int,
+) -> tuple[list[dict], dict[str, float]]:
     """This process's share of the prompts: n samples each with all three log-probabilities, as
     sample records, and summed rollout statistics."""
     s2, d, n = cfg.steerlm2, run.dist, cfg.sampling.n
@@ -173,40 +185,73 @@ def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFo
     prompts = [r.data["prompt"] if "prompt" in r.data else m for r, m in zip(share, messages)]
     targets = [_targets(fmt, r) for r in share]
     # Q' answers the steered prompt (label line included); P(y|x) reads the same answer after the plain one.
-    steered = tokenizer([steered_prompt(tokenizer, m, fmt, t, cfg.data.chat_template)
-                         for m, t in zip(messages, targets)], add_special_tokens=False)["input_ids"]
-    plain = tokenizer([steered_prompt(tokenizer, m, None, None, cfg.data.chat_template) for m in messages],
-                      add_special_tokens=False)["input_ids"]
+    steered = tokenizer(
+        [steered_prompt(tokenizer, m, fmt, t, cfg.data.chat_template) for m, t in zip(messages, targets)],
+        add_special_tokens=False,
+    )["input_ids"]
+    plain = tokenizer(
+        [steered_prompt(tokenizer, m, None, None, cfg.data.chat_template) for m in messages], add_special_tokens=False
+    )["input_ids"]
     # A batch's seed follows the iteration and its first prompt's index in the dataset.
     base = (cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed) + 100_003 * iteration
     names = s2.likelihood_attributes or list(fmt.attributes)
     rows: list[dict] = []
-    sums = {"samples": 0.0, "tokens": 0.0, "ended": 0.0, "matched": 0.0, "attribute_logp": 0.0, "ess": 0.0,
-            "groups": 0.0}
-    for start, completions in sample_batches(model, tokenizer, steered, cfg.sampling, lambda s: base + mine[s],
-                                             run.autocast):
+    sums = {
+        "samples": 0.0,
+        "tokens": 0.0,
+        "ended": 0.0,
+        "matched": 0.0,
+        "attribute_logp": 0.0,
+        "ess": 0.0,
+        "groups": 0.0,
+    }
+    for start, completions in sample_batches(
+        model, tokenizer, steered, cfg.sampling, lambda s: base + mine[s], run.autocast
+    ):
         batch = range(start, start + len(completions) // n)  # offsets in the share
         groups = [completions[g * n : (g + 1) * n] for g in range(len(batch))]  # (G) x (n)
-        initial = _score(run, model, [[_example(steered[p], c.token_ids, share[p].source) for c in grp]
-                                      for p, grp in zip(batch, groups)], tokenizer.pad_token_id, s2.score_batch_size)
-        prior_logps = _score(run, prior, [[_example(plain[p], c.token_ids, share[p].source) for c in grp]
-                                          for p, grp in zip(batch, groups)], tokenizer.pad_token_id,
-                             s2.score_batch_size)
+        initial = _score(
+            run,
+            model,
+            [[_example(steered[p], c.token_ids, share[p].source) for c in grp] for p, grp in zip(batch, groups)],
+            tokenizer.pad_token_id,
+            s2.score_batch_size,
+        )
+        prior_logps = _score(
+            run,
+            prior,
+            [[_example(plain[p], c.token_ids, share[p].source) for c in grp] for p, grp in zip(batch, groups)],
+            tokenizer.pad_token_id,
+            s2.score_batch_size,
+        )
         scored = attribute_model([prompts[p] for p in batch for _ in range(n)], [c.text for c in completions])
-        attribute_logps, predicted, wanted = _attribute_logps(scored, names, [targets[p] for p in batch], n,
-                                                              s2.attribute_sigma)
+        attribute_logps, predicted, wanted = _attribute_logps(
+            scored, names, [targets[p] for p in batch], n, s2.attribute_sigma
+        )
         for g, p in enumerate(batch):
             log_w = attribute_logps[g].double() + torch.tensor(prior_logps[g]) - torch.tensor(initial[g])
             w = torch.softmax(log_w, 0)
             sums["ess"] += float(1.0 / (w**2).sum()) / n  # effective sample size of w', as a fraction of n
-            rows.append({
-                "prompt": prompts[p], "label": fmt.label(targets[p]),
-                "prompt_ids": steered[p], "prior_prompt_ids": plain[p],
-                "responses": [{"response": c.text, "token_ids": c.token_ids, "is_end": c.is_end,
-                               "log(P(a|x,y))": float(attribute_logps[g, i]), "log(P(y|x))": prior_logps[g][i],
-                               "log(Q(y|a,x))": initial[g][i], "sampler_logprob": sum(c.logprobs)}
-                              for i, c in enumerate(groups[g])],
-            })
+            rows.append(
+                {
+                    "prompt": prompts[p],
+                    "label": fmt.label(targets[p]),
+                    "prompt_ids": steered[p],
+                    "prior_prompt_ids": plain[p],
+                    "responses": [
+                        {
+                            "response": c.text,
+                            "token_ids": c.token_ids,
+                            "is_end": c.is_end,
+                            "log(P(a|x,y))": float(attribute_logps[g, i]),
+                            "log(P(y|x))": prior_logps[g][i],
+                            "log(Q(y|a,x))": initial[g][i],
+                            "sampler_logprob": sum(c.logprobs),
+                        }
+                        for i, c in enumerate(groups[g])
+                    ],
+                }
+            )
         sums["samples"] += len(completions)
         sums["groups"] += len(batch)
         sums["tokens"] += sum(len(c.token_ids) for c in completions)
@@ -217,9 +262,15 @@ def sample_groups(run: Run, cfg: Config, model, prior, tokenizer, fmt: SteerLMFo
 
 
 def _groups(rows: list[dict], where: str) -> list[Group]:
-    return [Group([_example(row["prompt_ids"], r["token_ids"], f"{where}:{i + 1}") for r in row["responses"]],
-                  [r["log(Q(y|a,x))"] for r in row["responses"]], [r["log(P(a|x,y))"] for r in row["responses"]],
-                  [r["log(P(y|x))"] for r in row["responses"]]) for i, row in enumerate(rows)]
+    return [
+        Group(
+            [_example(row["prompt_ids"], r["token_ids"], f"{where}:{i + 1}") for r in row["responses"]],
+            [r["log(Q(y|a,x))"] for r in row["responses"]],
+            [r["log(P(a|x,y))"] for r in row["responses"]],
+            [r["log(P(y|x))"] for r in row["responses"]],
+        )
+        for i, row in enumerate(rows)
+    ]
 
 
 # --- 3: the importance-weighted update ----------------------------------------------------------
@@ -227,8 +278,9 @@ def _groups(rows: list[dict], where: str) -> list[Group]:
 
 def loss_fn(model, batch):
     policy = group_logps(model, batch)  # (G, n), with grad
-    return steerlm2_loss(policy, batch["initial_logps"], batch["attribute_logps"], batch["prior_logps"],
-                         batch["seq_num_targets"])
+    return steerlm2_loss(
+        policy, batch["initial_logps"], batch["attribute_logps"], batch["prior_logps"], batch["seq_num_targets"]
+    )
 
 
 def main(cfg: Config) -> None:
@@ -236,10 +288,16 @@ def main(cfg: Config) -> None:
     s2 = cfg.steerlm2
     records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     attribute_model = build_reward_source(cfg.attribute_model)
-    sampled = [t for t in range(1, s2.iterations + 1)
-               if (run.output_dir / f"iteration_{t}" / "samples.jsonl").is_file()]
-    rollout_log = MetricLogger(run.output_dir, cfg.logging.model_copy(update={"tensorboard": False}), s2.iterations,
-                               run.dist.is_main, resumed_step=max(sampled, default=0))
+    sampled = [
+        t for t in range(1, s2.iterations + 1) if (run.output_dir / f"iteration_{t}" / "samples.jsonl").is_file()
+    ]
+    rollout_log = MetricLogger(
+        run.output_dir,
+        cfg.logging.model_copy(update={"tensorboard": False}),
+        s2.iterations,
+        run.dist.is_main,
+        resumed_step=max(sampled, default=0),
+    )
     prior_cfg = ModelConfig(path=s2.prior_path, precision=cfg.model.precision)
     if cfg.model.path is None:
         raise ConfigError("model.path: SteerLM 2.0 starts from a SteerLM model (what `alignkit run steerlm` saves)")
@@ -253,12 +311,14 @@ def main(cfg: Config) -> None:
         model = load_causal_lm(it_run.cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
         fmt = SteerLMFormat.from_config(model.config)
         if fmt is None:
-            raise ConfigError(f"model.path={it_run.cfg.model.path} is not a SteerLM model "
-                              "(no `steerlm` in its config.json)")
+            raise ConfigError(
+                f"model.path={it_run.cfg.model.path} is not a SteerLM model (no `steerlm` in its config.json)"
+            )
         unknown = [a for a in s2.likelihood_attributes or [] if a not in fmt.attributes]
         if unknown:
-            raise ConfigError(f"steerlm2.likelihood_attributes: {unknown} are not in the model's label "
-                              f"({', '.join(fmt.attributes)})")
+            raise ConfigError(
+                f"steerlm2.likelihood_attributes: {unknown} are not in the model's label ({', '.join(fmt.attributes)})"
+            )
 
         # --- 1-2. Q' samples n per (prompt, targets); log P(a|x,y), log P(y|x), log Q' -----------
         samples = out / "samples.jsonl"
@@ -267,14 +327,18 @@ def main(cfg: Config) -> None:
             run.log.info(f"iteration {t}: reusing {len(rows)} sampled groups from {samples}")
         else:
             prior = load_causal_lm(prior_cfg, tokenizer, seed=cfg.train.seed).to(run.dist.device)
-            rows, sums = gather_rollouts(*sample_groups(run, cfg, model, prior, tokenizer, fmt, records,
-                                                        attribute_model, t), run.dist)
+            rows, sums = gather_rollouts(
+                *sample_groups(run, cfg, model, prior, tokenizer, fmt, records, attribute_model, t), run.dist
+            )
             del prior
             n = max(sums["samples"], 1)
-            metrics = {"rollout/attribute_match": sums["matched"] / n,  # per likelihood attribute
-                       "rollout/log_p_attributes": sums["attribute_logp"] / n,
-                       "rollout/response_tokens": sums["tokens"] / n, "rollout/ended_fraction": sums["ended"] / n,
-                       "rollout/weights_ess": sums["ess"] / max(sums["groups"], 1)}
+            metrics = {
+                "rollout/attribute_match": sums["matched"] / n,  # per likelihood attribute
+                "rollout/log_p_attributes": sums["attribute_logp"] / n,
+                "rollout/response_tokens": sums["tokens"] / n,
+                "rollout/ended_fraction": sums["ended"] / n,
+                "rollout/weights_ess": sums["ess"] / max(sums["groups"], 1),
+            }
             rollout_log.log(t, metrics)
             run.log.info(f"iteration {t}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if run.dist.is_main:
@@ -283,8 +347,14 @@ def main(cfg: Config) -> None:
 
         # --- 3. minimise sum_i (w'_i - b'_i) NLL(y_i), b' from the current policy each step --------
         groups = _groups(rows, str(samples))
-        model = fit(it_run, model, groups, lambda g: sum(len(e.input_ids) for e in g.conditioned),
-                    partial(collate, pad_id=tokenizer.pad_token_id), loss_fn)
+        model = fit(
+            it_run,
+            model,
+            groups,
+            lambda g: sum(len(e.input_ids) for e in g.conditioned),
+            partial(collate, pad_id=tokenizer.pad_token_id),
+            loss_fn,
+        )
         save_final(it_run, model, tokenizer, config_updates={"steerlm": fmt.to_config()})
         barrier(run.dist)
         del model

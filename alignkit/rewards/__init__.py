@@ -10,5 +10,13 @@ from alignkit.rewards.sources import (
     build_reward_source,
 )
 
-__all__ = ["FunctionReward", "LocalRewardModel", "OracleReward", "RemoteRewardModel", "RewardOutput",
-           "RewardSourceConfig", "RewardSourceError", "build_reward_source"]
+__all__ = [
+    "FunctionReward",
+    "LocalRewardModel",
+    "OracleReward",
+    "RemoteRewardModel",
+    "RewardOutput",
+    "RewardSourceConfig",
+    "RewardSourceError",
+    "build_reward_source",
+]

@@ -33,8 +33,15 @@ class RewardOutput:
 
 
 class LocalRewardModel:
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
-                 batch_size: int = 16, normalize: bool = False, max_seq_len: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        batch_size: int = 16,
+        normalize: bool = False,
+        max_seq_len: int | None = None,
+    ):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
@@ -42,8 +49,13 @@ class LocalRewardModel:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(self.device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
+            )
+            .to(self.device)
+            .eval()
+        )
         self.info = RewardModelInfo.from_config(self.model.config)
         self.precision, self.batch_size, self.normalize = precision, batch_size, normalize
         self.max_seq_len = max_seq_len
@@ -53,8 +65,10 @@ class LocalRewardModel:
         return self.info.attributes
 
     def encode(self, prompt: str | list[Message], response: str | list[Message]) -> list[int]:
-        messages = [*messages_from_value(prompt, "user", "prompt"),
-                    *messages_from_value(response, "assistant", "response")]
+        messages = [
+            *messages_from_value(prompt, "user", "prompt"),
+            *messages_from_value(response, "assistant", "response"),
+        ]
         ids = encode_scored(self.tokenizer, messages, None, "score").input_ids
         if self.max_seq_len is not None and len(ids) > self.max_seq_len:
             ids = ids[: self.max_seq_len]  # scored at the last kept token
@@ -64,8 +78,14 @@ class LocalRewardModel:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         sequences = [self.encode(p, r) for p, r in zip(prompts, responses)]
-        attributes = score_sequences(self.model, sequences, self.tokenizer.pad_token_id, self.batch_size,
-                                     self.device, lambda: autocast(self.precision, self.device))
+        attributes = score_sequences(
+            self.model,
+            sequences,
+            self.tokenizer.pad_token_id,
+            self.batch_size,
+            self.device,
+            lambda: autocast(self.precision, self.device),
+        )
         if not sequences:
             attributes = torch.zeros(0, len(self.names))
         return RewardOutput(self.info.reward(attributes, self.normalize), attributes, self.names)

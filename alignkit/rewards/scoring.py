@@ -38,8 +38,10 @@ def _sides(records: list[Record]) -> list[str]:
     for r in records:
         missing = [k for k in ("prompt", *sides) if k not in r.data]
         if missing:
-            raise DataError(f"{r.source}: missing field(s) {', '.join(missing)} (every record must have "
-                            f"{', '.join(('prompt', *sides))}, like the first)")
+            raise DataError(
+                f"{r.source}: missing field(s) {', '.join(missing)} (every record must have "
+                f"{', '.join(('prompt', *sides))}, like the first)"
+            )
     return sides
 
 
@@ -56,8 +58,9 @@ def _rows(records: list[Record], scored: dict[str, RewardOutput], names: list[st
     return rows
 
 
-def score_dataset(data: str | Path, model_dir: str | Path, batch_size: int = 16,
-                  normalize: bool = False) -> DatasetScores:
+def score_dataset(
+    data: str | Path, model_dir: str | Path, batch_size: int = 16, normalize: bool = False
+) -> DatasetScores:
     """Every response of `data` (both sides of a pair) scored by the reward model in `model_dir`."""
     records = read_records(data)
     if not records:

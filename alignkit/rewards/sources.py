@@ -27,8 +27,14 @@ from alignkit.config import Section
 from alignkit.rewards.local import LocalRewardModel, RewardOutput
 from alignkit.tasks.oracle import ATTRIBUTES, score_response
 
-__all__ = ["FunctionReward", "OracleReward", "RemoteRewardModel", "RewardSourceConfig", "RewardSourceError",
-           "build_reward_source"]
+__all__ = [
+    "FunctionReward",
+    "OracleReward",
+    "RemoteRewardModel",
+    "RewardSourceConfig",
+    "RewardSourceError",
+    "build_reward_source",
+]
 
 
 class RewardSourceError(RuntimeError):
@@ -98,17 +104,20 @@ class OracleReward:
 
     def __call__(self, prompts: list, responses: list[str]) -> RewardOutput:
         scores = [score_response(p, r) for p, r in zip(prompts, responses, strict=True)]
-        return RewardOutput(torch.tensor([s.reward for s in scores], dtype=torch.float32),
-                            torch.tensor([[getattr(s, a) for a in ATTRIBUTES] for s in scores], dtype=torch.float32),
-                            list(ATTRIBUTES))
+        return RewardOutput(
+            torch.tensor([s.reward for s in scores], dtype=torch.float32),
+            torch.tensor([[getattr(s, a) for a in ATTRIBUTES] for s in scores], dtype=torch.float32),
+            list(ATTRIBUTES),
+        )
 
 
 class RemoteRewardModel:
     """A client of `alignkit serve reward`: POST {url}/score, retried on connection errors,
     timeouts and 5xx answers with exponential back-off; 4xx answers are not retried."""
 
-    def __init__(self, url: str, timeout_s: float = 60.0, retries: int = 3, token: str | None = None,
-                 backoff_s: float = 0.5):
+    def __init__(
+        self, url: str, timeout_s: float = 60.0, retries: int = 3, token: str | None = None, backoff_s: float = 0.5
+    ):
         import httpx  # local, here and below: a quarter second of start-up, for remote rewards only
 
         self.url = url.rstrip("/")
@@ -133,8 +142,10 @@ class RemoteRewardModel:
                 last = f"HTTP {answer.status_code}: {answer.text[:200]}"
                 continue
             if answer.status_code != 200:
-                raise RewardSourceError(f"reward server {self.url}/score refused the request: HTTP "
-                                        f"{answer.status_code}: {answer.text[:300]}")
+                raise RewardSourceError(
+                    f"reward server {self.url}/score refused the request: HTTP "
+                    f"{answer.status_code}: {answer.text[:300]}"
+                )
             return _as_output(answer.json(), len(responses), f"reward server {self.url}")
         raise RewardSourceError(f"reward server {self.url} unreachable after {self.retries + 1} attempts ({last})")
 

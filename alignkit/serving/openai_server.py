@@ -66,32 +66,37 @@ class ChatRequest(_Sampling):
     attributes: dict[str, float] | str | None = None  # SteerLM target attributes
 
 
-def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024,
-               default_max_tokens: int = 128) -> FastAPI:
+def create_app(
+    model, tokenizer, model_name: str, max_tokens_limit: int = 1024, default_max_tokens: int = 128
+) -> FastAPI:
     app = FastAPI(title="alignkit OpenAI-compatible server")
     lock = threading.Lock()  # one generation at a time on the one model
     steer = SteerLMFormat.from_config(model.config)
 
     @app.exception_handler(HTTPException)
     async def _error(_request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code,
-                            content={"error": {"message": exc.detail, "type": "invalid_request_error"}})
+        return JSONResponse(
+            status_code=exc.status_code, content={"error": {"message": exc.detail, "type": "invalid_request_error"}}
+        )
 
     def params(req: _Sampling) -> SamplingConfig:
         if req.stream:
             raise HTTPException(status_code=400, detail="stream=true is not supported by this server")
         wanted = req.max_completion_tokens or req.max_tokens or default_max_tokens
         if wanted > max_tokens_limit:
-            raise HTTPException(status_code=400, detail=f"max_tokens={wanted} is above this server's limit "
-                                                        f"{max_tokens_limit}")
+            raise HTTPException(
+                status_code=400, detail=f"max_tokens={wanted} is above this server's limit {max_tokens_limit}"
+            )
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        return SamplingConfig(max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p, n=req.n,
-                              stop=stop, seed=req.seed)
+        return SamplingConfig(
+            max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p, n=req.n, stop=stop, seed=req.seed
+        )
 
     def run(prompt_ids: list[list[int]], sampling: SamplingConfig):
         with lock:
-            return generate(model, prompt_ids, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                            tokenizer.decode)
+            return generate(
+                model, prompt_ids, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode
+            )
 
     def usage(prompt_ids, completions) -> dict[str, int]:
         prompt = sum(len(p) for p in prompt_ids)
@@ -108,10 +113,17 @@ def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024,
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for p in prompts]
         out = await asyncio.get_running_loop().run_in_executor(None, run, ids, sampling)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name, "usage": usage(ids, out),
-                "choices": [{"index": i, "text": c.text, "logprobs": None,
-                             "finish_reason": "length" if not c.is_end else "stop"} for i, c in enumerate(out)]}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "usage": usage(ids, out),
+            "choices": [
+                {"index": i, "text": c.text, "logprobs": None, "finish_reason": "length" if not c.is_end else "stop"}
+                for i, c in enumerate(out)
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> dict[str, Any]:
@@ -126,16 +138,29 @@ def create_app(model, tokenizer, model_name: str, max_tokens_limit: int = 1024,
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"]]
         out = await asyncio.get_running_loop().run_in_executor(None, run, ids, sampling)
         label = {"alignkit_label": steer.label(req.attributes)} if steer else {}
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_name, "usage": usage(ids, out), **label,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": "length" if not c.is_end else "stop"} for i, c in enumerate(out)]}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "usage": usage(ids, out),
+            **label,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": "length" if not c.is_end else "stop",
+                }
+                for i, c in enumerate(out)
+            ],
+        }
 
     return app
 
 
-def serve_model(model_dir: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-                max_tokens_limit: int = 1024) -> None:
+def serve_model(
+    model_dir: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, max_tokens_limit: int = 1024
+) -> None:
     """`alignkit serve generate`: the causal LM in `model_dir` behind `create_app`, until stopped."""
     model, tokenizer = load_for_eval(model_dir)
     server = create_app(model, tokenizer, name or str(model_dir), max_tokens_limit=max_tokens_limit)

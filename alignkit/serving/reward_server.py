@@ -50,9 +50,16 @@ class _Pending:
         self.size = len(self.request.responses)
 
 
-def create_app(scorer: Scorer, model_name: str = "reward_model", names: list[str] | None = None,
-               max_batch: int = 64, max_delay_ms: float = 5.0, max_items: int = 1024,
-               max_body_bytes: int = 8 * 2**20, token: str | None = None) -> FastAPI:
+def create_app(
+    scorer: Scorer,
+    model_name: str = "reward_model",
+    names: list[str] | None = None,
+    max_batch: int = 64,
+    max_delay_ms: float = 5.0,
+    max_items: int = 1024,
+    max_body_bytes: int = 8 * 2**20,
+    token: str | None = None,
+) -> FastAPI:
     """A FastAPI app serving `scorer` (a reward source) with request batching."""
     stats = {"batches": 0, "requests": 0}
     queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -114,8 +121,9 @@ def create_app(scorer: Scorer, model_name: str = "reward_model", names: list[str
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            return JSONResponse(status_code=413, content={"error": f"request body of {length} bytes; the limit is "
-                                                                   f"{max_body_bytes}"})
+            return JSONResponse(
+                status_code=413, content={"error": f"request body of {length} bytes; the limit is {max_body_bytes}"}
+            )
         return await call_next(request)
 
     @app.exception_handler(HTTPException)
@@ -131,11 +139,14 @@ def create_app(scorer: Scorer, model_name: str = "reward_model", names: list[str
     async def score(body: ScoreRequest, request: Request) -> dict:
         check_auth(request)
         if len(body.prompts) != len(body.responses):
-            raise HTTPException(status_code=422, detail=f"{len(body.prompts)} prompts but {len(body.responses)} "
-                                                        "responses: they must pair up")
+            raise HTTPException(
+                status_code=422,
+                detail=f"{len(body.prompts)} prompts but {len(body.responses)} responses: they must pair up",
+            )
         if len(body.responses) > max_items:
-            raise HTTPException(status_code=413, detail=f"{len(body.responses)} responses in one request; the "
-                                                        f"limit is {max_items}")
+            raise HTTPException(
+                status_code=413, detail=f"{len(body.responses)} responses in one request; the limit is {max_items}"
+            )
         stats["requests"] += 1
         if not body.responses:
             return {"rewards": [], "names": names or []}
@@ -149,11 +160,25 @@ def create_app(scorer: Scorer, model_name: str = "reward_model", names: list[str
     return app
 
 
-def serve_reward_model(model_dir: str, host: str = "127.0.0.1", port: int = 5555, token: str | None = None,
-                       normalize: bool = False, max_batch: int = 64, max_delay_ms: float = 5.0,
-                       max_items: int = 1024) -> None:
+def serve_reward_model(
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 5555,
+    token: str | None = None,
+    normalize: bool = False,
+    max_batch: int = 64,
+    max_delay_ms: float = 5.0,
+    max_items: int = 1024,
+) -> None:
     """`alignkit serve reward`: the reward model in `model_dir` behind `create_app`, until stopped."""
     rm = LocalRewardModel(model_dir, batch_size=min(max_batch, 32), normalize=normalize)
-    server = create_app(rm.score, model_name=str(model_dir), names=rm.names, max_batch=max_batch,
-                        max_delay_ms=max_delay_ms, max_items=max_items, token=token)
+    server = create_app(
+        rm.score,
+        model_name=str(model_dir),
+        names=rm.names,
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_items=max_items,
+        token=token,
+    )
     uvicorn.run(server, host=host, port=port, log_level="warning")

@@ -104,20 +104,28 @@ def preference_records(n: int, seed: int = 0, split: str = "train") -> list[dict
     return records
 
 
-def best_worst_pair(prompt: str, scored: list[tuple[float, str]],
-                    min_margin: float = MIN_PREFERENCE_MARGIN) -> dict[str, Any] | None:
+def best_worst_pair(
+    prompt: str, scored: list[tuple[float, str]], min_margin: float = MIN_PREFERENCE_MARGIN
+) -> dict[str, Any] | None:
     """A preference record from (reward, response) candidates for one prompt: the best is chosen,
     the worst rejected (candidates compare by reward, then text); None when their rewards differ
     by less than `min_margin`."""
     (low, rejected), (high, chosen) = min(scored), max(scored)
     if high - low < min_margin:
         return None
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_reward": high, "rejected_reward": low,
-            "margin": round(high - low, 4)}
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_reward": high,
+        "rejected_reward": low,
+        "margin": round(high - low, 4),
+    }
 
 
-def ranked_pairs(prompt: str, scored: list[tuple[float, str]],
-                 min_margin: float = MIN_PREFERENCE_MARGIN) -> list[dict[str, Any]]:
+def ranked_pairs(
+    prompt: str, scored: list[tuple[float, str]], min_margin: float = MIN_PREFERENCE_MARGIN
+) -> list[dict[str, Any]]:
     """Every comparison among one prompt's distinct candidates whose rewards differ by at least
     `min_margin` (InstructGPT's K-choose-2 comparisons): 4 candidates give up to 6 pairs, where
     `best_worst_pair` gives 1. Pairs come in candidate order (the first of two is compared first);
@@ -131,8 +139,16 @@ def ranked_pairs(prompt: str, scored: list[tuple[float, str]],
             if abs(reward_a - reward_b) < min_margin:
                 continue
             (high, chosen), (low, rejected) = sorted([(reward_a, text_a), (reward_b, text_b)], reverse=True)
-            records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_reward": high,
-                            "rejected_reward": low, "margin": round(high - low, 4)})
+            records.append(
+                {
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "chosen_reward": high,
+                    "rejected_reward": low,
+                    "margin": round(high - low, 4),
+                }
+            )
     return records
 
 
@@ -154,8 +170,10 @@ def steer_prompt_records(n: int, seed: int = 0, split: str = "train") -> list[di
     """Prompt records with target `attributes`: a random level 0..4 of each steerable attribute
     (SteerLM 2.0's (prompt, target) pairs, steering evaluation)."""
     rng = random.Random(_derive(seed, "steer"))
-    return [{**p, "attributes": {a: rng.randrange(5) for a in STEERABLE_ATTRIBUTES}}
-            for p in generate_prompts(n, _derive(seed, "steer"), split)]
+    return [
+        {**p, "attributes": {a: rng.randrange(5) for a in STEERABLE_ATTRIBUTES}}
+        for p in generate_prompts(n, _derive(seed, "steer"), split)
+    ]
 
 
 def kto_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:

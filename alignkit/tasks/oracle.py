@@ -34,8 +34,15 @@ from typing import Any
 
 from alignkit.tasks.world import CHEMICALS, make_record, parse_prompt
 
-__all__ = ["ATTRIBUTES", "REWARD_WEIGHTS", "Scores", "correct_answer_reward", "measure_verbosity", "oracle_rewards",
-           "score_response"]
+__all__ = [
+    "ATTRIBUTES",
+    "REWARD_WEIGHTS",
+    "Scores",
+    "correct_answer_reward",
+    "measure_verbosity",
+    "oracle_rewards",
+    "score_response",
+]
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity", "harmlessness", "politeness")
 REWARD_WEIGHTS = {

@@ -17,8 +17,13 @@ import numpy as np
 __all__ = ["BACKGROUNDS", "COLOURS", "SHAPES", "ShapeSpec", "caption_records", "parse_caption", "shape_records"]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
-    "purple": (140, 60, 200), "white": (240, 240, 240), "black": (25, 25, 25),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 200),
+    "white": (240, 240, 240),
+    "black": (25, 25, 25),
 }
 BACKGROUNDS = ("white", "black", "blue", "green", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -41,8 +46,10 @@ def parse_caption(caption: str) -> ShapeSpec:
     that says what a caption looks like."""
     match = _CAPTION.match(caption.strip().lower())
     if not match or match.group(2) not in SHAPES or match.group(1) not in COLOURS or match.group(3) not in COLOURS:
-        raise ValueError(f"not a shape-world caption: {caption!r} (expected 'a <colour> <shape> on <colour>', "
-                         f"shapes {', '.join(SHAPES)}, colours {', '.join(COLOURS)})")
+        raise ValueError(
+            f"not a shape-world caption: {caption!r} (expected 'a <colour> <shape> on <colour>', "
+            f"shapes {', '.join(SHAPES)}, colours {', '.join(COLOURS)})"
+        )
     return ShapeSpec(match.group(2), match.group(1), match.group(3))
 
 
@@ -62,7 +69,12 @@ def shape_records(n: int, seed: int = 0) -> list[ShapeSpec]:
 def caption_records(n: int, seed: int = 0) -> list[dict[str, str]]:
     """n prompt records {"prompt": caption}: the world's 90 distinct captions in a seeded order,
     repeated in that order when n > 90."""
-    specs = [ShapeSpec(shape, colour, background) for shape in SHAPES for colour in COLOURS
-             for background in BACKGROUNDS if colour != background]
+    specs = [
+        ShapeSpec(shape, colour, background)
+        for shape in SHAPES
+        for colour in COLOURS
+        for background in BACKGROUNDS
+        if colour != background
+    ]
     order = np.random.default_rng(seed).permutation(len(specs))
     return [{"prompt": specs[order[i % len(specs)]].caption} for i in range(n)]

@@ -51,9 +51,7 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     if not root.is_dir():
         return None
     steps = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / _COMPLETE).is_file()
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / _COMPLETE).is_file()
     ]
     return max(steps)[1] if steps else None
 
@@ -82,8 +80,13 @@ def save_checkpoint(
     barrier(d)
     if d.is_main:
         torch.save(
-            {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-             "step": step, "extra": extra or {}},
+            {
+                "model": model_state,
+                "optimizer": optim_state,
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "extra": extra or {},
+            },
             tmp / "state.pt",
         )
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
@@ -99,9 +102,7 @@ def save_checkpoint(
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
-    )
+    complete = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
     for _, path in complete[: max(0, len(complete) - keep_last)]:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -140,8 +141,15 @@ def load_checkpoint(
 Part = tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
 
 
-def save_checkpoints(checkpoints_dir: str | Path, step: int, parts: dict[str, Part], d: Dist, keep_last: int,
-                     extra: dict[str, Any] | None = None, trainable_only: bool = False) -> Path:
+def save_checkpoints(
+    checkpoints_dir: str | Path,
+    step: int,
+    parts: dict[str, Part],
+    d: Dist,
+    keep_last: int,
+    extra: dict[str, Any] | None = None,
+    trainable_only: bool = False,
+) -> Path:
     """The first part at `checkpoints/step_N`, every other part at `checkpoints/<name>/step_N`.
     The first is written last, so its completeness marks a complete set (resume looks for it)."""
     root = Path(checkpoints_dir)

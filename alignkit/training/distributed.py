@@ -17,8 +17,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "all_reduce_sum", "barrier", "decoder_layers", "full_state_dict", "gather_rollouts", "init_distributed",
-           "score_sharded", "shutdown", "wrap_model"]
+__all__ = [
+    "Dist",
+    "all_reduce_sum",
+    "barrier",
+    "decoder_layers",
+    "full_state_dict",
+    "gather_rollouts",
+    "init_distributed",
+    "score_sharded",
+    "shutdown",
+    "wrap_model",
+]
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,15 @@ def _truncate_after(path: Path, step: int) -> None:
 class MetricLogger:
     """Writes each logged step to every configured sink (rank 0 only; others are silent)."""
 
-    def __init__(self, output_dir: str | Path, cfg: LoggingConfig, total_steps: int, enabled: bool,
-                 run_config: dict[str, Any] | None = None, resumed_step: int = 0):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        cfg: LoggingConfig,
+        total_steps: int,
+        enabled: bool,
+        run_config: dict[str, Any] | None = None,
+        resumed_step: int = 0,
+    ):
         self.enabled = enabled
         self.total_steps = total_steps
         self.output_dir = Path(output_dir)
@@ -78,8 +85,11 @@ class MetricLogger:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(
-                TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"), transient=False,
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                transient=False,
             )
             self._task = self._bar.add_task("train", total=total_steps, completed=resumed_step, status="")
             self._bar.start()
@@ -122,7 +132,9 @@ class MetricLogger:
         self._show(step, metrics)
 
     def _show(self, step: int, metrics: dict[str, float]) -> None:
-        keys = [k for k in ("loss", "val/loss", "reward", "val/reward", "lr", "throughput/tokens_per_s") if k in metrics]
+        keys = [
+            k for k in ("loss", "val/loss", "reward", "val/reward", "lr", "throughput/tokens_per_s") if k in metrics
+        ]
         status = "  ".join(f"{k}={metrics[k]:.4g}" for k in keys)
         if self._bar is not None:
             self._bar.update(self._task, completed=step, status=status)

@@ -38,8 +38,18 @@ from alignkit.training.distributed import Dist, all_reduce_sum, barrier, full_st
 from alignkit.training.logging import MetricLogger, get_logger
 from alignkit.training.optim import build_optimizer, build_scheduler
 
-__all__ = ["Run", "evaluate", "finish_step", "fit", "optimizer_step", "reduce_metrics", "resume", "save_final",
-           "start_run", "to_device"]
+__all__ = [
+    "Run",
+    "evaluate",
+    "finish_step",
+    "fit",
+    "optimizer_step",
+    "reduce_metrics",
+    "resume",
+    "save_final",
+    "start_run",
+    "to_device",
+]
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -113,8 +123,16 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def evaluate(run: Run, model: nn.Module, plan: BatchPlan, items: Sequence, collate, loss_fn: LossFn,
-             max_batches: int | None = None, summarize: Summarize | None = None) -> dict[str, float]:
+def evaluate(
+    run: Run,
+    model: nn.Module,
+    plan: BatchPlan,
+    items: Sequence,
+    collate,
+    loss_fn: LossFn,
+    max_batches: int | None = None,
+    summarize: Summarize | None = None,
+) -> dict[str, float]:
     """Metric means over the validation items (sums over all ranks / global loss units)."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -135,8 +153,9 @@ def evaluate(run: Run, model: nn.Module, plan: BatchPlan, items: Sequence, colla
     return {f"val/{k}": v for k, v in (summarize(metrics) if summarize else metrics).items()}
 
 
-def optimizer_step(run: Run, model: nn.Module, optimizer, batches: list[Batch],
-                   loss_fn: LossFn) -> tuple[dict[str, torch.Tensor], float, float, float]:
+def optimizer_step(
+    run: Run, model: nn.Module, optimizer, batches: list[Batch], loss_fn: LossFn
+) -> tuple[dict[str, torch.Tensor], float, float, float]:
     """One optimizer step over this process's micro-batches (gradient accumulation; the gradient
     all-reduce only on the last one). The loss is normalised by the global unit count: every
     loss_fn returns sums, so the step equals one big batch whatever the micro-batching and the
@@ -144,8 +163,9 @@ def optimizer_step(run: Run, model: nn.Module, optimizer, batches: list[Batch],
     The optimizer state persists in `optimizer`, so online recipes (PPO) call this once per
     minibatch of their own loop."""
     d = run.dist
-    local = torch.tensor([sum(b["num_units"] for b in batches), sum(b["num_tokens"] for b in batches)],
-                         dtype=torch.float64)
+    local = torch.tensor(
+        [sum(b["num_units"] for b in batches), sum(b["num_tokens"] for b in batches)], dtype=torch.float64
+    )
     global_units, global_tokens = all_reduce_sum(local, d).tolist()
     scale = d.world_size / max(global_units, 1.0)
     sums: dict[str, torch.Tensor] = {}
@@ -176,12 +196,21 @@ def fit(
     tc = cfg.train
     model = wrap_model(model, d, cfg.distributed.strategy, compile_layers=cfg.model.compile)
     model.train()
-    plan = BatchPlan([item_length(x) for x in train_items], tc.global_batch_size, tc.micro_batch_size,
-                     d.rank, d.world_size, tc.seed)
+    plan = BatchPlan(
+        [item_length(x) for x in train_items], tc.global_batch_size, tc.micro_batch_size, d.rank, d.world_size, tc.seed
+    )
     eval_plan = (
-        BatchPlan([item_length(x) for x in eval_items], tc.global_batch_size, tc.micro_batch_size,
-                  d.rank, d.world_size, tc.seed, shuffle=False)
-        if eval_items else None
+        BatchPlan(
+            [item_length(x) for x in eval_items],
+            tc.global_batch_size,
+            tc.micro_batch_size,
+            d.rank,
+            d.world_size,
+            tc.seed,
+            shuffle=False,
+        )
+        if eval_items
+        else None
     )
     total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * plan.steps_per_epoch
     optimizer = build_optimizer(model, cfg.optim)
@@ -209,21 +238,39 @@ def fit(
             if summarize is not None:
                 metrics = summarize(metrics)
             elapsed = time.perf_counter() - t0
-            metrics.update({"lr": lr, "grad_norm": grad_norm, "epoch": step / max(plan.steps_per_epoch, 1),
-                            "throughput/tokens_per_s": global_tokens / elapsed, "perf/step_time_s": elapsed})
-        finish_step(run, logger, step, metrics, parts, {}, total_steps,
-                    evaluate=evaluate_now if eval_plan is not None and tc.eval_every else None)
+            metrics.update(
+                {
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "epoch": step / max(plan.steps_per_epoch, 1),
+                    "throughput/tokens_per_s": global_tokens / elapsed,
+                    "perf/step_time_s": elapsed,
+                }
+            )
+        finish_step(
+            run,
+            logger,
+            step,
+            metrics,
+            parts,
+            {},
+            total_steps,
+            evaluate=evaluate_now if eval_plan is not None and tc.eval_every else None,
+        )
 
     if eval_plan is not None:
-        logger.log(total_steps, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches, summarize))
+        logger.log(
+            total_steps, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches, summarize)
+        )
     if start_step < total_steps:
         save_checkpoints(run.output_dir / "checkpoints", total_steps, parts, d, cfg.checkpoint.keep_last)
     logger.close()
     return model
 
 
-def save_final(run: Run, model: nn.Module, tokenizer, config_updates: dict | None = None, auto_class=None,
-               name: str = "final") -> Path | None:
+def save_final(
+    run: Run, model: nn.Module, tokenizer, config_updates: dict | None = None, auto_class=None, name: str = "final"
+) -> Path | None:
     """Gather the full weights (a collective) and write output_dir/`name` in HF format (rank 0), as
     `auto_class` (default a causal LM; a reward model or critic: `AutoModelForSequenceClassification`);
     `config_updates` are recorded in its config.json (e.g. a SteerLM model's label format)."""
@@ -232,8 +279,15 @@ def save_final(run: Run, model: nn.Module, tokenizer, config_updates: dict | Non
     state, _ = full_state_dict(model)
     out = run.output_dir / name
     if run.dist.is_main:
-        save_causal_lm(model, state, tokenizer, out, merge_lora=run.cfg.model.lora.merge_on_save,
-                       auto_class=auto_class or AutoModelForCausalLM, config_updates=config_updates)
+        save_causal_lm(
+            model,
+            state,
+            tokenizer,
+            out,
+            merge_lora=run.cfg.model.lora.merge_on_save,
+            auto_class=auto_class or AutoModelForCausalLM,
+            config_updates=config_updates,
+        )
         run.log.info(f"saved {out}")
     return out
 
@@ -252,8 +306,14 @@ def resume(run: Run, parts: dict, steps: int, trainable_only: bool = False) -> t
         state = load_checkpoints(latest, parts, run.dist, trainable_only)
         start, extra = state["step"], state["extra"]
         run.log.info(f"resumed from {latest} (step {start} of {steps})")
-    logger = MetricLogger(run.output_dir, run.cfg.logging, steps, run.dist.is_main,
-                          run_config=run.cfg.model_dump(mode="json"), resumed_step=start)
+    logger = MetricLogger(
+        run.output_dir,
+        run.cfg.logging,
+        steps,
+        run.dist.is_main,
+        run_config=run.cfg.model_dump(mode="json"),
+        resumed_step=start,
+    )
     return start, extra, logger
 
 
@@ -261,9 +321,17 @@ def _log_due(done: int, every: int, steps: int) -> bool:
     return done % every == 0 or done == steps
 
 
-def finish_step(run: Run, logger: MetricLogger, step: int, metrics: dict[str, float], parts: dict, extra: dict,
-                steps: int, trainable_only: bool = False,
-                evaluate: Callable[[], dict[str, float]] | None = None) -> None:
+def finish_step(
+    run: Run,
+    logger: MetricLogger,
+    step: int,
+    metrics: dict[str, float],
+    parts: dict,
+    extra: dict,
+    steps: int,
+    trainable_only: bool = False,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+) -> None:
     """The end of every training step, in every loop (`fit`, RL, DRaFT+): log when due (checking for
     non-finite values), evaluate every `train.eval_every` steps (not at the last step: the caller
     evaluates the final model), checkpoint when due, and the resume tests' kill switch."""
@@ -276,8 +344,9 @@ def finish_step(run: Run, logger: MetricLogger, step: int, metrics: dict[str, fl
     if evaluate is not None and done % run.cfg.train.eval_every == 0 and done != steps:
         logger.log(done, evaluate())
     if run.cfg.checkpoint.every and done % run.cfg.checkpoint.every == 0 and done != steps:
-        save_checkpoints(run.output_dir / "checkpoints", done, parts, run.dist, run.cfg.checkpoint.keep_last, extra,
-                         trainable_only)
+        save_checkpoints(
+            run.output_dir / "checkpoints", done, parts, run.dist, run.cfg.checkpoint.keep_last, extra, trainable_only
+        )
     if os.environ.get("ALIGNKIT_TEST_KILL_AT_STEP") == str(done):  # fault injection for resume tests
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -291,8 +360,17 @@ def iteration_run(run: Run, t: int) -> Run | None:
     if (out / "final" / "config.json").is_file():
         run.log.info(f"iteration {t}: done earlier, reusing {out / 'final'}")
         return None
-    model = cfg.model if t == 1 else cfg.model.model_copy(update={
-        "path": str(run.output_dir / f"iteration_{t - 1}" / "final"), "random_init": None, "tokenizer_path": None})
+    model = (
+        cfg.model
+        if t == 1
+        else cfg.model.model_copy(
+            update={
+                "path": str(run.output_dir / f"iteration_{t - 1}" / "final"),
+                "random_init": None,
+                "tokenizer_path": None,
+            }
+        )
+    )
     if run.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier(run.dist)

@@ -41,9 +41,22 @@ from alignkit.training.rollouts import (
     token_values,
 )
 
-__all__ = ["RolloutConfig", "actor_loss", "actor_metrics", "check_processes", "critic_loss", "global_moments",
-           "mean_std", "monitor_stats", "reference_logps", "rollout_stats", "sample_and_score", "sample_rollouts",
-           "train_epochs", "train_on"]
+__all__ = [
+    "RolloutConfig",
+    "actor_loss",
+    "actor_metrics",
+    "check_processes",
+    "critic_loss",
+    "global_moments",
+    "mean_std",
+    "monitor_stats",
+    "reference_logps",
+    "rollout_stats",
+    "sample_and_score",
+    "sample_rollouts",
+    "train_epochs",
+    "train_on",
+]
 
 
 class RolloutConfig(Section):
@@ -56,15 +69,26 @@ def check_processes(cfg, d: Dist) -> None:
     if d.enabled and cfg.distributed.strategy != "ddp":
         raise ConfigError("distributed.strategy: RL recipes generate on each process's full model copy; use ddp")
     if cfg.rollout.prompts_per_step % d.world_size:
-        raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must divide by the number of "
-                          f"processes ({d.world_size})")
+        raise ConfigError(
+            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must divide by the number of "
+            f"processes ({d.world_size})"
+        )
 
 
 # --- 1-2. sample and score ------------------------------------------------------------------------
 
 
-def sample_rollouts(model, tokenizer, records: list[Record], indices: list[int], sampling: SamplingConfig,
-                    max_seq_len: int, seed: int, chat_template: str | None, autocast) -> list[Rollout]:
+def sample_rollouts(
+    model,
+    tokenizer,
+    records: list[Record],
+    indices: list[int],
+    sampling: SamplingConfig,
+    max_seq_len: int,
+    seed: int,
+    chat_template: str | None,
+    autocast,
+) -> list[Rollout]:
     """`sampling.n` responses to each record in `indices`; the batch starting at offset `start` of
     `indices` samples with seed `seed + start`. A prompt that leaves no room for `max_new_tokens`
     within `max_seq_len` is an error naming its record, not a silently truncated rollout."""
@@ -72,8 +96,10 @@ def sample_rollouts(model, tokenizer, records: list[Record], indices: list[int],
     prompt_ids = render_prompts(tokenizer, chosen, chat_template)
     for record, ids in zip(chosen, prompt_ids):
         if len(ids) + sampling.max_new_tokens > max_seq_len:
-            raise DataError(f"{record.source}: the prompt is {len(ids)} tokens; with sampling.max_new_tokens="
-                            f"{sampling.max_new_tokens} it exceeds data.max_seq_len={max_seq_len}")
+            raise DataError(
+                f"{record.source}: the prompt is {len(ids)} tokens; with sampling.max_new_tokens="
+                f"{sampling.max_new_tokens} it exceeds data.max_seq_len={max_seq_len}"
+            )
     rollouts: list[Rollout] = []
     for start, completions in sample_batches(model, tokenizer, prompt_ids, sampling, lambda s: seed + s, autocast):
         for c in completions:
@@ -91,8 +117,17 @@ def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[Record], rew
     indices = step_prompts(len(records), step, cfg.rollout.prompts_per_step, cfg.train.seed)[d.rank :: d.world_size]
     base = cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed
     seed = base + 1_000_003 * (step + 1) + 10_007 * d.rank
-    rollouts = sample_rollouts(actor, tokenizer, records, indices, cfg.sampling, cfg.data.max_seq_len, seed,
-                               cfg.data.chat_template, run.autocast)
+    rollouts = sample_rollouts(
+        actor,
+        tokenizer,
+        records,
+        indices,
+        cfg.sampling,
+        cfg.data.max_seq_len,
+        seed,
+        cfg.data.chat_template,
+        run.autocast,
+    )
     t1 = time.perf_counter()
     scores = reward([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards.float()  # (B,)
     for r, score in zip(rollouts, scores.tolist()):
@@ -105,9 +140,11 @@ def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[Record], rew
 
 def reference_logps(actor, reference, lora: bool):
     """fn(batch) -> (N,) log-probs under the reference (a frozen copy, or the actor without adapters)."""
+
     def fn(batch):
         with adapters_off(actor, lora) if reference is None else contextlib.nullcontext():
             return token_logps(reference if reference is not None else actor, batch)[0]
+
     return fn
 
 
@@ -126,8 +163,9 @@ def mean_std(moments: torch.Tensor) -> tuple[float, float]:
 # --- 4-5. losses and update epochs ------------------------------------------------------------------
 
 
-def actor_loss(model, batch, clip_eps: float, entropy_coef: float = 0.0, kl_coef: float = 0.0,
-               kl_estimator: str = "k3"):
+def actor_loss(
+    model, batch, clip_eps: float, entropy_coef: float = 0.0, kl_coef: float = 0.0, kl_estimator: str = "k3"
+):
     """The clipped surrogate over the tokens of `actor_mask`, minus `entropy_coef` x entropy, plus
     `kl_coef` x the per-token KL to the reference (GRPO's KL term; PPO puts its KL in the reward).
     Without `old_logps` in the batch (a single update per rollout) the old policy is the current one:
@@ -153,8 +191,18 @@ def critic_loss(model, batch, info: RewardModelInfo, normalize: bool, clip: floa
     return value_loss(values, batch["values"], batch["returns"], batch["response_mask"], clip)
 
 
-def train_on(run: Run, model, optimizer, scheduler, rollouts: list[Rollout], minibatch: list[list[int]],
-             loss_fn, units: str, pad_id: int, skip: frozenset[int] = frozenset()) -> tuple[dict, float, float]:
+def train_on(
+    run: Run,
+    model,
+    optimizer,
+    scheduler,
+    rollouts: list[Rollout],
+    minibatch: list[list[int]],
+    loss_fn,
+    units: str,
+    pad_id: int,
+    skip: frozenset[int] = frozenset(),
+) -> tuple[dict, float, float]:
     """One optimizer step on a minibatch (micro-batches of rollout indices); `units` names the
     normaliser: "actor_tokens" or "num_units" (every response token). Rollouts in `skip` have a loss
     of exactly zero (advantage 0 and no other term: a GRPO group whose samples all scored the
@@ -165,16 +213,25 @@ def train_on(run: Run, model, optimizer, scheduler, rollouts: list[Rollout], min
     for mb in minibatch:
         kept = [i for i in mb if i not in skip] or mb[:1]
         batch = collate_rollouts([rollouts[i] for i in kept], pad_id)
-        batch["num_units"] = sum(len(rollouts[i].response_ids) for i in mb
-                                 if units == "num_units" or rollouts[i].trains_actor)
+        batch["num_units"] = sum(
+            len(rollouts[i].response_ids) for i in mb if units == "num_units" or rollouts[i].trains_actor
+        )
         batches.append(batch)
     sums, global_units, _, grad_norm = optimizer_step(run, model, optimizer, batches, loss_fn)
     scheduler.step()
     return sums, global_units, grad_norm
 
 
-def train_epochs(run: Run, part: tuple, rollouts: list[Rollout], plans: list, loss_fn, units: str, pad_id: int,
-                 skip: frozenset[int] = frozenset()) -> tuple[dict, float, float]:
+def train_epochs(
+    run: Run,
+    part: tuple,
+    rollouts: list[Rollout],
+    plans: list,
+    loss_fn,
+    units: str,
+    pad_id: int,
+    skip: frozenset[int] = frozenset(),
+) -> tuple[dict, float, float]:
     """Every epoch's minibatches for one model (`part` = model, optimizer, scheduler), one optimizer
     step each (`train_on`). Actor and critic are separate models trained on fixed rollouts, so one
     can run after the other. Returns (metric sums, global units, mean grad norm) over all steps."""
@@ -202,14 +259,22 @@ def actor_metrics(sums: dict, d: Dist) -> dict[str, float]:
 def rollout_stats(rollouts: list[Rollout], d: Dist) -> dict[str, float]:
     """Global means over every process's rollouts: reward, response length, ended fraction, and
     (when reference log-probs are there) kl = sum_t (log pi_old - log pi_ref) per response."""
-    sums = {"n": len(rollouts), "reward": sum(r.score for r in rollouts),
-            "tokens": sum(len(r.response_ids) for r in rollouts), "ended": sum(r.is_end for r in rollouts)}
+    sums = {
+        "n": len(rollouts),
+        "reward": sum(r.score for r in rollouts),
+        "tokens": sum(len(r.response_ids) for r in rollouts),
+        "ended": sum(r.is_end for r in rollouts),
+    }
     if rollouts and rollouts[0].ref_logps is not None and rollouts[0].old_logps is not None:
         sums["kl"] = sum(float((r.old_logps - r.ref_logps).sum()) for r in rollouts)
     g = reduce_sums(sums, d)
     n = max(g.pop("n"), 1.0)
-    out = {"rollout/reward": g["reward"] / n, "rollout/response_tokens": g["tokens"] / n,
-           "rollout/ended_fraction": g["ended"] / n, "rollout/samples": n}
+    out = {
+        "rollout/reward": g["reward"] / n,
+        "rollout/response_tokens": g["tokens"] / n,
+        "rollout/ended_fraction": g["ended"] / n,
+        "rollout/samples": n,
+    }
     if "kl" in g:
         out["rollout/kl"] = g["kl"] / n
     return out

@@ -42,8 +42,20 @@ from alignkit.models.reward import RewardModelInfo, sequence_scores
 from alignkit.training.distributed import all_reduce_sum
 from alignkit.training.loop import to_device
 
-__all__ = ["Rollout", "collate_rollouts", "epoch_plan", "forward_rollouts", "pad", "reduce_sums", "render_prompts",
-           "sample_batches", "step_prompts", "token_logps", "token_values", "unpad"]
+__all__ = [
+    "Rollout",
+    "collate_rollouts",
+    "epoch_plan",
+    "forward_rollouts",
+    "pad",
+    "reduce_sums",
+    "render_prompts",
+    "sample_batches",
+    "step_prompts",
+    "token_logps",
+    "token_values",
+    "unpad",
+]
 
 Tensor = torch.Tensor
 
@@ -88,14 +100,23 @@ def step_prompts(num_records: int, step: int, per_step: int, seed: int) -> list[
 def render_prompts(tokenizer, records: list[Record], chat_template: str | None) -> list[list[int]]:
     """(P) token ids of each record's prompt conversation (`prompt_messages`), rendered by the chat
     template up to the assistant's turn."""
-    texts = [tokenizer.apply_chat_template(prompt_messages(r), tokenize=False, add_generation_prompt=True,
-                                           chat_template=chat_template) for r in records]
+    texts = [
+        tokenizer.apply_chat_template(
+            prompt_messages(r), tokenize=False, add_generation_prompt=True, chat_template=chat_template
+        )
+        for r in records
+    ]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def sample_batches(model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig,
-                   seed_of: Callable[[int], int], autocast=contextlib.nullcontext
-                   ) -> Iterator[tuple[int, list[Completion]]]:
+def sample_batches(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    sampling: SamplingConfig,
+    seed_of: Callable[[int], int],
+    autocast=contextlib.nullcontext,
+) -> Iterator[tuple[int, list[Completion]]]:
     """`sampling.n` samples of each prompt, `sampling.batch_size` prompts per `generate` call. The
     batch whose first prompt is `prompt_ids[start]` samples with seed `seed_of(start)`: the recipe's
     scheme fixes which samples a resumed run or another number of processes sees. Yields (start,
@@ -106,8 +127,14 @@ def sample_batches(model, tokenizer, prompt_ids: list[list[int]], sampling: Samp
         params = sampling.model_copy(update={"seed": seed_of(start)})
         was_training = module.training
         with autocast():
-            completions = generate(module, prompt_ids[start : start + sampling.batch_size], params,
-                                   tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)
+            completions = generate(
+                module,
+                prompt_ids[start : start + sampling.batch_size],
+                params,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                tokenizer.decode,
+            )
         module.train(was_training)
         yield start, completions
 
@@ -154,8 +181,14 @@ def token_values(critic, batch, info: RewardModelInfo, normalize: bool = False) 
 
 
 @torch.no_grad()
-def forward_rollouts(fn: Callable[[dict[str, Any]], Tensor], rollouts: list[Rollout], micro_batches: list[list[int]],
-                     pad_id: int, device, autocast=contextlib.nullcontext) -> list[Tensor]:
+def forward_rollouts(
+    fn: Callable[[dict[str, Any]], Tensor],
+    rollouts: list[Rollout],
+    micro_batches: list[list[int]],
+    pad_id: int,
+    device,
+    autocast=contextlib.nullcontext,
+) -> list[Tensor]:
     """Per-token results (R,) of `fn(batch) -> (N,)` for every rollout, in rollout order, computed
     over `micro_batches` (lists of rollout indices)."""
     out: list[Tensor | None] = [None] * len(rollouts)

@@ -101,8 +101,9 @@ def _prompt_ids(
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _judged(prompts: Sequence[Record], batch: list[int], completions: list[Completion], n: int,
-            judge: Judge) -> list[_Group]:
+def _judged(
+    prompts: Sequence[Record], batch: list[int], completions: list[Completion], n: int, judge: Judge
+) -> list[_Group]:
     """Each prompt of the batch with its n judged answers (completion k * n + j: answer j to
     prompt batch[k])."""
     rewards = [0.0] * len(completions)

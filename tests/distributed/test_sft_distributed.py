@@ -9,8 +9,17 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.distributed
 
-COMMON = ["run", "sft", "--config", "tiny", "train.max_steps=6", "data.validation=null", "logging.tensorboard=false",
-          "train.global_batch_size=8", "train.micro_batch_size=2"]
+COMMON = [
+    "run",
+    "sft",
+    "--config",
+    "tiny",
+    "train.max_steps=6",
+    "data.validation=null",
+    "logging.tensorboard=false",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+]
 
 
 def losses(out):

@@ -48,15 +48,33 @@ def val_rows(out):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    result = run_cli("run", "sft", "--config", "tiny", f"output_dir={out}", "train.max_steps=30",
-                     "checkpoint.every=null", *QUIET, env=ENV)
+    result = run_cli(
+        "run",
+        "sft",
+        "--config",
+        "tiny",
+        f"output_dir={out}",
+        "train.max_steps=30",
+        "checkpoint.every=null",
+        *QUIET,
+        env=ENV,
+    )
     assert result.returncode == 0, result.stderr
     return out / "final"
 
 
 def distill_args(out, teacher, *overrides):
-    return ["run", "distill", "--config", "tiny", f"output_dir={out}", f"teacher.path={teacher}",
-            "teacher.random_init=null", *QUIET, *overrides]
+    return [
+        "run",
+        "distill",
+        "--config",
+        "tiny",
+        f"output_dir={out}",
+        f"teacher.path={teacher}",
+        "teacher.random_init=null",
+        *QUIET,
+        *overrides,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +157,8 @@ def test_resume_reuses_the_cache_and_matches_the_uninterrupted_run(offline, teac
     keys = ["kd_loss", "teacher_top1_agreement"]
     assert [r["step"] for r in train_rows(out)] == list(range(1, 31))  # steps 21-30 replaced, once each
     assert [r[k] for r in train_rows(out) for k in keys] == pytest.approx(
-        [r[k] for r in train_rows(offline[0]) for k in keys], rel=1e-6)
+        [r[k] for r in train_rows(offline[0]) for k in keys], rel=1e-6
+    )
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (out, offline[0]))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -158,9 +177,18 @@ def test_two_processes_match_one(offline, teacher, tmp_path):
 def test_shipped_tiny_config_runs_with_its_random_teacher(tmp_path):
     """The smoke config as shipped (in-process, shortened): the random teacher is not the student."""
     out = tmp_path / "smoke"
-    cfg = load_config(distill.Config, find_config("distill", "tiny"),
-                      [f"output_dir={out}", "train.max_steps=2", "data.train.limit=64", "data.validation=null",
-                       "checkpoint.every=null", *QUIET])
+    cfg = load_config(
+        distill.Config,
+        find_config("distill", "tiny"),
+        [
+            f"output_dir={out}",
+            "train.max_steps=2",
+            "data.train.limit=64",
+            "data.validation=null",
+            "checkpoint.every=null",
+            *QUIET,
+        ],
+    )
     distill.main(cfg)
     rows = train_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["kd_loss"] > 0
@@ -171,17 +199,23 @@ def test_shipped_tiny_config_runs_with_its_random_teacher(tmp_path):
 def test_a_teacher_with_another_vocabulary_is_refused(tmp_path):
     other = train_bpe_tokenizer(["What is 2 + 2? The reverse of 'apple' is 'elppa'."] * 20, vocab_size=300)
     other.save_pretrained(tmp_path / "tok")
-    cfg = load_config(distill.Config, find_config("distill", "tiny"),
-                      [f"output_dir={tmp_path / 'run'}", f"teacher.tokenizer_path={tmp_path / 'tok'}", *QUIET])
+    cfg = load_config(
+        distill.Config,
+        find_config("distill", "tiny"),
+        [f"output_dir={tmp_path / 'run'}", f"teacher.tokenizer_path={tmp_path / 'tok'}", *QUIET],
+    )
     with pytest.raises(ConfigError, match="teacher and student tokenizers differ"):
         distill.main(cfg)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("teacher.lora.enabled=true", "the teacher is frozen"),
-    ("top_k=0", "top_k"),
-    ("loss.kl=backward", "loss.kl"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("teacher.lora.enabled=true", "the teacher is frozen"),
+        ("top_k=0", "top_k"),
+        ("loss.kl=backward", "loss.kl"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(distill.Config, find_config("distill", "tiny"), [f"output_dir={tmp_path}", override])

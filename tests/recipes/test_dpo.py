@@ -82,8 +82,13 @@ def test_dpo_learns_the_preferences(cached_run):
 def test_second_run_reuses_the_reference_cache(cached_run, tmp_path):
     out, cache, _ = cached_run
     again = tmp_path / "again"
-    result = dpo(again, f"reference.cache_dir={cache}", "train.max_steps=3", "data.validation=null",
-                 "checkpoint.save_final=false")
+    result = dpo(
+        again,
+        f"reference.cache_dir={cache}",
+        "train.max_steps=3",
+        "data.validation=null",
+        "checkpoint.save_final=false",
+    )
     assert "reusing cached reference log-probs for train" in result.stderr
     assert "computing reference" not in result.stderr
     keys = ["loss", "rewards/margin", "rewards/accuracy"]
@@ -101,36 +106,61 @@ def test_resume_matches_the_uninterrupted_run(cached_run, tmp_path):
     assert "step 20 of 40" in result.stderr and "computing reference" not in result.stderr
     keys = ["loss", "rewards/margin"]
     assert [r[k] for r in train_rows(resumed) for k in keys] == pytest.approx(
-        [r[k] for r in train_rows(out) for k in keys], rel=1e-6, abs=1e-7)
+        [r[k] for r in train_rows(out) for k in keys], rel=1e-6, abs=1e-7
+    )
 
 
 def test_online_reference_matches_cached(cached_run, tmp_path):
     out, _, _ = cached_run
     online = tmp_path / "online"
-    result = dpo(online, "reference.mode=online", "train.max_steps=40", "data.validation=null",
-                 "checkpoint.every=null", "checkpoint.save_final=false")
+    result = dpo(
+        online,
+        "reference.mode=online",
+        "train.max_steps=40",
+        "data.validation=null",
+        "checkpoint.every=null",
+        "checkpoint.save_final=false",
+    )
     assert "computing reference" not in result.stderr
     keys = ["loss", "rewards/chosen", "rewards/rejected"]
     for a, b in zip(train_rows(online)[:10], train_rows(out)[:10]):
         assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-4, abs=1e-5), a["step"]
 
 
-@pytest.mark.parametrize("loss_type, overrides, step1_loss", [
-    ("ipo", ["loss.beta=0.5"], 1.0),  # (0 - 1/(2 beta))^2
-    ("dpo", ["loss.label_smoothing=0.1", "loss.sft_weight=0.1"], None),  # cDPO + RPO-style SFT term
-    ("rpo_sq", [], None),
-    ("simpo", [], None),
-    ("orpo", [], None),
-])
+@pytest.mark.parametrize(
+    "loss_type, overrides, step1_loss",
+    [
+        ("ipo", ["loss.beta=0.5"], 1.0),  # (0 - 1/(2 beta))^2
+        ("dpo", ["loss.label_smoothing=0.1", "loss.sft_weight=0.1"], None),  # cDPO + RPO-style SFT term
+        ("rpo_sq", [], None),
+        ("simpo", [], None),
+        ("orpo", [], None),
+    ],
+)
 def test_loss_types(tmp_path, loss_type, overrides, step1_loss):
     out = tmp_path / loss_type
-    result = dpo(out, f"loss.type={loss_type}", *overrides, "train.max_steps=4", "data.validation=null",
-                 "checkpoint.every=null", "checkpoint.save_final=false")
+    result = dpo(
+        out,
+        f"loss.type={loss_type}",
+        *overrides,
+        "train.max_steps=4",
+        "data.validation=null",
+        "checkpoint.every=null",
+        "checkpoint.save_final=false",
+    )
     rows = train_rows(out)
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
     first = rows[0]
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
-                "logps/rejected", "sft_loss", "preference_loss"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logps/chosen",
+        "logps/rejected",
+        "sft_loss",
+        "preference_loss",
+    ):
         assert key in first
     reference_free = loss_type in ("simpo", "orpo")
     assert ("computing reference" in result.stderr) != reference_free
@@ -150,8 +180,15 @@ def test_loss_types(tmp_path, loss_type, overrides, step1_loss):
 @pytest.mark.parametrize("mode", ["cached", "online"])
 def test_lora_reference_is_the_base_model(tmp_path, mode):
     out = tmp_path / mode
-    result = dpo(out, "model.lora.enabled=true", "optim.lr=1e-2", f"reference.mode={mode}", "train.max_steps=12",
-                 "data.validation=null", "checkpoint.every=null")
+    result = dpo(
+        out,
+        "model.lora.enabled=true",
+        "optim.lr=1e-2",
+        f"reference.mode={mode}",
+        "train.max_steps=12",
+        "data.validation=null",
+        "checkpoint.every=null",
+    )
     assert ("computing reference" in result.stderr) == (mode == "cached")
     assert "step-0 check: policy and reference log-probs agree" in result.stderr
     rows = train_rows(out)
@@ -165,8 +202,18 @@ def test_lora_reference_is_the_base_model(tmp_path, mode):
 def test_rpo_without_rewards_names_the_record(tmp_path):
     data = tmp_path / "prefs.jsonl"
     data.write_text(json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b", "chosen_reward": 1}) + "\n")
-    result = run_cli("run", "dpo", "--config", "tiny", f"output_dir={tmp_path / 'out'}", "loss.type=rpo_fwd_kl",
-                     f"data.train.path={data}", "data.validation=null", *QUIET, env=ENV)
+    result = run_cli(
+        "run",
+        "dpo",
+        "--config",
+        "tiny",
+        f"output_dir={tmp_path / 'out'}",
+        "loss.type=rpo_fwd_kl",
+        f"data.train.path={data}",
+        "data.validation=null",
+        *QUIET,
+        env=ENV,
+    )
     assert result.returncode != 0
     assert f"{data}:1: missing rejected_reward" in result.stderr
 
@@ -175,8 +222,15 @@ def test_rpo_without_rewards_names_the_record(tmp_path):
 def test_two_processes_match_one(cached_run, tmp_path):
     out, _, _ = cached_run
     two = tmp_path / "two"
-    result = dpo(two, "train.max_steps=6", "data.validation=null", "checkpoint.every=null",
-                 "checkpoint.save_final=false", "--nproc", "2")
+    result = dpo(
+        two,
+        "train.max_steps=6",
+        "data.validation=null",
+        "checkpoint.every=null",
+        "checkpoint.save_final=false",
+        "--nproc",
+        "2",
+    )
     assert "2 processes" in result.stderr
     one = tmp_path / "one"
     dpo(one, "train.max_steps=6", "data.validation=null", "checkpoint.every=null", "checkpoint.save_final=false")
@@ -185,7 +239,8 @@ def test_two_processes_match_one(cached_run, tmp_path):
     # tie tolerance may flip, so it may differ by one pair (1/8) at a step, never more.
     keys = ["loss", "rewards/margin"]
     assert [r[k] for r in train_rows(two) for k in keys] == pytest.approx(
-        [r[k] for r in train_rows(one) for k in keys], rel=1e-4, abs=1e-5)
+        [r[k] for r in train_rows(one) for k in keys], rel=1e-4, abs=1e-5
+    )
     accuracy = [(a["rewards/accuracy"], b["rewards/accuracy"]) for a, b in zip(train_rows(two), train_rows(one))]
     assert all(abs(a - 0.5) <= 1 / 8 for a in accuracy[0])  # step 0: policy == reference, ties
     assert all(abs(a - b) <= 1 / 8 + 1e-9 for a, b in accuracy)
@@ -201,12 +256,17 @@ def test_step0_check_warns_when_policy_and_reference_differ(tokenizer):
     from alignkit.training.logging import get_logger
     from tests.conftest import REPO, tiny_model
 
-    cfg = load_config(recipe.Config, REPO / "configs/dpo/tiny.yaml",
-                      ["output_dir=/nonexistent", "data.validation=null"])
-    pairs, _ = load_preference_pairs(cfg.data.train.model_copy(update={"path": "builtin:prefs?n=4"}), cfg.data,
-                                     tokenizer)
-    run = SimpleNamespace(dist=SimpleNamespace(device=torch.device("cpu")), log=get_logger(),
-                          autocast=lambda: torch.autocast("cpu", enabled=False))
+    cfg = load_config(
+        recipe.Config, REPO / "configs/dpo/tiny.yaml", ["output_dir=/nonexistent", "data.validation=null"]
+    )
+    pairs, _ = load_preference_pairs(
+        cfg.data.train.model_copy(update={"path": "builtin:prefs?n=4"}), cfg.data, tokenizer
+    )
+    run = SimpleNamespace(
+        dist=SimpleNamespace(device=torch.device("cpu")),
+        log=get_logger(),
+        autocast=lambda: torch.autocast("cpu", enabled=False),
+    )
     policy = tiny_model(tokenizer, seed=0)
     # A handler of our own on the alignkit logger: caplog depends on propagation and on what
     # other tests left attached to the root logger.
@@ -224,8 +284,9 @@ def test_step0_check_warns_when_policy_and_reference_differ(tokenizer):
     assert len(warnings) == 1 and "differ at step 0 by up to" in warnings[0].getMessage()
 
 
-@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "hinge", "robust", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl",
-                                       "simpo", "orpo"])
+@pytest.mark.parametrize(
+    "loss_type", ["dpo", "ipo", "hinge", "robust", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "simpo", "orpo"]
+)
 def test_every_loss_type_in_process(tokenizer, loss_type):
     """loss_fn on a micro-batch with cached reference log-probs and an evaluation filler: finite
     loss and metrics, gradients reach the policy; a filler-only batch gives zeros."""
@@ -234,10 +295,14 @@ def test_every_loss_type_in_process(tokenizer, loss_type):
     from alignkit.recipes import dpo as recipe
     from tests.conftest import REPO, tiny_model
 
-    cfg = load_config(recipe.Config, REPO / "configs/dpo/tiny.yaml",
-                      ["output_dir=/nonexistent", f"loss.type={loss_type}", "loss.sft_weight=0.5"])
-    pairs, _ = load_preference_pairs(cfg.data.train.model_copy(update={"path": "builtin:prefs?n=3"}), cfg.data,
-                                     tokenizer, require_rewards=True)
+    cfg = load_config(
+        recipe.Config,
+        REPO / "configs/dpo/tiny.yaml",
+        ["output_dir=/nonexistent", f"loss.type={loss_type}", "loss.sft_weight=0.5"],
+    )
+    pairs, _ = load_preference_pairs(
+        cfg.data.train.model_copy(update={"path": "builtin:prefs?n=3"}), cfg.data, tokenizer, require_rewards=True
+    )
     model = tiny_model(tokenizer)
     batch = collate_pairs(pairs, 0)
     with torch.no_grad():
@@ -260,8 +325,14 @@ def test_kto_on_unpaired_data(tmp_path):
     """At step 1 policy == reference: rho = 0 and z_0 = 0, so every example's loss is
     1 - sigma(0) = 0.5 exactly; then desirable completions gain implicit reward over undesirable ones."""
     out = tmp_path / "kto"
-    dpo(out, "loss.type=kto", "optim.lr=5e-4", "data.train.path=builtin:kto?n=256&seed=0",
-        "data.validation.path=builtin:kto?n=64&seed=1&split=valid", "checkpoint.every=null")
+    dpo(
+        out,
+        "loss.type=kto",
+        "optim.lr=5e-4",
+        "data.train.path=builtin:kto?n=256&seed=0",
+        "data.validation.path=builtin:kto?n=64&seed=1&split=valid",
+        "checkpoint.every=null",
+    )
     train = train_rows(out)
     assert train[0]["loss"] == pytest.approx(0.5, abs=1e-6) and train[0]["kl"] == 0
     assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "kl"} <= train[0].keys()
@@ -275,8 +346,9 @@ def test_kto_on_unpaired_data(tmp_path):
 
 
 def online_dpo(out, *overrides, env=None):
-    return run_cli("run", "dpo", "--config", "tiny_online", f"output_dir={out}", *QUIET, *overrides,
-                   env={**ENV, **(env or {})})
+    return run_cli(
+        "run", "dpo", "--config", "tiny_online", f"output_dir={out}", *QUIET, *overrides, env={**ENV, **(env or {})}
+    )
 
 
 def read_pairs(out, t):
@@ -310,8 +382,10 @@ def test_online_dpo_trains_each_iteration_from_and_against_the_last_result(onlin
     cache = next((out / "iteration_2" / "reference_logps").glob("train-*.safetensors"))
     with safe_open(str(cache), "pt") as f:
         assert json.loads(f.metadata()["reference"])["path"] == str((out / "iteration_1" / "final").resolve())
-    final, last = load_file(str(out / "final" / "model.safetensors")), load_file(
-        str(out / "iteration_2" / "final" / "model.safetensors"))
+    final, last = (
+        load_file(str(out / "final" / "model.safetensors")),
+        load_file(str(out / "iteration_2" / "final" / "model.safetensors")),
+    )
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
 
 
@@ -327,4 +401,5 @@ def test_online_dpo_resumed_equals_uninterrupted(online_run, tmp_path):
     for t in (1, 2):
         assert read_pairs(resumed, t) == read_pairs(out, t)
         assert [r[k] for r in train_rows(resumed / f"iteration_{t}") for k in keys] == pytest.approx(
-            [r[k] for r in train_rows(out / f"iteration_{t}") for k in keys], rel=1e-6, abs=1e-7)
+            [r[k] for r in train_rows(out / f"iteration_{t}") for k in keys], rel=1e-6, abs=1e-7
+        )

@@ -39,18 +39,36 @@ def test_draftp_raises_the_reward_and_saves_loadable_adapters(tmp_path):
     # diffusers itself loads the result: base pipeline + LoRA adapters
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(out / "base", safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        out / "base", safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True
+    )
     pipe.load_lora_weights(str(out / "final"))
 
     # and `alignkit generate-images` samples it, annealed or not, scoring the grid
     rewards = {}
     for schedule in ("base", "linear", "draft"):
         grid = tmp_path / f"{schedule}.png"
-        result = run_cli("generate-images", "--lora", str(out / "final"), "--prompt", "a red circle on blue",
-                         "--prompt", "a blue square on white", "--n", "2", "--steps", "6", "--guidance", "3",
-                         "--schedule", schedule, "--reward", "alignkit.diffusion.reward:brightness_reward",
-                         "--out", str(grid))
+        result = run_cli(
+            "generate-images",
+            "--lora",
+            str(out / "final"),
+            "--prompt",
+            "a red circle on blue",
+            "--prompt",
+            "a blue square on white",
+            "--n",
+            "2",
+            "--steps",
+            "6",
+            "--guidance",
+            "3",
+            "--schedule",
+            schedule,
+            "--reward",
+            "alignkit.diffusion.reward:brightness_reward",
+            "--out",
+            str(grid),
+        )
         assert result.returncode == 0, result.stderr
         summary = json.loads(grid.with_suffix(".json").read_text())
         assert grid.is_file() and len(summary["rewards"]) == 2 and summary["diversity"] > 0
@@ -113,8 +131,17 @@ def test_generate_images_reports_bad_requests(tmp_path):
     from alignkit.diffusion.pipeline import build_tiny_pipeline, save_pipeline
 
     base = save_pipeline(build_tiny_pipeline(seed=0), tmp_path / "base")
-    args = ["generate-images", "--prompt", "a red circle on blue", "--n", "1", "--steps", "2", "--out",
-            str(tmp_path / "grid.png")]
+    args = [
+        "generate-images",
+        "--prompt",
+        "a red circle on blue",
+        "--n",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "grid.png"),
+    ]
     result = run_cli(*args, "--model", str(base), "--schedule", "linear")
     assert result.returncode != 0 and "needs --lora" in result.stderr
     (tmp_path / "empty").mkdir()

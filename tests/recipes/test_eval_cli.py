@@ -7,11 +7,26 @@ from tests.conftest import run_cli
 
 def test_eval_reports_oracle_metrics_win_rate_and_kl(tmp_path):
     model = tmp_path / "sft"
-    assert run_cli("run", "sft", "--config", "tiny", f"output_dir={model}", "train.max_steps=20",
-                   "data.validation=null").returncode == 0
+    assert (
+        run_cli(
+            "run", "sft", "--config", "tiny", f"output_dir={model}", "train.max_steps=20", "data.validation=null"
+        ).returncode
+        == 0
+    )
     out = tmp_path / "eval"
-    result = run_cli("eval", "--model", str(model / "final"), "--reference", str(model / "final"),
-                     "--prompts", "builtin:eval?n=24&seed=1", "--out", str(out), "--max-new-tokens", "32")
+    result = run_cli(
+        "eval",
+        "--model",
+        str(model / "final"),
+        "--reference",
+        str(model / "final"),
+        "--prompts",
+        "builtin:eval?n=24&seed=1",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "32",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "eval.json").read_text())
     metrics = report["metrics"]

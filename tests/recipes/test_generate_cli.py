@@ -12,11 +12,25 @@ def test_generate_writes_n_samples_per_prompt(tmp_path, tokenizer):
     model = tiny_model(tokenizer, seed=1)
     model_dir = save_causal_lm(model, model.state_dict(), tokenizer, tmp_path / "lm")
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n"
-                       + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    prompts.write_text(
+        json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+    )
     out = tmp_path / "samples.jsonl"
-    result = run_cli("generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
-                     "--n", "2", "--temperature", "0", "--max-new-tokens", "8")
+    result = run_cli(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--n",
+        "2",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4 and [r["sample"] for r in rows] == [0, 1, 0, 1]

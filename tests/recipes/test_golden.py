@@ -18,28 +18,42 @@ from tests.conftest import REPO
 # SteerLM model as its start: its own tests pin its behaviour).
 GOLDEN = {
     "sft/tiny": {"loss": [5.6044822982594935, 5.34010941354852, 5.089582905016448]},
-    "distill/tiny": {"loss": [0.0065030979204781444, 0.0035118962589063144, 0.0016378685047751978],
-                     "sft_loss": [5.595683964596519, 5.601860608552632, 5.603960217927631]},
-    "dpo/tiny": {"loss": [0.6931479573249817, 1.0938936471939087, 0.6334654688835144],
-                 "logps/chosen": [-498.922607421875, -947.1044921875, -817.3209228515625]},
+    "distill/tiny": {
+        "loss": [0.0065030979204781444, 0.0035118962589063144, 0.0016378685047751978],
+        "sft_loss": [5.595683964596519, 5.601860608552632, 5.603960217927631],
+    },
+    "dpo/tiny": {
+        "loss": [0.6931479573249817, 1.0938936471939087, 0.6334654688835144],
+        "logps/chosen": [-498.922607421875, -947.1044921875, -817.3209228515625],
+    },
     "reward_model/tiny": {"loss": [0.6931471824645996, 0.6928937435150146, 0.6920939683914185]},
     "reward_model/tiny_regression": {"loss": [1.5569879441034227, 2.7691657972631987, 2.033839198521205]},
     "steerlm/tiny": {"loss": [5.632960601869824, 5.425229386626445, 5.170654035762032]},
     "rejection_sampling/tiny": {"rollout/reward": [0.39257812895812094], "loss": [5.624047043972646]},
-    "ppo/tiny": {"rollout/reward": [0.37187499925494194, 0.3812500014901161],
-                 "critic/value_loss": [0.023970764130353928, 0.003393379505723715],
-                 "actor/loss": [-0.05789319798350334, -0.04191743955016136]},
+    "ppo/tiny": {
+        "rollout/reward": [0.37187499925494194, 0.3812500014901161],
+        "critic/value_loss": [0.023970764130353928, 0.003393379505723715],
+        "actor/loss": [-0.05789319798350334, -0.04191743955016136],
+    },
     "reinforce/tiny": {"rollout/reward": [0.37187499925494194, 0.38984375167638063]},
-    "draftp/tiny": {"reward": [-0.056944526731967926, -0.03329109773039818],
-                    "loss": [0.056944526731967926, 0.033291205763816833]},
+    "draftp/tiny": {
+        "reward": [-0.056944526731967926, -0.03329109773039818],
+        "loss": [0.056944526731967926, 0.033291205763816833],
+    },
 }
 
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     out = tmp_path_factory.mktemp("golden")
-    result = subprocess.run([sys.executable, "-m", "tests.golden_runner", str(out)], cwd=REPO, capture_output=True,
-                            text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.golden_runner", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "golden.json").read_text())
 

@@ -42,10 +42,21 @@ def test_ppo_raises_the_reward_and_saves_actor_and_critic(learning_run):
     first, last = m[0]["rollout/reward"], sum(r["rollout/reward"] for r in m[-3:]) / 3
     assert last > 2 * first, (first, last)  # a random model starts near 5/256
     assert m[-1]["rollout/kl"] > 0  # the actor moved away from the reference
-    for key in ("rollout/advantages_mean", "rollout/returns_std", "rollout/values_mean", "rollout/ended_fraction",
-                "actor/clip_fraction", "actor/approx_kl", "actor/entropy", "critic/value_loss",
-                "critic/explained_variance", "kl_coef", "timing/generate_s", "timing/train_s",
-                "rollout/monitor_reward"):
+    for key in (
+        "rollout/advantages_mean",
+        "rollout/returns_std",
+        "rollout/values_mean",
+        "rollout/ended_fraction",
+        "actor/clip_fraction",
+        "actor/approx_kl",
+        "actor/entropy",
+        "critic/value_loss",
+        "critic/explained_variance",
+        "kl_coef",
+        "timing/generate_s",
+        "timing/train_s",
+        "rollout/monitor_reward",
+    ):
         assert key in m[-1], key
     AutoModelForCausalLM.from_pretrained(learning_run / "final")
     critic = AutoModelForSequenceClassification.from_pretrained(learning_run / "critic/final")
@@ -77,8 +88,15 @@ def test_critic_warmup_trains_only_the_critic_first(tmp_path):
 
 def test_adaptive_kl_and_the_entropy_bonus(tmp_path):
     out = tmp_path / "run"
-    ppo(out, *VOWELS, "ppo.steps=2", "ppo.target_kl=100", "ppo.kl_horizon=10", "ppo.entropy_coef=0.01",
-        "checkpoint.save_final=false")
+    ppo(
+        out,
+        *VOWELS,
+        "ppo.steps=2",
+        "ppo.target_kl=100",
+        "ppo.kl_horizon=10",
+        "ppo.entropy_coef=0.01",
+        "checkpoint.save_final=false",
+    )
     m = metrics(out)
     coefs = [r["kl_coef"] for r in m]
     # step 1: KL 0, far below target: error clipped to -0.2, 16 rollouts over a horizon of 10

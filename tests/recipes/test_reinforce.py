@@ -20,8 +20,14 @@ def test_critic_free_methods_raise_the_reward(tmp_path, estimator):
     out = tmp_path / estimator
     # RLOO's baselines count only properly ended samples by default, and a random model never ends
     # within 16 tokens: compare against every other sample instead.
-    reinforce(out, *VOWELS, f"reinforce.estimator={estimator}", "reinforce.steps=10", "checkpoint.every=null",
-              "reinforce.ended_baseline=false")
+    reinforce(
+        out,
+        *VOWELS,
+        f"reinforce.estimator={estimator}",
+        "reinforce.steps=10",
+        "checkpoint.every=null",
+        "reinforce.ended_baseline=false",
+    )
     m = metrics(out)
     first, last = m[0]["rollout/reward"], sum(r["rollout/reward"] for r in m[-3:]) / 3
     assert last > 2 * first, (first, last)  # a random model starts near 5/256

@@ -14,8 +14,16 @@ QUIET = ["logging.progress=none"]
 
 
 def rs(out, *overrides, ok=True, env=None):
-    result = run_cli("run", "rejection_sampling", "--config", "tiny", f"output_dir={out}", *QUIET, *overrides,
-                     env={"OMP_NUM_THREADS": "1", **(env or {})})
+    result = run_cli(
+        "run",
+        "rejection_sampling",
+        "--config",
+        "tiny",
+        f"output_dir={out}",
+        *QUIET,
+        *overrides,
+        env={"OMP_NUM_THREADS": "1", **(env or {})},
+    )
     if ok:
         assert result.returncode == 0, result.stderr
     return result

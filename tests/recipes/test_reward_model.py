@@ -23,8 +23,9 @@ QUIET = ["logging.tensorboard=false", "logging.progress=none"]
 
 
 def rm(out, *overrides, config="tiny", ok=True, env=None):
-    result = run_cli("run", "reward_model", "--config", config, f"output_dir={out}", *QUIET, *overrides,
-                     env={**ENV, **(env or {})})
+    result = run_cli(
+        "run", "reward_model", "--config", config, f"output_dir={out}", *QUIET, *overrides, env={**ENV, **(env or {})}
+    )
     if ok:
         assert result.returncode == 0, result.stderr
     return result
@@ -59,8 +60,9 @@ def test_bradley_terry_ranks_held_out_pairs(bt_run, tmp_path):
 
     # `alignkit score` on the same pairs gives the same ranking
     out = tmp_path / "scored.jsonl"
-    result = run_cli("score", "--model", str(bt_run / "final"), "--data", "builtin:prefs?n=64&seed=1&split=valid",
-                     "--out", str(out))
+    result = run_cli(
+        "score", "--model", str(bt_run / "final"), "--data", "builtin:prefs?n=64&seed=1&split=valid", "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr
     assert f"pairwise accuracy {report['pairwise_accuracy']:.4f}" in result.stdout
     first = json.loads(out.read_text().splitlines()[0])
@@ -97,15 +99,23 @@ def test_regression_learns_the_attributes(tmp_path):
     # The head starts at the labels' means: the first loss is about the labels' variance, far
     # below a zero head's (mean square of 0-4 labels).
     zero = tmp_path / "zero"
-    rm(zero, "init_head_to_mean=false", "train.max_steps=1", "data.validation=null", "checkpoint.save_final=false",
-       "normalization_samples=0", config="tiny_regression")
+    rm(
+        zero,
+        "init_head_to_mean=false",
+        "train.max_steps=1",
+        "data.validation=null",
+        "checkpoint.save_final=false",
+        "normalization_samples=0",
+        config="tiny_regression",
+    )
     assert rows(zero)[0]["loss"] > 3 * train[0]["loss"]
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
     assert len(model.config.id2label) == 7 and model.config.reward_weights == [pytest.approx(1 / 7)] * 7
 
     scored = tmp_path / "scored.jsonl"
-    result = run_cli("score", "--model", str(out / "final"), "--data", "builtin:attributes?n=4&seed=2",
-                     "--out", str(scored))
+    result = run_cli(
+        "score", "--model", str(out / "final"), "--data", "builtin:attributes?n=4&seed=2", "--out", str(scored)
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads(scored.read_text().splitlines()[0])
     assert set(record["score_attributes"]) == set(model.config.id2label.values())
@@ -144,8 +154,9 @@ def test_two_processes_match_one(tmp_path, config):
     assert "2 processes" in result.stderr
     rm(one, *common, config=config)
     keys = ["loss", "accuracy", "rewards/margin"] if config == "tiny" else ["loss", "mse/verbosity"]
-    assert [r[k] for r in rows(two) for k in keys] == pytest.approx([r[k] for r in rows(one) for k in keys],
-                                                                     rel=1e-4, abs=1e-5)
+    assert [r[k] for r in rows(two) for k in keys] == pytest.approx(
+        [r[k] for r in rows(one) for k in keys], rel=1e-4, abs=1e-5
+    )
     report_two, report_one = (json.loads((o / "eval.json").read_text()) for o in (two, one))
     # The weights after 6 steps agree to ~1e-4 (FSDP reduces gradients in another order; checked
     # below), so each reward agrees to ~1e-4 absolute and a statistic of rewards to a few 1e-4:

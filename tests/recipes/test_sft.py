@@ -53,8 +53,16 @@ def test_sft_tiny_runs_and_saves_a_loadable_model(tmp_path):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    common = ["run", "sft", "--config", "tiny", "train.max_steps=16", "checkpoint.every=5", "data.validation=null",
-              "logging.tensorboard=false"]
+    common = [
+        "run",
+        "sft",
+        "--config",
+        "tiny",
+        "train.max_steps=16",
+        "checkpoint.every=5",
+        "data.validation=null",
+        "logging.tensorboard=false",
+    ]
     straight = tmp_path / "straight"
     assert run_cli(*common, f"output_dir={straight}").returncode == 0
     killed = tmp_path / "killed"
@@ -72,9 +80,18 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 
 def run_inprocess(tmp_path, name, *overrides):
-    cfg = load_config(sft.Config, find_config("sft", "tiny"),
-                      [f"output_dir={tmp_path / name}", "data.validation=null", "logging.tensorboard=false",
-                       "checkpoint.every=null", "logging.progress=none", *overrides])
+    cfg = load_config(
+        sft.Config,
+        find_config("sft", "tiny"),
+        [
+            f"output_dir={tmp_path / name}",
+            "data.validation=null",
+            "logging.tensorboard=false",
+            "checkpoint.every=null",
+            "logging.progress=none",
+            *overrides,
+        ],
+    )
     sft.main(cfg)
     return weights(tmp_path / name)
 
@@ -106,8 +123,16 @@ def test_lora_run_saves_merged_and_adapter_models(tmp_path):
 
 def test_bf16_autocast_trains(tmp_path):
     out = tmp_path / "bf16"
-    result = run_cli("run", "sft", "--config", "tiny", f"output_dir={out}", "model.precision=bf16_autocast",
-                     "train.max_steps=10", "data.validation=null")
+    result = run_cli(
+        "run",
+        "sft",
+        "--config",
+        "tiny",
+        f"output_dir={out}",
+        "model.precision=bf16_autocast",
+        "train.max_steps=10",
+        "data.validation=null",
+    )
     assert result.returncode == 0, result.stderr
     rows = metrics(out)
     assert rows[-1]["loss"] < rows[0]["loss"]

@@ -36,8 +36,19 @@ def steerlm_model(tmp_path_factory):
 
 
 def steerlm2(out, model, *overrides, ok=True, env=None):
-    return cli("run", "steerlm2", "--config", "tiny", f"output_dir={out}", f"model.path={model}",
-               f"steerlm2.prior_path={model}", *QUIET, *overrides, ok=ok, env=env)
+    return cli(
+        "run",
+        "steerlm2",
+        "--config",
+        "tiny",
+        f"output_dir={out}",
+        f"model.path={model}",
+        f"steerlm2.prior_path={model}",
+        *QUIET,
+        *overrides,
+        ok=ok,
+        env=env,
+    )
 
 
 # --- SteerLM -------------------------------------------------------------------------------------
@@ -54,38 +65,86 @@ def test_steerlm_trains_on_labelled_responses_and_records_its_format(steerlm_mod
 
 def test_generate_is_steered_by_requested_attributes(steerlm_model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n"
-                       + json.dumps({"prompt": "What is 3 + 3?", "attributes": {"verbosity": 4}}) + "\n")
+    prompts.write_text(
+        json.dumps({"prompt": "What is 2 + 2?"})
+        + "\n"
+        + json.dumps({"prompt": "What is 3 + 3?", "attributes": {"verbosity": 4}})
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
-    cli("generate", "--model", str(steerlm_model / "final"), "--prompts", str(prompts), "--out", str(out),
-        "--attributes", "politeness:0", "--max-new-tokens", "4", "--temperature", "0")
+    cli(
+        "generate",
+        "--model",
+        str(steerlm_model / "final"),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--attributes",
+        "politeness:0",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+    )
     rows = lines(out)
     defaults = AutoConfig.from_pretrained(steerlm_model / "final").steerlm["defaults"]
     assert rows[0]["label"] == f"verbosity:{defaults['verbosity']},politeness:0"  # the rest: defaults
     assert rows[1]["label"] == f"verbosity:4,politeness:{defaults['politeness']}"  # the record's own wins
-    bad = cli("generate", "--model", str(steerlm_model / "final"), "--prompts", str(prompts), "--out", str(out),
-              "--attributes", "verbosty:1", ok=False)
+    bad = cli(
+        "generate",
+        "--model",
+        str(steerlm_model / "final"),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--attributes",
+        "verbosty:1",
+        ok=False,
+    )
     assert bad.returncode == 2 and "did you mean 'verbosity'" in bad.stderr
 
 
 def test_annotate_cli_and_recipe_label_with_the_oracle(tmp_path):
     out = tmp_path / "labelled.jsonl"
-    cli("annotate", "--data", "builtin:demos?n=6", "--out", str(out), "--oracle", "--attributes", "verbosity,politeness")
+    cli(
+        "annotate", "--data", "builtin:demos?n=6", "--out", str(out), "--oracle", "--attributes", "verbosity,politeness"
+    )
     for row, record in zip(lines(out), read_records("builtin:demos?n=6")):
         s = score_response(record.data["prompt"], record.data["response"])
         assert row["label"] == f"verbosity:{s.verbosity},politeness:{s.politeness}"
     run = tmp_path / "run"
-    cli("run", "steerlm", "--config", "tiny", f"output_dir={run}", "data.train.path=builtin:demos?n=64",
-        "data.validation=null", "annotate.kind=oracle", "train.max_steps=2", *QUIET)
+    cli(
+        "run",
+        "steerlm",
+        "--config",
+        "tiny",
+        f"output_dir={run}",
+        "data.train.path=builtin:demos?n=64",
+        "data.validation=null",
+        "annotate.kind=oracle",
+        "train.max_steps=2",
+        *QUIET,
+    )
     assert [r["label"] for r in lines(run / "annotated.jsonl")][:6] == [r["label"] for r in lines(out)]
-    missing = cli("annotate", "--data", "builtin:demos?n=2", "--out", str(out), "--oracle", "--attributes", "humour",
-                  ok=False)
+    missing = cli(
+        "annotate", "--data", "builtin:demos?n=2", "--out", str(out), "--oracle", "--attributes", "humour", ok=False
+    )
     assert missing.returncode == 2 and "the label needs ['humour']" in missing.stderr
 
 
 def test_unlabelled_data_without_an_annotator_is_an_error(tmp_path):
-    result = cli("run", "steerlm", "--config", "tiny", f"output_dir={tmp_path}", "data.train.path=builtin:demos?n=4",
-                 *QUIET, ok=False)
+    result = cli(
+        "run",
+        "steerlm",
+        "--config",
+        "tiny",
+        f"output_dir={tmp_path}",
+        "data.train.path=builtin:demos?n=4",
+        *QUIET,
+        ok=False,
+    )
     assert result.returncode == 2 and "builtin:demos?n=4#0: a SteerLM record needs a 'label'" in result.stderr
 
 
@@ -119,8 +178,9 @@ def test_first_step_distance_is_kl_from_uniform(steerlm_model, tmp_path):
     """At step 0 the policy is Q', so b' is uniform and distance = sum w' log(n w'); with the whole
     data in one step, the logged value is its mean over the 16 groups."""
     out = tmp_path / "one"
-    steerlm2(out, steerlm_model / "final", "steerlm2.iterations=1", "train.global_batch_size=16",
-             "train.micro_batch_size=8")
+    steerlm2(
+        out, steerlm_model / "final", "steerlm2.iterations=1", "train.global_batch_size=16", "train.micro_batch_size=8"
+    )
     expected = []
     for g in lines(out / "iteration_1/samples.jsonl"):
         logits = [r["log(P(a|x,y))"] + r["log(P(y|x))"] - r["log(Q(y|a,x))"] for r in g["responses"]]
@@ -158,8 +218,9 @@ def test_steerlm2_needs_two_samples_per_target(tmp_path):
 @pytest.mark.distributed
 def test_steerlm2_two_processes_share_the_prompts(steerlm_model, steerlm2_run, tmp_path):
     out = tmp_path / "two"
-    result = steerlm2(out, steerlm_model / "final", "--nproc", "2", "distributed.strategy=ddp",
-                      "train.micro_batch_size=1")
+    result = steerlm2(
+        out, steerlm_model / "final", "--nproc", "2", "distributed.strategy=ddp", "train.micro_batch_size=1"
+    )
     assert "2 processes" in result.stderr
     one = lines(steerlm2_run / "iteration_1/samples.jsonl")
     two = lines(out / "iteration_1/samples.jsonl")

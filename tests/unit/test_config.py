@@ -23,8 +23,11 @@ def test_valid_config_gets_defaults(tmp_path):
 
 
 def test_overrides_parse_yaml_scalars(tmp_path):
-    cfg = load_config(SFTConfig, write(tmp_path, BASE),
-                      ["optim.lr=2e-5", "train.max_steps=7", "data.pack=false", "model.lora.target_modules=[q_proj,v_proj]"])
+    cfg = load_config(
+        SFTConfig,
+        write(tmp_path, BASE),
+        ["optim.lr=2e-5", "train.max_steps=7", "data.pack=false", "model.lora.target_modules=[q_proj,v_proj]"],
+    )
     assert cfg.optim.lr == 2e-5 and cfg.train.max_steps == 7 and cfg.data.pack is False
     assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
 

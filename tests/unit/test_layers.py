@@ -22,11 +22,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2] / "alignkit"
 
 FLOORS = {
-    "cli": 4, "demo": 4,
+    "cli": 4,
+    "demo": 4,
     "recipes": 3,
-    "training": 2, "rewards": 2, "evaluation": 2, "serving": 2,
-    "models": 1, "data": 1, "generation": 1, "diffusion": 1,
-    "tasks": 0, "losses": 0, "config": 0,
+    "training": 2,
+    "rewards": 2,
+    "evaluation": 2,
+    "serving": 2,
+    "models": 1,
+    "data": 1,
+    "generation": 1,
+    "diffusion": 1,
+    "tasks": 0,
+    "losses": 0,
+    "config": 0,
 }
 
 
@@ -61,8 +70,12 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         is_package = path.name == "__init__.py"
-        graph[name] = {target for node in ast.walk(tree)
-                       for target in _imported(node, name, is_package, set(modules)) if target != name}
+        graph[name] = {
+            target
+            for node in ast.walk(tree)
+            for target in _imported(node, name, is_package, set(modules))
+            if target != name
+        }
     return graph
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from alignkit.recipes import RECIPES, recipe_module
 from alignkit.config import configs_dir, load_config
+from alignkit.recipes import RECIPES, recipe_module
 
 SHIPPED = sorted(configs_dir().glob("*/*.yaml"))
 

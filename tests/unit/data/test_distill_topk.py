@@ -114,8 +114,13 @@ def test_teacher_rows_computed_per_example_match_logits_at_on_the_packed_batch(t
 def test_save_load_round_trip_is_atomic_and_attach_checks_shapes(tmp_path):
     examples = make_examples(5)
     g = torch.Generator().manual_seed(0)
-    topk = {i: (torch.randn(e.num_targets, K, generator=g).sort(descending=True).values,
-                torch.randint(0, 263, (e.num_targets, K), generator=g)) for i, e in enumerate(examples)}
+    topk = {
+        i: (
+            torch.randn(e.num_targets, K, generator=g).sort(descending=True).values,
+            torch.randint(0, 263, (e.num_targets, K), generator=g),
+        )
+        for i, e in enumerate(examples)
+    }
     path = tmp_path / "cache" / "train-abc.safetensors"
     save_topk(path, topk, {"teacher": "x"})
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary left behind

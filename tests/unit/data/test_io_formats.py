@@ -16,7 +16,7 @@ def test_jsonl_malformed_line_names_file_and_line(tmp_path):
 
 def test_jsonl_non_object_line(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('[1, 2]\n')
+    path.write_text("[1, 2]\n")
     with pytest.raises(DataError, match=r"d.jsonl:1: expected a JSON object, got list"):
         read_records(path)
 
@@ -57,15 +57,22 @@ def test_prompt_response_variants():
     assert to_messages(rec({"prompt": "Q", "response": "A"})) == expected
     assert to_messages(rec({"input": "Q", "output": "A"})) == expected
     assert to_messages(rec({"prompt": "Q", "completion": "A"})) == expected
-    assert to_messages(rec({"prompt": [{"role": "user", "content": "Q"}],
-                            "completion": [{"role": "assistant", "content": "A"}]})) == expected
+    assert (
+        to_messages(
+            rec({"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]})
+        )
+        == expected
+    )
     with_system = to_messages(rec({"prompt": "Q", "response": "A"}), system_prompt="S")
     assert with_system[0] == {"role": "system", "content": "S"}
 
 
 def test_nemo_conversations_format():
-    data = {"system": "be nice", "mask": "User",
-            "conversations": [{"from": "User", "value": "hi"}, {"from": "Assistant", "value": "hello", "label": None}]}
+    data = {
+        "system": "be nice",
+        "mask": "User",
+        "conversations": [{"from": "User", "value": "hi"}, {"from": "Assistant", "value": "hello", "label": None}],
+    }
     assert to_messages(rec(data)) == [
         {"role": "system", "content": "be nice"},
         {"role": "user", "content": "hi"},
@@ -73,14 +80,17 @@ def test_nemo_conversations_format():
     ]
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "role 'robot'"),
-    ({"messages": [{"role": "user"}]}, "has no field 'content'"),
-    ({"messages": [{"role": "user", "content": 3}]}, "content must be a string"),
-    ({"text": "x"}, "no conversation fields"),
-    ({"messages": "hello"}, "no assistant message"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "role 'robot'"),
+        ({"messages": [{"role": "user"}]}, "has no field 'content'"),
+        ({"messages": [{"role": "user", "content": 3}]}, "content must be a string"),
+        ({"text": "x"}, "no conversation fields"),
+        ({"messages": "hello"}, "no assistant message"),
+    ],
+)
 def test_bad_conversations_name_the_line(data, message):
     with pytest.raises(DataError, match=rf"f.jsonl:7: .*{message}"):
         to_messages(rec(data))

@@ -47,32 +47,58 @@ def test_string_fields():
 
 
 def test_nemo_names_and_rewards():
-    p = parse_preference(rec({"prompt": "Q?", "chosen_response": "good", "rejected_response": "bad",
-                              "chosen_reward": 1, "rejected_reward": 0.25}), require_rewards=True)
+    p = parse_preference(
+        rec(
+            {
+                "prompt": "Q?",
+                "chosen_response": "good",
+                "rejected_response": "bad",
+                "chosen_reward": 1,
+                "rejected_reward": 0.25,
+            }
+        ),
+        require_rewards=True,
+    )
     assert p.chosen[0]["content"] == "good" and p.rejected[0]["content"] == "bad"
     assert (p.chosen_reward, p.rejected_reward) == (1.0, 0.25)
 
 
 def test_message_lists_and_system_prompt():
-    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-              {"role": "user", "content": "Q?"}]
-    p = parse_preference(rec({"prompt": prompt, "chosen": [{"role": "assistant", "content": "good"}],
-                              "rejected": [{"role": "assistant", "content": "bad"}]}), system_prompt="Be nice.")
+    prompt = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Q?"},
+    ]
+    p = parse_preference(
+        rec(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": "good"}],
+                "rejected": [{"role": "assistant", "content": "bad"}],
+            }
+        ),
+        system_prompt="Be nice.",
+    )
     assert [m["role"] for m in p.prompt] == ["system", "user", "assistant", "user"]
     assert p.chosen == [{"role": "assistant", "content": "good"}]
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"prompt": "Q?", "chosen": "a"}, "missing field(s) 'rejected'"),
-    ({"chosen": "a", "rejected": "b"}, "missing field(s) 'prompt'"),
-    ({"prompt": "Q?", "response": "a"}, "missing field(s) 'chosen', 'rejected'"),
-    ({"prompt": "Q?", "chosen": 3, "rejected": "b"}, "field 'chosen': expected a string or a list of messages"),
-    ({"prompt": "Q?", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "list of assistant messages"),
-    ({"prompt": [], "chosen": "a", "rejected": "b"}, "field 'prompt' is an empty list"),
-    ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "ends with an assistant"),
-    ({"prompt": "Q?", "chosen": "a", "rejected": "b", "chosen_reward": "high"},
-     "'chosen_reward' must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"prompt": "Q?", "chosen": "a"}, "missing field(s) 'rejected'"),
+        ({"chosen": "a", "rejected": "b"}, "missing field(s) 'prompt'"),
+        ({"prompt": "Q?", "response": "a"}, "missing field(s) 'chosen', 'rejected'"),
+        ({"prompt": "Q?", "chosen": 3, "rejected": "b"}, "field 'chosen': expected a string or a list of messages"),
+        ({"prompt": "Q?", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "list of assistant messages"),
+        ({"prompt": [], "chosen": "a", "rejected": "b"}, "field 'prompt' is an empty list"),
+        ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "ends with an assistant"),
+        (
+            {"prompt": "Q?", "chosen": "a", "rejected": "b", "chosen_reward": "high"},
+            "'chosen_reward' must be a finite number",
+        ),
+    ],
+)
 def test_malformed_records_name_file_and_line(data, message):
     with pytest.raises(DataError, match="f.jsonl:3") as info:
         parse_preference(rec(data))
@@ -82,8 +108,9 @@ def test_malformed_records_name_file_and_line(data, message):
 def test_rpo_needs_rewards(tmp_path):
     path = tmp_path / "prefs.jsonl"
     pair = {"prompt": "Q", "chosen": "a", "rejected": "b", "chosen_reward": 1, "rejected_reward": 0}
-    path.write_text(json.dumps(pair)
-                    + "\n" + json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b", "chosen_reward": 1}) + "\n")
+    path.write_text(
+        json.dumps(pair) + "\n" + json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b", "chosen_reward": 1}) + "\n"
+    )
     records = read_records(path)
     parse_preference(records[0], require_rewards=True)
     parse_preference(records[1])  # fine when not required
@@ -103,10 +130,14 @@ def test_malformed_json_line_is_reported_by_the_loader(tmp_path, tokenizer):
 
 
 def test_targets_cover_the_responses_only(tokenizer):
-    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "EARLIER"},
-              {"role": "user", "content": "Q?"}]
-    pair = encode_pair(tokenizer, parse_preference(rec({"prompt": prompt, "chosen": "GOOD", "rejected": "BAD!"})),
-                       None, "x")
+    prompt = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "EARLIER"},
+        {"role": "user", "content": "Q?"},
+    ]
+    pair = encode_pair(
+        tokenizer, parse_preference(rec({"prompt": prompt, "chosen": "GOOD", "rejected": "BAD!"})), None, "x"
+    )
     assert targets_text(tokenizer, pair.chosen) == "GOOD</s>"
     assert targets_text(tokenizer, pair.rejected) == "BAD!</s>"
     # Same prompt tokens in front of both responses.
@@ -121,11 +152,14 @@ def write_prefs(path, records):
 
 
 def test_overlength_keeps_or_drops_a_pair_whole(tmp_path, tokenizer):
-    path = write_prefs(tmp_path / "p.jsonl", [
-        {"prompt": "Q", "chosen": "short", "rejected": "x" * 200},  # rejected too long
-        {"prompt": "Q", "chosen": "short", "rejected": "tiny"},
-        {"prompt": "Q" * 200, "chosen": "a", "rejected": "b"},  # prompt fills max_seq_len
-    ])
+    path = write_prefs(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Q", "chosen": "short", "rejected": "x" * 200},  # rejected too long
+            {"prompt": "Q", "chosen": "short", "rejected": "tiny"},
+            {"prompt": "Q" * 200, "chosen": "a", "rejected": "b"},  # prompt fills max_seq_len
+        ],
+    )
     drop = DataConfig(train=DatasetConfig(path=str(path)), max_seq_len=64, overlength="drop")
     pairs, stats = load_preference_pairs(drop.train, drop, tokenizer)
     assert [p.source for p in pairs] == [f"{path}:2"] and stats.kept == 1 and sum(stats.dropped.values()) == 2
@@ -163,8 +197,11 @@ def test_collate_keeps_pairs_together(pairs, tokenizer):
     packed = [given[i] for i in order]
     width = max(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in packed)
     assert batch["input_ids"].shape[1] == width and batch["input_ids"].shape[0] <= 4
-    flat = [(t, pos) for row_ids, row_pos in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist())
-            for t, pos in zip(row_ids, row_pos)]
+    flat = [
+        (t, pos)
+        for row_ids, row_pos in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist())
+        for t, pos in zip(row_ids, row_pos)
+    ]
     text = [t for t, _ in flat]
     for pair in packed:  # chosen then rejected, adjacent, found in one row
         seq = pair.chosen.input_ids + pair.rejected.input_ids
@@ -221,11 +258,16 @@ def test_kto_pairs_each_prompt_with_the_next_records_completion(tmp_path, tokeni
     from alignkit.data.preference import load_kto_pairs
 
     path = tmp_path / "kto.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"prompt": "p0", "completion": "c0", "label": True},
-        {"prompt": "p1", "completion": "c1", "label": False},
-        {"prompt": "p2", "response": "c2", "preference": "chosen"},  # NeMo-Aligner's names
-    ]))
+    path.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"prompt": "p0", "completion": "c0", "label": True},
+                {"prompt": "p1", "completion": "c1", "label": False},
+                {"prompt": "p2", "response": "c2", "preference": "chosen"},  # NeMo-Aligner's names
+            ]
+        )
+    )
     cfg = DataConfig(train=DatasetConfig(path=str(path)))
     pairs, stats = load_kto_pairs(cfg.train, cfg, tokenizer)
     assert stats.kept == 3 and [p.label for p in pairs] == [True, False, True]
@@ -236,11 +278,14 @@ def test_kto_pairs_each_prompt_with_the_next_records_completion(tmp_path, tokeni
     assert batch["kto_label"].tolist() == [[True, None, False][i] for i in batch["order"]]
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"prompt": "p", "completion": "c", "label": "yes"}, r"kto.jsonl:1: field 'label' must be true"),
-    ({"prompt": "p", "completion": "c"}, r"kto.jsonl:1: missing field 'label'"),
-    ({"prompt": "p", "label": True}, r"kto.jsonl:1: missing field\(s\) 'completion'"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "p", "completion": "c", "label": "yes"}, r"kto.jsonl:1: field 'label' must be true"),
+        ({"prompt": "p", "completion": "c"}, r"kto.jsonl:1: missing field 'label'"),
+        ({"prompt": "p", "label": True}, r"kto.jsonl:1: missing field\(s\) 'completion'"),
+    ],
+)
 def test_kto_bad_records_are_named(tmp_path, tokenizer, record, message):
     from alignkit.data.preference import load_kto_pairs
 

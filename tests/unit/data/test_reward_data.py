@@ -31,8 +31,13 @@ def data_cfg(path, **kw):
 
 
 def test_pairs_keep_the_margin_and_score_the_last_token(tmp_path, tokenizer):
-    path = write(tmp_path, [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": -0.5},
-                            {"prompt": "hi", "chosen_response": "hello", "rejected_response": "go away"}])
+    path = write(
+        tmp_path,
+        [
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": -0.5},
+            {"prompt": "hi", "chosen_response": "hello", "rejected_response": "go away"},
+        ],
+    )
     pairs, stats = load_reward_pairs(DatasetConfig(path=str(path)), data_cfg(path), tokenizer)
     assert stats.kept == 2 and pairs[0].margin == 0.5 and pairs[1].margin is None  # |l|, as NeMo-Aligner
     text = tokenizer.decode(pairs[0].chosen.input_ids)
@@ -65,10 +70,13 @@ def test_bad_margin_names_the_line(tmp_path, tokenizer):
 
 
 def test_attribute_records_in_both_formats(tmp_path, tokenizer):
-    path = write(tmp_path, [
-        {"prompt": "q", "response": "a", "attributes": {"helpfulness": 3, "verbosity": 1, "other": 9}},
-        {"text": "<|user|>\nq</s><|assistant|>\nb</s>", "label": [4, -100, 2]},
-    ])
+    path = write(
+        tmp_path,
+        [
+            {"prompt": "q", "response": "a", "attributes": {"helpfulness": 3, "verbosity": 1, "other": 9}},
+            {"text": "<|user|>\nq</s><|assistant|>\nb</s>", "label": [4, -100, 2]},
+        ],
+    )
     examples, _ = load_attribute_examples(DatasetConfig(path=str(path)), data_cfg(path), tokenizer, ATTRS)
     assert examples[0].targets[0] == 3 and math.isnan(examples[0].targets[1]) and examples[0].targets[2] == 1
     assert examples[1].targets[0] == 4 and math.isnan(examples[1].targets[1]) and examples[1].targets[2] == 2
@@ -82,13 +90,16 @@ def test_attribute_records_in_both_formats(tmp_path, tokenizer):
     assert torch.equal(batch["targets"], torch.tensor([[3.0, 0, 1], [4, 0, 2]]))
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"prompt": "q", "response": "a"}, r"data.jsonl:1: missing field 'attributes'"),
-    ({"prompt": "q", "response": "a", "attributes": {"helpfulness": "high"}}, r"attribute 'helpfulness' must be"),
-    ({"prompt": "q", "response": "a", "attributes": {"politeness": 2}}, r"none of the attributes"),
-    ({"text": "x", "label": [1, 2]}, r"field 'label' must be a list of 3 numbers"),
-    ({"response": "a", "attributes": {"helpfulness": 1}}, r"missing field 'prompt'"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "q", "response": "a"}, r"data.jsonl:1: missing field 'attributes'"),
+        ({"prompt": "q", "response": "a", "attributes": {"helpfulness": "high"}}, r"attribute 'helpfulness' must be"),
+        ({"prompt": "q", "response": "a", "attributes": {"politeness": 2}}, r"none of the attributes"),
+        ({"text": "x", "label": [1, 2]}, r"field 'label' must be a list of 3 numbers"),
+        ({"response": "a", "attributes": {"helpfulness": 1}}, r"missing field 'prompt'"),
+    ],
+)
 def test_bad_attribute_records_are_named(tmp_path, tokenizer, record, message):
     path = write(tmp_path, [record])
     with pytest.raises(DataError, match=message):
@@ -96,8 +107,13 @@ def test_bad_attribute_records_are_named(tmp_path, tokenizer, record, message):
 
 
 def test_overlength_policies(tmp_path, tokenizer):
-    path = write(tmp_path, [{"prompt": "q", "response": "x" * 200, "attributes": {"helpfulness": 1}},
-                            {"prompt": "q", "response": "y", "attributes": {"helpfulness": 2}}])
+    path = write(
+        tmp_path,
+        [
+            {"prompt": "q", "response": "x" * 200, "attributes": {"helpfulness": 1}},
+            {"prompt": "q", "response": "y", "attributes": {"helpfulness": 2}},
+        ],
+    )
     spec = DatasetConfig(path=str(path))
     kept, stats = load_attribute_examples(spec, data_cfg(path, max_seq_len=64), tokenizer, ATTRS)
     assert len(kept) == 1 and stats.kept == 1 and sum(stats.dropped.values()) == 1

@@ -14,8 +14,10 @@ CONVERSATION = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assista
 def test_label_sits_in_the_assistant_header_and_only_the_response_carries_loss():
     tok = byte_tokenizer()
     example = encode_steerlm(tok, CONVERSATION, FMT.label_line({"verbosity": 0}), None, "x")
-    assert tok.decode(example.input_ids) == \
-        "<|user|>\nWhat is 2 + 2?</s><|assistant|>\n[verbosity:0,politeness:3]\nIt is 4.</s>"
+    assert (
+        tok.decode(example.input_ids)
+        == "<|user|>\nWhat is 2 + 2?</s><|assistant|>\n[verbosity:0,politeness:3]\nIt is 4.</s>"
+    )
     learned = [t for t in example.target_ids if t != IGNORE]
     assert tok.decode(learned) == "It is 4.</s>"  # not the label, not the prompt
 
@@ -59,10 +61,16 @@ def test_format_round_trips_through_a_model_config():
 def test_record_targets_from_label_attributes_or_nemo_conversations():
     names = ("verbosity", "politeness")
     assert record_targets({"label": "verbosity:2,politeness:1"}, names, "f:1") == {"verbosity": 2, "politeness": 1}
-    assert record_targets({"attributes": {"verbosity": 3.6, "politeness": -1, "x": 9}}, names, "f:1") == \
-        {"verbosity": 4, "politeness": 0}
-    nemo = {"conversations": [{"from": "User", "value": "hi"},
-                              {"from": "Assistant", "value": "hello", "label": "verbosity:0,politeness:4"}]}
+    assert record_targets({"attributes": {"verbosity": 3.6, "politeness": -1, "x": 9}}, names, "f:1") == {
+        "verbosity": 4,
+        "politeness": 0,
+    }
+    nemo = {
+        "conversations": [
+            {"from": "User", "value": "hi"},
+            {"from": "Assistant", "value": "hello", "label": "verbosity:0,politeness:4"},
+        ]
+    }
     assert record_targets(nemo, names, "f:1") == {"verbosity": 0, "politeness": 4}
     with pytest.raises(DataError, match="f:3: label 'verbosity:2'"):
         record_targets({"label": "verbosity:2"}, names, "f:3")

@@ -45,8 +45,10 @@ def test_mask_with_bpe_tokenizer_that_merges_across_boundaries():
 
 
 def test_custom_template_and_missing_template(tokenizer):
-    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     example = encode_conversation(tokenizer, CHAT[1:3], template, "x:1")
     assert loss_text(tokenizer, example) == "2.\n"
     bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer)

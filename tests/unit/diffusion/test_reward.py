@@ -41,8 +41,9 @@ def test_save_and_load_round_trip(judge_and_report, tmp_path):
     judge, _ = judge_and_report
     loaded = ShapeJudge.load(judge.save(tmp_path / "judge"))
     images = render_batch([ShapeSpec("triangle", "purple", "green")], seed=1)
-    torch.testing.assert_close(loaded.reward(images, ["a purple triangle on green"]),
-                               judge.reward(images, ["a purple triangle on green"]))
+    torch.testing.assert_close(
+        loaded.reward(images, ["a purple triangle on green"]), judge.reward(images, ["a purple triangle on green"])
+    )
     with pytest.raises(ValueError, match="not a shape-world caption"):
         judge.reward(images, ["a cat"])
 
@@ -54,11 +55,20 @@ def tiny_clip(directory):
     from alignkit.diffusion.pipeline import shape_tokenizer
 
     tokenizer = shape_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

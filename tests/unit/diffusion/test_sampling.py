@@ -34,8 +34,11 @@ def with_lora(pipe, perturb: float = 0.0):
     from peft import LoraConfig
 
     if "default" not in (getattr(pipe.unet, "peft_config", None) or {}):
-        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        pipe.unet.add_adapter(
+            LoraConfig(
+                r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+            )
+        )
     torch.manual_seed(1)
     for name, p in pipe.unet.named_parameters():
         if "lora_B" in name:
@@ -56,8 +59,9 @@ def test_sampler_matches_the_diffusers_pipeline(pipe):
     ours = denoise(pipe.unet, pipe.scheduler, context(pipe), noise(pipe), steps=STEPS, guidance=GUIDANCE)
     with torch.no_grad():
         images = decode(pipe.vae, ours.latents)
-    theirs = pipe(PROMPTS, latents=noise(pipe), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                  output_type="pt").images  # (B, 3, H, W) in [0, 1]
+    theirs = pipe(
+        PROMPTS, latents=noise(pipe), num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="pt"
+    ).images  # (B, 3, H, W) in [0, 1]
     torch.testing.assert_close((images + 1) / 2, theirs, atol=1e-5, rtol=1e-4)
     assert ours.graph_steps == []
 
@@ -95,8 +99,9 @@ def _full_backprop_grads(pipe, params):
 
 def test_k_equal_to_t_is_full_backprop(pipe):
     params = with_lora(pipe, perturb=0.01)
-    result = denoise(pipe.unet, pipe.scheduler, context(pipe), noise(pipe), steps=STEPS, guidance=GUIDANCE,
-                     grad_steps=STEPS)
+    result = denoise(
+        pipe.unet, pipe.scheduler, context(pipe), noise(pipe), steps=STEPS, guidance=GUIDANCE, grad_steps=STEPS
+    )
     ours = torch.autograd.grad(decode(pipe.vae, result.latents).mean(), params)
     reference = _full_backprop_grads(pipe, params)
     assert sum(float(g.abs().sum()) for g in reference) > 0
@@ -110,12 +115,28 @@ def test_k_equal_to_t_is_full_backprop(pipe):
 
 def test_regulariser_is_zero_at_the_start_and_grows_as_the_adapters_move(pipe):
     with_lora(pipe, perturb=0.0)  # peft's LoRA starts with B = 0: the initial model exactly
-    start = denoise(pipe.unet, pipe.scheduler, context(pipe), noise(pipe), steps=STEPS, guidance=GUIDANCE,
-                    grad_steps=1, regularize=True)
+    start = denoise(
+        pipe.unet,
+        pipe.scheduler,
+        context(pipe),
+        noise(pipe),
+        steps=STEPS,
+        guidance=GUIDANCE,
+        grad_steps=1,
+        regularize=True,
+    )
     assert start.regularizer.item() == 0.0
     with_lora(pipe, perturb=0.05)
-    moved = denoise(pipe.unet, pipe.scheduler, context(pipe), noise(pipe), steps=STEPS, guidance=GUIDANCE,
-                    grad_steps=1, regularize=True)
+    moved = denoise(
+        pipe.unet,
+        pipe.scheduler,
+        context(pipe),
+        noise(pipe),
+        steps=STEPS,
+        guidance=GUIDANCE,
+        grad_steps=1,
+        regularize=True,
+    )
     assert moved.regularizer.requires_grad
     # by hand: run to the last step, then the mean squared difference of the guided predictions
     # with the adapters on and off at that step's input
@@ -149,8 +170,12 @@ def test_aig_schedules_by_hand():
 
 def test_aig_endpoints_are_the_two_models(pipe):
     with_lora(pipe, perturb=0.05)
-    run = lambda schedule: denoise(pipe.unet, pipe.scheduler, context(pipe), noise(pipe), steps=STEPS,  # noqa: E731
-                                   guidance=GUIDANCE, schedule=schedule).latents
+
+    def run(schedule: str) -> torch.Tensor:
+        return denoise(
+            pipe.unet, pipe.scheduler, context(pipe), noise(pipe), steps=STEPS, guidance=GUIDANCE, schedule=schedule
+        ).latents
+
     draft, base, linear = run("draft"), run("base"), run("linear")
     pipe.unet.disable_adapters()
     plain = run("draft")

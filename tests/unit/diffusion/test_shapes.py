@@ -21,15 +21,29 @@ def test_rendering_is_deterministic_and_shows_the_caption():
 
 def test_shapes_differ_in_area_for_the_same_size():
     rng = lambda: np.random.default_rng(0)  # noqa: E731 - same position, size and angle for each shape
-    coverage = {s: ((render(ShapeSpec(s, "white", "black"), rng()).mean(-1) - 25) / (240 - 25)).sum()
-                for s in ("circle", "square", "triangle")}  # pixels covered (white on black)
+    coverage = {
+        s: ((render(ShapeSpec(s, "white", "black"), rng()).mean(-1) - 25) / (240 - 25)).sum()
+        for s in ("circle", "square", "triangle")
+    }  # pixels covered (white on black)
     # the same circumradius r: circle pi r^2 > square (1.7 r)^2 > equilateral triangle 1.3 r^2
     assert coverage["triangle"] < 0.5 * coverage["square"] < 0.5 * coverage["circle"]
 
 
 def test_shape_world_command_writes_a_loadable_base_and_judge(tmp_path):
-    result = run_cli("shape-world", "--out", str(tmp_path), "--unet-steps", "2", "--vae-steps", "2", "--images", "64",
-                     "--judge-images", "64", env={"OMP_NUM_THREADS": "1"})
+    result = run_cli(
+        "shape-world",
+        "--out",
+        str(tmp_path),
+        "--unet-steps",
+        "2",
+        "--vae-steps",
+        "2",
+        "--images",
+        "64",
+        "--judge-images",
+        "64",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr
     pipe = load_for_images(str(tmp_path / "base"), None)
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the latents' spread

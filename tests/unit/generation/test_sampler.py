@@ -12,23 +12,28 @@ from tests.conftest import tiny_model
 def setup(tokenizer):
     model = tiny_model(tokenizer, seed=3).eval()
     questions = ["hi", "What is 12 + 30?", "Reverse the word 'stone'. " * 3]
-    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                       tokenize=False), add_special_tokens=False)["input_ids"]
-               for q in questions]
+    prompts = [
+        tokenizer(
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in questions
+    ]
     return model, prompts
 
 
 def hf_greedy(model, prompt, eos, n):
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=eos)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def test_greedy_equals_argmax_decoding_with_rows_finishing_early(tokenizer, setup):
     model, prompts = setup
     # many "end" ids, so rows stop at different steps and the batch shrinks mid-way
     eos = list(range(40, 120))
-    outs = generate(model, prompts, SamplingConfig(max_new_tokens=24, temperature=0), eos, tokenizer.pad_token_id,
-                    tokenizer.decode)
+    outs = generate(
+        model, prompts, SamplingConfig(max_new_tokens=24, temperature=0), eos, tokenizer.pad_token_id, tokenizer.decode
+    )
     lengths = set()
     for prompt, completion in zip(prompts, outs):
         assert completion.token_ids == hf_greedy(model, prompt, eos, 24)
@@ -39,8 +44,14 @@ def test_greedy_equals_argmax_decoding_with_rows_finishing_early(tokenizer, setu
 
 def test_sampled_logprobs_match_a_forward_pass(tokenizer, setup):
     model, prompts = setup
-    outs = generate(model, prompts, SamplingConfig(max_new_tokens=16, temperature=1.0, n=3, seed=0),
-                    tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)
+    outs = generate(
+        model,
+        prompts,
+        SamplingConfig(max_new_tokens=16, temperature=1.0, n=3, seed=0),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.decode,
+    )
     assert len(outs) == 9 and [c.prompt_index for c in outs] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for c in outs:
         prompt = prompts[c.prompt_index]
@@ -61,12 +72,24 @@ def test_seeded_sampling_is_reproducible_and_samples_differ(tokenizer, setup):
 
 def test_stop_strings_cut_the_text(tokenizer, setup):
     model, prompts = setup
-    free = generate(model, prompts[:1], SamplingConfig(max_new_tokens=20, temperature=0), tokenizer.eos_token_id,
-                    tokenizer.pad_token_id, tokenizer.decode)[0]
+    free = generate(
+        model,
+        prompts[:1],
+        SamplingConfig(max_new_tokens=20, temperature=0),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.decode,
+    )[0]
     stop = free.text[5:7]
     assert stop
-    cut = generate(model, prompts[:1], SamplingConfig(max_new_tokens=20, temperature=0, stop=(stop,)),
-                   tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)[0]
+    cut = generate(
+        model,
+        prompts[:1],
+        SamplingConfig(max_new_tokens=20, temperature=0, stop=(stop,)),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.decode,
+    )[0]
     assert cut.finish_reason == "stop" and cut.is_end
     assert cut.text == free.text[: free.text.find(stop)]
     assert free.token_ids[: len(cut.token_ids)] == cut.token_ids and len(cut.token_ids) < len(free.token_ids)
@@ -109,8 +132,14 @@ def test_decoding_passes_the_cache_without_deprecation_warnings(tokenizer, setup
         # transformers' deprecate_kwarg warns with FutureWarning (from 5.24 on past_key_values, removed in 5.40)
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
-        outs = generate(model, prompts, SamplingConfig(max_new_tokens=4, temperature=0), tokenizer.eos_token_id,
-                        tokenizer.pad_token_id, tokenizer.decode)
+        outs = generate(
+            model,
+            prompts,
+            SamplingConfig(max_new_tokens=4, temperature=0),
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            tokenizer.decode,
+        )
     assert all(len(c.token_ids) >= 1 for c in outs)
 
 
@@ -122,8 +151,14 @@ def test_decoding_records_no_autograd_graph(tokenizer, setup):
     hook = model.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
     try:
         with torch.enable_grad():
-            generate(model, prompts, SamplingConfig(max_new_tokens=3, temperature=1.0, seed=0), tokenizer.eos_token_id,
-                     tokenizer.pad_token_id, tokenizer.decode)
+            generate(
+                model,
+                prompts,
+                SamplingConfig(max_new_tokens=3, temperature=1.0, seed=0),
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                tokenizer.decode,
+            )
     finally:
         hook.remove()
     assert grad_modes and not any(grad_modes)

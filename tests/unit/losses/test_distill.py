@@ -170,9 +170,7 @@ def test_bf16_inputs_give_float32_outputs(kl):
 
     ce = token_cross_entropy(s_bf, targets)
     assert ce.dtype == torch.float32
-    torch.testing.assert_close(
-        ce, F.cross_entropy(s_bf.detach().float(), targets, reduction="none"), atol=1e-6, rtol=0
-    )
+    torch.testing.assert_close(ce, F.cross_entropy(s_bf.detach().float(), targets, reduction="none"), atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------- distill_loss
@@ -199,8 +197,15 @@ def test_distill_loss_weighted_sum_and_metrics(kl):
     kd_w, sft_w, s_scale, t_scale = 0.3, 0.7, 1.5, 0.8
     s = student.clone().requires_grad_(True)
     loss_sum, metrics = distill_loss(
-        s, targets, t_logits, t_ids,
-        kd_weight=kd_w, sft_weight=sft_w, kl=kl, student_scale=s_scale, teacher_scale=t_scale,
+        s,
+        targets,
+        t_logits,
+        t_ids,
+        kd_weight=kd_w,
+        sft_weight=sft_w,
+        kl=kl,
+        student_scale=s_scale,
+        teacher_scale=t_scale,
     )
     kd = topk_kd_loss(student, t_logits, t_ids, kl=kl, student_scale=s_scale, teacher_scale=t_scale)
     ce = F.cross_entropy(student, targets, reduction="none")

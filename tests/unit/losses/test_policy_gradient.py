@@ -5,13 +5,24 @@ import math
 import pytest
 import torch
 
-from alignkit.losses.policy_gradient import (adaptive_kl_coef, gae, grpo_advantages, kl_per_token, masked_moments,
-                                             ppo_policy_loss, rloo_advantages, token_rewards, value_loss, whiten)
+from alignkit.losses.policy_gradient import (
+    adaptive_kl_coef,
+    gae,
+    grpo_advantages,
+    kl_per_token,
+    masked_moments,
+    ppo_policy_loss,
+    rloo_advantages,
+    token_rewards,
+    value_loss,
+    whiten,
+)
 
 
 def close(a, b, tol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
-                               atol=tol, rtol=0)
+    torch.testing.assert_close(
+        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=0
+    )
 
 
 def test_kl_estimators_by_hand():
@@ -78,19 +89,30 @@ def test_clipped_surrogate_by_hand_and_its_gradient():
 
 def test_masked_tokens_do_not_count():
     logp = torch.zeros(1, 2, requires_grad=True)
-    loss, metrics = ppo_policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, 100.0]]),
-                                    torch.tensor([[True, False]]))
+    loss, metrics = ppo_policy_loss(
+        logp, torch.zeros(1, 2), torch.tensor([[1.0, 100.0]]), torch.tensor([[True, False]])
+    )
     close(loss, -1.0)
     assert float(metrics["tokens"]) == 1.0
 
 
 def test_value_loss_by_hand():
-    loss, metrics = value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]),
-                               torch.ones(1, 1, dtype=torch.bool), clip=0.2)
+    loss, metrics = value_loss(
+        torch.tensor([[1.0]]),
+        torch.tensor([[0.0]]),
+        torch.tensor([[2.0]]),
+        torch.ones(1, 1, dtype=torch.bool),
+        clip=0.2,
+    )
     close(loss, 1.62)
     assert float(metrics["value_clip_fraction"]) == 1.0
-    plain, _ = value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]),
-                          torch.ones(1, 1, dtype=torch.bool), clip=None)
+    plain, _ = value_loss(
+        torch.tensor([[1.0]]),
+        torch.tensor([[0.0]]),
+        torch.tensor([[2.0]]),
+        torch.ones(1, 1, dtype=torch.bool),
+        clip=None,
+    )
     close(plain, 0.5)
 
 

@@ -167,7 +167,7 @@ def test_rpo_bwd_kl_hand_computed():
 
 def test_rpo_fwd_kl_hand_computed():
     """KL(p||q) = 0.549834 * log(0.549834/0.622459) + 0.450166 * log(0.450166/0.377541)
-             = 0.549834 * (-0.124062) + 0.450166 * 0.175938 = -0.068213 + 0.079201 = 0.010988."""
+    = 0.549834 * (-0.124062) + 0.450166 * 0.175938 = -0.068213 + 0.079201 = 0.010988."""
     assert _value("rpo_fwd_kl", **_gt()) == pytest.approx(0.0109879, abs=1e-6)
 
 
@@ -183,8 +183,17 @@ def test_rpo_gradcheck(loss_type):
     gc, gr = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64), torch.tensor([0.0, 0.5, -1.0], dtype=torch.float64)
 
     def f(pc, pr):
-        return dpo_loss(pc, pr, rc.detach(), rr.detach(), beta=0.2, loss_type=loss_type,
-                        chosen_rewards_gt=gc, rejected_rewards_gt=gr, gt_reward_scale=1.5)[0]
+        return dpo_loss(
+            pc,
+            pr,
+            rc.detach(),
+            rr.detach(),
+            beta=0.2,
+            loss_type=loss_type,
+            chosen_rewards_gt=gc,
+            rejected_rewards_gt=gr,
+            gt_reward_scale=1.5,
+        )[0]
 
     assert torch.autograd.gradcheck(f, (pc, pr))
 
@@ -207,8 +216,10 @@ def test_sum_convention_splits_over_micro_batches(loss_type):
     gt = {"chosen_rewards_gt": torch.rand(6), "rejected_rewards_gt": torch.rand(6)}
     kw = {"beta": 0.2, "loss_type": loss_type}
     whole, mw = dpo_loss(pc, pr, rc, rr, **gt, **kw)
-    parts = [dpo_loss(pc[s], pr[s], rc[s], rr[s], **{k: v[s] for k, v in gt.items()}, **kw)
-             for s in (slice(0, 2), slice(2, 6))]
+    parts = [
+        dpo_loss(pc[s], pr[s], rc[s], rr[s], **{k: v[s] for k, v in gt.items()}, **kw)
+        for s in (slice(0, 2), slice(2, 6))
+    ]
     torch.testing.assert_close(whole, parts[0][0] + parts[1][0])
     for key in mw:
         torch.testing.assert_close(mw[key], parts[0][1][key] + parts[1][1][key])

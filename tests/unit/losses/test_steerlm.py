@@ -65,5 +65,6 @@ def test_attribute_likelihood_hand_computed():
     # A sharper sigma trusts the prediction more: the matching level gains, a far one loses.
     sharp = attribute_log_likelihood(predicted, torch.tensor([[2, 0]]), sigma=0.5)
     assert sharp[0] < got[0]
-    assert attribute_log_likelihood(predicted[:, :1], torch.tensor([[2]]), 0.5) > \
-        attribute_log_likelihood(predicted[:, :1], torch.tensor([[2]]), 1.0)
+    assert attribute_log_likelihood(predicted[:, :1], torch.tensor([[2]]), 0.5) > attribute_log_likelihood(
+        predicted[:, :1], torch.tensor([[2]]), 1.0
+    )

@@ -34,8 +34,9 @@ def test_packed_scores_equal_each_sequence_alone(tokenizer):
     model = scorer(tokenizer)
     a = tokenizer("<|user|>\nwhat is 2+2?</s><|assistant|>\n4</s>", add_special_tokens=False)["input_ids"]
     b = tokenizer("<|user|>\nhello</s><|assistant|>\nhi there, friend</s>", add_special_tokens=False)["input_ids"]
-    batch = collate_rows([[scored_example(a, ""), scored_example(b, "")], [scored_example(b, "")]],
-                         tokenizer.pad_token_id)
+    batch = collate_rows(
+        [[scored_example(a, ""), scored_example(b, "")], [scored_example(b, "")]], tokenizer.pad_token_id
+    )
     with torch.no_grad():
         packed = sequence_scores(model, batch["input_ids"], batch["position_ids"], batch["target_ids"] != -100)
         alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids in (a, b, b)]  # HF's own pooling
@@ -48,8 +49,7 @@ def test_score_sequences_keeps_input_order_and_pads_to_min_batches(tokenizer):
     seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["a", "a much longer text", "mid text"]]
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    out = score_sequences(model, seqs, tokenizer.pad_token_id, batch_size=2, device=torch.device("cpu"),
-                          min_batches=4)
+    out = score_sequences(model, seqs, tokenizer.pad_token_id, batch_size=2, device=torch.device("cpu"), min_batches=4)
     assert len(calls) == 4  # 2 real batches + 2 dummies
     with torch.no_grad():
         expected = torch.stack([model(input_ids=torch.tensor([s])).logits[0] for s in seqs])
@@ -64,8 +64,14 @@ def test_reward_info_weights_normalisation_and_round_trip(tokenizer, tmp_path):
     assert info.reward(scores, normalize=True).tolist() == [1.0, 0.5]
 
     model = scorer(tokenizer)
-    out = save_causal_lm(model, model.state_dict(), tokenizer, tmp_path / "rm",
-                         auto_class=AutoModelForSequenceClassification, config_updates=info.config_updates())
+    out = save_causal_lm(
+        model,
+        model.state_dict(),
+        tokenizer,
+        tmp_path / "rm",
+        auto_class=AutoModelForSequenceClassification,
+        config_updates=info.config_updates(),
+    )
     loaded = AutoModelForSequenceClassification.from_pretrained(out)
     assert RewardModelInfo.from_config(loaded.config) == info
     assert loaded.config.id2label == {0: "helpfulness", 1: "verbosity"}
@@ -96,16 +102,22 @@ def test_lora_trains_the_head_in_full(tokenizer):
     assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
     assert not any("up_proj.base_layer" in n for n in trainable)
     with pytest.raises(ValueError, match="no `score` head"):
-        sequence_scores(load_causal_lm(ModelConfig(random_init=TINY), tokenizer), torch.ones(1, 2, dtype=torch.long),
-                        torch.arange(2)[None], torch.ones(1, 2, dtype=torch.bool))
+        sequence_scores(
+            load_causal_lm(ModelConfig(random_init=TINY), tokenizer),
+            torch.ones(1, 2, dtype=torch.long),
+            torch.arange(2)[None],
+            torch.ones(1, 2, dtype=torch.bool),
+        )
 
 
 def test_init_head_to_mean_predicts_the_label_mean_on_average(tokenizer):
     from alignkit.models.reward import init_head_to_mean
 
     model = load_sequence_scorer(ModelConfig(random_init=TINY), tokenizer, 2).eval()
-    seqs = [tokenizer(f"<|user|>\nq{i}</s><|assistant|>\n{'a' * i}</s>", add_special_tokens=False)["input_ids"]
-            for i in range(1, 9)]
+    seqs = [
+        tokenizer(f"<|user|>\nq{i}</s><|assistant|>\n{'a' * i}</s>", add_special_tokens=False)["input_ids"]
+        for i in range(1, 9)
+    ]
     target = torch.tensor([2.5, -1.0])
     spread = init_head_to_mean(model, seqs, tokenizer.pad_token_id, target, batch_size=3)
     out = score_sequences(model, seqs, tokenizer.pad_token_id, 4, torch.device("cpu"))

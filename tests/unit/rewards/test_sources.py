@@ -29,11 +29,14 @@ def test_function_source_returns_rewards_and_optional_attributes():
     assert out.attributes.tolist() == [[3.0, 0.0]] and out.names == ["len", "zero"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("no_colon", "expected 'package.module:function'"),
-    ("alignkit.nope:f", "No module named 'alignkit.nope'"),
-    (f"{__name__}:missing", "has no attribute 'missing'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_colon", "expected 'package.module:function'"),
+        ("alignkit.nope:f", "No module named 'alignkit.nope'"),
+        (f"{__name__}:missing", "has no attribute 'missing'"),
+    ],
+)
 def test_bad_function_specs_are_named(spec, message):
     with pytest.raises(RewardSourceError, match=message):
         FunctionReward(spec)

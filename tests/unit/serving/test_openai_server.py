@@ -29,8 +29,14 @@ def test_completions_match_the_engine(served, tokenizer):
     out = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0, n=2)
     assert len(out.choices) == 2 and out.choices[0].text == out.choices[1].text  # greedy
     ids = tokenizer("hello", add_special_tokens=False)["input_ids"]
-    direct = generate(model, [ids], SamplingConfig(max_new_tokens=8, temperature=0), tokenizer.eos_token_id,
-                      tokenizer.pad_token_id, tokenizer.decode)[0]
+    direct = generate(
+        model,
+        [ids],
+        SamplingConfig(max_new_tokens=8, temperature=0),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.decode,
+    )[0]
     assert out.choices[0].text == direct.text
     assert out.choices[0].finish_reason == ("stop" if direct.is_end else "length")
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 2 * len(direct.token_ids)
@@ -42,8 +48,14 @@ def test_chat_completions_use_the_chat_template(served, tokenizer):
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, seed=1)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    direct = generate(model, [ids], SamplingConfig(max_new_tokens=6, temperature=0), tokenizer.eos_token_id,
-                      tokenizer.pad_token_id, tokenizer.decode)[0]
+    direct = generate(
+        model,
+        [ids],
+        SamplingConfig(max_new_tokens=6, temperature=0),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.decode,
+    )[0]
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == direct.text
     sampled = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=3, seed=5)
     assert len(sampled.choices) == 3
@@ -64,25 +76,38 @@ def test_steerlm_models_take_attributes_and_plain_models_refuse_them(served, tok
 
     client, _ = served
     with pytest.raises(openai.BadRequestError, match="not a SteerLM model"):
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                       extra_body={"attributes": {"verbosity": 0}})
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=2,
+            extra_body={"attributes": {"verbosity": 0}},
+        )
     fmt = SteerLMFormat(("verbosity", "politeness"), defaults={"verbosity": 1, "politeness": 3})
     model = tiny_model(tokenizer, seed=3).eval()
     model.config.steerlm = fmt.to_config()
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
     with Server(create_app(model, tokenizer, "steer", max_tokens_limit=32)) as url:
         steer = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        out = steer.chat.completions.create(model="steer", messages=messages, max_tokens=6, temperature=0,
-                                            extra_body={"attributes": {"verbosity": 4}})
+        out = steer.chat.completions.create(
+            model="steer", messages=messages, max_tokens=6, temperature=0, extra_body={"attributes": {"verbosity": 4}}
+        )
         assert out.model_extra["alignkit_label"] == "verbosity:4,politeness:3"
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + \
-            "[verbosity:4,politeness:3]\n"
-        direct = generate(model, [tokenizer(text, add_special_tokens=False)["input_ids"]],
-                          SamplingConfig(max_new_tokens=6, temperature=0), tokenizer.eos_token_id,
-                          tokenizer.pad_token_id, tokenizer.decode)[0]
+        text = (
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            + "[verbosity:4,politeness:3]\n"
+        )
+        direct = generate(
+            model,
+            [tokenizer(text, add_special_tokens=False)["input_ids"]],
+            SamplingConfig(max_new_tokens=6, temperature=0),
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            tokenizer.decode,
+        )[0]
         assert out.choices[0].message.content == direct.text
         default = steer.chat.completions.create(model="steer", messages=messages, max_tokens=2, temperature=0)
         assert default.model_extra["alignkit_label"] == "verbosity:1,politeness:3"
         with pytest.raises(openai.BadRequestError, match="did you mean 'politeness'"):
-            steer.chat.completions.create(model="steer", messages=messages, max_tokens=2,
-                                          extra_body={"attributes": "politenes:2"})
+            steer.chat.completions.create(
+                model="steer", messages=messages, max_tokens=2, extra_body={"attributes": "politenes:2"}
+            )

@@ -42,8 +42,14 @@ def rm_dir(tmp_path_factory, tokenizer):
         torch.manual_seed(3)
         model.score.weight.normal_()
     info = RewardModelInfo(["helpfulness", "verbosity"], [0.5, 0.5], mean=0.1, std=2.0)
-    return save_causal_lm(model, model.state_dict(), tokenizer, tmp_path_factory.mktemp("rm") / "final",
-                          auto_class=AutoModelForSequenceClassification, config_updates=info.config_updates())
+    return save_causal_lm(
+        model,
+        model.state_dict(),
+        tokenizer,
+        tmp_path_factory.mktemp("rm") / "final",
+        auto_class=AutoModelForSequenceClassification,
+        config_updates=info.config_updates(),
+    )
 
 
 class Server:
@@ -96,8 +102,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_scores(served):
     local = rm.score(PROMPTS, RESPONSES).rewards.tolist()
 
     def one(i):
-        r = httpx.post(f"{url}/score", json={"prompts": PROMPTS[2 * i : 2 * i + 2],
-                                             "responses": RESPONSES[2 * i : 2 * i + 2]})
+        r = httpx.post(
+            f"{url}/score", json={"prompts": PROMPTS[2 * i : 2 * i + 2], "responses": RESPONSES[2 * i : 2 * i + 2]}
+        )
         return i, r.status_code, r.json()["rewards"]
 
     with ThreadPoolExecutor(6) as pool:
@@ -108,12 +115,15 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_scores(served):
     assert max(calls) <= 16
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"prompts": ["a"]}, 422, "responses"),
-    ({"prompts": ["a", "b"], "responses": ["x"]}, 422, "2 prompts but 1 responses"),
-    ({"prompts": ["a"] * 21, "responses": ["x"] * 21}, 413, "the limit is 20"),
-    ({"prompts": [3], "responses": ["x"]}, 422, "prompts"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"prompts": ["a"]}, 422, "responses"),
+        ({"prompts": ["a", "b"], "responses": ["x"]}, 422, "2 prompts but 1 responses"),
+        ({"prompts": ["a"] * 21, "responses": ["x"] * 21}, 413, "the limit is 20"),
+        ({"prompts": [3], "responses": ["x"]}, 422, "prompts"),
+    ],
+)
 def test_bad_requests_get_a_4xx_with_a_message(served, body, status, message):
     url, _, _ = served
     answer = httpx.post(f"{url}/score", json=body)
@@ -151,9 +161,13 @@ def test_remote_source_matches_the_local_model_and_names_an_unreachable_url(serv
 
 def test_cli_serves_a_model_on_loopback(rm_dir):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "serve", "reward", "--model", str(rm_dir),
-                             "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignkit.cli", "serve", "reward", "--model", str(rm_dir), "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         deadline = time.time() + 60
         while True:

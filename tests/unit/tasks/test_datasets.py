@@ -204,8 +204,7 @@ def test_ranked_pairs_keep_every_comparison_that_clears_the_margin():
     scored = [(0.5, "b"), (0.9, "a"), (0.52, "c"), (0.1, "d"), (0.9, "a")]  # "a" twice: counted once
     pairs = ranked_pairs("q", scored, min_margin=0.05)
     # distinct: b .5, a .9, c .52, d .1 -> 6 comparisons; b-c (0.02) is under the margin
-    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "b"), ("b", "d"), ("a", "c"), ("a", "d"),
-                                                              ("c", "d")]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "b"), ("b", "d"), ("a", "c"), ("a", "d"), ("c", "d")]
     assert [p["margin"] for p in pairs] == [0.4, 0.4, 0.38, 0.8, 0.42]
     assert all(p["chosen_reward"] > p["rejected_reward"] and p["prompt"] == "q" for p in pairs)
     # best-vs-worst is one of them

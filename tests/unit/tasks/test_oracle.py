@@ -206,7 +206,9 @@ def test_a_prompt_outside_the_task_world_is_an_error():
 def test_correct_answer_reward_is_one_only_for_the_right_final_answer():
     from alignkit.tasks.oracle import correct_answer_reward
 
-    record = {"prompt": "Reverse the word 'bonedi'.", "task": "reverse", "args": {"word": "bonedi"},
-              "answer": "idenob"}
-    assert correct_answer_reward([record] * 3, ["The answer is idenob.", "bonedi", "Sorry, I can't help."]) == \
-        [1.0, 0.0, 0.0]
+    record = {"prompt": "Reverse the word 'bonedi'.", "task": "reverse", "args": {"word": "bonedi"}, "answer": "idenob"}
+    assert correct_answer_reward([record] * 3, ["The answer is idenob.", "bonedi", "Sorry, I can't help."]) == [
+        1.0,
+        0.0,
+        0.0,
+    ]

@@ -11,15 +11,26 @@ from torch import nn
 
 from alignkit.config import ModelConfig, OptimConfig, RandomInitConfig, RecipeConfig
 from alignkit.training.loop import (
-    finish_step, iteration_run, optimizer_step, reduce_metrics, resume, start_run, to_device)
+    finish_step,
+    iteration_run,
+    optimizer_step,
+    reduce_metrics,
+    resume,
+    start_run,
+    to_device,
+)
 from alignkit.training.optim import build_optimizer, build_scheduler
 
 
 def _cfg(tmp_path, **train) -> RecipeConfig:
-    return RecipeConfig(output_dir=str(tmp_path), model=ModelConfig(random_init=RandomInitConfig()),
-                        optim={"lr": 0.1, "schedule": "constant", "weight_decay": 0.0, "grad_clip": None},
-                        train={"log_every": 2, "eval_every": 3, **train}, checkpoint={"every": 4, "keep_last": 5},
-                        logging={"tensorboard": False, "progress": "none"})
+    return RecipeConfig(
+        output_dir=str(tmp_path),
+        model=ModelConfig(random_init=RandomInitConfig()),
+        optim={"lr": 0.1, "schedule": "constant", "weight_decay": 0.0, "grad_clip": None},
+        train={"log_every": 2, "eval_every": 3, **train},
+        checkpoint={"every": 4, "keep_last": 5},
+        logging={"tensorboard": False, "progress": "none"},
+    )
 
 
 def _batch(x: list[float], y: list[float]) -> dict:
@@ -45,8 +56,9 @@ def test_one_big_batch_equals_any_micro_batching(tmp_path):
     results = []
     for batches in ([_batch(x, y)], [_batch(x[:1], y[:1]), _batch(x[1:], y[1:])]):
         model = _linear()
-        sums, units, tokens, _ = optimizer_step(run, model, torch.optim.SGD(model.parameters(), lr=0.1), batches,
-                                                _squared_error)
+        sums, units, tokens, _ = optimizer_step(
+            run, model, torch.optim.SGD(model.parameters(), lr=0.1), batches, _squared_error
+        )
         results.append((model.weight.item(), model.bias.item(), float(sums["loss"]), units))
     assert results[0] == pytest.approx(results[1], rel=1e-6)
     assert results[0][3] == 4
@@ -78,8 +90,16 @@ def test_finish_step_logs_when_due_evaluates_between_and_checkpoints(tmp_path):
     assert (start, extra) == (0, {})
     evaluated = []
     for step in range(10):
-        finish_step(run, logger, step, {"loss": float(step)}, parts, {"beta": step}, 10,
-                    evaluate=lambda s=step: evaluated.append(s + 1) or {"val/loss": 0.0})
+        finish_step(
+            run,
+            logger,
+            step,
+            {"loss": float(step)},
+            parts,
+            {"beta": step},
+            10,
+            evaluate=lambda s=step: evaluated.append(s + 1) or {"val/loss": 0.0},
+        )
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8, 10]

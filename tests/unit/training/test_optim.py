@@ -11,7 +11,9 @@ def test_warmup_then_constant():
     assert [lr_multiplier(s, 10, cfg) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("schedule, quarter", [("linear", 0.1 + 0.9 * 0.75), ("cosine", 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))])
+@pytest.mark.parametrize(
+    "schedule, quarter", [("linear", 0.1 + 0.9 * 0.75), ("cosine", 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))]
+)
 def test_decay_shapes(schedule, quarter):
     cfg = OptimConfig(schedule=schedule, warmup_steps=2, min_lr_ratio=0.1)
     assert lr_multiplier(2, 10, cfg) == pytest.approx(1.0)  # first step after warmup: peak

@@ -31,8 +31,18 @@ def test_skipping_zero_advantage_rollouts_gives_the_same_step(tokenizer, tmp_pat
     for skip in (frozenset(), frozenset({0, 2, 4})):
         model = tiny_model(tokenizer, seed=4)
         optimizer = build_optimizer(model, cfg.optim)
-        sums, units, _ = rl.train_on(run, model, optimizer, build_scheduler(optimizer, 1, cfg.optim), rollouts,
-                                     minibatch, loss_fn, "actor_tokens", tokenizer.pad_token_id, skip)
+        sums, units, _ = rl.train_on(
+            run,
+            model,
+            optimizer,
+            build_scheduler(optimizer, 1, cfg.optim),
+            rollouts,
+            minibatch,
+            loss_fn,
+            "actor_tokens",
+            tokenizer.pad_token_id,
+            skip,
+        )
         assert units == sum(len(r.response_ids) for r in rollouts)  # skipped tokens still normalise
         params.append(copy.deepcopy(model.state_dict()))
     for key in params[0]:

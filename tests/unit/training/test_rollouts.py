@@ -75,8 +75,10 @@ def test_packed_per_token_results_come_back_to_their_rollouts(tokenizer):
 
 
 def test_collate_orders_the_constants_like_the_logits():
-    rollouts = [_rollout([1, 2, 3, 4, 5], [6, 7], old_logps=torch.tensor([0.1, 0.2])),
-                _rollout([1], [8], old_logps=torch.tensor([0.3]))]
+    rollouts = [
+        _rollout([1, 2, 3, 4, 5], [6, 7], old_logps=torch.tensor([0.1, 0.2])),
+        _rollout([1], [8], old_logps=torch.tensor([0.3])),
+    ]
     rollouts[1].trains_actor = False
     batch = collate_rollouts(rollouts, 0)
     flat = torch.cat([rollouts[i].old_logps for i in batch["order"]])
@@ -89,8 +91,9 @@ def test_token_values_read_the_head_at_each_response_position(tokenizer):
     from alignkit.config import ModelConfig, RandomInitConfig
     from alignkit.models.loading import load_sequence_scorer
 
-    cfg = ModelConfig(random_init=RandomInitConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                                   intermediate_size=64))
+    cfg = ModelConfig(
+        random_init=RandomInitConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    )
     critic = load_sequence_scorer(cfg, tokenizer, num_labels=2, seed=0)
     torch.nn.init.normal_(critic.score.weight)
     r = _rollout([5, 6, 7], [8, 9])
@@ -110,14 +113,32 @@ def _records(*prompts):
 def test_a_prompt_longer_than_the_context_names_its_record(tokenizer):
     model = tiny_model(tokenizer)
     with pytest.raises(DataError, match=r"prompts.jsonl:2: the prompt is \d+ tokens; with sampling.max_new_tokens=8"):
-        sample_rollouts(model, tokenizer, _records("short", "x" * 200), [0, 1], SamplingConfig(max_new_tokens=8), 128,
-                        0, None, contextlib.nullcontext)
+        sample_rollouts(
+            model,
+            tokenizer,
+            _records("short", "x" * 200),
+            [0, 1],
+            SamplingConfig(max_new_tokens=8),
+            128,
+            0,
+            None,
+            contextlib.nullcontext,
+        )
 
 
 def test_sampled_rollouts_group_the_samples_of_a_prompt(tokenizer):
     model = tiny_model(tokenizer)
-    out = sample_rollouts(model, tokenizer, _records("a", "b", "c"), [2, 0], SamplingConfig(n=3, max_new_tokens=4,
-                          batch_size=1), 256, 0, None, contextlib.nullcontext)
+    out = sample_rollouts(
+        model,
+        tokenizer,
+        _records("a", "b", "c"),
+        [2, 0],
+        SamplingConfig(n=3, max_new_tokens=4, batch_size=1),
+        256,
+        0,
+        None,
+        contextlib.nullcontext,
+    )
     assert [r.group for r in out] == [0, 0, 0, 1, 1, 1]
     assert [r.prompt["prompt"] for r in out] == ["c"] * 3 + ["a"] * 3
     assert all(1 <= len(r.response_ids) <= 4 for r in out)
@@ -133,7 +154,13 @@ def test_sample_batches_seed_each_batch_by_the_callers_scheme(tokenizer):
     assert [start for start, _ in got] == [0, 2, 4] and model.training
     for start, completions in got:
         params = sampling.model_copy(update={"seed": 100 + 7 * start})
-        alone = generate(model, prompt_ids[start : start + 2], params, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                         tokenizer.decode)
+        alone = generate(
+            model,
+            prompt_ids[start : start + 2],
+            params,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            tokenizer.decode,
+        )
         assert [c.token_ids for c in completions] == [c.token_ids for c in alone]
         assert len(completions) == 2 * len(prompt_ids[start : start + 2])
