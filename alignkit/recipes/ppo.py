@@ -76,11 +76,10 @@ from alignkit.training.rl import (
     rollout_stats,
     sample_and_score,
     train_epochs,
+    update_plan,
 )
 from alignkit.training.rollouts import (
     Rollout,
-    epoch_plan,
-    forward_rollouts,
     pad,
     reduce_sums,
     token_logps,
@@ -238,19 +237,7 @@ def main(cfg: Config) -> None:
         t2 = time.perf_counter()
 
         # --- 3. old and reference log-probs, values: once, on the first epoch's micro-batches ------
-        plans = [
-            epoch_plan(len(rollouts), pc.minibatches, cfg.train.micro_batch_size, cfg.train.seed + pc.epochs * step + e)
-            for e in range(pc.epochs)
-        ]
-        first = [mb for mini in plans[0] for mb in mini]
-        forward = partial(
-            forward_rollouts,
-            rollouts=rollouts,
-            micro_batches=first,
-            pad_id=pad_id,
-            device=d.device,
-            autocast=run.autocast,
-        )
+        plans, forward = update_plan(run, rollouts, pc.epochs, pc.minibatches, step, pad_id)
         old_logps = forward(lambda b: token_logps(actor, b)[0])
         ref_logps = forward(reference_logps(actor, reference, lora))
         values = forward(lambda b: values_of(critic, b))

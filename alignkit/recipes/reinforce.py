@@ -52,8 +52,9 @@ from alignkit.training.rl import (
     rollout_stats,
     sample_and_score,
     train_epochs,
+    update_plan,
 )
-from alignkit.training.rollouts import epoch_plan, forward_rollouts, reduce_sums, token_logps
+from alignkit.training.rollouts import reduce_sums, token_logps
 
 __all__ = ["Config", "ReinforceConfig", "main"]
 
@@ -128,18 +129,7 @@ def main(cfg: Config) -> None:
         t2 = time.perf_counter()
 
         # --- 3. log-probs where needed, then per-response advantages ---------------------------------
-        plans = [
-            epoch_plan(len(rollouts), rf.minibatches, cfg.train.micro_batch_size, cfg.train.seed + rf.epochs * step + e)
-            for e in range(rf.epochs)
-        ]
-        forward = partial(
-            forward_rollouts,
-            rollouts=rollouts,
-            micro_batches=[mb for mini in plans[0] for mb in mini],
-            pad_id=pad_id,
-            device=d.device,
-            autocast=run.autocast,
-        )
+        plans, forward = update_plan(run, rollouts, rf.epochs, rf.minibatches, step, pad_id)
         if need_old:
             for r, o in zip(rollouts, forward(lambda b: token_logps(actor, b)[0])):
                 r.old_logps = o

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from functools import partial
 
 import torch
 from pydantic import Field
@@ -33,6 +34,8 @@ from alignkit.training.loop import Run, optimizer_step, reduce_metrics
 from alignkit.training.rollouts import (
     Rollout,
     collate_rollouts,
+    epoch_plan,
+    forward_rollouts,
     reduce_sums,
     render_prompts,
     sample_batches,
@@ -56,6 +59,7 @@ __all__ = [
     "sample_rollouts",
     "train_epochs",
     "train_on",
+    "update_plan",
 ]
 
 
@@ -136,6 +140,24 @@ def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[Record], rew
 
 
 # --- 3. per-token passes and advantage statistics ---------------------------------------------------
+
+
+def update_plan(run: Run, rollouts: list[Rollout], epochs: int, minibatches: int, step: int, pad_id: int):
+    """The step's update plan: per epoch a seeded shuffle into `minibatches` minibatches of
+    micro-batches (`epoch_plan`), and `forward(fn) -> per-rollout (R,) tensors`, the no-grad pass of
+    `fn(batch) -> (N,)` over the FIRST epoch's micro-batches. Old log-probs computed on the same
+    micro-batches as the first update make its ratio exactly 1 (same inputs, shapes and kernels)."""
+    seed = run.cfg.train.seed + epochs * step
+    plans = [epoch_plan(len(rollouts), minibatches, run.cfg.train.micro_batch_size, seed + e) for e in range(epochs)]
+    forward = partial(
+        forward_rollouts,
+        rollouts=rollouts,
+        micro_batches=[mb for minibatch in plans[0] for mb in minibatch],
+        pad_id=pad_id,
+        device=run.dist.device,
+        autocast=run.autocast,
+    )
+    return plans, forward
 
 
 def reference_logps(actor, reference, lora: bool):
