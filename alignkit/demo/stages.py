@@ -23,15 +23,23 @@ from alignkit.data.io import Record, write_jsonl
 from alignkit.data.steerlm import SteerLMFormat
 from alignkit.data.taskworld import build_datasets
 from alignkit.demo.pipeline import Demo, Stage, run_pipeline
+from alignkit.diffusion.images import save_grid
+from alignkit.diffusion.inference import generate_images, load_for_images
+from alignkit.diffusion.pipeline import save_pipeline
+from alignkit.diffusion.pretrain import pretrain_shape_pipeline
+from alignkit.diffusion.reward import ShapeJudge, train_shape_judge
+from alignkit.diffusion.sampling import diversity_by_prompt
 from alignkit.evaluation.evaluate import evaluate_model, write_json
 from alignkit.evaluation.stats import mean_with_ci
 from alignkit.evaluation.steering import attribute_control
 from alignkit.models.loading import load_for_eval
 from alignkit.models.tokenizer import train_bpe_tokenizer
 from alignkit.recipes import recipe_module
+from alignkit.recipes.draftp import Config as DraftpRecipeConfig
 from alignkit.rewards.local import LocalRewardModel
 from alignkit.tasks.datasets import STEERABLE_ATTRIBUTES, DatasetSizes, steer_prompt_records
 from alignkit.tasks.oracle import oracle_rewards
+from alignkit.tasks.shapes import caption_records
 from alignkit.training.logging import get_logger
 from alignkit.training.sampled_pairs import sampled_preference_pairs
 
@@ -456,15 +464,10 @@ def _grpo(demo: Demo) -> dict[str, Any]:
 
 
 # --- DRaFT+ on the shape world ----------------------------------------------------------------
-# The diffusion imports are local: diffusers takes seconds to import, and only these two stages use it.
 
 
 def _shapes(demo: Demo) -> dict[str, Any]:
     """The shape world for DRaFT+: a judge (the differentiable reward) and a pretrained base pipeline."""
-    from alignkit.diffusion.pipeline import save_pipeline
-    from alignkit.diffusion.pretrain import pretrain_shape_pipeline
-    from alignkit.diffusion.reward import train_shape_judge
-
     judge, judge_report = train_shape_judge(n=3000)
     judge.save(demo.path("shapes", "judge"))
     pipe, pretrain_report = pretrain_shape_pipeline(
@@ -477,11 +480,6 @@ def _shapes(demo: Demo) -> dict[str, Any]:
 def _draftp(demo: Demo) -> dict[str, Any]:
     """DRaFT+ and plain DRaFT (kl_coeff 0) from the shape world's pretrained base pipeline, with the
     judge's differentiable reward; base, DRaFT and DRaFT+ sampled from the same prompts and seeds."""
-    from alignkit.diffusion.inference import generate_images, load_for_images
-    from alignkit.diffusion.reward import ShapeJudge
-    from alignkit.recipes.draftp import Config as DraftpRecipeConfig
-    from alignkit.tasks.shapes import caption_records
-
     seeds = demo.settings.draftp.eval_seeds
     shapes = demo.path("shapes")
     runs = {"draftp": demo.path("draftp", "draftp_run"), "draft": demo.path("draftp", "draft_run")}
@@ -515,8 +513,6 @@ def _draftp(demo: Demo) -> dict[str, Any]:
 def _image_metrics(samples: dict[str, torch.Tensor], judge, captions: list[str], seeds: list[int]) -> dict[str, Any]:
     """Reward, diversity (per caption, so that the interval is over captions) and distance to the
     base model's image for the same caption and seed, of each model's (P, S, C, H, W) images."""
-    from alignkit.diffusion.sampling import diversity_by_prompt
-
     metrics: dict[str, Any] = {}
     per_caption: dict[str, list[float]] = {}
     for name, images in samples.items():
@@ -540,8 +536,6 @@ def _image_metrics(samples: dict[str, torch.Tensor], judge, captions: list[str],
 
 def _draftp_grid(demo: Demo, samples: dict[str, torch.Tensor], captions: list[str]) -> None:
     """Rows base / DRaFT / DRaFT+ for the first grid_prompts captions: draftp_grid.png."""
-    from alignkit.diffusion.images import save_grid
-
     n = demo.settings.draftp.grid_prompts
     rows = [samples[name][i] for i in range(n) for name in ("base", "draft", "draftp")]
     labels = [f"{name}: {captions[i]}" for i in range(n) for name in ("base", "DRaFT", "DRaFT+")]

@@ -17,11 +17,15 @@ What a saved reward model carries in its `config.json` (read by `RewardModelInfo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from alignkit.data.batching import collate_rows
+from alignkit.data.reward import scored_example
+from alignkit.data.tokenize import IGNORE
 from alignkit.models.loading import unwrap
 
 __all__ = ["RewardModelInfo", "init_head_to_mean", "score_head", "score_sequences", "sequence_scores"]
@@ -146,12 +150,6 @@ def score_sequences(
     `min_batches`: run at least this many forwards, padding with one-token dummy rows, for a
     sharded (FSDP) model where every process must make the same number of calls.
     """
-    import contextlib
-
-    from alignkit.data.batching import collate_rows
-    from alignkit.data.reward import scored_example
-    from alignkit.data.tokenize import IGNORE
-
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     chunks += [[]] * max(0, min_batches - len(chunks))

@@ -38,11 +38,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import Field, model_validator
 
 from alignkit.config import ConfigError, DatasetConfig, OptimConfig, RecipeConfig, Section, TrainConfig
 from alignkit.diffusion.images import save_grid
 from alignkit.diffusion.inference import generate_images, read_prompts, sample_batch
+from alignkit.diffusion.pipeline import build_tiny_pipeline, frozen, load_pipeline, save_pipeline
 from alignkit.diffusion.reward import load_image_reward
 from alignkit.diffusion.sampling import diversity
 from alignkit.losses.diffusion import draftp_loss
@@ -113,15 +115,13 @@ class Config(RecipeConfig):
 
 
 def load_pipeline_for(cfg: PipelineConfig, seed: int):
-    from alignkit.diffusion.pipeline import build_tiny_pipeline, frozen, load_pipeline
-
     return frozen(build_tiny_pipeline(seed=seed) if cfg.tiny else load_pipeline(cfg.path))
 
 
 def add_lora(unet, cfg: UNetLoraConfig, d: Dist) -> list[torch.nn.Parameter]:
     """LoRA adapters on the UNet (peft, B = 0 so the model starts as it was); the same initial A on
     every process. Returns the trainable parameters."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # local: peft costs seconds of start-up
 
     unet.add_adapter(
         LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=cfg.target_modules)
@@ -130,8 +130,6 @@ def add_lora(unet, cfg: UNetLoraConfig, d: Dist) -> list[torch.nn.Parameter]:
     if not params:
         raise ConfigError(f"model.lora.target_modules={cfg.target_modules}: matched no UNet module")
     if d.enabled:
-        import torch.distributed as dist
-
         for p in params:
             dist.broadcast(p.data, src=0)
     return params
@@ -170,7 +168,7 @@ def validate(
 def save_lora(run: Run, pipe, cfg: Config, name: str = "final") -> Path:
     """Adapters in diffusers' LoRA format plus `alignkit.json` naming the base pipeline (a tiny
     random base is saved at `output_dir/base` when the run starts)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # local, with peft: seconds of start-up
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -202,8 +200,6 @@ def main(cfg: Config) -> None:
         raise ConfigError(f"sampling.truncation_steps={sc.truncation_steps} exceeds sampling.steps={sc.steps}")
     pipe = load_pipeline_for(cfg.model, cfg.train.seed).to(d.device)
     if cfg.model.tiny and d.is_main:  # so that final/ names a base that exists
-        from alignkit.diffusion.pipeline import save_pipeline
-
         save_pipeline(pipe, run.output_dir / "base")
     prompts = read_prompts(cfg.prompts.path, pipe.tokenizer, cfg.prompts.split, cfg.prompts.limit)
     reward_fn = load_image_reward(cfg.reward, d.device)
@@ -277,8 +273,6 @@ def sum_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
 def _validate_on_main(run: Run, pipe, reward_fn, prompts, sc, dc, step: int) -> dict[str, float]:
     """Validation metrics, computed on the main process and shared with the others (every process
     logs the same numbers, and only the main process writes the grid)."""
-    import torch.distributed as dist
-
     result = [validate(run, pipe, reward_fn, prompts, sc, dc, step) if run.dist.is_main else None]
     if run.dist.enabled:
         dist.broadcast_object_list(result, src=0)

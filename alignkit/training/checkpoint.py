@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+from alignkit.models.loading import unwrap
 from alignkit.training.distributed import Dist, barrier, full_state_dict
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -116,10 +118,6 @@ def load_checkpoint(
     trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns `{"step": N, "extra": ...}`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    from alignkit.models.loading import unwrap
-
     path = Path(path)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     set_state_dict(

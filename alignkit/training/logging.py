@@ -69,7 +69,7 @@ class MetricLogger:
         _truncate_after(self._jsonl_path, resumed_step)
         self._jsonl = self._jsonl_path.open("a")
         if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # local: pulls in tensorboard, only when enabled
 
             self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=resumed_step + 1)
             self._sinks.append(("tb", self._tb))
@@ -82,7 +82,7 @@ class MetricLogger:
             mode = "bar" if sys.stderr.isatty() else "lines"
         self.mode = mode
         if mode == "bar":
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn  # local: terminals only
 
             self._bar = Progress(
                 TextColumn("step {task.completed}/{task.total}"),
@@ -96,7 +96,7 @@ class MetricLogger:
 
     def _try_wandb(self, project: str, run_config: dict[str, Any] | None) -> None:
         try:
-            import wandb
+            import wandb  # optional: not a dependency
         except ImportError:
             get_logger().warning("logging.wandb_project is set but wandb is not installed; skipping W&B")
             return
@@ -105,7 +105,7 @@ class MetricLogger:
 
     def _try_mlflow(self, experiment: str, run_config: dict[str, Any] | None) -> None:
         try:
-            import mlflow
+            import mlflow  # optional: not a dependency
         except ImportError:
             get_logger().warning("logging.mlflow_experiment is set but mlflow is not installed; skipping MLflow")
             return

@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from alignkit.config import RecipeConfig, save_config
 from alignkit.data.batching import PAD_SLOT, BatchPlan
@@ -274,8 +276,6 @@ def save_final(
     """Gather the full weights (a collective) and write output_dir/`name` in HF format (rank 0), as
     `auto_class` (default a causal LM; a reward model or critic: `AutoModelForSequenceClassification`);
     `config_updates` are recorded in its config.json (e.g. a SteerLM model's label format)."""
-    from transformers import AutoModelForCausalLM
-
     state, _ = full_state_dict(model)
     out = run.output_dir / name
     if run.dist.is_main:
@@ -379,8 +379,6 @@ def iteration_run(run: Run, t: int) -> Run | None:
 
 def copy_last_iteration(run: Run, iterations: int) -> None:
     """output_dir/final <- the last iteration's model (rank 0), when checkpoint.save_final."""
-    import shutil
-
     if run.cfg.checkpoint.save_final and run.dist.is_main:
         final = run.output_dir / "final"
         if final.exists():
