@@ -40,10 +40,14 @@ def test_two_processes_match_one(tmp_path, single, strategy):
     result = run_cli(*COMMON, f"output_dir={out}", f"distributed.strategy={strategy}", "--nproc", "2")
     assert result.returncode == 0, result.stderr
     assert "2 processes" in result.stderr
-    assert losses(out) == pytest.approx(losses(single), rel=1e-5)
+    # 2 processes reduce the same gradients in another order (fp32: ~1e-7 relative per sum); Adam
+    # divides by sqrt(v), which magnifies that on coordinates whose gradient is near zero. The
+    # bounds below hold with a wide margin on every machine seen; a real bug (a lost micro-batch, a
+    # wrong normaliser) moves the loss by 1e-2 or more.
+    assert losses(out) == pytest.approx(losses(single), rel=1e-4)
     a, b = load_file(str(single / "final/model.safetensors")), load_file(str(out / "final/model.safetensors"))
     assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
 def test_fsdp_resume_in_two_processes(tmp_path):
@@ -64,7 +68,7 @@ def test_lora_under_fsdp_matches_one_process(tmp_path):
     result = run_cli(*COMMON, f"output_dir={out}", "model.lora.enabled=true", "--nproc", "2")
     assert result.returncode == 0, result.stderr
     assert run_cli(*COMMON, f"output_dir={one}", "model.lora.enabled=true").returncode == 0
-    assert losses(out) == pytest.approx(losses(one), rel=1e-5)  # same adapters on every rank
+    assert losses(out) == pytest.approx(losses(one), rel=1e-4)  # same adapters on every rank
     sd = load_file(str(out / "final/model.safetensors"))
     assert not any("lora" in k for k in sd)
     assert losses(out)[-1] < losses(out)[0]
