@@ -47,6 +47,7 @@ __all__ = [
     "load_attribute_examples",
     "load_reward_pairs",
     "scored_example",
+    "scored_ids",
 ]
 
 
@@ -69,12 +70,28 @@ def scored_example(ids: list[int], source: str) -> Example:
     return Example(input_ids=ids, target_ids=[IGNORE] * (len(ids) - 1) + [ids[-1]], source=source)
 
 
+def scored_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The tokens a reward model reads for `text`, up to its last token that is not the pad token.
+
+    Transformers' `*ForSequenceClassification` scores a sequence at its last non-pad token. A
+    template that ends with EOS, with pad = EOS (what alignkit sets for tokenizers without a pad
+    token, e.g. GPT-2, Llama, Mistral), ends the text with "pad" tokens: scoring there instead would
+    make a saved reward model score differently in plain transformers. Causal attention means the
+    dropped tail changes nothing before it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id
+    end = len(ids)
+    while end > 1 and ids[end - 1] == pad:
+        end -= 1
+    return ids[:end]
+
+
 def encode_scored(
     tokenizer: PreTrainedTokenizerBase, messages: list[Message], template: str | None, where: str
 ) -> Example:
     """A conversation (prompt + response messages) rendered with the chat template."""
     text, _ = render_with_spans(tokenizer, messages, template, where)
-    return scored_example(tokenizer(text, add_special_tokens=False)["input_ids"], where)
+    return scored_example(scored_ids(tokenizer, text), where)
 
 
 def _fit(example: Example, data: DataConfig, stats: EncodeStats) -> Example | None:
@@ -175,7 +192,7 @@ def load_attribute_examples(
             )
         targets = _attribute_targets(record, attributes)
         if isinstance(d.get("text"), str) and "prompt" not in d:
-            example = scored_example(tokenizer(d["text"], add_special_tokens=False)["input_ids"], where)
+            example = scored_example(scored_ids(tokenizer, d["text"]), where)
         else:
             for key in ("prompt", "response"):
                 if key not in d:

@@ -31,7 +31,7 @@ from alignkit.data.formats import read_prompt_records
 from alignkit.data.io import DataError
 from alignkit.data.steerlm import SteerLMFormat, steered_prompt
 from alignkit.evaluation.stats import mean_with_ci, win_rate
-from alignkit.generation.sampler import Completion, generate
+from alignkit.generation.sampler import Completion, generate, stop_token_ids
 from alignkit.models.loading import load_for_eval
 from alignkit.tasks import ATTRIBUTES, score_response
 
@@ -92,7 +92,7 @@ def sample_responses(
             model,
             [ids[i] for i in chunk],
             batch_params,
-            tokenizer.eos_token_id,
+            stop_token_ids(model, tokenizer),
             tokenizer.pad_token_id,
             tokenizer.decode,
         )

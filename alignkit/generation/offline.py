@@ -19,7 +19,7 @@ from alignkit.config import SamplingConfig
 from alignkit.data.formats import prompt_messages, read_prompt_records
 from alignkit.data.io import DataError, Record, write_jsonl
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
-from alignkit.generation.sampler import generate
+from alignkit.generation.sampler import generate, stop_token_ids
 from alignkit.models.loading import load_for_eval
 
 __all__ = ["generate_dataset"]
@@ -52,11 +52,12 @@ def generate_dataset(
     texts, labels = _steered_prompts(records, tokenizer, SteerLMFormat.from_config(model.config), attributes)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     rows: list[dict[str, Any]] = []
+    stops = stop_token_ids(model, tokenizer)
     for start in range(0, len(ids), params.batch_size):
         seed = None if params.seed is None else params.seed + start
         batch_params = params.model_copy(update={"seed": seed})
         chunk = ids[start : start + params.batch_size]
-        for c in generate(model, chunk, batch_params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode):
+        for c in generate(model, chunk, batch_params, stops, tokenizer.pad_token_id, tokenizer.decode):
             record = records[start + c.prompt_index].data
             rows.append(
                 {

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from alignkit.config import SamplingConfig
 
-__all__ = ["Completion", "generate"]
+__all__ = ["Completion", "generate", "stop_token_ids"]
 
 
 @dataclass
@@ -33,6 +33,26 @@ class Completion:
     text: str
     is_end: bool  # ended by EOS or a stop string, not by max_new_tokens
     finish_reason: str = field(default="length")  # "eos" | "stop" | "length"
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and each `eos_token_id` of the model's
+    generation config and config. Instruct models end a turn with a token of their own, listed
+    there beside EOS (Llama-3's <|eot_id|>, Gemma's <end_of_turn>, Qwen's <|im_end|>): stopping at
+    the tokenizer's EOS alone runs past the answer to max_new_tokens."""
+    base = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # peft
+    sources = (
+        tokenizer.eos_token_id,
+        getattr(getattr(base, "generation_config", None), "eos_token_id", None),
+        getattr(base.config, "eos_token_id", None),
+    )
+    ids: list[int] = []
+    for source in sources:
+        for token in [source] if isinstance(source, int) else list(source or []):
+            if token is not None and token not in ids:
+                ids.append(int(token))
+    return ids
 
 
 def _filter_logits(logits: torch.Tensor, params: SamplingConfig) -> torch.Tensor:

@@ -11,6 +11,7 @@ such a directory back for sampling (`alignkit generate`, `eval`, `serve generate
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import tempfile
@@ -235,6 +236,19 @@ def _make_readable(directory: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
+def _keep_generation_config(source: nn.Module, saved: nn.Module) -> None:
+    """The saved model keeps the loaded model's generation config (a skeleton built from the config
+    alone would fall back to config.eos_token_id and lose an instruct model's end-of-turn ids, e.g.
+    Llama-3's <|eot_id|>), with the KV cache on."""
+    source = source.get_base_model() if _is_peft(source) else source
+    target = saved.get_base_model() if _is_peft(saved) else saved
+    if getattr(target, "generation_config", None) is None:
+        return
+    if getattr(source, "generation_config", None) is not None:
+        target.generation_config = copy.deepcopy(source.generation_config)
+    target.generation_config.use_cache = True
+
+
 def save_causal_lm(
     model: nn.Module,
     state_dict: dict[str, torch.Tensor],
@@ -269,8 +283,7 @@ def save_causal_lm(
         if _is_peft(skeleton) and merge_lora:
             skeleton = skeleton.merge_and_unload()
         skeleton.config.use_cache = True  # training turned the KV cache off; users generate with it
-        if getattr(skeleton, "generation_config", None) is not None:
-            skeleton.generation_config.use_cache = True
+        _keep_generation_config(hf_model, skeleton)
         for key, value in (config_updates or {}).items():
             setattr(skeleton.config, key, value)
         skeleton.save_pretrained(tmp, safe_serialization=True)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from alignkit.config import SamplingConfig
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
-from alignkit.generation.sampler import generate
+from alignkit.generation.sampler import generate, stop_token_ids
 from alignkit.models.loading import load_for_eval
 
 __all__ = ["create_app", "serve_model"]
@@ -72,6 +72,7 @@ def create_app(
     app = FastAPI(title="alignkit OpenAI-compatible server")
     lock = threading.Lock()  # one generation at a time on the one model
     steer = SteerLMFormat.from_config(model.config)
+    stops = stop_token_ids(model, tokenizer)  # the model's end-of-turn tokens too, not only EOS
 
     @app.exception_handler(HTTPException)
     async def _error(_request, exc: HTTPException) -> JSONResponse:
@@ -94,9 +95,7 @@ def create_app(
 
     def run(prompt_ids: list[list[int]], sampling: SamplingConfig):
         with lock:
-            return generate(
-                model, prompt_ids, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode
-            )
+            return generate(model, prompt_ids, sampling, stops, tokenizer.pad_token_id, tokenizer.decode)
 
     def usage(prompt_ids, completions) -> dict[str, int]:
         prompt = sum(len(p) for p in prompt_ids)

@@ -35,7 +35,7 @@ from alignkit.data.batching import collate_groups
 from alignkit.data.formats import prompt_messages
 from alignkit.data.io import Record
 from alignkit.data.tokenize import IGNORE, Example
-from alignkit.generation.sampler import Completion, generate
+from alignkit.generation.sampler import Completion, generate, stop_token_ids
 from alignkit.models.forward import logits_at
 from alignkit.models.loading import unwrap
 from alignkit.models.reward import RewardModelInfo, sequence_scores
@@ -123,6 +123,7 @@ def sample_batches(
     the batch's completions: sample j of its prompt i at i * n + j); the model's train/eval mode is
     restored before each yield."""
     module = unwrap(model)  # generation skips the DDP wrapper (no gradients, no collectives)
+    stops = stop_token_ids(module, tokenizer)
     for start in range(0, len(prompt_ids), sampling.batch_size):
         params = sampling.model_copy(update={"seed": seed_of(start)})
         was_training = module.training
@@ -131,7 +132,7 @@ def sample_batches(
                 module,
                 prompt_ids[start : start + sampling.batch_size],
                 params,
-                tokenizer.eos_token_id,
+                stops,
                 tokenizer.pad_token_id,
                 tokenizer.decode,
             )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alignkit.config import SamplingConfig
-from alignkit.generation.sampler import _cache_argument, _filter_logits, _step_kwargs, generate
+from alignkit.generation.sampler import _cache_argument, _filter_logits, _step_kwargs, generate, stop_token_ids
 from tests.conftest import tiny_model
 
 
@@ -162,3 +162,25 @@ def test_decoding_records_no_autograd_graph(tokenizer, setup):
     finally:
         hook.remove()
     assert grad_modes and not any(grad_modes)
+
+
+def test_stops_at_the_models_end_of_turn_token_not_only_eos(tokenizer, setup):
+    """An instruct model ends its turn with a token its generation config lists beside EOS (Gemma's
+    <end_of_turn>, Llama-3's <|eot_id|>). Make the greedy model's 3rd token such a token: sampling
+    with the model's stop ids ends there ("eos", is_end), with the tokenizer's EOS alone it runs on."""
+    model, prompts = setup
+    free = generate(model, prompts[:1], SamplingConfig(max_new_tokens=8, temperature=0), [], 0, tokenizer.decode)[0]
+    end_of_turn = free.token_ids[2]
+    assert end_of_turn != tokenizer.eos_token_id and end_of_turn not in free.token_ids[:2]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    try:
+        stops = stop_token_ids(model, tokenizer)
+        assert stops[0] == tokenizer.eos_token_id and end_of_turn in stops
+        greedy = SamplingConfig(max_new_tokens=8, temperature=0)
+        ended = generate(model, prompts[:1], greedy, stops, 0, tokenizer.decode)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert ended[0].token_ids == free.token_ids[:3]
+    assert ended[0].finish_reason == "eos" and ended[0].is_end
+    assert ended[0].text == tokenizer.decode(free.token_ids[:2])  # the stop token is not in the text

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from alignkit.config import LoraConfig, ModelConfig, RandomInitConfig
 from alignkit.models.loading import adapters_off, load_causal_lm, load_tokenizer, save_causal_lm
@@ -90,3 +90,13 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "tok")
     loaded = load_tokenizer(ModelConfig(path=str(tmp_path / "tok")))
     assert loaded.pad_token == loaded.eos_token is not None
+
+
+def test_a_saved_model_keeps_its_end_of_turn_tokens(tmp_path, tokenizer):
+    """Llama-3-Instruct lists <|eot_id|> beside EOS in generation_config.json; a model saved after
+    training must still stop there (a skeleton built from config.json alone would forget it)."""
+    model = load_causal_lm(ModelConfig(random_init=TINY), tokenizer, seed=0)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 5]
+    out = save_causal_lm(model, model.state_dict(), tokenizer, tmp_path / "m")
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [tokenizer.eos_token_id, 5]
+    assert GenerationConfig.from_pretrained(out).use_cache is True
