@@ -74,9 +74,9 @@ class RandomInitConfig(Section):
 
 class LoraConfig(Section):
     enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str = "all-linear"
     merge_on_save: bool = True  # write merged weights to final/ (else the adapter alone)
 
@@ -108,13 +108,13 @@ class ModelConfig(Section):
 class DatasetConfig(Section):
     path: str  # .jsonl, .json, .parquet file, or a directory written by `datasets.save_to_disk`
     split: str | None = None  # for DatasetDict directories
-    limit: int | None = None  # use only the first N records
+    limit: int | None = Field(None, ge=1)  # use only the first N records
 
 
 class DataConfig(Section):
     train: DatasetConfig
     validation: DatasetConfig | None = None
-    max_seq_len: int = 512
+    max_seq_len: int = Field(512, ge=2)
     # What to do with an example longer than max_seq_len: drop it (and count it), truncate it
     # (from the right; dropped if no loss token survives), or stop with an error naming it.
     overlength: Literal["drop", "truncate", "error"] = "drop"
@@ -148,30 +148,30 @@ class SamplingConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = 1e-4
-    weight_decay: float = 0.01
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0.0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # final lr / peak lr for linear and cosine
-    grad_clip: float | None = 1.0
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # final lr / peak lr for linear and cosine
+    grad_clip: float | None = Field(1.0, gt=0.0)
 
 
 class TrainConfig(Section):
-    max_steps: int | None = None  # optimizer steps; defaults to `epochs` passes over the data
-    epochs: int = 1
-    global_batch_size: int = 16  # examples (packed rows when data.pack) per optimizer step, over all ranks
-    micro_batch_size: int = 4  # per forward pass per rank; accumulation = global / (micro * world)
-    eval_every: int | None = None  # steps; None: only at the end
-    eval_batches: int | None = None  # cap on validation micro-batches per evaluation
-    log_every: int = 1
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; defaults to `epochs` passes over the data
+    epochs: int = Field(1, ge=1)
+    global_batch_size: int = Field(16, ge=1)  # examples (packed rows when data.pack) per optimizer step, over all ranks
+    micro_batch_size: int = Field(4, ge=1)  # per forward pass per rank; accumulation = global / (micro * world)
+    eval_every: int | None = Field(None, ge=1)  # steps; None: only at the end
+    eval_batches: int | None = Field(None, ge=1)  # cap on validation micro-batches per evaluation
+    log_every: int = Field(1, ge=1)
     seed: int = 1234
 
 
 class CheckpointConfig(Section):
-    every: int | None = None  # steps between resumable checkpoints; None: none until the end
-    keep_last: int = 2
+    every: int | None = Field(None, ge=1)  # steps between resumable checkpoints; None: none until the end
+    keep_last: int = Field(2, ge=1)
     resume: bool = True  # continue from the newest complete checkpoint in output_dir, if any
     save_final: bool = True  # write final/ in Hugging Face format
 
@@ -268,6 +268,33 @@ def _section_classes(annotation: Any) -> list[type[Section]]:
     return []
 
 
+# The names users bring from transformers' TrainingArguments, TRL and NeMo-Aligner, which spelling
+# distance alone does not connect to ours (`learning_rate` is far from `lr`).
+_SYNONYMS = {
+    "learning_rate": "lr",
+    "lr_scheduler_type": "schedule",
+    "scheduler": "schedule",
+    "max_grad_norm": "grad_clip",
+    "num_train_epochs": "epochs",
+    "max_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "global_batch_size",
+    "max_length": "max_seq_len",
+    "seq_length": "max_seq_len",
+    "model_name_or_path": "path",
+    "logging_steps": "log_every",
+    "eval_steps": "eval_every",
+    "save_steps": "every",
+    "save_total_limit": "keep_last",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "bf16": "precision",
+    "num_generations": "n",
+    "max_new_tokens_per_sample": "max_new_tokens",
+}
+
+
 def _check_keys(data: Any, cls: type[Section], prefix: str) -> None:
     """Fail on the first unknown key, naming it and its nearest valid spelling."""
     if not isinstance(data, dict):
@@ -276,7 +303,8 @@ def _check_keys(data: Any, cls: type[Section], prefix: str) -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            close = [_SYNONYMS[key]] if _SYNONYMS.get(key) in fields else []
+            close = close or difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             valid = ", ".join(fields)
             raise ConfigError(f"unknown config key '{dotted}'{hint} (valid keys here: {valid})")

@@ -62,7 +62,7 @@ def load_for_eval(model_dir: str | Path) -> tuple[nn.Module, PreTrainedTokenizer
     """A saved causal LM (fp32, eval mode) and its tokenizer, for sampling and scoring."""
     if not Path(model_dir, "config.json").is_file():
         raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model_dir}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(ModelConfig(path=str(model_dir)))  # pads with EOS where it has no pad token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return model, tokenizer
 

@@ -12,7 +12,7 @@ from types import ModuleType
 
 from alignkit.config import ConfigError
 
-__all__ = ["RECIPES", "recipe_module"]
+__all__ = ["RECIPES", "VARIANTS", "recipe_module"]
 
 # name -> module with `Config` (a RecipeConfig) and `main(cfg)`.
 RECIPES = {
@@ -28,11 +28,27 @@ RECIPES = {
     "draftp": "alignkit.recipes.draftp",
 }
 
+# Algorithms that are an option of a recipe rather than a recipe of their own.
+VARIANTS = {
+    "grpo": "reinforce with reinforce.estimator=grpo",
+    "rloo": "reinforce (reinforce.estimator=rloo, the default)",
+    "dr_grpo": "reinforce with reinforce.estimator=grpo reinforce.scale_rewards=false",
+    "kto": "dpo with loss.type=kto",
+    "ipo": "dpo with loss.type=ipo",
+    "simpo": "dpo with loss.type=simpo",
+    "orpo": "dpo with loss.type=orpo",
+    "rpo": "dpo with loss.type=rpo_sq (or rpo_bwd_kl, rpo_fwd_kl)",
+    "online_dpo": "dpo with an `online:` section (iterative on-policy DPO)",
+    "rm": "reward_model",
+    "kd": "distill",
+    "draft": "draftp with draftp.kl_coeff=0",
+}
+
 
 def recipe_module(name: str) -> ModuleType:
     """The recipe's module; an unknown name fails with the nearest valid one."""
     if name not in RECIPES:
         close = difflib.get_close_matches(name, list(RECIPES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f"; use {VARIANTS[name]}" if name in VARIANTS else f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown recipe {name!r}{hint} (recipes: {', '.join(RECIPES)})")
     return importlib.import_module(RECIPES[name])

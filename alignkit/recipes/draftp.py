@@ -92,7 +92,7 @@ class DraftpConfig(Section):
 class DraftpOptimConfig(OptimConfig):
     """NeMo-Aligner's SD defaults: lr 1e-4, no weight decay, 10 warm-up steps then constant, clip 10."""
 
-    lr: float = 1e-4
+    lr: float = Field(1e-4, gt=0.0)
     weight_decay: float = 0.0
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 10
@@ -100,8 +100,8 @@ class DraftpOptimConfig(OptimConfig):
 
 
 class DraftpTrainConfig(TrainConfig):
-    global_batch_size: int = 4  # prompts (one image each) per optimizer step, over all processes
-    micro_batch_size: int = 1  # images sampled together per process
+    global_batch_size: int = Field(4, ge=1)  # prompts (one image each) per optimizer step, over all processes
+    micro_batch_size: int = Field(1, ge=1)  # images sampled together per process
 
 
 class Config(RecipeConfig):

@@ -1,6 +1,9 @@
+import re
+
 import pytest
 
 from alignkit.config import ConfigError, find_config, load_config, parse_overrides
+from alignkit.recipes import recipe_module
 from alignkit.recipes.sft import Config as SFTConfig
 
 
@@ -75,3 +78,50 @@ def test_find_config_shipped_and_suggestion():
     assert find_config("sft", "tiny").name == "tiny.yaml"
     with pytest.raises(ConfigError, match="did you mean 'tiny'"):
         find_config("sft", "tinny")
+
+
+@pytest.mark.parametrize(
+    "override, ours",
+    [
+        ("optim.learning_rate=1e-5", "optim.lr"),
+        ("train.num_train_epochs=2", "train.epochs"),
+        ("optim.max_grad_norm=1", "optim.grad_clip"),
+        ("model.lora.lora_r=8", "model.lora.r"),
+    ],
+)
+def test_names_from_transformers_and_trl_point_to_ours(tmp_path, override, ours):
+    key = re.escape(override.split("=")[0])
+    with pytest.raises(ConfigError, match=rf"'{key}'; did you mean '{re.escape(ours)}'"):
+        load_config(SFTConfig, write(tmp_path, BASE), [override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.max_steps=-5",
+        "train.max_steps=0",
+        "train.global_batch_size=0",
+        "train.micro_batch_size=0",
+        "optim.lr=-1e-4",
+        "optim.lr=0",
+        "optim.warmup_steps=-1",
+        "optim.min_lr_ratio=2",
+        "checkpoint.keep_last=0",
+        "data.max_seq_len=0",
+        "model.lora.r=0",
+        "model.lora.dropout=1",
+    ],
+)
+def test_values_out_of_range_fail_at_start_naming_the_key(tmp_path, override):
+    key = re.escape(override.split("=")[0])
+    with pytest.raises(ConfigError, match=rf"config key '{key}': Input should be"):
+        load_config(SFTConfig, write(tmp_path, BASE), [override])
+
+
+def test_an_algorithm_that_is_an_option_names_its_recipe():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'grpo'; use reinforce with reinforce\.estimator=grpo"):
+        recipe_module("grpo")
+    with pytest.raises(ConfigError, match=r"unknown recipe 'kto'; use dpo with loss\.type=kto"):
+        recipe_module("kto")
+    with pytest.raises(ConfigError, match=r"unknown recipe 'sfft'; did you mean 'sft'"):
+        recipe_module("sfft")
