@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from alignkit.config import RecipeConfig, save_config
+from alignkit.config import ConfigError, RecipeConfig, save_config
 from alignkit.data.batching import PAD_SLOT, BatchPlan
 from alignkit.models.loading import autocast, save_causal_lm
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints, save_checkpoints
@@ -84,11 +85,64 @@ def start_run(cfg: RecipeConfig) -> Run:
     np.random.seed(seed)
     torch.manual_seed(seed)
     output_dir = Path(cfg.output_dir)
+    _check_resumable(cfg, output_dir)  # before config.yaml is overwritten
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
     barrier(d)  # no rank writes into output_dir before it exists
     return Run(cfg=cfg, dist=d, output_dir=output_dir)
+
+
+# What may change between a run and its resumption: how long it runs, how it logs, evaluates and
+# checkpoints, and memory levers that do not change the maths. Anything else (the model, the data,
+# the learning rate, the loss) would continue a run under another config than the one that made it.
+_SAFE_ON_RESUME = (
+    "output_dir",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.log_every",
+    "checkpoint.",
+    "logging.",
+    "distributed.",
+    "model.compile",
+    "model.gradient_checkpointing",
+    "data.validation",
+    "ppo.steps",
+    "reinforce.steps",
+    "draftp.steps",
+    "draftp.val_every",
+    "rs.iterations",
+    "steerlm2.iterations",
+    "online.iterations",
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
+def _check_resumable(cfg: RecipeConfig, output_dir: Path) -> None:
+    """A run that would resume from `output_dir`'s checkpoints must have the config that wrote them
+    (but for `_SAFE_ON_RESUME`): else stop, naming the keys that differ and the two ways out."""
+    saved = output_dir / "config.yaml"
+    started = any(output_dir.glob("checkpoints/step_*")) or any(output_dir.glob("iteration_*"))
+    if not cfg.checkpoint.resume or not saved.is_file() or not started:
+        return
+    old, new = _flatten(yaml.safe_load(saved.read_text()) or {}), _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(
+        key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and not key.startswith(_SAFE_ON_RESUME)
+    )
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ConfigError(
+            f"{output_dir} holds a run with another config, which this one would resume: {shown}{more}. "
+            "Use a new output_dir, or checkpoint.resume=false to start over in this one"
+        )
 
 
 def _no_grad_sync(model: nn.Module, sync: bool):

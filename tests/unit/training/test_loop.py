@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from alignkit.config import ModelConfig, OptimConfig, RandomInitConfig, RecipeConfig
+from alignkit.config import ConfigError, ModelConfig, OptimConfig, RandomInitConfig, RecipeConfig
 from alignkit.training.loop import (
     finish_step,
     iteration_run,
@@ -142,3 +142,21 @@ def test_iteration_run_trains_from_the_previous_iteration_and_skips_finished_one
     (tmp_path / "iteration_1" / "final").mkdir(parents=True)
     (tmp_path / "iteration_1" / "final" / "config.json").write_text("{}")
     assert iteration_run(run, 1) is None  # done earlier: a resumed recipe skips it
+
+
+def test_a_run_resumes_only_under_the_config_that_wrote_its_checkpoints(tmp_path):
+    """Rerunning into a used output_dir with another learning rate would continue the old run under
+    a config.yaml that claims the new one: it stops, naming the key and the ways out, and leaves the
+    old config.yaml. Safe keys (how long it runs, logging, checkpointing) may change."""
+    first = _cfg(tmp_path)
+    start_run(first)
+    (tmp_path / "checkpoints" / "step_4").mkdir(parents=True)
+    saved = (tmp_path / "config.yaml").read_text()
+    changed = first.model_copy(update={"optim": first.optim.model_copy(update={"lr": 0.01})})
+    with pytest.raises(ConfigError, match=r"optim\.lr \(0\.1 -> 0\.01\).*new output_dir.*checkpoint\.resume=false"):
+        start_run(changed)
+    assert (tmp_path / "config.yaml").read_text() == saved
+    longer = first.model_copy(update={"train": first.train.model_copy(update={"max_steps": 50, "log_every": 5})})
+    start_run(longer)
+    fresh = changed.model_copy(update={"checkpoint": changed.checkpoint.model_copy(update={"resume": False})})
+    assert start_run(fresh).cfg.optim.lr == 0.01
