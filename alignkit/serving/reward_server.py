@@ -10,8 +10,10 @@ the model runs full batches under load (NeMo-Aligner's PyTriton server does the 
 2 ms queue delay). Scoring runs in one worker thread, never blocking the event loop.
 
 Guard rails: binds to loopback unless told otherwise; an optional bearer token (401 without it);
-at most `max_items` responses per request (413); malformed JSON or fields get a 422 naming the
-problem. `RemoteRewardModel` in `alignkit.rewards` is the client.
+at most `max_items` responses per request (413); malformed JSON, fields or conversations (a
+message without role or content, an unknown role) get a 422 naming the problem before the request
+joins a batch. If scoring a batch fails anyway, each request in it is scored alone, so only the
+request that fails gets the 500. `RemoteRewardModel` in `alignkit.rewards` is the client.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from alignkit.data.formats import messages_from_value
+from alignkit.data.io import DataError
 from alignkit.rewards import LocalRewardModel
 
 __all__ = ["ScoreRequest", "create_app", "serve_reward_model"]
@@ -97,25 +101,30 @@ def create_app(
                     break
                 batch.append(nxt)
                 size += nxt.size
-            prompts = [p for item in batch for p in item.request.prompts]
-            responses = [r for item in batch for r in item.request.responses]
             try:
-                out = await loop.run_in_executor(None, scorer, prompts, responses)
-            except Exception as exc:  # noqa: BLE001 - every waiting client must hear about it
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            stats["batches"] += 1
-            start = 0
-            for item in batch:
-                end = start + item.size
-                result = {"rewards": out.rewards[start:end].tolist(), "names": out.names or []}
-                if out.attributes is not None:
-                    result["attributes"] = out.attributes[start:end].tolist()
-                if not item.future.done():
-                    item.future.set_result(result)
-                start = end
+                await score_together(batch)
+            except Exception:  # noqa: BLE001 - one request's failure must not fail the others
+                for item in batch:  # score each alone: only the failing one hears of it
+                    try:
+                        await score_together([item])
+                    except Exception as exc:  # noqa: BLE001
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+
+    async def score_together(batch: list[_Pending]) -> None:
+        prompts = [p for item in batch for p in item.request.prompts]
+        responses = [r for item in batch for r in item.request.responses]
+        out = await asyncio.get_running_loop().run_in_executor(None, scorer, prompts, responses)
+        stats["batches"] += 1
+        start = 0
+        for item in batch:
+            end = start + item.size
+            result = {"rewards": out.rewards[start:end].tolist(), "names": out.names or []}
+            if out.attributes is not None:
+                result["attributes"] = out.attributes[start:end].tolist()
+            if not item.future.done():
+                item.future.set_result(result)
+            start = end
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -147,6 +156,11 @@ def create_app(
             raise HTTPException(
                 status_code=413, detail=f"{len(body.responses)} responses in one request; the limit is {max_items}"
             )
+        for i, prompt in enumerate(body.prompts):  # a malformed conversation never joins a batch
+            try:
+                messages_from_value(prompt, "user", f"prompts[{i}]")
+            except DataError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
         stats["requests"] += 1
         if not body.responses:
             return {"rewards": [], "names": names or []}

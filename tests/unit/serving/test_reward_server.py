@@ -122,6 +122,16 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_scores(served):
         ({"prompts": ["a", "b"], "responses": ["x"]}, 422, "2 prompts but 1 responses"),
         ({"prompts": ["a"] * 21, "responses": ["x"] * 21}, 413, "the limit is 20"),
         ({"prompts": [3], "responses": ["x"]}, 422, "prompts"),
+        (
+            {"prompts": [[{"role": "bot", "content": "hi"}]], "responses": ["x"]},
+            422,
+            "prompts[0]: message 0 has role 'bot'",
+        ),
+        (
+            {"prompts": ["a", [{"role": "user"}]], "responses": ["x", "y"]},
+            422,
+            "prompts[1]: message 0 has no field 'content'",
+        ),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_message(served, body, status, message):
@@ -184,3 +194,27 @@ def test_cli_serves_a_model_on_loopback(rm_dir):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_failing_request_fails_alone_in_its_batch():
+    """A request the scorer cannot score (here: a response containing "boom") gets its 500; the
+    valid requests batched with it get their scores, and the server stays healthy."""
+
+    def scorer(prompts, responses):
+        if any("boom" in r for r in responses):
+            raise ValueError("cannot score this one")
+        return type(
+            "Out", (), {"rewards": torch.tensor([float(len(r)) for r in responses]), "attributes": None, "names": []}
+        )()
+
+    app = create_app(scorer, max_batch=64, max_delay_ms=200)
+    with Server(app) as url:
+        bodies = [{"prompts": ["q"], "responses": ["boom" if i == 3 else "x" * i]} for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda b: httpx.post(f"{url}/score", json=b, timeout=30), bodies))
+        assert [a.status_code for a in answers] == [200, 200, 200, 500, 200, 200, 200, 200]
+        assert "cannot score this one" in answers[3].text
+        assert [a.json()["rewards"] for i, a in enumerate(answers) if i != 3] == [
+            [float(i)] for i in range(8) if i != 3
+        ]
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
