@@ -16,6 +16,7 @@ accumulation count or number of processes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -329,9 +330,16 @@ def save_final(
 ) -> Path | None:
     """Gather the full weights (a collective) and write output_dir/`name` in HF format (rank 0), as
     `auto_class` (default a causal LM; a reward model or critic: `AutoModelForSequenceClassification`);
-    `config_updates` are recorded in its config.json (e.g. a SteerLM model's label format)."""
+    `config_updates` are recorded in its config.json (e.g. a SteerLM model's label format). A chat
+    template given in `data.chat_template` is saved with the tokenizer: the model then renders
+    conversations as it was trained to wherever it goes next (scoring, serving, the next recipe),
+    also when its base had no template at all (GPT-2, base checkpoints)."""
     state, _ = full_state_dict(model)
     out = run.output_dir / name
+    template = getattr(getattr(run.cfg, "data", None), "chat_template", None)
+    if template is not None:
+        tokenizer = copy.copy(tokenizer)  # the caller's tokenizer keeps its own template
+        tokenizer.chat_template = template
     if run.dist.is_main:
         save_causal_lm(
             model,

@@ -160,3 +160,25 @@ def test_a_run_resumes_only_under_the_config_that_wrote_its_checkpoints(tmp_path
     start_run(longer)
     fresh = changed.model_copy(update={"checkpoint": changed.checkpoint.model_copy(update={"resume": False})})
     assert start_run(fresh).cfg.optim.lr == 0.01
+
+
+def test_the_chat_template_trained_with_is_saved_with_the_model(tmp_path, tokenizer):
+    """A base model without a template, fine-tuned with `data.chat_template`: final/ carries that
+    template, so scoring, serving and the next recipe render conversations as in training."""
+    from transformers import AutoTokenizer
+
+    from alignkit.recipes.sft import Config as SFTConfig
+    from alignkit.training.loop import save_final
+    from tests.conftest import tiny_model
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    cfg = SFTConfig(
+        output_dir=str(tmp_path),
+        model={"random_init": {}},
+        data={"train": {"path": "x.jsonl"}, "chat_template": template},
+    )
+    run = start_run(cfg)
+    own = tokenizer.chat_template
+    save_final(run, tiny_model(tokenizer), tokenizer)
+    assert AutoTokenizer.from_pretrained(tmp_path / "final").chat_template == template
+    assert tokenizer.chat_template == own
