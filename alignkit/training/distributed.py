@@ -16,9 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 from alignkit.models.loading import unwrap
 
@@ -134,6 +131,9 @@ def wrap_model(model: nn.Module, d: Dist, strategy: str, compile_layers: bool = 
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if d.device.type == "cuda" else None
         )
+    from torch.distributed.device_mesh import init_device_mesh  # local, as below: DTensor's import costs
+    from torch.distributed.fsdp import fully_shard  # ~0.6 s of every command's start-up, FSDP runs only
+
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     layers = decoder_layers(model)
     if not layers:
@@ -149,6 +149,9 @@ def full_state_dict(
 ) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Unsharded model (and optimizer) state on CPU. A collective: every rank must call it.
     `trainable_only`: leave out frozen parameters (a LoRA run's base weights)."""
+    # local: torch.distributed.checkpoint costs ~0.6 s of start-up; only saving needs it
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     target = unwrap(model)
     if optimizer is None:
