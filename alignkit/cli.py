@@ -141,7 +141,10 @@ def validate(
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         recipe = recipe or (data.get("recipe") if isinstance(data, dict) else None) or path.parent.name
         _load(recipe, str(path), [])
     typer.secho(f"ok: {config} is a valid {recipe} config", fg=typer.colors.GREEN)

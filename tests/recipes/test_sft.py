@@ -160,3 +160,6 @@ def test_ls_and_validate(tmp_path):
     bad.write_text("recipe: sft\noutput_dir: o\nmodel: {path: m}\ndata: {train: {path: x}}\ntrain: {epochs: two}\n")
     result = run_cli("validate", str(bad))
     assert result.returncode == 2 and "train.epochs" in result.stderr and "valid integer" in result.stderr
+    bad.write_text("recipe: sft\noutput_dir: [o\n")
+    result = run_cli("validate", str(bad))
+    assert result.returncode == 2 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
