@@ -45,12 +45,21 @@ __all__ = [
 ]
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     path = cfg.tokenizer_path or cfg.path
     if path is None:
         return byte_tokenizer()
     if not Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
+        # transformers would build a tokenizer of one token from config.json alone, without a word
+        raise FileNotFoundError(
+            f"no tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)}); "
+            "copy them there or set model.tokenizer_path"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         # Padding positions never reach a loss, so any existing token will do.

@@ -82,6 +82,9 @@ def test_a_directory_without_config_is_named(tmp_path, tokenizer):
         load_causal_lm(ModelConfig(path=str(tmp_path / "empty")), tokenizer)
     with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
         load_tokenizer(ModelConfig(path=str(tmp_path / "missing")))
+    (tmp_path / "empty" / "config.json").write_text("{}")  # weights and config, no tokenizer files
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer files in .*empty.*model\.tokenizer_path"):
+        load_tokenizer(ModelConfig(path=str(tmp_path / "empty")))
 
 
 def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path, tokenizer):
