@@ -23,7 +23,7 @@ on the unwrapped module, which is why the RL recipes use DDP, not FSDP, across p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 
 from alignkit.config import SamplingConfig
 from alignkit.data.batching import collate_groups
-from alignkit.data.formats import prompt_messages
+from alignkit.data.formats import prompt_messages, with_system_prompt
 from alignkit.data.io import Record
 from alignkit.data.tokenize import IGNORE, Example
 from alignkit.generation.sampler import Completion, generate, stop_token_ids
@@ -97,12 +97,17 @@ def step_prompts(num_records: int, step: int, per_step: int, seed: int) -> list[
     return out
 
 
-def render_prompts(tokenizer, records: list[Record], chat_template: str | None) -> list[list[int]]:
-    """(P) token ids of each record's prompt conversation (`prompt_messages`), rendered by the chat
-    template up to the assistant's turn."""
+def render_prompts(
+    tokenizer, records: Sequence[Record], chat_template: str | None, system_prompt: str | None = None
+) -> list[list[int]]:
+    """(P) token ids of each record's prompt conversation (`prompt_messages`, with `system_prompt`
+    first where it has none), rendered by the chat template up to the assistant's turn."""
     texts = [
         tokenizer.apply_chat_template(
-            prompt_messages(r), tokenize=False, add_generation_prompt=True, chat_template=chat_template
+            with_system_prompt(prompt_messages(r), system_prompt),
+            tokenize=False,
+            add_generation_prompt=True,
+            chat_template=chat_template,
         )
         for r in records
     ]

@@ -24,12 +24,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from alignkit.config import SamplingConfig
-from alignkit.data.formats import prompt_messages, with_system_prompt
 from alignkit.data.io import Record
 from alignkit.generation.sampler import Completion
 from alignkit.tasks.datasets import MIN_PREFERENCE_MARGIN, best_worst_pair, ranked_pairs
 from alignkit.training.distributed import Dist, gather_rollouts
-from alignkit.training.rollouts import sample_batches
+from alignkit.training.rollouts import render_prompts, sample_batches
 
 __all__ = ["Judge", "sampled_preference_pairs"]
 
@@ -65,7 +64,7 @@ def sampled_preference_pairs(
     (autocast or not) around this call."""
     if sampling.n < 2:
         raise ValueError(f"sampling.n={sampling.n}: a preference pair needs at least 2 answers per prompt")
-    ids = _prompt_ids(tokenizer, prompts, chat_template, system_prompt)
+    ids = render_prompts(tokenizer, prompts, chat_template, system_prompt)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # stable
     size, n = sampling.batch_size, sampling.n
     rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
@@ -84,21 +83,6 @@ def sampled_preference_pairs(
     groups = sorted(mine, key=lambda g: g.index)  # prompt order
     pairs = [pair for g in groups for pair in _pairs(_prompt_value(prompts[g.index]), g.scored, all_pairs, min_margin)]
     return pairs, _metrics(groups, pairs)
-
-
-def _prompt_ids(
-    tokenizer, prompts: Sequence[Record], chat_template: str | None, system_prompt: str | None
-) -> list[list[int]]:
-    texts = [
-        tokenizer.apply_chat_template(
-            with_system_prompt(prompt_messages(p), system_prompt),
-            tokenize=False,
-            add_generation_prompt=True,
-            chat_template=chat_template,
-        )
-        for p in prompts
-    ]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def _judged(
