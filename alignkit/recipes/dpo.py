@@ -88,7 +88,16 @@ from alignkit.tasks.datasets import MIN_PREFERENCE_MARGIN
 from alignkit.tasks.oracle import oracle_rewards
 from alignkit.training.distributed import barrier, score_sharded
 from alignkit.training.logging import MetricLogger
-from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_run, save_final, start_run, to_device
+from alignkit.training.loop import (
+    Run,
+    copy_last_iteration,
+    fit,
+    iteration_logger,
+    iteration_run,
+    save_final,
+    start_run,
+    to_device,
+)
 from alignkit.training.sampled_pairs import Judge, sampled_preference_pairs
 
 __all__ = ["Config", "OnlineConfig", "PreferenceLossConfig", "ReferenceConfig", "main", "policy_logps"]
@@ -441,15 +450,7 @@ def _judge(cfg: RewardSourceConfig, device) -> Judge:
 def _iterate(run: Run) -> None:
     cfg, online = run.cfg, run.cfg.online
     prompts = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
-    # On a resumed run keep the pair statistics of the iterations whose pairs are on disk.
-    sampled = [t for t in range(1, online.iterations + 1) if _pairs_path(run, t).is_file()]
-    pair_log = MetricLogger(
-        run.output_dir,
-        cfg.logging.model_copy(update={"tensorboard": False}),
-        online.iterations,
-        run.dist.is_main,
-        resumed_step=max(sampled, default=0),
-    )
+    pair_log = iteration_logger(run, online.iterations, "pairs.jsonl")
     for t in range(1, online.iterations + 1):
         it_run = iteration_run(run, t)  # 1. the policy: iteration t-1's final model (t = 1: model.*)
         if it_run is None:

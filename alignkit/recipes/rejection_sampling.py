@@ -42,8 +42,7 @@ from alignkit.models.forward import sft_token_loss
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import barrier, gather_rollouts
-from alignkit.training.logging import MetricLogger
-from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_run, save_final, start_run
+from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_logger, iteration_run, save_final, start_run
 from alignkit.training.rollouts import render_prompts, sample_batches
 
 __all__ = ["Config", "RejectionSamplingConfig", "main"]
@@ -133,15 +132,7 @@ def main(cfg: Config) -> None:
     rs = cfg.rs
     records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     reward = build_reward_source(cfg.reward)
-    # On a resumed run keep the rollout metrics of the iterations whose samples are on disk.
-    sampled = [t for t in range(1, rs.iterations + 1) if (run.output_dir / f"iteration_{t}" / "kept.jsonl").is_file()]
-    rollout_log = MetricLogger(
-        run.output_dir,
-        cfg.logging.model_copy(update={"tensorboard": False}),
-        rs.iterations,
-        run.dist.is_main,
-        resumed_step=max(sampled, default=0),
-    )
+    rollout_log = iteration_logger(run, rs.iterations, "kept.jsonl")
 
     for t in range(1, rs.iterations + 1):
         it_run = iteration_run(run, t)  # trains from the previous iteration's final model

@@ -49,8 +49,16 @@ from alignkit.models.forward import logits_at, sequence_logps
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import barrier, gather_rollouts
-from alignkit.training.logging import MetricLogger
-from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_run, save_final, start_run, to_device
+from alignkit.training.loop import (
+    Run,
+    copy_last_iteration,
+    fit,
+    iteration_logger,
+    iteration_run,
+    save_final,
+    start_run,
+    to_device,
+)
 from alignkit.training.rollouts import sample_batches
 
 __all__ = ["Config", "SteerLM2Config", "main"]
@@ -288,16 +296,7 @@ def main(cfg: Config) -> None:
     s2 = cfg.steerlm2
     records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     attribute_model = build_reward_source(cfg.attribute_model)
-    sampled = [
-        t for t in range(1, s2.iterations + 1) if (run.output_dir / f"iteration_{t}" / "samples.jsonl").is_file()
-    ]
-    rollout_log = MetricLogger(
-        run.output_dir,
-        cfg.logging.model_copy(update={"tensorboard": False}),
-        s2.iterations,
-        run.dist.is_main,
-        resumed_step=max(sampled, default=0),
-    )
+    rollout_log = iteration_logger(run, s2.iterations, "samples.jsonl")
     prior_cfg = ModelConfig(path=s2.prior_path, precision=cfg.model.precision)
     if cfg.model.path is None:
         raise ConfigError("model.path: SteerLM 2.0 starts from a SteerLM model (what `alignkit run steerlm` saves)")

@@ -439,6 +439,15 @@ def iteration_run(run: Run, t: int) -> Run | None:
     return Run(cfg=cfg.model_copy(update={"model": model, "output_dir": str(out)}), dist=run.dist, output_dir=out)
 
 
+def iteration_logger(run: Run, iterations: int, done_file: str) -> MetricLogger:
+    """output_dir/metrics.jsonl for an iterated recipe's per-iteration statistics (step = iteration;
+    no tensorboard: each iteration's training run has its own). On a resumed run the lines of the
+    iterations whose `iteration_t/done_file` (their samples or pairs) is on disk are kept."""
+    done = [t for t in range(1, iterations + 1) if (run.output_dir / f"iteration_{t}" / done_file).is_file()]
+    logging_cfg = run.cfg.logging.model_copy(update={"tensorboard": False})
+    return MetricLogger(run.output_dir, logging_cfg, iterations, run.dist.is_main, resumed_step=max(done, default=0))
+
+
 def copy_last_iteration(run: Run, iterations: int) -> None:
     """output_dir/final <- the last iteration's model (rank 0), when checkpoint.save_final."""
     if run.cfg.checkpoint.save_final and run.dist.is_main:
