@@ -317,15 +317,25 @@ serve_app = typer.Typer(no_args_is_help=True, help="HTTP servers: a reward model
 app.add_typer(serve_app, name="serve")
 
 
+_TokenEnv = Annotated[
+    str | None,
+    typer.Option(help="require `Authorization: Bearer <token>` with the token read from this environment variable"),
+]
+
+
+def _token(token_env: str | None) -> str | None:
+    token = os.environ.get(token_env) if token_env else None
+    if token_env and not token:
+        _fail(f"--token-env {token_env}: the variable is not set")
+    return token
+
+
 @serve_app.command("reward")
 def serve_reward(
     model: _RewardModelDir,
     host: _Host = "127.0.0.1",
     port: int = 5555,
-    token_env: Annotated[
-        str | None,
-        typer.Option(help="require `Authorization: Bearer <token>` with the token read from this environment variable"),
-    ] = None,
+    token_env: _TokenEnv = None,
     normalize: _Normalize = False,
     max_batch: Annotated[int, typer.Option(help="responses per forward batch, gathered across requests")] = 64,
     max_delay_ms: Annotated[float, typer.Option(help="how long a request waits for others to join its batch")] = 5.0,
@@ -334,11 +344,8 @@ def serve_reward(
     """Serve a reward model over HTTP: POST /score, GET /health."""
     from alignkit.serving.reward_server import serve_reward_model  # local: fastapi and uvicorn, for serving only
 
-    token = os.environ.get(token_env) if token_env else None
-    if token_env and not token:
-        _fail(f"--token-env {token_env}: the variable is not set")
     with _reported(FileNotFoundError, ValueError):
-        serve_reward_model(model, host, port, token, normalize, max_batch, max_delay_ms, max_items)
+        serve_reward_model(model, host, port, _token(token_env), normalize, max_batch, max_delay_ms, max_items)
 
 
 @serve_app.command("generate")
@@ -348,12 +355,13 @@ def serve_generate(
     port: int = 8000,
     name: Annotated[str | None, typer.Option(help="the model id clients ask for (default: the directory)")] = None,
     max_tokens_limit: Annotated[int, typer.Option(help="the most new tokens a request may ask for")] = 1024,
+    token_env: _TokenEnv = None,
 ) -> None:
     """Serve a causal LM behind an OpenAI-compatible API: /v1/completions, /v1/chat/completions."""
     from alignkit.serving.openai_server import serve_model  # local: fastapi and uvicorn, for serving only
 
-    with _reported(FileNotFoundError):
-        serve_model(model, host, port, name, max_tokens_limit)
+    with _reported(FileNotFoundError, ValueError):
+        serve_model(model, host, port, name, max_tokens_limit, _token(token_env))
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ some report the truncated sampling distribution's log-probs, biased by log of th
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ from transformers import DynamicCache
 
 from alignkit.config import SamplingConfig
 
-__all__ = ["Completion", "generate", "stop_token_ids"]
+__all__ = ["Completion", "TokenCallback", "generate", "stop_token_ids"]
 
 
 @dataclass
@@ -33,6 +34,12 @@ class Completion:
     text: str
     is_end: bool  # ended by EOS or a stop string, not by max_new_tokens
     finish_reason: str = field(default="length")  # "eos" | "stop" | "length"
+    # per token, the `top_logprobs` most likely (id, log-prob) pairs; empty unless asked for
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+# on_token(row, token_id, logprob, top): called as each token is sampled, for streaming
+TokenCallback = Callable[[int, int, float, list[tuple[int, float]]], None]
 
 
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -71,6 +78,14 @@ def _filter_logits(logits: torch.Tensor, params: SamplingConfig) -> torch.Tensor
     return logits
 
 
+def _top(logps: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """The k most likely (id, log-prob) pairs of each row of (R, V) log-probs; [] when k is 0."""
+    if k <= 0:
+        return []
+    values, ids = torch.topk(logps, min(k, logps.shape[-1]), dim=-1)
+    return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+
+
 def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(cuts) if cuts else None
@@ -107,6 +122,8 @@ def generate(
     eos_token_id: int | list[int],
     pad_token_id: int,
     decode=None,
+    top_logprobs: int = 0,
+    on_token: TokenCallback | None = None,
 ) -> list[Completion]:
     """Sample `params.n` completions for each tokenized prompt.
 
@@ -115,6 +132,8 @@ def generate(
         prompts: token ids per prompt (any lengths).
         eos_token_id: id(s) that end a completion (kept in token_ids, not in text).
         decode: `list[int] -> str` (e.g. `tokenizer.decode`), needed for text and stop strings.
+        top_logprobs: also keep the k most likely tokens of every step and their log-probs.
+        on_token: called with (row, token, logprob, top) as each token is sampled (row = i * n + j).
 
     Returns:
         completions ordered by prompt, then sample: index i * n + j is sample j of prompt i.
@@ -140,6 +159,7 @@ def generate(
     alive = torch.arange(batch, device=device)  # original row of each running row
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logps: list[list[float]] = [[] for _ in range(batch)]
+    tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
     texts: list[str | None] = [None] * batch
     step_ids, step_positions = input_ids, positions
@@ -151,11 +171,17 @@ def generate(
         else:
             probs = _filter_logits(logits, params).softmax(-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        token_logps = logits.log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
+        all_logps = logits.log_softmax(-1)  # (R, V)
+        token_logps = all_logps.gather(-1, next_tokens[:, None]).squeeze(-1)
+        step_tops = _top(all_logps, top_logprobs)
         finished = torch.isin(next_tokens, eos).tolist()  # a list: indexing a tensor per row is slow
         for r, (row, tok, lp) in enumerate(zip(alive.tolist(), next_tokens.tolist(), token_logps.tolist())):
             tokens[row].append(tok)
             logps[row].append(lp)
+            if top_logprobs:
+                tops[row].append(step_tops[r])
+            if on_token is not None:
+                on_token(row, tok, lp, step_tops[r] if top_logprobs else [])
             if finished[r]:
                 reasons[row] = "eos"
             elif params.stop and decode is not None:
@@ -189,6 +215,7 @@ def generate(
                 text=text or "",
                 is_end=reasons[row] != "length",
                 finish_reason=reasons[row],
+                top_logprobs=tops[row],
             )
         )
     return completions

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +32,7 @@ from pydantic import BaseModel
 from alignkit.data.formats import messages_from_value
 from alignkit.data.io import DataError
 from alignkit.rewards import LocalRewardModel
+from alignkit.serving.guards import add_body_limit, check_bearer
 
 __all__ = ["ScoreRequest", "create_app", "serve_reward_model"]
 
@@ -75,12 +75,6 @@ def create_app(
         task.cancel()
 
     app = FastAPI(title="alignkit reward server", lifespan=lifespan)
-
-    def check_auth(request: Request) -> None:
-        if token is not None:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given, f"Bearer {token}"):
-                raise HTTPException(status_code=401, detail="missing or wrong bearer token")
 
     async def batcher() -> None:
         loop = asyncio.get_running_loop()
@@ -126,14 +120,7 @@ def create_app(
                 item.future.set_result(result)
             start = end
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            return JSONResponse(
-                status_code=413, content={"error": f"request body of {length} bytes; the limit is {max_body_bytes}"}
-            )
-        return await call_next(request)
+    add_body_limit(app, max_body_bytes, lambda message: {"error": message})
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
@@ -141,12 +128,12 @@ def create_app(
 
     @app.get("/health")
     async def health(request: Request) -> dict:
-        check_auth(request)
+        check_bearer(request, token)
         return {"status": "ok", "model": model_name, "names": names or [], **stats}
 
     @app.post("/score")
     async def score(body: ScoreRequest, request: Request) -> dict:
-        check_auth(request)
+        check_bearer(request, token)
         if len(body.prompts) != len(body.responses):
             raise HTTPException(
                 status_code=422,
