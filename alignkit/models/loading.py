@@ -6,44 +6,58 @@
 merging LoRA adapters into the weights when asked. Saving is atomic: the files are
 written into a temporary sibling directory that is renamed into place. `load_for_eval` reads
 such a directory back for sampling (`alignkit generate`, `eval`, `serve generate`).
+
+A directory is checked before transformers reads it (`check_model_dir`: config.json, and weights
+files that are present and whole), and `check_positions` compares a length from the config
+(`data.max_seq_len`, a prompt plus `max_new_tokens`) with the model's position limit, both
+reading only small files so that a bad run fails at start-up with one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
-from alignkit.config import LoraConfig, ModelConfig
+from alignkit.config import ConfigError, LoraConfig, ModelConfig
 from alignkit.models.tokenizer import byte_tokenizer
 
 __all__ = [
     "adapters_off",
     "apply_lora",
     "autocast",
+    "check_model_dir",
+    "check_positions",
     "load_causal_lm",
     "load_for_eval",
     "load_sequence_scorer",
     "load_tokenizer",
+    "position_limit",
     "random_init_config",
     "save_causal_lm",
     "unwrap",
 ]
 
+
+logger = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
@@ -69,8 +83,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def load_for_eval(model_dir: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A saved causal LM (fp32, eval mode) and its tokenizer, for sampling and scoring."""
-    if not Path(model_dir, "config.json").is_file():
-        raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model_dir}")
+    check_model_dir(model_dir)
     tokenizer = load_tokenizer(ModelConfig(path=str(model_dir)))  # pads with EOS where it has no pad token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return model, tokenizer
@@ -110,6 +123,91 @@ def random_init_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
     )
 
 
+def check_model_dir(model_dir: str | Path) -> None:
+    """Fail with one line naming the file when `model_dir` lacks config.json or its weights are
+    missing, truncated or corrupt (transformers would raise a safetensors traceback, or an OSError
+    listing file names). Reads the safetensors headers only."""
+    directory = Path(model_dir)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {directory}")
+    for weights in _weight_files(directory):
+        _check_safetensors(weights)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of `directory` (one file, or the shards its index names)."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise FileNotFoundError(f"{index}: not a readable safetensors index ({exc}); save the model again") from exc
+        return [directory / shard for shard in shards]
+    if any((directory / name).is_file() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        return []  # legacy pickled weights: transformers reads and checks them itself
+    raise FileNotFoundError(
+        f"no weights in {directory} (model.safetensors): it holds a config but no model; save or copy the model again"
+    )
+
+
+def _check_safetensors(path: Path) -> None:
+    # FileNotFoundError also for a damaged file: it is as unusable as a missing one, and every
+    # command (run, generate, eval, score, serve) reports that type as one line.
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weights file {path}: save or copy the model again")
+    try:
+        with safe_open(path, framework="pt"):  # parses the header, checks the data covers the file
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise FileNotFoundError(
+            f"{path} ({path.stat().st_size} bytes) is truncated or corrupt ({exc}); save or copy the model again"
+        ) from exc
+
+
+def position_limit(config: PretrainedConfig) -> int | None:
+    """The most positions the model takes: GPT-2's learned `n_positions` (one more and its position
+    embedding raises an IndexError), other models' `max_position_embeddings` (RoPE models run past it
+    but were not trained there); None when the config names neither."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("n_positions", "max_position_embeddings"):  # GPT-2 maps the second to the first
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_positions(cfg: ModelConfig, length: int, key: str) -> None:
+    """Fail at start-up, naming `key`, when `length` tokens (e.g. `data.max_seq_len`, or a prompt
+    plus `max_new_tokens`) exceed the position limit of the model `cfg` describes. Reads only
+    config.json (or `random_init`), so it runs before any weights load."""
+    if cfg.path is None:
+        assert cfg.random_init is not None
+        limit, source = cfg.random_init.max_position_embeddings, "model.random_init.max_position_embeddings"
+    else:
+        check_model_dir(cfg.path)
+        limit, source = position_limit(AutoConfig.from_pretrained(cfg.path)), str(Path(cfg.path) / "config.json")
+    if limit is not None and length > limit:
+        raise ConfigError(f"{key}={length} is beyond the model's position limit of {limit} ({source}): lower {key}")
+
+
+def _supported_attention(requested: str, auto_class, hf_config: PretrainedConfig) -> str:
+    """`requested`, or eager where the architecture has no sdpa kernel: transformers refuses sdpa
+    outright for those (Gemma2: "does not support an attention implementation through
+    torch.nn.functional.scaled_dot_product_attention"), and eager is what every model has."""
+    if requested != "sdpa":
+        return requested
+    model_class = auto_class._model_mapping.get(type(hf_config), None)
+    if model_class is None or getattr(model_class, "_supports_sdpa", True):
+        return requested
+    logger.warning(
+        f"{model_class.__name__} has no sdpa attention in this transformers version: using eager "
+        "(set model.attn_implementation to choose another)"
+    )
+    return "eager"
+
+
 def _dtype(cfg: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
@@ -138,13 +236,13 @@ def _load(
     # Seeded: weights that from_pretrained initialises (a new head) must be equal on every rank.
     with _seeded(seed):
         if cfg.path is not None:
-            if not (Path(cfg.path) / "config.json").is_file():
-                raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {cfg.path}")
+            check_model_dir(cfg.path)
+            attn = _supported_attention(cfg.attn_implementation, auto_class, AutoConfig.from_pretrained(cfg.path))
             with _quiet_transformers(task_type == "SEQ_CLS"):  # a new head is expected, not news
                 model, info = auto_class.from_pretrained(
                     cfg.path,
                     dtype=_dtype(cfg),
-                    attn_implementation=cfg.attn_implementation,
+                    attn_implementation=attn,
                     output_loading_info=True,
                     **config_kwargs,
                 )
@@ -153,12 +251,14 @@ def _load(
             hf_config = random_init_config(cfg, tokenizer)
             for key, value in config_kwargs.items():
                 setattr(hf_config, key, value)
-            model = auto_class.from_config(hf_config, dtype=_dtype(cfg), attn_implementation=cfg.attn_implementation)
+            attn = _supported_attention(cfg.attn_implementation, auto_class, hf_config)
+            model = auto_class.from_config(hf_config, dtype=_dtype(cfg), attn_implementation=attn)
             new_weights = {name for name, _ in model.named_parameters()}
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
-            f"{model.get_input_embeddings().num_embeddings}: they do not belong together"
+            f"{model.get_input_embeddings().num_embeddings}: they do not belong together "
+            "(point model.tokenizer_path at the model's own tokenizer)"
         )
     if task_type == "SEQ_CLS":
         if model.config.pad_token_id is None:
