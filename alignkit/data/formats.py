@@ -3,32 +3,45 @@
 Accepted (each record is one JSON object):
 - prompt/response: `{"prompt": str, "response": str}`; NeMo-Aligner's `{"input", "output"}` and
   TRL's `{"prompt", "completion"}` too. A prompt or response may also be a list of messages.
-- chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`;
+- chat: `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}`;
   NeMo-Aligner's `{"system": str, "conversations": [{"from": "User"|"Assistant", "value": str}]}` too.
+- tool calling (TRL's tool datasets): an assistant message may carry `tool_calls` (a list of
+  objects) with an empty or null `content`; a `tool` message (the tool's output) may carry
+  `tool_call_id` and `name`; the record may list the tools' JSON schemas in `tools`.
 
-The result is a list of `{"role", "content"}` messages; the loss later covers the assistant
-messages only.
+The result is a list of `{"role", "content"}` messages (plus the tool fields where present);
+the loss later covers the assistant messages only: tool outputs are context, never trained on.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from alignkit.data.io import DataError, Record, read_records
+from alignkit.data.io import DataError, Record, field_names, read_records, shown
 
 __all__ = [
+    "ConfigSystemMessage",
     "Message",
     "ROLES",
     "messages_from_value",
     "prompt_messages",
     "read_prompt_records",
+    "record_tools",
     "to_messages",
     "with_system_prompt",
 ]
 
-Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
+Message = dict[str, Any]  # role and content strings; tool_calls (a list), tool_call_id and name where given
+ROLES = ("system", "user", "assistant", "tool")
 _PAIRS = (("prompt", "response"), ("input", "output"), ("prompt", "completion"))
+# Optional string fields of a message, kept for the chat template (a tool result's call id and name).
+_STRING_FIELDS = ("tool_call_id", "name")
+
+
+class ConfigSystemMessage(dict):
+    """The system turn that `data.system_prompt` adds: a plain message to the chat template, whose type
+    lets a template error say that the turn came from the config, not from the record."""
 
 
 def messages_from_value(value: Any, default_role: str, where: str) -> list[Message]:
@@ -42,24 +55,70 @@ def messages_from_value(value: Any, default_role: str, where: str) -> list[Messa
 
 def _check_message(message: Any, where: str, index: int) -> Message:
     if not isinstance(message, dict):
-        raise DataError(f"{where}: message {index} is not an object")
+        raise DataError(f"{where}: message {index} is not an object (got {type(message).__name__})")
     if "from" in message and "role" not in message:  # NeMo-Aligner: {"from": "User", "value": ...}
         message = {"role": str(message["from"]).lower(), "content": message.get("value")}
-    for key in ("role", "content"):
-        if key not in message:
-            raise DataError(f"{where}: message {index} has no field '{key}'")
-    role, content = message["role"], message["content"]
+    if "role" not in message:
+        raise DataError(f"{where}: message {index} has no field 'role'")
+    role = message["role"]
     if role not in ROLES:
-        raise DataError(f"{where}: message {index} has role {role!r}; expected one of {', '.join(ROLES)}")
+        raise DataError(f"{where}: message {index} has role {shown(role)}; expected one of {', '.join(ROLES)}")
+    out: Message = {"role": role, "content": _content(message, role, where, index)}
+    if message.get("tool_calls") is not None:  # None: a column that other rows fill (datasets' schema)
+        out["tool_calls"] = _tool_calls(message["tool_calls"], role, where, index)
+    for key in _STRING_FIELDS:
+        if message.get(key) is not None:
+            if not isinstance(message[key], str):
+                raise DataError(
+                    f"{where}: message {index} field '{key}' must be a string, got {type(message[key]).__name__}"
+                )
+            out[key] = message[key]
+    return out
+
+
+def _content(message: dict, role: str, where: str, index: int) -> str:
+    """The message's text; an assistant turn that only calls tools may have none (null or missing)."""
+    content = message.get("content")
+    if content is None and role == "assistant" and message.get("tool_calls"):
+        return ""
+    if "content" not in message:
+        raise DataError(f"{where}: message {index} has no field 'content'")
     if not isinstance(content, str):
         raise DataError(f"{where}: message {index} content must be a string, got {type(content).__name__}")
-    return {"role": role, "content": content}
+    return content
+
+
+def _tool_calls(calls: Any, role: str, where: str, index: int) -> list[dict[str, Any]]:
+    if role != "assistant":
+        raise DataError(f"{where}: message {index} has tool_calls, but only assistant messages call tools")
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise DataError(
+            f"{where}: message {index} tool_calls must be a list of objects "
+            '(e.g. {"type": "function", "function": {"name": ..., "arguments": {...}}})'
+        )
+    return calls
+
+
+def record_tools(record: Record) -> list[dict[str, Any]] | None:
+    """The record's `tools` (the JSON schemas of the functions it may call, for the chat template):
+    a list of objects, or that list as a JSON string; None when absent."""
+    tools = record.data.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except (ValueError, RecursionError):
+            raise DataError(f"{record.source}: field 'tools' is a string but not JSON") from None
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{record.source}: field 'tools' must be a list of objects (JSON schemas of functions)")
+    return tools or None
 
 
 def with_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
     """`messages` with `system_prompt` first, unless it is None or the conversation has its own."""
     if system_prompt and (not messages or messages[0]["role"] != "system"):
-        return [{"role": "system", "content": system_prompt}, *messages]
+        return [ConfigSystemMessage(role="system", content=system_prompt), *messages]
     return messages
 
 
@@ -70,8 +129,11 @@ def to_messages(record: Record, system_prompt: str | None = None) -> list[Messag
         messages = messages_from_value(data["messages"], "user", where)
     elif "conversations" in data:
         messages = messages_from_value(data["conversations"], "user", where)
-        if data.get("system"):
-            messages = [{"role": "system", "content": data["system"]}, *messages]
+        system = data.get("system")
+        if system is not None and not isinstance(system, str):
+            raise DataError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+        if system:
+            messages = [{"role": "system", "content": system}, *messages]
     else:
         for prompt_key, response_key in _PAIRS:
             if prompt_key in data and response_key in data:
@@ -85,7 +147,7 @@ def to_messages(record: Record, system_prompt: str | None = None) -> list[Messag
             detail = f"missing field '{missing}'" if missing and present else "no conversation fields"
             raise DataError(
                 f"{where}: {detail} (expected prompt/response, input/output, messages or conversations; "
-                f"found fields: {', '.join(sorted(data)) or 'none'})"
+                f"found fields: {field_names(data)})"
             )
     messages = with_system_prompt(messages, system_prompt)
     if not any(m["role"] == "assistant" for m in messages):
@@ -101,7 +163,10 @@ def prompt_messages(record: Record) -> list[Message]:
     or, for chat records without the answer, `messages`. Errors name the record's file:line."""
     for key in ("prompt", "messages"):
         if key in record.data:
-            return messages_from_value(record.data[key], "user", f"{record.source}: field '{key}'")
+            messages = messages_from_value(record.data[key], "user", f"{record.source}: field '{key}'")
+            if not messages:
+                raise DataError(f"{record.source}: field '{key}' is an empty list; a prompt needs a message")
+            return messages
     raise DataError(f"{record.source}: a prompt record needs a 'prompt' (text or messages) or 'messages' field")
 
 

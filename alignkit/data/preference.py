@@ -31,8 +31,8 @@ from transformers import PreTrainedTokenizerBase
 
 from alignkit.config import DataConfig, DatasetConfig
 from alignkit.data.batching import collate_groups
-from alignkit.data.formats import Message, messages_from_value, with_system_prompt
-from alignkit.data.io import DataError, Record, read_records
+from alignkit.data.formats import Message, messages_from_value, record_tools, with_system_prompt
+from alignkit.data.io import DataError, Record, field_names, finite_number, read_records, shown
 from alignkit.data.tokenize import IGNORE, EncodeStats, Example, fit_length, render_with_spans
 
 __all__ = [
@@ -71,6 +71,7 @@ class ParsedPreference:
     rejected: list[Message]
     chosen_reward: float | None
     rejected_reward: float | None
+    tools: list[dict] | None = None  # the record's tool schemas, for the chat template
 
 
 def _response(value, where: str, key: str) -> list[Message]:
@@ -90,9 +91,10 @@ def _reward(data: dict, key: str, where: str) -> float | None:
     value = data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{where}: field '{key}' must be a finite number, got {value!r}")
-    return float(value)
+    number = finite_number(value)
+    if number is None:
+        raise DataError(f"{where}: field '{key}' must be a finite number, got {shown(value)}")
+    return number
 
 
 def parse_preference(
@@ -106,7 +108,7 @@ def parse_preference(
         raise DataError(
             f"{where}: missing field(s) {', '.join(repr(k) for k in missing)} (a preference record has "
             "prompt + chosen + rejected, or prompt + chosen_response + rejected_response; found fields: "
-            f"{', '.join(sorted(data)) or 'none'})"
+            f"{field_names(data)})"
         )
     prompt = messages_from_value(data["prompt"], "user", f"{where}: field 'prompt'")
     if not prompt:
@@ -127,14 +129,20 @@ def parse_preference(
         _response(data[keys[1]], where, keys[1]),
         chosen_reward,
         rejected_reward,
+        record_tools(record),
     )
 
 
 def _encode_response(
-    tokenizer: PreTrainedTokenizerBase, prompt: list[Message], response: list[Message], template: str | None, where: str
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: list[Message],
+    response: list[Message],
+    template: str | None,
+    where: str,
+    tools: list[dict] | None = None,
 ) -> Example:
     """prompt + response token ids; shifted targets on the response's assistant turns only."""
-    text, spans = render_with_spans(tokenizer, [*prompt, *response], template, where)
+    text, spans = render_with_spans(tokenizer, [*prompt, *response], template, where, tools)
     spans = spans[sum(m["role"] == "assistant" for m in prompt) :]  # drop assistant turns of the prompt
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = encoding["input_ids"]
@@ -149,8 +157,8 @@ def encode_pair(
     tokenizer: PreTrainedTokenizerBase, parsed: ParsedPreference, template: str | None, where: str
 ) -> PreferencePair:
     return PreferencePair(
-        chosen=_encode_response(tokenizer, parsed.prompt, parsed.chosen, template, where),
-        rejected=_encode_response(tokenizer, parsed.prompt, parsed.rejected, template, where),
+        chosen=_encode_response(tokenizer, parsed.prompt, parsed.chosen, template, where, parsed.tools),
+        rejected=_encode_response(tokenizer, parsed.prompt, parsed.rejected, template, where, parsed.tools),
         source=where,
         chosen_reward=parsed.chosen_reward,
         rejected_reward=parsed.rejected_reward,
@@ -190,13 +198,13 @@ def _kto_label(record: Record) -> bool:
     data, where = record.data, record.source
     if "label" in data:
         if not isinstance(data["label"], bool):
-            raise DataError(f"{where}: field 'label' must be true (desirable) or false, got {data['label']!r}")
+            raise DataError(f"{where}: field 'label' must be true (desirable) or false, got {shown(data['label'])}")
         return data["label"]
     if data.get("preference") in ("chosen", "rejected"):  # NeMo-Aligner
         return data["preference"] == "chosen"
     raise DataError(
         f"{where}: missing field 'label' (true/false; or NeMo-Aligner's 'preference': "
-        f"'chosen'|'rejected'); found fields: {', '.join(sorted(data)) or 'none'}"
+        f"'chosen'|'rejected'); found fields: {field_names(data)}"
     )
 
 
@@ -227,18 +235,18 @@ def load_kto_pairs(
         prompt = with_system_prompt(
             messages_from_value(d["prompt"], "user", f"{where}: field 'prompt'"), data.system_prompt
         )
-        parsed.append((prompt, _response(d[key], where, key), _kto_label(record), where))
+        parsed.append((prompt, _response(d[key], where, key), _kto_label(record), where, record_tools(record)))
     if len(parsed) == 1:
         raise DataError(
             f"{dataset.path}: KTO needs at least 2 records (the reference point pairs each prompt "
             "with another record's completion)"
         )
     pairs = []
-    for i, (prompt, completion, label, where) in enumerate(parsed):
+    for i, (prompt, completion, label, where, tools) in enumerate(parsed):
         other = parsed[(i + 1) % len(parsed)][1]
         pair = PreferencePair(
-            chosen=_encode_response(tokenizer, prompt, completion, data.chat_template, where),
-            rejected=_encode_response(tokenizer, prompt, other, data.chat_template, where),
+            chosen=_encode_response(tokenizer, prompt, completion, data.chat_template, where, tools),
+            rejected=_encode_response(tokenizer, prompt, other, data.chat_template, where, tools),
             source=where,
             label=label,
         )

@@ -34,9 +34,9 @@ from transformers import PreTrainedTokenizerBase
 from alignkit.config import DataConfig, DatasetConfig
 from alignkit.data.batching import collate_groups, collate_rows
 from alignkit.data.formats import Message, messages_from_value, with_system_prompt
-from alignkit.data.io import DataError, Record, read_records
+from alignkit.data.io import DataError, Record, field_names, finite_number, read_records, shown
 from alignkit.data.preference import parse_preference
-from alignkit.data.tokenize import IGNORE, EncodeStats, Example, render_with_spans
+from alignkit.data.tokenize import IGNORE, EncodeStats, Example, render_chat
 
 __all__ = [
     "AttributeExample",
@@ -87,11 +87,21 @@ def scored_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def encode_scored(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], template: str | None, where: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    template: str | None,
+    where: str,
+    tools: list[dict] | None = None,
 ) -> Example:
     """A conversation (prompt + response messages) rendered with the chat template."""
-    text, _ = render_with_spans(tokenizer, messages, template, where)
-    return scored_example(scored_ids(tokenizer, text), where)
+    return _scored_text(tokenizer, render_chat(tokenizer, messages, template, where, tools=tools), where)
+
+
+def _scored_text(tokenizer: PreTrainedTokenizerBase, text: str, where: str) -> Example:
+    ids = scored_ids(tokenizer, text)
+    if not ids:
+        raise DataError(f"{where}: the text to score is empty (no tokens)")
+    return scored_example(ids, where)
 
 
 def _fit(example: Example, data: DataConfig, stats: EncodeStats) -> Example | None:
@@ -114,9 +124,10 @@ def _margin(record: Record) -> float | None:
     value = record.data.get("margin")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{record.source}: field 'margin' must be a finite number, got {value!r}")
-    return abs(float(value))
+    number = finite_number(value)
+    if number is None:
+        raise DataError(f"{record.source}: field 'margin' must be a finite number, got {shown(value)}")
+    return abs(number)
 
 
 def load_reward_pairs(
@@ -133,7 +144,9 @@ def load_reward_pairs(
             scratch = EncodeStats()
             sides.append(
                 _fit(
-                    encode_scored(tokenizer, [*parsed.prompt, *response], data.chat_template, record.source),
+                    encode_scored(
+                        tokenizer, [*parsed.prompt, *response], data.chat_template, record.source, parsed.tools
+                    ),
                     data,
                     scratch,
                 )
@@ -153,7 +166,7 @@ def _attribute_targets(record: Record, attributes: Sequence[str]) -> list[float]
         if not isinstance(label, list) or len(label) != len(attributes):
             raise DataError(
                 f"{where}: field 'label' must be a list of {len(attributes)} numbers "
-                f"(attributes {', '.join(attributes)}), got {label!r}"
+                f"(attributes {', '.join(attributes)}), got {shown(label)}"
             )
         values = dict(zip(attributes, label))
         missing = lambda v: v is None or (isinstance(v, (int, float)) and v < 0)  # noqa: E731
@@ -167,10 +180,10 @@ def _attribute_targets(record: Record, attributes: Sequence[str]) -> list[float]
         value = values.get(name)
         if missing(value):
             targets.append(math.nan)
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise DataError(f"{where}: attribute {name!r} must be a finite number, got {value!r}")
+        elif finite_number(value) is None:
+            raise DataError(f"{where}: attribute {name!r} must be a finite number, got {shown(value)}")
         else:
-            targets.append(float(value))
+            targets.append(finite_number(value))
     if all(math.isnan(t) for t in targets):
         raise DataError(f"{where}: none of the attributes {', '.join(attributes)} is labelled")
     return targets
@@ -187,12 +200,11 @@ def load_attribute_examples(
         d, where = record.data, record.source
         if "label" not in d and "attributes" not in d:
             raise DataError(
-                f"{where}: missing field 'attributes' (or NeMo-Aligner's 'label'); found fields: "
-                f"{', '.join(sorted(d)) or 'none'}"
+                f"{where}: missing field 'attributes' (or NeMo-Aligner's 'label'); found fields: {field_names(d)}"
             )
         targets = _attribute_targets(record, attributes)
         if isinstance(d.get("text"), str) and "prompt" not in d:
-            example = scored_example(scored_ids(tokenizer, d["text"]), where)
+            example = _scored_text(tokenizer, d["text"], where)
         else:
             for key in ("prompt", "response"):
                 if key not in d:

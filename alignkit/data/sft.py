@@ -6,7 +6,7 @@ from transformers import PreTrainedTokenizerBase
 
 from alignkit.config import DataConfig, DatasetConfig
 from alignkit.data.batching import pack_examples
-from alignkit.data.formats import to_messages
+from alignkit.data.formats import record_tools, to_messages
 from alignkit.data.io import read_records
 from alignkit.data.tokenize import EncodeStats, Example, encode_conversation, encode_text, fit_length
 
@@ -28,7 +28,7 @@ def load_sft_examples(
             example = encode_text(tokenizer, record.data["text"], record.source)
         else:
             messages = to_messages(record, data.system_prompt)
-            example = encode_conversation(tokenizer, messages, data.chat_template, record.source)
+            example = encode_conversation(tokenizer, messages, data.chat_template, record.source, record_tools(record))
         example = fit_length(example, data.max_seq_len, data.overlength, stats)
         if example is not None:
             examples.append(example)

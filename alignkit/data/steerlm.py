@@ -31,8 +31,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from alignkit.data.formats import Message, to_messages
-from alignkit.data.io import DataError, Record
-from alignkit.data.tokenize import Example, encode_spans
+from alignkit.data.io import DataError, Record, field_names, shown
+from alignkit.data.tokenize import Example, encode_spans, render_chat
 
 __all__ = [
     "DEFAULT_ATTRIBUTES",
@@ -66,7 +66,7 @@ def format_attribute_label(values: Mapping[str, float], names: Sequence[str] = D
     parts = []
     for name in names:
         if name not in values:
-            raise LabelError(f"no value for attribute {name!r} (have: {', '.join(values) or 'none'})")
+            raise LabelError(f"no value for attribute {name!r} (have: {field_names(values)})")
         parts.append(f"{name}:{to_level(values[name], name)}")
     return ",".join(parts)
 
@@ -75,30 +75,32 @@ def to_level(value: Any, name: str = "attribute") -> int:
     """A score -> a level: clipped to 0..4 and rounded half up."""
     try:
         value = float(value)
-    except (TypeError, ValueError):
-        raise LabelError(f"attribute {name!r} has a non-numeric value {value!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
+        raise LabelError(f"attribute {name!r} has a non-numeric or too large value {shown(value)}") from None
     if not math.isfinite(value):
-        raise LabelError(f"attribute {name!r} has a non-finite value {value!r}")
+        raise LabelError(f"attribute {name!r} has a non-finite value {shown(value)}")
     return int(math.floor(min(max(value, MIN_LEVEL), MAX_LEVEL) + 0.5))
 
 
 def parse_attribute_label(label: str, names: Sequence[str] | None = DEFAULT_ATTRIBUTES) -> dict[str, int]:
     """`name:level,...` -> {name: level}. With `names`, exactly those attributes, in that order."""
     if not isinstance(label, str) or not label.strip():
-        raise LabelError(f"empty attribute label {label!r}")
+        raise LabelError(f"empty attribute label {shown(label)}")
     out: dict[str, int] = {}
     for part in label.strip().split(","):
         name, sep, raw = part.strip().partition(":")
         if not sep or not name:
-            raise LabelError(f"label {label!r}: {part!r} is not name:level")
+            raise LabelError(f"label {shown(label)}: {shown(part)} is not name:level")
         try:
             level = int(raw)
         except ValueError:
-            raise LabelError(f"label {label!r}: level {raw!r} of {name!r} is not an integer") from None
+            raise LabelError(f"label {shown(label)}: level {shown(raw)} of {shown(name)} is not an integer") from None
         if not MIN_LEVEL <= level <= MAX_LEVEL:
-            raise LabelError(f"label {label!r}: level {level} of {name!r} is outside {MIN_LEVEL}..{MAX_LEVEL}")
+            raise LabelError(
+                f"label {shown(label)}: level {level} of {shown(name)} is outside {MIN_LEVEL}..{MAX_LEVEL}"
+            )
         if name in out:
-            raise LabelError(f"label {label!r}: attribute {name!r} appears twice")
+            raise LabelError(f"label {shown(label)}: attribute {shown(name)} appears twice")
         out[name] = level
     if names is not None and list(out) != list(names):
         unknown = [n for n in out if n not in names]
@@ -113,7 +115,7 @@ def parse_attribute_label(label: str, names: Sequence[str] | None = DEFAULT_ATTR
                 ],
             )
         )
-        raise LabelError(f"label {label!r}: expected the attributes {', '.join(names)} in this order ({detail})")
+        raise LabelError(f"label {shown(label)}: expected the attributes {', '.join(names)} in this order ({detail})")
     return out
 
 
@@ -143,13 +145,17 @@ class SteerLMFormat:
         attributes (the rest take `defaults`); unknown names are an error."""
         if isinstance(request, str):
             request = parse_attribute_label(request, names=None)
+        if request is not None and not isinstance(request, Mapping):
+            raise LabelError(
+                f"target attributes must be a label string or an object of name -> level, got {shown(request)}"
+            )
         request = dict(request or {})
         unknown = [n for n in request if n not in self.attributes]
         if unknown:
             close = difflib.get_close_matches(unknown[0], self.attributes, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise LabelError(
-                f"unknown attribute(s) {unknown}{hint}; this model is steered by {', '.join(self.attributes)}"
+                f"unknown attribute(s) {shown(unknown)}{hint}; this model is steered by {', '.join(self.attributes)}"
             )
         missing = [n for n in self.attributes if n not in request and n not in self.defaults]
         if missing:
@@ -214,23 +220,19 @@ def record_targets(data: Mapping[str, Any], names: Sequence[str], where: str) ->
     )
 
 
-def _render(tokenizer, messages, template, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
-    )
-
-
 def steered_prompt(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[Message],
     fmt: SteerLMFormat | None,
     request: Mapping[str, Any] | str | None = None,
     chat_template: str | None = None,
+    where: str = "the conversation",
 ) -> str:
     """The prompt text for generation: the conversation up to the generation prompt, then (for a
     SteerLM model, `fmt` not None) the label line of `request` (missing attributes: the defaults).
-    Target attributes for a model that is not a SteerLM model are an error, not ignored."""
-    text = _render(tokenizer, messages, chat_template, add_generation_prompt=True)
+    Target attributes for a model that is not a SteerLM model are an error, not ignored. A template
+    failure is a DataError naming `where` (a record's file:line)."""
+    text = render_chat(tokenizer, messages, chat_template, where, add_generation_prompt=True)
     if fmt is None:
         if request:
             raise LabelError(
@@ -248,8 +250,8 @@ def encode_steerlm(
     [last assistant turn]; targets cover the last assistant turn only (earlier turns are context)."""
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: a SteerLM conversation must end with the assistant response to learn")
-    before = _render(tokenizer, messages[:-1], chat_template, add_generation_prompt=True)
-    full = _render(tokenizer, messages, chat_template)
+    before = render_chat(tokenizer, messages[:-1], chat_template, where, add_generation_prompt=True)
+    full = render_chat(tokenizer, messages, chat_template, where)
     if not full.startswith(before):
         raise DataError(
             f"{where}: the chat template is not prefix-consistent (the rendered conversation does not "

@@ -20,8 +20,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from alignkit.data.formats import Message
-from alignkit.data.io import DataError
+from alignkit.data.formats import ConfigSystemMessage, Message
+from alignkit.data.io import DataError, clip
 
 __all__ = [
     "IGNORE",
@@ -31,6 +31,7 @@ __all__ = [
     "encode_spans",
     "encode_text",
     "fit_length",
+    "render_chat",
     "render_with_spans",
 ]
 
@@ -64,27 +65,71 @@ class EncodeStats:
         return ", ".join(parts)
 
 
-def _render(tokenizer, messages, template, add_generation_prompt=False) -> str:
+def _apply(tokenizer, messages, template, add_generation_prompt, tools) -> str:
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
     )
 
 
-def render_with_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], template: str | None, where: str
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the (start, end) character span of each assistant turn."""
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    template: str | None,
+    where: str,
+    add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+) -> str:
+    """The conversation rendered by the chat template (`template`, else the tokenizer's). Whatever the
+    template raises (Gemma's "System role not supported", a template without tool turns, ...) is a
+    DataError naming `where`, the record's file:line, and what to change."""
     if template is None and tokenizer.chat_template is None:
         raise DataError(
             f"{where}: the tokenizer has no chat template; set data.chat_template (a Jinja template over `messages`)"
         )
-    full = _render(tokenizer, messages, template)
+    try:
+        return _apply(tokenizer, messages, template, add_generation_prompt, tools)
+    except Exception as exc:  # jinja2's TemplateError, or anything the template's own code raises
+        hint = _template_hint(tokenizer, messages, template, add_generation_prompt, tools)
+        raise DataError(f"{where}: the chat template failed: {clip(str(exc)) or type(exc).__name__}; {hint}") from None
+
+
+def _template_hint(tokenizer, messages, template, add_generation_prompt, tools) -> str:
+    """What to change when the template fails on `messages`: the system turn `data.system_prompt`
+    added (when the conversation renders without it), tool turns, or the template itself."""
+    own = [m for m in messages if not isinstance(m, ConfigSystemMessage)]
+    if len(own) < len(messages):
+        try:
+            _apply(tokenizer, own, template, add_generation_prompt, tools)
+            return (
+                "it rejects the system turn that data.system_prompt adds (e.g. Gemma's template has no system "
+                "role): unset data.system_prompt, or set data.chat_template to a template that takes one"
+            )
+        except Exception:  # noqa: BLE001 - the conversation fails without it too: not the system turn's fault
+            pass
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        return (
+            "the conversation has tool calls or tool results, which a template without tool support rejects: "
+            "set data.chat_template to one that renders them"
+        )
+    return "set data.chat_template to a template that renders this conversation"
+
+
+def render_with_spans(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    template: str | None,
+    where: str,
+    tools: list[dict] | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the (start, end) character span of each assistant turn (an
+    assistant turn that calls tools included; tool outputs are context, not spans)."""
+    full = render_chat(tokenizer, messages, template, where, tools=tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], template, add_generation_prompt=True) if i else ""
-        through = _render(tokenizer, messages[: i + 1], template)
+        before = render_chat(tokenizer, messages[:i], template, where, True, tools) if i else ""
+        through = render_chat(tokenizer, messages[: i + 1], template, where, tools=tools)
         if i and not (through.startswith(before) and full.startswith(through)):
             raise DataError(
                 f"{where}: the chat template is not prefix-consistent around assistant turn {i}, "
@@ -96,10 +141,14 @@ def render_with_spans(
 
 
 def encode_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], template: str | None, where: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    template: str | None,
+    where: str,
+    tools: list[dict] | None = None,
 ) -> Example:
     """Token ids and shifted targets; targets cover assistant turns (their end token included)."""
-    text, spans = render_with_spans(tokenizer, messages, template, where)
+    text, spans = render_with_spans(tokenizer, messages, template, where, tools)
     return encode_spans(tokenizer, text, spans, where)
 
 
@@ -114,7 +163,7 @@ def encode_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tupl
             span_index += 1
         if span_index < len(spans) and start < spans[span_index][1] and end > spans[span_index][0]:
             labels[t] = ids[t]
-    return Example(input_ids=ids, target_ids=labels[1:] + [IGNORE], source=where)
+    return Example(input_ids=ids, target_ids=(labels[1:] + [IGNORE]) if ids else [], source=where)
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, where: str) -> Example:
