@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -36,6 +35,7 @@ from alignkit.recipes import RECIPES, recipe_module
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.rewards.scoring import score_dataset
 from alignkit.training.distributed import shutdown
+from alignkit.training.launch import hand_error_to_launcher, torchrun
 
 __all__ = ["app", "main"]
 
@@ -53,7 +53,8 @@ app = typer.Typer(
 
 
 def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    if not hand_error_to_launcher(message):  # under --nproc the launcher prints it once
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 
@@ -95,21 +96,10 @@ def run(
     with _reported(ConfigError, DataError, FileNotFoundError):
         module, cfg = _load(recipe, config, overrides)  # validate before launching anything
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={nproc}",
-                "-m",
-                "alignkit.cli",
-                "run",
-                recipe,
-                "--config",
-                str(find_config(recipe, config)),
-                *overrides,
-            ]
-            raise typer.Exit(code=subprocess.call(cmd))
+            code, errors = torchrun(nproc, ["run", recipe, "--config", str(find_config(recipe, config)), *overrides])
+            for line in errors:
+                typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=code)
         module.main(cfg)
         # Leave the process group explicitly, then end a torchrun rank without the interpreter's
         # teardown: gloo's worker threads destroyed by it abort the process now and then ("terminate

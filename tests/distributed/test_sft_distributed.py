@@ -1,11 +1,12 @@
 """2 gloo processes under torchrun give the same training as 1 process on the same global batch."""
 
 import json
+import os
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli, run_recipe
 
 pytestmark = pytest.mark.distributed
 
@@ -72,3 +73,21 @@ def test_lora_under_fsdp_matches_one_process(tmp_path):
     sd = load_file(str(out / "final/model.safetensors"))
     assert not any("lora" in k for k in sd)
     assert losses(out)[-1] < losses(out)[0]
+
+
+def test_a_data_error_in_every_rank_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 5\n')
+    result = run_recipe("sft", tmp_path / "run", f"data.train.path={bad}", ok=False, nproc=2)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {bad}:2: malformed JSON: Expecting ',' delimiter (column 1)"
+
+
+def test_a_crashing_rank_is_named(tmp_path):
+    # rank 1 dies of something alignkit does not report (at start-up, through sitecustomize)
+    (tmp_path / "sitecustomize.py").write_text("import os\nif os.environ.get('RANK') == '1':\n    os._exit(3)\n")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    result = run_recipe("sft", tmp_path / "run", ok=False, nproc=2, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("error: rank 1 failed with exit code 3 (its output is above)")
+    assert "ChildFailedError" not in result.stderr

@@ -1,0 +1,64 @@
+"""`--nproc N`: start N processes with torchrun and report a failure once, in one line.
+
+Under plain torchrun, a data error that every rank hits is printed by every rank, followed by
+torchrun's 40-line `ChildFailedError` report. Here torchrun runs in this process; each rank that
+stops on an error alignkit reports (bad data, a bad config) hands its message to the launcher
+through a file instead of printing it, and the launcher prints each distinct message once. A rank
+that dies of anything else prints its own traceback, and the launcher names the rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["hand_error_to_launcher", "torchrun"]
+
+_ERRORS = "ALIGNKIT_RANK_ERRORS"  # the folder where ranks leave their one-line errors
+
+
+def torchrun(nproc: int, argv: list[str]) -> tuple[int, list[str]]:
+    """Run `python -m alignkit.cli ARGV` on `nproc` local processes (torchrun --standalone).
+    Returns the exit code and the error lines to print (none on success)."""
+    from torch.distributed import run as torch_run  # local: the launcher only, not each command
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # said once, below
+    with tempfile.TemporaryDirectory(prefix="alignkit-ranks-") as folder:
+        os.environ[_ERRORS] = folder
+        args = torch_run.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "alignkit.cli", *argv])
+        try:
+            torch_run.run(args)
+            return 0, []
+        except ChildFailedError as exc:
+            return _summary(Path(folder), exc.get_first_failure())
+        finally:
+            os.environ.pop(_ERRORS, None)
+
+
+def _summary(folder: Path, first_failure: tuple) -> tuple[int, list[str]]:
+    """One line per distinct message the ranks left, or the rank that failed first (the others
+    were stopped by torchrun)."""
+    messages: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("rank*")):
+        messages.setdefault(path.read_text(), []).append(int(path.name[4:]))
+    lines = [
+        message if len(messages) == 1 else f"rank {','.join(map(str, ranks))}: {message}"
+        for message, ranks in messages.items()
+    ]
+    if not lines:  # a crash, not a reported error: its traceback is above
+        rank, failure = first_failure
+        lines = [f"rank {rank} failed with exit code {failure.exitcode} (its output is above)"]
+    return 2 if messages else 1, lines
+
+
+def hand_error_to_launcher(message: str) -> bool:
+    """Under `torchrun` above, leave this rank's one-line error for the launcher to print once;
+    False when this process was not started that way (then the caller prints it)."""
+    folder, rank = os.environ.get(_ERRORS), os.environ.get("RANK")
+    if not folder or rank is None or not Path(folder).is_dir():
+        return False
+    Path(folder, f"rank{rank}").write_text(message)
+    return True
