@@ -268,6 +268,7 @@ def _load(
             with torch.no_grad():
                 for param in head.parameters():
                     param.zero_()
+    _disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -276,6 +277,18 @@ def _load(
         with _seeded(seed):
             model = apply_lora(model, cfg.lora, task_type)
     return model
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    """Dropout off (LoRA's own, added later, stays as configured). GPT-2 and some older models ship
+    dropout 0.1: in train mode a policy would then differ from its identical reference (a DPO loss
+    not log 2 at step 1, PPO ratios not 1 before any update) and every forward would draw random
+    masks. The saved config keeps the model's values."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style attention: a float
+            module.attention_dropout = 0.0
 
 
 @contextlib.contextmanager

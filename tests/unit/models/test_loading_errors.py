@@ -116,3 +116,13 @@ def test_a_tokenizer_of_another_model_names_the_key(saved):
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(4)])
     with pytest.raises(ConfigError, match=r"tokenizer has 267 tokens .* only 263.*model\.tokenizer_path"):
         load_causal_lm(ModelConfig(path=str(saved)), tokenizer)
+
+
+def test_dropout_is_off_in_train_mode_and_kept_in_the_saved_config(tmp_path):
+    """GPT-2 ships dropout 0.1: a policy in train mode must still equal its reference."""
+    gpt2 = RandomInitConfig(**{**TINY.model_dump(), "architecture": "gpt2"})
+    model = load_causal_lm(ModelConfig(random_init=gpt2), byte_tokenizer()).train()
+    ids = torch.tensor([[8, 9, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert model.config.attn_pdrop == 0.1  # what save_causal_lm writes: the model's own value
