@@ -32,7 +32,7 @@ from alignkit.diffusion.pretrain import build_shape_world
 from alignkit.evaluation.evaluate import evaluate_dataset
 from alignkit.generation.offline import generate_dataset
 from alignkit.recipes import RECIPES, recipe_module
-from alignkit.rewards import RewardSourceConfig, build_reward_source
+from alignkit.rewards import RewardSourceConfig, RewardSourceError, build_reward_source
 from alignkit.rewards.scoring import score_dataset
 from alignkit.training.distributed import shutdown
 from alignkit.training.launch import hand_error_to_launcher, torchrun
@@ -93,7 +93,7 @@ def run(
 ) -> None:
     """Run a recipe. Extra arguments `a.b=c` override config values."""
     overrides = list(ctx.args)
-    with _reported(ConfigError, DataError, FileNotFoundError):
+    with _reported(ConfigError, DataError, FileNotFoundError, RewardSourceError):
         module, cfg = _load(recipe, config, overrides)  # validate before launching anything
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
             code, errors = torchrun(nproc, ["run", recipe, "--config", str(find_config(recipe, config)), *overrides])

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -83,20 +85,46 @@ def _as_output(value: Any, n: int, where: str) -> RewardOutput:
 
 
 class FunctionReward:
-    """`package.module:function` as a reward source."""
+    """`package.module:function` as a reward source. The module is looked up as `python -m`
+    would: installed packages, then the working directory (the `alignkit` console script does
+    not put the working directory on the path by itself)."""
 
     def __init__(self, spec: str):
         module_name, _, name = spec.partition(":")
         if not module_name or not name:
             raise RewardSourceError(f"reward function {spec!r}: expected 'package.module:function'")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())
         try:
-            self.fn: Callable = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError) as exc:
-            raise RewardSourceError(f"reward function {spec!r}: {exc}") from None
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # noqa: BLE001 - not found, or the user's module failed while importing
+            raise RewardSourceError(f"reward function {spec!r}: {_import_failure(exc, module_name)}") from None
+        self.fn: Callable = getattr(module, name, None)
+        if not callable(self.fn):
+            raise RewardSourceError(f"reward function {spec!r}: {module_name} has no function {name!r}")
         self.spec = spec
 
     def __call__(self, prompts: list, responses: list[str]) -> RewardOutput:
         return _as_output(self.fn(prompts, responses), len(responses), f"reward function {self.spec}")
+
+
+def _import_failure(exc: Exception, module_name: str) -> str:
+    """Why `module_name` did not import: not found at all, or failed inside (say where)."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if missing is not None and (module_name == missing or module_name.startswith(missing + ".")):
+        return f"no module named {missing!r} (looked in the installed packages and the working directory {os.getcwd()})"
+    return f"importing {module_name} failed: {_one_line(exc)}"
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: message (file, line N)` for an exception raised in a user's module."""
+    where = ""
+    if isinstance(exc, SyntaxError):
+        where = f" ({exc.filename}, line {exc.lineno})"
+    elif exc.__traceback__ is not None:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f" ({frame.filename}, line {frame.lineno})"
+    return f"{type(exc).__name__}: {exc}{where}".replace("\n", " ")
 
 
 class OracleReward:

@@ -3,11 +3,15 @@ against a real server in tests/unit/serving/test_reward_server.py)."""
 
 from __future__ import annotations
 
+import socket
+import sys
+
 import pytest
 import torch
 
 from alignkit.config import ConfigError, validate
 from alignkit.rewards import FunctionReward, OracleReward, RewardSourceConfig, RewardSourceError, build_reward_source
+from tests.conftest import REPO, run_cli
 
 
 def length_reward(prompts, responses):
@@ -33,13 +37,50 @@ def test_function_source_returns_rewards_and_optional_attributes():
     "spec, message",
     [
         ("no_colon", "expected 'package.module:function'"),
-        ("alignkit.nope:f", "No module named 'alignkit.nope'"),
-        (f"{__name__}:missing", "has no attribute 'missing'"),
+        ("alignkit.nope:f", "no module named 'alignkit.nope' \\(looked in the installed packages and the working"),
+        (f"{__name__}:missing", "has no function 'missing'"),
+        (f"{__name__}:PROMPTS_NOT_A_FUNCTION", "has no function 'PROMPTS_NOT_A_FUNCTION'"),
     ],
 )
 def test_bad_function_specs_are_named(spec, message):
     with pytest.raises(RewardSourceError, match=message):
         FunctionReward(spec)
+
+
+PROMPTS_NOT_A_FUNCTION = ["a"]
+
+
+def test_a_module_in_the_working_directory_is_found_as_python_m_would(tmp_path, monkeypatch):
+    (tmp_path / "my_reward_here.py").write_text("def fn(prompts, responses):\n    return [1.0] * len(responses)\n")
+    (tmp_path / "broken_reward_here.py").write_text("def fn(:\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert FunctionReward("my_reward_here:fn")(["a"], ["b"]).rewards.tolist() == [1.0]
+    with pytest.raises(RewardSourceError, match=r"importing broken_reward_here failed: SyntaxError: .*line 1\)"):
+        FunctionReward("broken_reward_here:fn")
+
+
+@pytest.mark.parametrize("kind", ["function", "http"])
+def test_a_reward_source_that_cannot_work_ends_run_in_one_line(tmp_path, kind):
+    (tmp_path / "broken_reward_here.py").write_text("import no_such_package_here\n")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    source = {
+        "function": ["reward.kind=function", "reward.function=broken_reward_here:fn"],
+        "http": ["reward.kind=http", f"reward.url={dead}", "reward.retries=0"],
+    }[kind]
+    overrides = [f"output_dir={tmp_path / 'run'}", "logging.progress=none", *source]
+    result = run_cli(
+        "run", "reinforce", "--config", str(REPO / "configs/reinforce/tiny.yaml"), *overrides, cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    expected = {
+        "function": "error: reward function 'broken_reward_here:fn': importing broken_reward_here failed: "
+        "ModuleNotFoundError: No module named 'no_such_package_here'",
+        "http": f"error: reward server {dead} unreachable after 1 attempts (ConnectError",
+    }[kind]
+    assert result.stderr.strip().splitlines()[-1].startswith(expected) and "Traceback" not in result.stderr
 
 
 def test_a_function_returning_the_wrong_count_is_reported():
