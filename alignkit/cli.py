@@ -22,6 +22,7 @@ import typer
 import yaml
 
 from alignkit.config import ConfigError, SamplingConfig, configs_dir, find_config, load_config
+from alignkit.config import validate as validate_config
 from alignkit.data.io import DataError, read_records, write_jsonl
 from alignkit.data.steerlm import DEFAULT_ATTRIBUTES
 from alignkit.data.steerlm import annotate as annotate_records
@@ -245,17 +246,20 @@ def generate(
     ] = None,
 ) -> None:
     """Sample responses with the KV-cache engine and write them as JSONL."""
-    params = SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        n=n,
-        stop=list(stop or ()),
-        seed=seed,
-        batch_size=batch_size,
-    )
-    with _reported(DataError, FileNotFoundError, OSError):
+    with _reported(ConfigError, DataError, FileNotFoundError, OSError):
+        params = validate_config(
+            SamplingConfig,
+            dict(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                n=n,
+                stop=list(stop or ()),
+                seed=seed,
+                batch_size=batch_size,
+            ),
+        )
         written, n_prompts, ended = generate_dataset(model, prompts, out, params, attributes)
     typer.echo(f"wrote {written} samples for {n_prompts} prompts to {out} ({ended} ended on EOS or a stop string)")
 

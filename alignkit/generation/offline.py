@@ -3,7 +3,8 @@
     alignkit generate --model runs/sft/final --prompts prompts.jsonl --out samples.jsonl --n 4
 
 Prompt records are `{"prompt": text or messages}` or `{"messages": [...]}` (`builtin:` names too),
-rendered with the model's chat template. A SteerLM model (config.json has a `steerlm` entry) is
+rendered with the model's chat template (a model without one, a base model, continues plain-text
+prompts as they are). A SteerLM model (config.json has a `steerlm` entry) is
 asked for target attributes: the record's own `attributes` (an object or a label), else the
 `attributes` given, else its defaults; each row then carries the full `label` it was asked for.
 Each prompt batch samples from its own seed (seed + the batch's first prompt index), so a
@@ -32,12 +33,28 @@ def _steered_prompts(
     texts, labels = [], []
     for record in records:
         request = record.data.get("attributes", attributes)
-        try:
-            texts.append(steered_prompt(tokenizer, prompt_messages(record), fmt, request))
-        except LabelError as exc:
-            raise DataError(f"{record.source}: {exc}") from None
+        if tokenizer.chat_template is None:
+            texts.append(_plain_prompt(record, fmt))
+        else:
+            try:
+                texts.append(steered_prompt(tokenizer, prompt_messages(record), fmt, request))
+            except LabelError as exc:
+                raise DataError(f"{record.source}: {exc}") from None
         labels.append({"label": fmt.label(request)} if fmt else {})
     return texts, labels
+
+
+def _plain_prompt(record: Record, fmt: SteerLMFormat | None) -> str:
+    """A model without a chat template (a base model) continues text: a plain-text prompt is used
+    as it is; a conversation cannot be rendered, which is the record's error, not a traceback."""
+    prompt = record.data.get("prompt")
+    if isinstance(prompt, str) and fmt is None:
+        return prompt
+    raise DataError(
+        f"{record.source}: the model has no chat template, so a conversation cannot be rendered; give plain-text "
+        'prompts ({"prompt": "..."}), which a base model continues as they are, or add a chat_template to '
+        "the model's tokenizer_config.json"
+    )
 
 
 def generate_dataset(

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+from alignkit.config import SamplingConfig
+from alignkit.generation.sampler import generate, stop_token_ids
 from alignkit.models.loading import save_causal_lm
 from tests.conftest import run_cli, tiny_model
+
+SAMPLING = SamplingConfig(max_new_tokens=4, temperature=0)
 
 
 def test_generate_writes_n_samples_per_prompt(tmp_path, tokenizer):
@@ -48,3 +52,28 @@ def test_generate_reports_bad_input(tmp_path):
     prompts.write_text(json.dumps({"prompt": "x"}) + "\n")
     result = run_cli("generate", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "no config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_without_a_chat_template_continues_plain_text(tmp_path, tokenizer):
+    import copy
+
+    plain = copy.copy(tokenizer)
+    plain.chat_template = None
+    model = tiny_model(tokenizer, seed=1)
+    model_dir = save_causal_lm(model, model.state_dict(), plain, tmp_path / "base")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    out = tmp_path / "samples.jsonl"
+    args = ["generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out), "--temperature", "0"]
+    result = run_cli(*args, "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    ids = [tokenizer("hello", add_special_tokens=False)["input_ids"]]
+    direct = generate(model.eval(), ids, SAMPLING, stop_token_ids(model, tokenizer), 0, tokenizer.decode)
+    assert json.loads(out.read_text())["response"] == direct[0].text
+    prompts.write_text(
+        json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+    )
+    result = run_cli(*args)
+    assert result.returncode == 2 and "prompts.jsonl:2: the model has no chat template" in result.stderr
+    result = run_cli(*args, "--temperature", "-1")
+    assert result.returncode == 2 and "temperature" in result.stderr and "Traceback" not in result.stderr
