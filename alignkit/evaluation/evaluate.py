@@ -31,7 +31,8 @@ from alignkit.data.formats import read_prompt_records
 from alignkit.data.io import DataError
 from alignkit.data.steerlm import SteerLMFormat, steered_prompt
 from alignkit.evaluation.stats import mean_with_ci, win_rate
-from alignkit.generation.sampler import Completion, generate, stop_token_ids
+from alignkit.generation.batches import sample_batches
+from alignkit.generation.sampler import Completion
 from alignkit.models.loading import load_for_eval
 from alignkit.tasks import ATTRIBUTES, score_response
 
@@ -83,22 +84,14 @@ def sample_responses(
     """One completion per prompt (in prompt order), generated in length-sorted batches. With
     `steer` (a SteerLM label format), each prompt is conditioned on its "attributes" (or the defaults)."""
     ids = _prompt_ids(tokenizer, prompts, steer)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of like lengths: little padding
+    one = params.model_copy(update={"n": 1, "batch_size": batch_size})
     results: list[Completion | None] = [None] * len(ids)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch_params = params.model_copy(update={"n": 1, "seed": None if params.seed is None else params.seed + start})
-        outs = generate(
-            model,
-            [ids[i] for i in chunk],
-            batch_params,
-            stop_token_ids(model, tokenizer),
-            tokenizer.pad_token_id,
-            tokenizer.decode,
-        )
-        for i, completion in zip(chunk, outs):
-            completion.prompt_index = i
-            results[i] = completion
+    seed_of = lambda start: None if params.seed is None else params.seed + start  # noqa: E731
+    for start, outs in sample_batches(model, tokenizer, [ids[i] for i in order], one, seed_of):
+        for k, completion in enumerate(outs):
+            completion.prompt_index = order[start + k]
+            results[order[start + k]] = completion
     return results  # type: ignore[return-value]
 
 

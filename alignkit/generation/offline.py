@@ -20,7 +20,7 @@ from alignkit.config import SamplingConfig
 from alignkit.data.formats import prompt_messages, read_prompt_records
 from alignkit.data.io import DataError, Record, write_jsonl
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
-from alignkit.generation.sampler import generate, stop_token_ids
+from alignkit.generation.batches import sample_batches
 from alignkit.models.loading import load_for_eval
 
 __all__ = ["generate_dataset"]
@@ -69,12 +69,9 @@ def generate_dataset(
     texts, labels = _steered_prompts(records, tokenizer, SteerLMFormat.from_config(model.config), attributes)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     rows: list[dict[str, Any]] = []
-    stops = stop_token_ids(model, tokenizer)
-    for start in range(0, len(ids), params.batch_size):
-        seed = None if params.seed is None else params.seed + start
-        batch_params = params.model_copy(update={"seed": seed})
-        chunk = ids[start : start + params.batch_size]
-        for c in generate(model, chunk, batch_params, stops, tokenizer.pad_token_id, tokenizer.decode):
+    seed_of = lambda start: None if params.seed is None else params.seed + start  # noqa: E731
+    for start, completions in sample_batches(model, tokenizer, ids, params, seed_of):
+        for c in completions:
             record = records[start + c.prompt_index].data
             rows.append(
                 {

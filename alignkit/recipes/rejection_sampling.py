@@ -5,7 +5,7 @@ The "RS" stage of Llama 2's RLHF (Touvron et al. 2023, section 3.2.3) and NeMo-A
 rejection-sampling recipe. Per iteration t = 1..T:
 
     1. the current policy samples N = `sampling.n` responses to each prompt (the shared sampling loop,
-       `alignkit.training.rollouts.sample_batches`)
+       `alignkit.generation.batches.sample_batches`)
     2. the reward source scores them (a reward model, a server, a Python function or the oracle)
     3. the k best properly-ended responses of each prompt are kept
     4. SFT on the kept (prompt, response) pairs (NLL on the response tokens); the result is the
@@ -38,12 +38,13 @@ from alignkit.data.formats import prompt_messages, read_prompt_records
 from alignkit.data.io import Record, write_jsonl
 from alignkit.data.sft import make_rows, row_length
 from alignkit.data.tokenize import EncodeStats, encode_conversation, fit_length
+from alignkit.generation.batches import sample_batches
 from alignkit.models.forward import sft_token_loss
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import barrier, gather_rollouts
 from alignkit.training.loop import Run, copy_last_iteration, fit, iteration_logger, iteration_run, save_final, start_run
-from alignkit.training.rollouts import render_prompts, sample_batches
+from alignkit.training.rollouts import render_prompts
 
 __all__ = ["Config", "RejectionSamplingConfig", "main"]
 

@@ -7,7 +7,7 @@ attribute model judges to have attributes a. It minimises KL(P || Q_theta) with 
 SteerLM model Q'. Per iteration t = 1..T:
 
     1. Q' (the current model) samples n = `sampling.n` responses y_1..y_n for every (prompt x, target
-       attributes a), with the shared sampling loop (`alignkit.training.rollouts.sample_batches`)
+       attributes a), with the shared sampling loop (`alignkit.generation.batches.sample_batches`)
     2. log P(a | x, y_i): the attribute model's likelihood of the targets (a discretised Gaussian
        around each predicted score, `losses.steerlm.attribute_log_likelihood`);
        log P(y_i | x): the unconditioned SFT model (`steerlm2.prior_path`);
@@ -44,6 +44,7 @@ from alignkit.data.formats import prompt_messages, read_prompt_records
 from alignkit.data.io import DataError, Record, write_jsonl
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
 from alignkit.data.tokenize import IGNORE, Example
+from alignkit.generation.batches import sample_batches
 from alignkit.losses.steerlm import attribute_log_likelihood, steerlm2_loss
 from alignkit.models.forward import logits_at, sequence_logps
 from alignkit.models.loading import load_causal_lm, load_tokenizer
@@ -59,7 +60,6 @@ from alignkit.training.loop import (
     start_run,
     to_device,
 )
-from alignkit.training.rollouts import sample_batches
 
 __all__ = ["Config", "SteerLM2Config", "main"]
 

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from alignkit.config import ConfigError, SamplingConfig, Section
 from alignkit.data.io import DataError, Record
+from alignkit.generation.batches import sample_batches
 from alignkit.losses.policy_gradient import kl_per_token, masked_moments, ppo_policy_loss, value_loss
 from alignkit.models.loading import adapters_off
 from alignkit.models.reward import RewardModelInfo
@@ -38,7 +39,6 @@ from alignkit.training.rollouts import (
     forward_rollouts,
     reduce_sums,
     render_prompts,
-    sample_batches,
     step_prompts,
     token_logps,
     token_values,

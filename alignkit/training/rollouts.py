@@ -1,8 +1,7 @@
 """Samples from the policy and the per-token passes over them: the lower piece of every recipe that
-learns from its own samples. `sample_batches` is the one sampling loop (RL rollouts, rejection
-sampling, SteerLM 2.0): rendered prompt ids in, `sampling.batch_size` prompts per `generate` call,
-each batch seeded by the recipe's scheme. The RL core on top (`training/rl.py`) turns the samples
-into `Rollout`s, scores them and trains on them.
+learns from its own samples, which it draws with `alignkit.generation.batches.sample_batches` (the
+one sampling loop of every recipe, eval and `alignkit generate`). The RL core on top
+(`training/rl.py`) turns the samples into `Rollout`s, scores them and trains on them.
 
 A `Rollout` is one sampled response with its per-token tensors, all (R,) over the R response
 tokens (EOS included, as sampled): old log-probs (the actor at sampling time), reference
@@ -23,21 +22,19 @@ on the unwrapped module, which is why the RL recipes use DDP, not FSDP, across p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from alignkit.config import SamplingConfig
 from alignkit.data.batching import collate_groups
 from alignkit.data.formats import prompt_messages, with_system_prompt
 from alignkit.data.io import Record
 from alignkit.data.tokenize import IGNORE, Example
-from alignkit.generation.sampler import Completion, generate, stop_token_ids
+from alignkit.generation.batches import sample_batches
 from alignkit.models.forward import logits_at
-from alignkit.models.loading import unwrap
 from alignkit.models.reward import RewardModelInfo, sequence_scores
 from alignkit.training.distributed import all_reduce_sum
 from alignkit.training.loop import to_device
@@ -112,37 +109,6 @@ def render_prompts(
         for r in records
     ]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def sample_batches(
-    model,
-    tokenizer,
-    prompt_ids: list[list[int]],
-    sampling: SamplingConfig,
-    seed_of: Callable[[int], int],
-    autocast=contextlib.nullcontext,
-) -> Iterator[tuple[int, list[Completion]]]:
-    """`sampling.n` samples of each prompt, `sampling.batch_size` prompts per `generate` call. The
-    batch whose first prompt is `prompt_ids[start]` samples with seed `seed_of(start)`: the recipe's
-    scheme fixes which samples a resumed run or another number of processes sees. Yields (start,
-    the batch's completions: sample j of its prompt i at i * n + j); the model's train/eval mode is
-    restored before each yield."""
-    module = unwrap(model)  # generation skips the DDP wrapper (no gradients, no collectives)
-    stops = stop_token_ids(module, tokenizer)
-    for start in range(0, len(prompt_ids), sampling.batch_size):
-        params = sampling.model_copy(update={"seed": seed_of(start)})
-        was_training = module.training
-        with autocast():
-            completions = generate(
-                module,
-                prompt_ids[start : start + sampling.batch_size],
-                params,
-                stops,
-                tokenizer.pad_token_id,
-                tokenizer.decode,
-            )
-        module.train(was_training)
-        yield start, completions
 
 
 # --- forward passes over rollouts ---------------------------------------------------------------

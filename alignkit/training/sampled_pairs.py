@@ -25,10 +25,11 @@ from typing import Any, NamedTuple
 
 from alignkit.config import SamplingConfig
 from alignkit.data.io import Record
+from alignkit.generation.batches import sample_batches
 from alignkit.generation.sampler import Completion
 from alignkit.tasks.datasets import MIN_PREFERENCE_MARGIN, best_worst_pair, ranked_pairs
 from alignkit.training.distributed import Dist, gather_rollouts
-from alignkit.training.rollouts import render_prompts, sample_batches
+from alignkit.training.rollouts import render_prompts
 
 __all__ = ["Judge", "sampled_preference_pairs"]
 
