@@ -1,5 +1,7 @@
 """Policy-gradient maths for RLHF: PPO (Schulman et al. 2017; Ouyang et al. 2022), RLOO (Ahmadian et al.
-2024, NeMo-Aligner's REINFORCE) and GRPO (Shao et al. 2024). Pure functions on tensors; no model.
+2024, NeMo-Aligner's REINFORCE), GRPO (Shao et al. 2024) and its successors: DAPO's clip-higher and
+overlong penalty (Yu et al. 2025), GSPO (Zheng et al. 2025), CISPO (MiniMax 2025), REINFORCE++
+(Hu 2025), with the loss aggregations they differ by. Pure functions on tensors; no model.
 
 Layout: per-token tensors are (B, T) over the *response* positions of B rollouts, right-padded, with
 `mask` (B, T) true on real response tokens (EOS included). Sums, not means, are returned where a
@@ -23,14 +25,21 @@ import torch
 
 __all__ = [
     "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
     "adaptive_kl_coef",
+    "cispo_policy_loss",
     "gae",
     "grpo_advantages",
+    "gspo_policy_loss",
     "kl_per_token",
     "masked_moments",
+    "overlong_penalty",
     "ppo_policy_loss",
+    "reinforce_pp_advantages",
     "rloo_advantages",
+    "sequence_mean",
     "token_rewards",
+    "token_weights",
     "value_loss",
     "whiten",
 ]
@@ -123,11 +132,21 @@ def whiten(x: Tensor, mask: Tensor, moments: Tensor | None = None, eps: float = 
 
 
 def ppo_policy_loss(
-    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate, summed over masked tokens (eq. 7 of Schulman et al. 2017):
 
-        rho = exp(logp - logp_old);  l_t = max(-A rho, -A clip(rho, 1 - eps, 1 + eps))
+        rho = exp(logp - logp_old);  l_t = max(-A rho, -A clip(rho, 1 - eps, 1 + eps_high))
+
+    `clip_eps_high` (default `clip_eps`) is DAPO's clip-higher: a larger upper bound lets
+    unlikely tokens with positive advantage gain more per update (against entropy collapse).
+    `weights` (same shape) scales each token's term: the loss aggregation (`token_weights`).
 
     Args:
         logps: (B, T) current log-probs (with grad); old_logps: (B, T) at sampling time;
@@ -145,19 +164,155 @@ def ppo_policy_loss(
     m = mask.to(logps.dtype)
     log_ratio = (logps - old_logps) * m
     ratio = torch.exp(log_ratio)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    per_token = torch.maximum(unclipped, clipped) * m
-    loss = per_token.sum()
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    return _weighted(per_token, m, weights), _ratio_metrics(per_token, m, log_ratio, clipped > unclipped)
+
+
+def _weighted(per_token: Tensor, m: Tensor, weights: Tensor | None) -> Tensor:
+    return (per_token * m * (1.0 if weights is None else weights)).sum()
+
+
+def _ratio_metrics(per_token: Tensor, m: Tensor, log_ratio: Tensor, clipped: Tensor) -> dict[str, Tensor]:
+    """Sums over the mask (detached): the loss, the tokens whose clipped branch is active, the
+    ratio, approx. KL to the old policy (sum of (logp - logp_old)^2 / 2), the token count."""
     with torch.no_grad():
-        metrics = {
-            "policy_loss": loss.detach(),
-            "clip_fraction": ((clipped > unclipped).to(m.dtype) * m).sum(),
-            "ratio": (ratio * m).sum(),
+        return {
+            "policy_loss": (per_token * m).sum(),
+            "clip_fraction": (clipped.to(m.dtype) * m).sum(),
+            "ratio": (torch.exp(log_ratio) * m).sum(),
             "approx_kl": (0.5 * log_ratio.pow(2) * m).sum(),
             "tokens": m.sum(),
         }
-    return loss, metrics
+
+
+def sequence_mean(x: Tensor, lengths: Tensor) -> Tensor:
+    """Each sequence's mean of the flat (N,) per-token `x`, repeated at its tokens: (N,).
+    `lengths` (S,) are the sequences' token counts in order, summing to N. Differentiable."""
+    ids = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
+    sums = torch.zeros(len(lengths), dtype=x.dtype, device=x.device).index_add(0, ids, x)
+    return (sums / lengths.clamp_min(1).to(x.dtype))[ids]
+
+
+def gspo_policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    lengths: Tensor,
+    clip_eps: float = 3e-4,
+    clip_eps_high: float = 4e-4,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO (Zheng et al. 2025): one importance ratio per sequence, the geometric mean of its
+    tokens' ratios, clipped per sequence:
+
+        s_i = exp(mean_t (logp - logp_old));  l_i = max(-A_i s_i, -A_i clip(s_i, 1 - eps, 1 + eps_high))
+
+    on flat (N,) tokens of sequences of `lengths` (S,). Every token of sequence i carries l_i, so
+    with the "seq-mean-token-mean" aggregation (weights 1/L_i, one unit per sequence) the loss is
+    the paper's mean over sequences. The mean is over all of a sequence's tokens (the mask only
+    decides which sequences train). The paper's clip range is (3e-4, 4e-4): sequence ratios sit
+    much closer to 1 than token ratios.
+
+    Example: token log-ratios [log 2, 0] (one sequence, A = 1): s = sqrt(2) = 1.4142 -> clipped to
+    1.0004 -> l = -1.0004 at both tokens (no gradient: the clipped branch is active).
+    """
+    m = mask.to(logps.dtype)
+    log_ratio = sequence_mean(logps - old_logps, lengths)  # (N,) log s_i at each token of sequence i
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    return _weighted(per_token, m, weights), _ratio_metrics(per_token, m, log_ratio, clipped > unclipped)
+
+
+def cispo_policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps_high: float = 0.2,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO (MiniMax-M1, 2025): REINFORCE with a clipped, detached importance weight, so no token's
+    gradient is dropped (PPO's clip zeroes the gradient of tokens outside the trust region, often
+    the rare "fork" tokens of a reasoning chain):
+
+        l_t = -sg(min(rho, 1 + eps_high)) A logp,  rho = exp(logp - logp_old)
+
+    Example: rho = 1.5, eps_high 0.2, A = 1 -> weight 1.2 -> dl/dlogp = -1.2 (PPO: 0, clipped).
+    """
+    m = mask.to(logps.dtype)
+    log_ratio = (logps - old_logps) * m
+    ratio = torch.exp(log_ratio)
+    weight = ratio.detach().clamp(max=1.0 + clip_eps_high)
+    per_token = -weight * advantages * logps
+    return _weighted(per_token, m, weights), _ratio_metrics(
+        (-ratio * advantages).detach(), m, log_ratio, ratio.detach() > 1.0 + clip_eps_high
+    )
+
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def token_weights(lengths: Tensor, mode: str, horizon: int) -> tuple[Tensor, Tensor]:
+    """How a loss summed over tokens is normalised, as a weight per sequence's token and the units
+    each sequence adds to the normaliser (the loop divides the weighted sum by the global units):
+
+        token-mean           w = 1,       unit = L_i   (every token counts alike; DAPO)
+        seq-mean-token-mean  w = 1 / L_i, unit = 1     (every sequence counts alike; GRPO's paper)
+        seq-mean-token-sum   w = 1 / H,   unit = 1     (Dr. GRPO: a constant H = max_new_tokens, no
+                                                        length bias)
+
+    Args: lengths (S,) response tokens per sequence. Returns (S,) weights and (S,) units.
+
+    Example: lengths [1, 3], token losses [a], [b, c, d]: token-mean (a + b + c + d) / 4;
+    seq-mean-token-mean (a + (b + c + d) / 3) / 2; seq-mean-token-sum with H = 4 (a + b + c + d) / 8.
+    """
+    lengths = lengths.to(torch.float64)
+    ones = torch.ones_like(lengths)
+    if mode == "token-mean":
+        return ones, lengths
+    if mode == "seq-mean-token-mean":
+        return 1.0 / lengths.clamp_min(1.0), ones
+    if mode == "seq-mean-token-sum":
+        return ones / horizon, ones
+    raise ValueError(f"unknown loss aggregation {mode!r} (use one of {', '.join(LOSS_AGGREGATIONS)})")
+
+
+def overlong_penalty(lengths: Tensor, max_tokens: int, buffer: int) -> Tensor:
+    """DAPO's soft overlong punishment, added to the reward: 0 up to max_tokens - buffer tokens,
+    then falling linearly to -1 at max_tokens (a response cut there gets -1).
+
+    Example: max 10, buffer 4: lengths [6, 8, 10] -> [0, -0.5, -1].
+    """
+    start = max_tokens - buffer
+    return -((lengths.to(torch.float32) - start) / max(buffer, 1)).clamp(0.0, 1.0)
+
+
+def reinforce_pp_advantages(
+    scores: Tensor, kl: list[Tensor], kl_coef: float, baseline: Tensor | None = None
+) -> list[Tensor]:
+    """REINFORCE++ (Hu 2025), before its batch whitening: per-token rewards r_t = -beta kl_t with
+    the (baseline-subtracted) score on the last token, summed to go (gamma = 1):
+
+        G_t = (score - baseline) - beta sum_{s >= t} kl_s
+
+    Args: scores (S,); kl: S tensors (L_i,) of per-token KL; baseline (S,) (the -baseline variant:
+    the group's mean score) or None. Returns S tensors (L_i,). The caller whitens them over the
+    whole batch, every process's tokens (`masked_moments`, `whiten`): a batch baseline, not a group's.
+
+    Example: score 1, kl [0.1, 0.2], beta 0.5 -> [1 - 0.15, 1 - 0.1] = [0.85, 0.9].
+    """
+    out = []
+    for i, k in enumerate(kl):
+        to_go = torch.flip(torch.cumsum(torch.flip(k, [0]), 0), [0])  # sum_{s >= t} kl_s
+        centred = scores[i] - (baseline[i] if baseline is not None else 0.0)
+        out.append(centred - kl_coef * to_go)
+    return out
 
 
 def value_loss(

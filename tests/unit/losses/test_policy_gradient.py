@@ -1,4 +1,5 @@
-"""PPO, RLOO and GRPO maths against hand-computed values (the docstrings of alignkit/losses/policy_gradient.py)."""
+"""Policy-gradient maths (PPO, RLOO, GRPO, DAPO, GSPO, CISPO, REINFORCE++) against hand-computed values
+(the docstrings of alignkit/losses/policy_gradient.py)."""
 
 import math
 
@@ -7,13 +8,19 @@ import torch
 
 from alignkit.losses.policy_gradient import (
     adaptive_kl_coef,
+    cispo_policy_loss,
     gae,
     grpo_advantages,
+    gspo_policy_loss,
     kl_per_token,
     masked_moments,
+    overlong_penalty,
     ppo_policy_loss,
+    reinforce_pp_advantages,
     rloo_advantages,
+    sequence_mean,
     token_rewards,
+    token_weights,
     value_loss,
     whiten,
 )
@@ -135,3 +142,87 @@ def test_adaptive_kl_controller():
     assert adaptive_kl_coef(0.1, kl=6, target=4, horizon=100, steps=10) == pytest.approx(0.102)
     assert adaptive_kl_coef(0.1, kl=1, target=4, horizon=100, steps=10) == pytest.approx(0.098)
     assert adaptive_kl_coef(0.1, kl=4, target=4, horizon=100, steps=10) == pytest.approx(0.1)
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    logp = torch.log(torch.tensor([1.25, 0.75])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0])
+    loss, metrics = ppo_policy_loss(logp, torch.zeros(2), adv, torch.ones(2, dtype=torch.bool), 0.2, clip_eps_high=0.28)
+    close(loss, -1.25 + 0.8)  # 1.25 < 1.28: inside; 0.75 < 0.8: clipped below as before
+    assert float(metrics["clip_fraction"]) == 1.0
+    loss.backward()
+    close(logp.grad, [-1.25, 0.0])
+
+
+def test_weights_scale_each_tokens_term():
+    logp = torch.zeros(3, requires_grad=True)
+    loss, _ = ppo_policy_loss(
+        logp,
+        torch.zeros(3),
+        torch.tensor([1.0, 2.0, 3.0]),
+        torch.ones(3, dtype=torch.bool),
+        weights=torch.tensor([1.0, 0.5, 0.0]),
+    )
+    close(loss, -(1.0 + 1.0 + 0.0))
+
+
+def test_sequence_mean_repeats_each_sequences_mean_at_its_tokens():
+    x = torch.tensor([1.0, 2.0, 4.0, 10.0], requires_grad=True)
+    out = sequence_mean(x, torch.tensor([3, 1]))
+    close(out, [7 / 3, 7 / 3, 7 / 3, 10.0])
+    out.sum().backward()
+    close(x.grad, [1.0, 1.0, 1.0, 1.0])  # each token reaches its 3 copies of the mean, 1/3 each
+
+
+def test_gspo_ratio_is_the_geometric_mean_per_sequence_by_hand():
+    # the docstring's example: token log-ratios [log 2, 0] -> s = sqrt 2, clipped to 1.0004
+    logp = torch.tensor([math.log(2.0), 0.0], requires_grad=True)
+    mask = torch.ones(2, dtype=torch.bool)
+    loss, metrics = gspo_policy_loss(logp, torch.zeros(2), torch.ones(2), mask, torch.tensor([2]))
+    close(loss, -2 * 1.0004)
+    assert float(metrics["clip_fraction"]) == 2.0
+    loss.backward()
+    close(logp.grad, [0.0, 0.0])
+    # inside the range: l = -A s at each token, d/dlogp_t of sum = -A s * 2 * (1/L) with L = 2
+    logp = torch.tensor([1e-4, 0.0], requires_grad=True)
+    loss, _ = gspo_policy_loss(logp, torch.zeros(2), torch.ones(2), mask, torch.tensor([2]))
+    s = math.exp(0.5e-4)
+    close(loss, -2 * s)
+    loss.backward()
+    close(logp.grad, [-s, -s])
+
+
+def test_cispo_keeps_the_gradient_of_clipped_tokens_with_a_capped_weight():
+    logp = torch.log(torch.tensor([1.5, 0.5])).requires_grad_()
+    adv = torch.tensor([1.0, 1.0])
+    loss, metrics = cispo_policy_loss(logp, torch.zeros(2), adv, torch.ones(2, dtype=torch.bool), clip_eps_high=0.2)
+    close(loss, -(1.2 * math.log(1.5) + 0.5 * math.log(0.5)))
+    assert float(metrics["clip_fraction"]) == 1.0
+    loss.backward()
+    close(logp.grad, [-1.2, -0.5])  # PPO would give 0 for the first token
+
+
+@pytest.mark.parametrize(
+    "mode, expected", [("token-mean", 10 / 4), ("seq-mean-token-mean", (1 + 9 / 3) / 2), ("seq-mean-token-sum", 10 / 8)]
+)
+def test_loss_aggregations_by_hand(mode, expected):
+    lengths = torch.tensor([1, 3])
+    per_token = torch.tensor([1.0, 2.0, 3.0, 4.0])  # a = 1; b, c, d = 2, 3, 4
+    weights, units = token_weights(lengths, mode, horizon=4)
+    w = torch.repeat_interleave(weights, lengths)
+    close(float((w * per_token).sum() / units.sum()), expected)
+
+
+def test_overlong_penalty_by_hand():
+    close(overlong_penalty(torch.tensor([6, 8, 10, 12]), max_tokens=10, buffer=4), [0.0, -0.5, -1.0, -1.0])
+
+
+def test_reinforce_pp_returns_to_go_by_hand():
+    out = reinforce_pp_advantages(torch.tensor([1.0, 0.0]), [torch.tensor([0.1, 0.2]), torch.tensor([0.0])], 0.5)
+    close(out[0], [0.85, 0.9])
+    close(out[1], [0.0])
+    based = reinforce_pp_advantages(
+        torch.tensor([1.0, 0.0]), [torch.zeros(2), torch.zeros(1)], 0.5, torch.tensor([0.5, 0.5])
+    )
+    close(based[0], [0.5, 0.5])
+    close(based[1], [-0.5])
