@@ -15,10 +15,11 @@ The fully resolved config is written to `output_dir/config.yaml` by the recipe.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -42,6 +43,7 @@ __all__ = [
     "find_config",
     "load_config",
     "parse_overrides",
+    "read_yaml",
     "save_config",
 ]
 
@@ -63,12 +65,12 @@ class RandomInitConfig(Section):
     """A randomly initialised model built from an HF config, for tests and benchmarks."""
 
     architecture: str = "llama"  # any `model_type` AutoConfig knows: llama, mistral, qwen2, qwen3, gpt2, gemma2, ...
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    max_position_embeddings: int = 2048
+    hidden_size: int = Field(64, ge=1)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=1)
+    max_position_embeddings: int = Field(2048, ge=1)
     tie_word_embeddings: bool = False
 
 
@@ -140,17 +142,19 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # 1: off
     n: int = Field(1, ge=1)  # samples per prompt
     stop: list[str] = []  # stop strings: the text is cut before them
-    seed: int | None = None  # None: the caller's (recipes derive one per step and process)
+    seed: int | None = Field(None, ge=0)  # None: the caller's (recipes derive one per step and process)
     batch_size: int = Field(32, ge=1)  # prompts per sampling batch (x n rows)
 
 
 # --- optimisation and training loop ------------------------------------------------------
 
+_Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
 
 class OptimConfig(Section):
     lr: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: tuple[_Beta, _Beta] = (0.9, 0.98)  # Adam's moment decays, each in [0, 1)
     eps: float = Field(1e-8, gt=0.0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
@@ -166,7 +170,7 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1)  # steps; None: only at the end
     eval_batches: int | None = Field(None, ge=1)  # cap on validation micro-batches per evaluation
     log_every: int = Field(1, ge=1)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)  # numpy's generators take no negative seed
 
 
 class CheckpointConfig(Section):
@@ -237,7 +241,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         node = tree
         parts = key.split(".")
@@ -245,8 +249,18 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = _override_value(key, raw)
     return tree
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """The YAML scalar (or flow list/mapping) of an override; `key=` is the empty string."""
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError):
+        raise ConfigError(f"override of '{key}': {raw!r} is not a YAML value (quote a string: {key}='...')") from None
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -312,32 +326,71 @@ def _check_keys(data: Any, cls: type[Section], prefix: str) -> None:
             _check_keys(value, sub, f"{dotted}.")
 
 
+def _clip(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to about `limit` characters: an error stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} chars)"
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
     if error["type"] == "missing":
         return f"missing required config value '{key}'"
     if error["type"] == "value_error":
         return f"invalid config '{key or '<root>'}': {error['msg'].removeprefix('Value error, ')}"
-    return f"config key '{key}': {error['msg']} (got {error.get('input')!r})"
+    hint = ""
+    if error["type"] == "literal_error":  # a misspelled choice: name the nearest valid one
+        options = re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", ""))
+        close = difflib.get_close_matches(str(error.get("input")), options, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"config key '{key}': {error['msg']} (got {_clip(error.get('input'))}){hint}"
 
 
 def validate(cls: type[Section], data: dict[str, Any]) -> Section:
-    """Build `cls` from a plain dict, with errors that name the offending key."""
+    """Build `cls` from a plain dict, with errors that name the offending key (all of them, on one line)."""
     _check_keys(data, cls, "")
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        # pydantic reports each union branch separately; keep one line per key.
-        lines = list(dict.fromkeys(_describe(e) for e in exc.errors()))
-        raise ConfigError("\n".join(lines)) from None
+        # pydantic reports each union branch separately; keep one entry per key.
+        raise ConfigError("; ".join(dict.fromkeys(_describe(e) for e in exc.errors()))) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in `path`; a missing file, text that is not UTF-8 or not YAML is a one-line
+    ConfigError naming the file (and the line and column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text; save the config as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{_yaml_place(path, exc)}: not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply to read") from None
+
+
+def _yaml_place(path: Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's complaint on one line, e.g. "while scanning for the next token: found character '\\t'"."""
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    return " ".join((f"{context}: {problem}" if context else problem).split())
 
 
 def load_config(cls: type[Section], path: str | Path, overrides: list[str] | None = None) -> Section:
     """Read a YAML config file, apply overrides, and validate it against `cls`."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values")
     data = _merge(data, parse_overrides(overrides or []))
