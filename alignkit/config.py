@@ -260,7 +260,8 @@ def _override_value(key: str, raw: str) -> Any:
     try:
         return yaml.safe_load(raw)
     except (yaml.YAMLError, RecursionError):
-        raise ConfigError(f"override of '{key}': {raw!r} is not a YAML value (quote a string: {key}='...')") from None
+        shown = _clip(raw, 60)
+        raise ConfigError(f"override of '{key}': {shown} is not a YAML value (quote a string: {key}='...')") from None
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

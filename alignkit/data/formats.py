@@ -103,6 +103,8 @@ def record_tools(record: Record) -> list[dict[str, Any]] | None:
     """The record's `tools` (the JSON schemas of the functions it may call, for the chat template):
     a list of objects, or that list as a JSON string; None when absent."""
     tools = record.data.get("tools")
+    if isinstance(tools, str) and not tools.strip():  # an empty column value: no tools
+        return None
     if isinstance(tools, str):
         try:
             tools = json.loads(tools)

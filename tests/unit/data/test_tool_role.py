@@ -77,6 +77,16 @@ def test_tool_conversation_loads_and_trains_on_assistant_turns_only(tmp_path, to
     assert "<call>weather</call>" in trained and "Sunny, 21C." in trained  # both assistant turns
 
 
+def test_preference_pair_after_a_tool_call_trains_on_the_response_only(tmp_path, tokenizer):
+    prompt = TOOL_CHAT["messages"][:3]  # user, assistant calling the tool, the tool's result
+    path = _write(tmp_path, {"prompt": prompt, "chosen": "Sunny.", "rejected": "Rainy.", "tools": TOOLS})
+    (pair,), _ = load_preference_pairs(DatasetConfig(path=path), _data(path, chat_template=TOOL_TEMPLATE), tokenizer)
+    text, trained = _trained_text(tokenizer, pair.chosen)
+    assert "tools: weather" in text and "SUNNY 21C" in text and "<call>weather</call>" in text
+    assert trained == "Sunny.</s>"  # not the prompt's tool call nor the tool's output
+    assert _trained_text(tokenizer, pair.rejected)[1] == "Rainy.</s>"
+
+
 def test_tool_fields_survive_and_null_columns_are_ignored():
     # datasets fills the fields other rows have with None: those are absent, not errors
     record = Record(
