@@ -33,7 +33,7 @@ from alignkit.config import DataConfig, DatasetConfig
 from alignkit.data.batching import collate_groups
 from alignkit.data.formats import Message, messages_from_value, record_tools, with_system_prompt
 from alignkit.data.io import DataError, Record, field_names, finite_number, read_records, shown
-from alignkit.data.tokenize import IGNORE, EncodeStats, Example, fit_length, render_with_spans
+from alignkit.data.tokenize import EncodeStats, Example, encode_spans, fit_length, render_with_spans
 
 __all__ = [
     "PreferencePair",
@@ -144,13 +144,7 @@ def _encode_response(
     """prompt + response token ids; shifted targets on the response's assistant turns only."""
     text, spans = render_with_spans(tokenizer, [*prompt, *response], template, where, tools)
     spans = spans[sum(m["role"] == "assistant" for m in prompt) :]  # drop assistant turns of the prompt
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = encoding["input_ids"]
-    labels = [IGNORE] * len(ids)
-    for t, (start, end) in enumerate(encoding["offset_mapping"]):
-        if any(start < b and end > a for a, b in spans):
-            labels[t] = ids[t]
-    return Example(input_ids=ids, target_ids=labels[1:] + [IGNORE], source=where)
+    return encode_spans(tokenizer, text, spans, where)
 
 
 def encode_pair(
