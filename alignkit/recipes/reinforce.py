@@ -36,7 +36,15 @@ from pydantic import Field, model_validator
 
 from alignkit.config import DataConfig, DistributedConfig, RecipeConfig, SamplingConfig, Section
 from alignkit.data.formats import read_prompt_records
-from alignkit.losses.policy_gradient import grpo_advantages, kl_per_token, rloo_advantages
+from alignkit.losses.policy_gradient import (
+    grpo_advantages,
+    kl_per_token,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    token_weights,
+    whiten,
+)
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import wrap_model
@@ -47,10 +55,11 @@ from alignkit.training.rl import (
     actor_loss,
     actor_metrics,
     check_processes,
+    global_moments,
     monitor_stats,
     reference_logps,
     rollout_stats,
-    sample_and_score,
+    sample_useful_groups,
     train_epochs,
     update_plan,
 )
@@ -60,18 +69,30 @@ __all__ = ["Config", "ReinforceConfig", "main"]
 
 
 class ReinforceConfig(Section):
-    estimator: Literal["rloo", "grpo"] = "rloo"
+    estimator: Literal["rloo", "grpo", "reinforce_pp", "reinforce_pp_baseline"] = "rloo"
     steps: int = Field(100, ge=1)
     epochs: int = Field(1, ge=1)
     minibatches: int = Field(1, ge=1)
-    clip_eps: float = 0.2
-    kl_coef: float = 0.01  # beta; 0: no reference model at all
-    kl_estimator: Literal["k1", "abs", "k3"] | None = None  # default: k1 for rloo (reward), k3 for grpo (loss)
+    # the surrogate: ppo (clipped token ratios), gspo (one clipped ratio per sequence), cispo
+    # (REINFORCE with clipped, detached token ratios as weights)
+    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    clip_eps: float = Field(0.2, gt=0.0)
+    clip_eps_high: float | None = Field(None, gt=0.0)  # DAPO's clip-higher (0.28); default clip_eps
+    kl_coef: float = Field(0.01, ge=0.0)  # beta; 0: no reference model at all
+    # default: k1 for rloo and reinforce_pp (in the reward), k3 for grpo (in the loss)
+    kl_estimator: Literal["k1", "abs", "k3"] | None = None
     scale_rewards: bool = True  # grpo: divide by the group's std
-    train_unended: bool = True  # unended samples (cut by max_new_tokens) still train the actor
+    train_unended: bool = True  # unended samples (cut by max_new_tokens) still train (false: DAPO's overlong filter)
     # rloo: baselines average only the properly ended other samples (NeMo-Aligner); false: all of
     # them (TRL, OpenRLHF). With no ended other sample the advantage is 0.
     ended_baseline: bool = True
+    # DAPO's dynamic sampling: up to this many draws of prompts per step until every group trained
+    # on has samples that scored differently; 1: off
+    max_draws: int = Field(1, ge=1)
+    # DAPO's soft overlong penalty: over the last `overlong_buffer` tokens before max_new_tokens
+    # the reward falls linearly by up to 1; 0: off
+    overlong_buffer: int = Field(0, ge=0)
 
 
 class Config(RecipeConfig):
@@ -99,12 +120,31 @@ def advantages(rf: ReinforceConfig, rewards: torch.Tensor, ended: torch.Tensor) 
     return grpo_advantages(rewards, scale=rf.scale_rewards)
 
 
+def token_advantages(rf: ReinforceConfig, rollouts, scores: torch.Tensor, n: int, d) -> list[torch.Tensor]:
+    """(R,) advantages per rollout. RLOO and GRPO: the response's advantage at each of its tokens.
+    REINFORCE++: returns to go of the KL-shaped token rewards (k1 to the reference), minus the
+    group's mean score in the -baseline variant, whitened over every token of the global batch."""
+    if not rf.estimator.startswith("reinforce_pp"):
+        ended = torch.tensor([r.is_end for r in rollouts])
+        adv = advantages(rf, scores.view(-1, n), ended.view(-1, n)).reshape(-1)
+        return [torch.full((len(r.response_ids),), a) for r, a in zip(rollouts, adv.tolist())]
+    baseline = scores.view(-1, n).mean(-1).repeat_interleave(n) if rf.estimator == "reinforce_pp_baseline" else None
+    kl = [
+        kl_per_token(r.old_logps, r.ref_logps, "k1") if rf.kl_coef else torch.zeros(len(r.response_ids))
+        for r in rollouts
+    ]
+    returns = reinforce_pp_advantages(scores, kl, rf.kl_coef, baseline)
+    flat = torch.cat(returns)
+    whitened = whiten(flat, torch.ones_like(flat, dtype=torch.bool), global_moments(flat, torch.ones_like(flat), d))
+    return list(whitened.split([len(r) for r in returns]))
+
+
 def main(cfg: Config) -> None:
     run = start_run(cfg)
     d, rf, rc = run.dist, cfg.reinforce, cfg.rollout
     check_processes(cfg, d)
     n = cfg.sampling.n
-    estimator = rf.kl_estimator or ("k1" if rf.estimator == "rloo" else "k3")
+    estimator = rf.kl_estimator or ("k3" if rf.estimator == "grpo" else "k1")
     records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     reward = build_reward_source(cfg.reward, device=str(d.device))
     monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
@@ -118,14 +158,22 @@ def main(cfg: Config) -> None:
     parts = {"actor": (actor, optimizer, build_scheduler(optimizer, rf.steps * rf.epochs * rf.minibatches, cfg.optim))}
     start, _, logger = resume(run, parts, rf.steps)
     # The old policy's log-probs matter only when the policy moves between updates of one rollout
-    # batch, or for the KL inside RLOO's reward.
-    need_old = rf.epochs * rf.minibatches > 1 or (rf.estimator == "rloo" and rf.kl_coef > 0)
+    # batch, or for the KL inside the reward (RLOO, REINFORCE++).
+    kl_in_reward = rf.estimator != "grpo" and rf.kl_coef > 0
+    need_old = rf.epochs * rf.minibatches > 1 or kl_in_reward
     run.log.info(f"{rf.estimator.upper()}: {rf.steps} steps of {rc.prompts_per_step} prompts x {n} samples")
 
     for step in range(start, rf.steps):
         t0 = time.perf_counter()
         # --- 1-2. n samples per prompt (this process's share of the prompts), scored ---------------
-        rollouts, scores, t_generate, t_score = sample_and_score(run, cfg, actor, tokenizer, records, reward, step)
+        # (dynamic sampling: more prompts drawn until the groups trained on carry signal)
+        rollouts, scores, t_generate, t_score, draws = sample_useful_groups(
+            run, cfg, actor, tokenizer, records, reward, step, rf.max_draws
+        )
+        if rf.overlong_buffer:
+            lengths = torch.tensor([len(r.response_ids) for r in rollouts])
+            penalty = overlong_penalty(lengths, cfg.sampling.max_new_tokens, rf.overlong_buffer)
+            scores = scores + penalty
         t2 = time.perf_counter()
 
         # --- 3. log-probs where needed, then per-response advantages ---------------------------------
@@ -142,34 +190,58 @@ def main(cfg: Config) -> None:
             rewards -= rf.kl_coef * torch.tensor(
                 [float(kl_per_token(r.old_logps, r.ref_logps, estimator).sum()) for r in rollouts]
             )
-        ended = torch.tensor([r.is_end for r in rollouts])
-        adv = advantages(rf, rewards.view(-1, n), ended.view(-1, n)).reshape(-1)
-        for r, a in zip(rollouts, adv.tolist()):
-            r.advantages = torch.full((len(r.response_ids),), a)
+        weights, units = token_weights(
+            torch.tensor([len(r.response_ids) for r in rollouts]), rf.loss_aggregation, cfg.sampling.max_new_tokens
+        )
+        for r, a, w, u in zip(rollouts, token_advantages(rf, rollouts, rewards, n, d), weights, units):
+            r.advantages, r.weight = a, float(w)
+            r.units = float(u) if rf.loss_aggregation != "token-mean" else None
             r.trains_actor = r.is_end or rf.train_unended
+        adv = torch.stack([r.advantages.abs().max() if len(r.advantages) else torch.tensor(0.0) for r in rollouts])
         metrics = {**rollout_stats(rollouts, d), **monitor_stats(monitor, rollouts, d)}
         flat = reduce_sums(
             {
                 "groups": len(rollouts) // n,
                 "zero_var": float((scores.view(-1, n).std(-1) == 0).sum()),
-                "adv_abs": float(adv.abs().sum()),
+                "adv_abs": float(sum(r.advantages.abs().mean() for r in rollouts if len(r.advantages))),
                 "reward_kl": float(rewards.sum()),
+                "drawn": draws.groups,
+                "useful": draws.useful,
+                "tokens": draws.tokens,
+                "draws": draws.draws,
             },
             d,
         )
         metrics["rollout/zero_variance_groups"] = flat["zero_var"] / max(flat["groups"], 1)
         metrics["rollout/advantages_abs_mean"] = flat["adv_abs"] / metrics["rollout/samples"]
+        # what generation bought: groups drawn (dynamic sampling discards the zero-variance ones),
+        # and generated tokens per group that carried signal
+        metrics["rollout/groups_drawn"] = flat["drawn"]
+        metrics["rollout/groups_discarded"] = flat["drawn"] - flat["groups"]
+        metrics["rollout/draws"] = flat["draws"] / d.world_size
+        metrics["rollout/tokens_per_useful_group"] = flat["tokens"] / max(flat["useful"], 1)
+        if rf.overlong_buffer:
+            metrics["rollout/overlong_penalty"] = (
+                reduce_sums({"p": float(penalty.sum())}, d)["p"] / metrics["rollout/samples"]
+            )
         if rf.estimator == "rloo" and rf.kl_coef:
             metrics["rollout/reward_with_kl"] = flat["reward_kl"] / metrics["rollout/samples"]
 
         # --- 4. clipped policy-gradient steps ----------------------------------------------------------
-        kl_in_loss = rf.kl_coef if rf.estimator == "grpo" else 0.0
-        loss_fn = partial(actor_loss, clip_eps=rf.clip_eps, kl_coef=kl_in_loss, kl_estimator=estimator)
+        kl_in_loss = 0.0 if kl_in_reward else rf.kl_coef
+        loss_fn = partial(
+            actor_loss,
+            clip_eps=rf.clip_eps,
+            clip_eps_high=rf.clip_eps_high,
+            policy_loss=rf.policy_loss,
+            kl_coef=kl_in_loss,
+            kl_estimator=estimator,
+        )
         # Without a KL term in the loss, a rollout with advantage 0 contributes exactly nothing.
         skip = frozenset(i for i, a in enumerate(adv.tolist()) if a == 0.0) if not kl_in_loss else frozenset()
         lr = parts["actor"][2].get_last_lr()[0]
         sums, _, metrics["actor/grad_norm"] = train_epochs(
-            run, parts["actor"], rollouts, plans, loss_fn, "actor_tokens", pad_id, skip
+            run, parts["actor"], rollouts, plans, loss_fn, "actor_units", pad_id, skip
         )
         metrics.update(actor_metrics(sums, d))
         metrics["rollout/skipped_fraction"] = reduce_sums({"s": len(skip)}, d)["s"] / metrics["rollout/samples"]

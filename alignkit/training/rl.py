@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -27,7 +28,14 @@ from pydantic import Field
 from alignkit.config import ConfigError, SamplingConfig, Section
 from alignkit.data.io import DataError, Record
 from alignkit.generation.batches import sample_batches
-from alignkit.losses.policy_gradient import kl_per_token, masked_moments, ppo_policy_loss, value_loss
+from alignkit.losses.policy_gradient import (
+    cispo_policy_loss,
+    gspo_policy_loss,
+    kl_per_token,
+    masked_moments,
+    ppo_policy_loss,
+    value_loss,
+)
 from alignkit.models.loading import adapters_off
 from alignkit.models.reward import RewardModelInfo
 from alignkit.training.distributed import Dist, all_reduce_sum
@@ -58,6 +66,8 @@ __all__ = [
     "sample_and_score",
     "sample_rollouts",
     "train_epochs",
+    "Draws",
+    "sample_useful_groups",
     "train_on",
     "update_plan",
 ]
@@ -112,15 +122,17 @@ def sample_rollouts(
     return rollouts
 
 
-def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[Record], reward, step: int):
+def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[Record], reward, step: int, draw: int = 0):
     """Steps 1-2 of every RL recipe: this process's share of step `step`'s prompts, sampled
     (`sampling.n` each) and scored. Seeds derive from (`sampling.seed`, else `train.seed`), the step
-    and the rank. Returns (rollouts with `score` set, (B,) scores, generation seconds, scoring seconds)."""
+    and the rank; `draw` > 0 (dynamic sampling's extra draws) takes other prompts and seeds.
+    Returns (rollouts with `score` set, (B,) scores, generation seconds, scoring seconds)."""
     d = run.dist
     t0 = time.perf_counter()
-    indices = step_prompts(len(records), step, cfg.rollout.prompts_per_step, cfg.train.seed)[d.rank :: d.world_size]
+    order_seed = cfg.train.seed + 104_729 * draw
+    indices = step_prompts(len(records), step, cfg.rollout.prompts_per_step, order_seed)[d.rank :: d.world_size]
     base = cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed
-    seed = base + 1_000_003 * (step + 1) + 10_007 * d.rank
+    seed = base + 1_000_003 * (step + 1) + 10_007 * d.rank + 7_919 * draw
     rollouts = sample_rollouts(
         actor,
         tokenizer,
@@ -140,6 +152,48 @@ def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[Record], rew
 
 
 # --- 3. per-token passes and advantage statistics ---------------------------------------------------
+
+
+@dataclass
+class Draws:
+    """What dynamic sampling drew in one step (this process): groups sampled, groups kept that
+    carry signal (their samples scored differently), draws made, tokens generated."""
+
+    groups: int = 0
+    useful: int = 0
+    draws: int = 0
+    tokens: int = 0
+
+
+def sample_useful_groups(
+    run: Run, cfg, actor, tokenizer, records: list[Record], reward, step: int, max_draws: int
+) -> tuple[list[Rollout], torch.Tensor, float, float, Draws]:
+    """DAPO's dynamic sampling: draw the step's prompts, then more (up to `max_draws` draws in all)
+    until every process holds its share of groups whose samples did not all score the same
+    (an all-right or all-wrong group has zero advantage everywhere: no gradient, generation paid
+    for nothing). The step trains on that share: useful groups first, topped up with zero-variance
+    ones only if the draws ran out (so every process runs the same number of passes). Returns what
+    `sample_and_score` does, for the kept groups, and the `Draws`."""
+    n, share = cfg.sampling.n, cfg.rollout.prompts_per_step // run.dist.world_size
+    useful: list[list[Rollout]] = []
+    idle: list[list[Rollout]] = []
+    stats, t_generate, t_score = Draws(), 0.0, 0.0
+    for draw in range(max_draws):
+        rollouts, scores, tg, ts = sample_and_score(run, cfg, actor, tokenizer, records, reward, step, draw)
+        t_generate, t_score = t_generate + tg, t_score + ts
+        for g in range(len(rollouts) // n):
+            group = rollouts[g * n : (g + 1) * n]
+            (useful if scores[g * n : (g + 1) * n].std() > 0 else idle).append(group)
+        stats.draws, stats.groups = draw + 1, stats.groups + len(rollouts) // n
+        stats.tokens += sum(len(r.response_ids) for r in rollouts)
+        if reduce_sums({"short": float(len(useful) < share)}, run.dist)["short"] == 0:
+            break
+    kept = (useful + idle)[:share]
+    stats.useful = min(len(useful), share)
+    flat = [r for group in kept for r in group]
+    for i, r in enumerate(flat):
+        r.group = i // n  # renumbered: groups are the kept ones, in order
+    return flat, torch.tensor([r.score for r in flat]), t_generate, t_score, stats
 
 
 def update_plan(run: Run, rollouts: list[Rollout], epochs: int, minibatches: int, step: int, pad_id: int):
@@ -186,24 +240,41 @@ def mean_std(moments: torch.Tensor) -> tuple[float, float]:
 
 
 def actor_loss(
-    model, batch, clip_eps: float, entropy_coef: float = 0.0, kl_coef: float = 0.0, kl_estimator: str = "k3"
+    model,
+    batch,
+    clip_eps: float,
+    entropy_coef: float = 0.0,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    policy_loss: str = "ppo",
+    clip_eps_high: float | None = None,
 ):
-    """The clipped surrogate over the tokens of `actor_mask`, minus `entropy_coef` x entropy, plus
-    `kl_coef` x the per-token KL to the reference (GRPO's KL term; PPO puts its KL in the reward).
-    Without `old_logps` in the batch (a single update per rollout) the old policy is the current one:
-    ratio 1, and the gradient is the same, at no extra forward pass. Sums over tokens."""
+    """The policy loss over the tokens of `actor_mask` (`policy_loss`: "ppo" the clipped surrogate,
+    "gspo" its sequence-ratio form, "cispo" REINFORCE with clipped detached weights), each token
+    weighted by its rollout's aggregation weight, minus `entropy_coef` x entropy, plus `kl_coef` x
+    the per-token KL to the reference (GRPO's KL term; PPO puts its KL in the reward). Without
+    `old_logps` in the batch (a single update per rollout) the old policy is the current one: ratio
+    1, and the gradient is the same, at no extra forward pass. Sums over tokens."""
     logps, entropy = token_logps(model, batch, entropy="grad" if entropy_coef else "detached")  # (N,)
     old = batch["old_logps"] if "old_logps" in batch else logps.detach()
-    mask = batch["actor_mask"]
-    loss, metrics = ppo_policy_loss(logps, old, batch["advantages"], mask, clip_eps)
+    mask, weights, adv = batch["actor_mask"], batch.get("loss_weights"), batch["advantages"]
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if policy_loss == "gspo":
+        lengths = torch.tensor(batch["response_lengths"], device=logps.device)
+        loss, metrics = gspo_policy_loss(logps, old, adv, mask, lengths, clip_eps, high, weights)
+    elif policy_loss == "cispo":
+        loss, metrics = cispo_policy_loss(logps, old, adv, mask, high, weights)
+    else:
+        loss, metrics = ppo_policy_loss(logps, old, adv, mask, clip_eps, high, weights)
     m = mask.to(logps.dtype)
+    w = m if weights is None else m * weights  # the aggregation's weight of each token
     if entropy_coef:
-        loss = loss - entropy_coef * (entropy * m).sum()
+        loss = loss - entropy_coef * (entropy * w).sum()
     metrics["entropy"] = (entropy.detach() * m).sum()
     if kl_coef:
-        kl = kl_per_token(logps, batch["ref_logps"], kl_estimator) * m
-        loss = loss + kl_coef * kl.sum()
-        metrics["kl_loss"] = kl.detach().sum()
+        kl = kl_per_token(logps, batch["ref_logps"], kl_estimator)
+        loss = loss + kl_coef * (kl * w).sum()
+        metrics["kl_loss"] = (kl.detach() * m).sum()
     metrics["loss"] = loss.detach()
     return loss, metrics
 
@@ -235,13 +306,20 @@ def train_on(
     for mb in minibatch:
         kept = [i for i in mb if i not in skip] or mb[:1]
         batch = collate_rollouts([rollouts[i] for i in kept], pad_id)
-        batch["num_units"] = sum(
-            len(rollouts[i].response_ids) for i in mb if units == "num_units" or rollouts[i].trains_actor
-        )
+        counted = [rollouts[i] for i in mb if units == "num_units" or rollouts[i].trains_actor]
+        batch["num_units"] = sum(_units(r, units) for r in counted)
         batches.append(batch)
     sums, global_units, _, grad_norm = optimizer_step(run, model, optimizer, batches, loss_fn)
     scheduler.step()
     return sums, global_units, grad_norm
+
+
+def _units(rollout: Rollout, units: str) -> float:
+    """What a rollout adds to the normaliser: its tokens, or (actor, with a loss aggregation
+    other than a token mean) the units its aggregation gives it."""
+    if units == "num_units" or rollout.units is None:
+        return len(rollout.response_ids)
+    return rollout.units
 
 
 def train_epochs(

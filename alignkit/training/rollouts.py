@@ -72,6 +72,10 @@ class Rollout:
     advantages: Tensor | None = None  # (R,)
     returns: Tensor | None = None  # (R,)
     trains_actor: bool = True  # in the actor loss (unended rollouts may be left out)
+    # the loss aggregation (`losses.policy_gradient.token_weights`): each token's weight, and the
+    # units this rollout adds to the normaliser (None: its token count, a plain token mean)
+    weight: float = 1.0
+    units: float | None = None
 
     def example(self) -> Example:
         """[prompt | response] with shifted targets on the response tokens."""
@@ -127,6 +131,8 @@ def collate_rollouts(rollouts: list[Rollout], pad_id: int) -> dict[str, Any]:
     batch["actor_mask"] = torch.cat([torch.full((len(r.response_ids),), r.trains_actor) for r in packed])
     batch["response_mask"] = torch.ones_like(batch["actor_mask"])
     batch["actor_tokens"] = int(batch["actor_mask"].sum())
+    if any(r.weight != 1.0 for r in packed):
+        batch["loss_weights"] = torch.cat([torch.full((len(r.response_ids),), r.weight) for r in packed])
     return batch
 
 
