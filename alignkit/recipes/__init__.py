@@ -32,7 +32,14 @@ RECIPES = {
 VARIANTS = {
     "grpo": "reinforce with reinforce.estimator=grpo",
     "rloo": "reinforce (reinforce.estimator=rloo, the default)",
-    "dr_grpo": "reinforce with reinforce.estimator=grpo reinforce.scale_rewards=false",
+    "dr_grpo": "reinforce with reinforce.estimator=grpo reinforce.scale_rewards=false "
+    "reinforce.loss_aggregation=seq-mean-token-sum",
+    "dapo": "reinforce --config tiny_dapo (grpo with reinforce.max_draws, reinforce.clip_eps_high=0.28, "
+    "reinforce.overlong_buffer, reinforce.train_unended=false)",
+    "gspo": "reinforce --config tiny_gspo (reinforce.policy_loss=gspo, loss_aggregation=seq-mean-token-mean)",
+    "cispo": "reinforce with reinforce.policy_loss=cispo",
+    "reinforce_pp": "reinforce with reinforce.estimator=reinforce_pp (or reinforce_pp_baseline)",
+    "reinforce++": "reinforce with reinforce.estimator=reinforce_pp (or reinforce_pp_baseline)",
     "kto": "dpo with loss.type=kto",
     "ipo": "dpo with loss.type=ipo",
     "simpo": "dpo with loss.type=simpo",
