@@ -1,5 +1,6 @@
 """Reward sources: prompts and responses in, a reward per response (and optionally one per attribute) out."""
 
+from alignkit.rewards.judge import ChatClient, JudgeConfig, JudgeError, JudgeReward, LocalChat
 from alignkit.rewards.local import LocalRewardModel, RewardOutput
 from alignkit.rewards.sources import (
     FunctionReward,
@@ -11,6 +12,11 @@ from alignkit.rewards.sources import (
 )
 
 __all__ = [
+    "ChatClient",
+    "JudgeConfig",
+    "JudgeError",
+    "JudgeReward",
+    "LocalChat",
     "FunctionReward",
     "LocalRewardModel",
     "OracleReward",

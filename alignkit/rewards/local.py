@@ -22,7 +22,11 @@ from alignkit.data.reward import encode_scored
 from alignkit.models.loading import autocast
 from alignkit.models.reward import RewardModelInfo, score_sequences
 
-__all__ = ["LocalRewardModel", "RewardOutput"]
+__all__ = ["LocalRewardModel", "RewardOutput", "RewardSourceError"]
+
+
+class RewardSourceError(RuntimeError):
+    """A reward source could not score: an unreachable server, a bad function, a malformed answer."""
 
 
 @dataclass

@@ -26,7 +26,8 @@ import torch
 from pydantic import model_validator
 
 from alignkit.config import Section
-from alignkit.rewards.local import LocalRewardModel, RewardOutput
+from alignkit.rewards.judge import JudgeConfig, JudgeReward
+from alignkit.rewards.local import LocalRewardModel, RewardOutput, RewardSourceError
 from alignkit.tasks.oracle import ATTRIBUTES, score_response
 
 __all__ = [
@@ -39,12 +40,8 @@ __all__ = [
 ]
 
 
-class RewardSourceError(RuntimeError):
-    """A reward source could not score: an unreachable server, a bad function, a malformed answer."""
-
-
 class RewardSourceConfig(Section):
-    kind: Literal["model", "http", "function", "oracle"]
+    kind: Literal["model", "http", "function", "oracle", "judge"]
     path: str | None = None  # model: the reward model directory
     url: str | None = None  # http: the server's base URL, e.g. http://127.0.0.1:5555
     function: str | None = None  # function: "package.module:function"
@@ -53,10 +50,11 @@ class RewardSourceConfig(Section):
     timeout_s: float = 60.0  # http: per request
     retries: int = 3  # http: attempts after the first on a connection error, timeout or 5xx
     token_env: str | None = "ALIGNKIT_REWARD_TOKEN"  # http: bearer token read from this variable, if set
+    judge: JudgeConfig | None = None  # judge: an LLM grading against a rubric (alignkit.rewards.judge)
 
     @model_validator(mode="after")
     def _needs(self) -> RewardSourceConfig:
-        needed = {"model": "path", "http": "url", "function": "function"}.get(self.kind)
+        needed = {"model": "path", "http": "url", "function": "function", "judge": "judge"}.get(self.kind)
         if needed and getattr(self, needed) is None:
             raise ValueError(f"reward source kind={self.kind} needs `{needed}`")
         return self
@@ -191,4 +189,6 @@ def build_reward_source(cfg: RewardSourceConfig, device: str = "cpu"):
         return RemoteRewardModel(cfg.url, cfg.timeout_s, cfg.retries, token)
     if cfg.kind == "function":
         return FunctionReward(cfg.function)
+    if cfg.kind == "judge":
+        return JudgeReward(cfg.judge)
     return OracleReward()
