@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
-from alignkit.config import ConfigError, SamplingConfig, configs_dir, find_config, load_config
+from alignkit.config import ConfigError, SamplingConfig, configs_dir, find_config, load_config, read_yaml
 from alignkit.config import validate as validate_config
 from alignkit.data.io import DataError, read_records, write_jsonl
 from alignkit.data.steerlm import DEFAULT_ATTRIBUTES
@@ -130,12 +129,7 @@ def validate(
     """Check a config without running it."""
     with _reported(ConfigError, DataError):
         path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml(path) or {}
         recipe = recipe or (data.get("recipe") if isinstance(data, dict) else None) or path.parent.name
         _load(recipe, str(path), [])
     typer.secho(f"ok: {config} is a valid {recipe} config", fg=typer.colors.GREEN)

@@ -37,7 +37,7 @@ def _steered_prompts(
             texts.append(_plain_prompt(record, fmt))
         else:
             try:
-                texts.append(steered_prompt(tokenizer, prompt_messages(record), fmt, request))
+                texts.append(steered_prompt(tokenizer, prompt_messages(record), fmt, request, where=record.source))
             except LabelError as exc:
                 raise DataError(f"{record.source}: {exc}") from None
         labels.append({"label": fmt.label(request)} if fmt else {})

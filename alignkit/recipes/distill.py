@@ -58,10 +58,10 @@ __all__ = ["Config", "DistillLossConfig", "main", "teacher_topk"]
 
 class DistillLossConfig(Section):
     kl: Literal["forward", "reverse"] = "forward"  # forward: KL(teacher || student), mean-seeking
-    kd_weight: float = 1.0
-    sft_weight: float = 0.0  # cross-entropy on the ground-truth tokens (NeMo's tutorial uses 0.4)
-    student_scale: float = 1.0  # inverse temperatures inside the top-K softmaxes
-    teacher_scale: float = 1.0
+    kd_weight: float = Field(1.0, ge=0.0)
+    sft_weight: float = Field(0.0, ge=0.0)  # cross-entropy on the ground-truth tokens (NeMo's tutorial uses 0.4)
+    student_scale: float = Field(1.0, gt=0.0)  # inverse temperatures inside the top-K softmaxes
+    teacher_scale: float = Field(1.0, gt=0.0)
 
 
 class Config(RecipeConfig):

@@ -109,16 +109,16 @@ NEEDS_REWARDS = ("rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl")
 
 class PreferenceLossConfig(Section):
     type: LossType = "dpo"
-    beta: float = 0.1  # KL strength (IPO's tau; SimPO's reward scale, ORPO's lambda)
-    label_smoothing: float = 0.0  # dpo: cDPO's label-flip rate; robust: rDPO's; simpo: smoothing
-    gt_reward_scale: float = 1.0  # eta, scales the ground-truth reward gap (rpo_* only)
-    simpo_gamma: float = 1.0  # SimPO's target reward margin gamma (simpo only)
-    desirable_weight: float = 1.0  # KTO's lambda_D (kto only)
-    undesirable_weight: float = 1.0  # KTO's lambda_U (kto only)
-    preference_weight: float = 1.0
+    beta: float = Field(0.1, gt=0.0)  # KL strength (IPO's tau; SimPO's reward scale, ORPO's lambda)
+    label_smoothing: float = Field(0.0, ge=0.0, le=0.5)  # dpo: cDPO's label-flip rate; robust: rDPO's; simpo: smoothing
+    gt_reward_scale: float = Field(1.0, ge=0.0)  # eta, scales the ground-truth reward gap (rpo_* only)
+    simpo_gamma: float = Field(1.0, ge=0.0)  # SimPO's target reward margin gamma (simpo only)
+    desirable_weight: float = Field(1.0, ge=0.0)  # KTO's lambda_D (kto only)
+    undesirable_weight: float = Field(1.0, ge=0.0)  # KTO's lambda_U (kto only)
+    preference_weight: float = Field(1.0, ge=0.0)
     # Weight of NLL(chosen response), averaged over its tokens, per pair (kto: per desirable
     # example). None: 1 for orpo (its L_SFT term, ORPO eq. 6), 0 otherwise.
-    sft_weight: float | None = None
+    sft_weight: float | None = Field(None, ge=0.0)
     # Per-token mean instead of sum of the response log-probs. None: on for simpo and orpo
     # (which are defined on means), off otherwise.
     average_logprobs: bool | None = None
@@ -129,6 +129,8 @@ class PreferenceLossConfig(Section):
             raise ValueError(f"loss.average_logprobs: {self.type} is defined on per-token mean log-probs")
         if self.preference_weight == 0 and not self.sft_weight:
             raise ValueError("loss.preference_weight and loss.sft_weight are both 0: nothing to train")
+        if self.type == "robust" and self.label_smoothing >= 0.5:
+            raise ValueError("loss.label_smoothing: robust DPO divides by 1 - 2 * label_smoothing; use < 0.5")
         return self
 
     @property
@@ -146,7 +148,7 @@ class ReferenceConfig(Section):
     cache_dir: str | None = None  # default <output_dir>/reference_logps
     # Max |policy - reference| summed log-prob per sequence allowed at step 0 before warning.
     # None: 1e-3 in fp32, 0.5 with bf16 (rounding accumulates over the response tokens).
-    check_tolerance: float | None = None
+    check_tolerance: float | None = Field(None, gt=0.0)
 
 
 class OnlineConfig(Section):

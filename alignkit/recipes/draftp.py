@@ -56,8 +56,8 @@ __all__ = ["Config", "DraftpConfig", "PipelineConfig", "ImageSamplingConfig", "m
 
 
 class UNetLoraConfig(Section):
-    r: int = 8
-    alpha: float = 8.0
+    r: int = Field(8, ge=1)
+    alpha: float = Field(8.0, gt=0.0)
     target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet's attention projections
 
 
@@ -76,15 +76,15 @@ class PipelineConfig(Section):
 
 class ImageSamplingConfig(Section):
     steps: int = Field(50, ge=1)  # DDIM steps T
-    guidance_scale: float = 7.5  # classifier-free guidance; 1 = none
-    eta: float = 0.0  # DDIM noise; 0 = deterministic given x_T
+    guidance_scale: float = Field(7.5, ge=0.0)  # classifier-free guidance; 1 = none
+    eta: float = Field(0.0, ge=0.0, le=1.0)  # DDIM noise; 0 = deterministic given x_T
     truncation_steps: int = Field(1, ge=1)  # K: steps that keep a graph (K = T: full backprop)
 
 
 class DraftpConfig(Section):
     steps: int = Field(100, ge=1)  # optimizer steps
     kl_coeff: float = Field(1.0, ge=0.0)  # the "+" regulariser's weight; 0 = plain DRaFT
-    val_every: int | None = None  # steps between validations (always one at the end)
+    val_every: int | None = Field(None, ge=1)  # steps between validations (always one at the end)
     val_prompts: int = Field(4, ge=1)  # the first N distinct training prompts ...
     val_seeds: int = Field(4, ge=2)  # ... each sampled from N fixed seeds (diversity needs >= 2)
 
@@ -93,10 +93,10 @@ class DraftpOptimConfig(OptimConfig):
     """NeMo-Aligner's SD defaults: lr 1e-4, no weight decay, 10 warm-up steps then constant, clip 10."""
 
     lr: float = Field(1e-4, gt=0.0)
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0.0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 10
-    grad_clip: float | None = 10.0
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float | None = Field(10.0, gt=0.0)
 
 
 class DraftpTrainConfig(TrainConfig):

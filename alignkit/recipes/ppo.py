@@ -94,18 +94,18 @@ class PPOConfig(Section):
     steps: int = Field(100, ge=1)  # RL steps: rollout + update
     epochs: int = Field(1, ge=1)  # passes over each step's rollouts
     minibatches: int = Field(1, ge=1)  # optimizer steps per pass (actor and critic each)
-    clip_eps: float = 0.2
-    value_clip: float | None = 0.2  # None: unclipped value loss
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05  # beta, the KL penalty's initial coefficient
+    clip_eps: float = Field(0.2, gt=0.0)
+    value_clip: float | None = Field(0.2, gt=0.0)  # None: unclipped value loss
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    kl_coef: float = Field(0.05, ge=0.0)  # beta, the KL penalty's initial coefficient
     kl_estimator: Literal["k1", "abs", "k3"] = "k1"
-    target_kl: float | None = None  # adaptive beta: the target KL per response (nats); None: fixed beta
-    kl_horizon: int = 10000  # the adaptive controller's horizon, in rollouts
-    entropy_coef: float = 0.0
+    target_kl: float | None = Field(None, gt=0.0)  # adaptive beta: the target KL per response (nats); None: fixed beta
+    kl_horizon: int = Field(10000, ge=1)  # the adaptive controller's horizon, in rollouts
+    entropy_coef: float = Field(0.0, ge=0.0)
     whiten_advantages: bool = True
     train_unended: bool = False  # keep rollouts cut by max_new_tokens in the actor loss
-    critic_warmup_steps: int = 0  # the first steps train only the critic
+    critic_warmup_steps: int = Field(0, ge=0)  # the first steps train only the critic
 
 
 class CriticConfig(Section):

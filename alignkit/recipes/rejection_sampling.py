@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from functools import partial
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from alignkit.config import ConfigError, DataConfig, RecipeConfig, SamplingConfig, Section
 from alignkit.data.batching import collate_rows
@@ -50,8 +50,8 @@ __all__ = ["Config", "RejectionSamplingConfig", "main"]
 
 
 class RejectionSamplingConfig(Section):
-    iterations: int = 2
-    keep_per_prompt: int = 1  # k: the best k of the N = `sampling.n` (ties: the earlier sample)
+    iterations: int = Field(2, ge=1)
+    keep_per_prompt: int = Field(1, ge=1)  # k: the best k of the N = `sampling.n` (ties: the earlier sample)
     min_reward: float | None = None  # also drop kept samples below this reward
     keep_unended: bool = False  # keep samples cut by max_new_tokens (default: only EOS/stop-ended ones)
 

@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from transformers import AutoModelForSequenceClassification
 
 from alignkit.config import ConfigError, DataConfig, RecipeConfig, Section
@@ -92,7 +92,7 @@ class Config(RecipeConfig):
     data: DataConfig
     loss: RewardLossConfig = RewardLossConfig()
     # Training sequences scored after training for the reward's mean and std (0: no statistics).
-    normalization_samples: int = 1024
+    normalization_samples: int = Field(1024, ge=0)
     # regression: start a new head at the training labels' means (see models.reward.init_head_to_mean).
     init_head_to_mean: bool = True
 

@@ -66,13 +66,13 @@ __all__ = ["Config", "SteerLM2Config", "main"]
 
 class SteerLM2Config(Section):
     prior_path: str  # the unconditioned SFT model: log P(y | x)
-    iterations: int = 1
+    iterations: int = Field(1, ge=1)
     attribute_sigma: float = Field(0.5, gt=0)  # the attribute likelihood's width (levels)
     # The attributes whose likelihood enters log P(a|x,y) (default: every attribute of the label).
     # Leaving one out treats it as uninformative: a small model's correctness, say, can dominate
     # the weights (a 4-level miss costs 32 nats at sigma 0.5) and drown the attributes being steered.
     likelihood_attributes: list[str] | None = None
-    score_batch_size: int = 32  # sequences per no-grad forward for log Q' and log P(y|x)
+    score_batch_size: int = Field(32, ge=1)  # sequences per no-grad forward for log Q' and log P(y|x)
 
 
 class Config(RecipeConfig):
@@ -193,12 +193,14 @@ def sample_groups(
     prompts = [r.data["prompt"] if "prompt" in r.data else m for r, m in zip(share, messages)]
     targets = [_targets(fmt, r) for r in share]
     # Q' answers the steered prompt (label line included); P(y|x) reads the same answer after the plain one.
+    template = cfg.data.chat_template
     steered = tokenizer(
-        [steered_prompt(tokenizer, m, fmt, t, cfg.data.chat_template) for m, t in zip(messages, targets)],
+        [steered_prompt(tokenizer, m, fmt, t, template, r.source) for m, t, r in zip(messages, targets, share)],
         add_special_tokens=False,
     )["input_ids"]
     plain = tokenizer(
-        [steered_prompt(tokenizer, m, None, None, cfg.data.chat_template) for m in messages], add_special_tokens=False
+        [steered_prompt(tokenizer, m, None, None, template, r.source) for m, r in zip(messages, share)],
+        add_special_tokens=False,
     )["input_ids"]
     # A batch's seed follows the iteration and its first prompt's index in the dataset.
     base = (cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed) + 100_003 * iteration
@@ -313,6 +315,8 @@ def main(cfg: Config) -> None:
             raise ConfigError(
                 f"model.path={it_run.cfg.model.path} is not a SteerLM model (no `steerlm` in its config.json)"
             )
+        for record in records:  # every record's targets, before any sampling
+            _targets(fmt, record)
         unknown = [a for a in s2.likelihood_attributes or [] if a not in fmt.attributes]
         if unknown:
             raise ConfigError(

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from alignkit.config import Section
 from alignkit.rewards.judge import JudgeConfig, JudgeReward
@@ -46,9 +46,9 @@ class RewardSourceConfig(Section):
     url: str | None = None  # http: the server's base URL, e.g. http://127.0.0.1:5555
     function: str | None = None  # function: "package.module:function"
     normalize: bool = False  # model: standardise with the model's recorded mean and std
-    batch_size: int = 16  # model: sequences per forward
-    timeout_s: float = 60.0  # http: per request
-    retries: int = 3  # http: attempts after the first on a connection error, timeout or 5xx
+    batch_size: int = Field(16, ge=1)  # model: sequences per forward
+    timeout_s: float = Field(60.0, gt=0.0)  # http: per request
+    retries: int = Field(3, ge=0)  # http: attempts after the first on a connection error, timeout or 5xx
     token_env: str | None = "ALIGNKIT_REWARD_TOKEN"  # http: bearer token read from this variable, if set
     judge: JudgeConfig | None = None  # judge: an LLM grading against a rubric (alignkit.rewards.judge)
 

@@ -341,7 +341,7 @@ def create_app(
             raise _bad("tools are not supported by this server")
         messages = [_message(m, i) for i, m in enumerate(req.messages)]
         try:
-            text = steered_prompt(tokenizer, messages, steer, req.attributes)
+            text = steered_prompt(tokenizer, messages, steer, req.attributes, where="the request")
         except LabelError as exc:
             raise _bad(f"attributes: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a template error is the request's problem

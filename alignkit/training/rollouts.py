@@ -32,7 +32,7 @@ import torch
 from alignkit.data.batching import collate_groups
 from alignkit.data.formats import prompt_messages, with_system_prompt
 from alignkit.data.io import Record
-from alignkit.data.tokenize import IGNORE, Example
+from alignkit.data.tokenize import IGNORE, Example, render_chat
 from alignkit.generation.batches import sample_batches
 from alignkit.models.forward import logits_at
 from alignkit.models.reward import RewardModelInfo, sequence_scores
@@ -104,11 +104,12 @@ def render_prompts(
     """(P) token ids of each record's prompt conversation (`prompt_messages`, with `system_prompt`
     first where it has none), rendered by the chat template up to the assistant's turn."""
     texts = [
-        tokenizer.apply_chat_template(
+        render_chat(
+            tokenizer,
             with_system_prompt(prompt_messages(r), system_prompt),
-            tokenize=False,
+            chat_template,
+            r.source,
             add_generation_prompt=True,
-            chat_template=chat_template,
         )
         for r in records
     ]
