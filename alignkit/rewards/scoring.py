@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from alignkit.data.formats import messages_from_value
 from alignkit.data.io import DataError, Record, read_records
 from alignkit.data.preference import RESPONSE_KEYS
 from alignkit.rewards.local import LocalRewardModel, RewardOutput
@@ -42,6 +43,10 @@ def _sides(records: list[Record]) -> list[str]:
                 f"{r.source}: missing field(s) {', '.join(missing)} (every record must have "
                 f"{', '.join(('prompt', *sides))}, like the first)"
             )
+        for side in sides:
+            if not isinstance(r.data[side], str):
+                raise DataError(f"{r.source}: field '{side}' must be text, got {type(r.data[side]).__name__}")
+        messages_from_value(r.data["prompt"], "user", f"{r.source}: field 'prompt'")  # text or messages
     return sides
 
 

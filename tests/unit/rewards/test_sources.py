@@ -103,3 +103,18 @@ def test_config_needs_the_kinds_field():
         validate(RewardSourceConfig, {"kind": "http", "urll": "x"})
     source = build_reward_source(RewardSourceConfig(kind="function", function=f"{__name__}:length_reward"))
     assert torch.equal(source(["p"], ["abc"]).rewards, torch.tensor([3.0]))
+
+
+def test_scored_records_are_checked_before_any_model_runs():
+    from alignkit.data.io import DataError, Record
+    from alignkit.rewards.scoring import _sides
+
+    good = Record({"prompt": "q", "response": "a"}, "s.jsonl:1")
+    assert _sides([good]) == ["response"]
+    for data, message in [
+        ({"prompt": {"x": 1}, "response": "a"}, "s.jsonl:2: field 'prompt'"),
+        ({"prompt": "q", "response": ["a"]}, "s.jsonl:2: field 'response' must be text, got list"),
+        ({"prompt": [{"role": "bot", "content": "q"}], "response": "a"}, "s.jsonl:2: field 'prompt': message 0"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            _sides([good, Record(data, "s.jsonl:2")])
