@@ -254,9 +254,21 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def _override_value(key: str, raw: str) -> Any:
-    """The YAML scalar (or flow list/mapping) of an override; `key=` is the empty string."""
+    """The YAML scalar (or flow list/mapping) of an override; `key=` is the empty string. Two
+    exceptions, for long text such as a chat template: `key=@path` is the file's text, and a value
+    with Jinja's `{{` or `{%` is the string as written (YAML would read `{{ x }}` as a mapping)."""
     if raw == "":
         return ""
+    if raw.startswith("@"):
+        path = Path(raw[1:])
+        if not path.is_file():
+            raise ConfigError(f"override of '{key}': file not found: {path} (key=@path reads a file's text)")
+        try:
+            return path.read_text()
+        except UnicodeDecodeError:
+            raise ConfigError(f"override of '{key}': {path} is not UTF-8 text") from None
+    if "{{" in raw or "{%" in raw:
+        return raw
     try:
         return yaml.safe_load(raw)
     except (yaml.YAMLError, RecursionError):

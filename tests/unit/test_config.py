@@ -35,6 +35,17 @@ def test_overrides_parse_yaml_scalars(tmp_path):
     assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
 
 
+def test_a_jinja_template_override_is_text_as_written_or_read_from_a_file(tmp_path):
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    cfg = load_config(SFTConfig, write(tmp_path, BASE), [f"data.chat_template={template}"])
+    assert cfg.data.chat_template == template
+    (tmp_path / "t.jinja").write_text(template + "\n")
+    cfg = load_config(SFTConfig, write(tmp_path, BASE), [f"data.chat_template=@{tmp_path / 't.jinja'}"])
+    assert cfg.data.chat_template == template + "\n"
+    with pytest.raises(ConfigError, match=r"override of 'data.chat_template': file not found: .*nope.jinja"):
+        load_config(SFTConfig, write(tmp_path, BASE), [f"data.chat_template=@{tmp_path / 'nope.jinja'}"])
+
+
 def test_unknown_key_names_key_and_nearest_spelling(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'optim\.learning_rat'.*") as err:
         load_config(SFTConfig, write(tmp_path, BASE), ["optim.learning_rat=1"])
