@@ -10,7 +10,7 @@ end-of-turn id, and would not at the tokenizer's EOS alone.
 
 Through the real CLI, the recipes are spread over the architectures (each recipe on a model other
 than Llama, each architecture in two runs or more, chained where recipes hand models on), and each
-final model is checked against plain transformers. About 2 minutes on 2 CPU cores.
+final model is checked against plain transformers. About 1.5 minutes on 2 CPU cores.
 
 ALIGNKIT_FULL_MATRIX=1 also runs every recipe on every architecture (48 more runs, ~8 minutes).
 """
