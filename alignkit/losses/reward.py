@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bradley_terry_loss", "regression_loss"]
+__all__ = ["bradley_terry_loss", "regression_loss", "soft_bradley_terry_loss"]
 
 Tensor = torch.Tensor
 
@@ -68,6 +68,55 @@ def bradley_terry_loss(
     metrics = {
         "loss": loss_sum.detach(),
         "accuracy": (gap > 0).to(gap.dtype).sum(),
+        "rewards/chosen": chosen.detach().sum(),
+        "rewards/rejected": rejected.detach().sum(),
+        "rewards/margin": gap.sum(),
+    }
+    return loss_sum, metrics
+
+
+def soft_bradley_terry_loss(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, target: Tensor | float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Summed Bradley-Terry loss with soft targets over B pairs (Constitutional AI's preference
+    model, Bai et al. 2022 section 4.1: the feedback model's normalised probability of each option
+    is the label, not a 0/1 choice).
+
+    Per pair, with d = r_c - r_r and p the probability that the first response is preferred::
+
+        -[p log sigma(d) + (1 - p) log sigma(-d)]
+
+    the cross-entropy of sigma(d) against p: p = 1 is the plain Bradley-Terry loss, p = 0.5 pulls
+    d towards 0, and the minimum over d is at sigma(d) = p (d = log(p / (1 - p))), so a confident
+    label moves the reward gap further than a hesitant one. The same function trains a DPO policy
+    on soft labels when d is DPO's implicit reward gap beta * (log-ratio_c - log-ratio_r): cDPO's
+    label smoothing with a per-pair epsilon = 1 - p.
+
+    Args:
+        chosen_rewards: (B,) reward of the first response of each pair.
+        rejected_rewards: (B,) reward of the second.
+        target: (B,) or scalar p in [0, 1]; treated as data (detached).
+
+    Returns:
+        loss_sum: float32 scalar, the sum over the B pairs.
+        metrics: detached sums: "loss", "accuracy" (pairs where sign(d) agrees with p > 0.5; p = 0.5
+            counts 0), "rewards/chosen", "rewards/rejected", "rewards/margin" (d).
+
+    Example: d = 1, p = 0.75 -> 0.75 * 0.313262 + 0.25 * 1.313262 = 0.563262; p = 1 -> 0.313262
+    (bradley_terry_loss); d = 0 -> log 2 = 0.693147 whatever p.
+    """
+    chosen, rejected = _upcast(chosen_rewards), _upcast(rejected_rewards)
+    gap = chosen - rejected  # (B,)
+    p = torch.as_tensor(target, dtype=gap.dtype, device=gap.device).detach().expand_as(gap)
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError(f"soft targets must lie in [0, 1], got min {float(p.min())}, max {float(p.max())}")
+    losses = -(p * F.logsigmoid(gap) + (1 - p) * F.logsigmoid(-gap))  # (B,)
+    loss_sum = losses.sum()
+    gap = gap.detach()
+    agree = ((gap > 0) & (p > 0.5)) | ((gap < 0) & (p < 0.5))
+    metrics = {
+        "loss": loss_sum.detach(),
+        "accuracy": agree.to(gap.dtype).sum(),
         "rewards/chosen": chosen.detach().sum(),
         "rewards/rejected": rejected.detach().sum(),
         "rewards/margin": gap.sum(),

@@ -25,6 +25,7 @@ RECIPES = {
     "steerlm2": "alignkit.recipes.steerlm2",
     "ppo": "alignkit.recipes.ppo",
     "reinforce": "alignkit.recipes.reinforce",
+    "cai": "alignkit.recipes.cai",
     "draftp": "alignkit.recipes.draftp",
 }
 

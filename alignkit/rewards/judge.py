@@ -22,6 +22,13 @@ minimum and is counted (`unparsed`), never an exception mid-run.
 model uses it too): concurrent requests, an in-memory cache of identical requests, retries with
 back-off on connection errors, timeouts and 5xx, and one error naming the URL when the endpoint
 stays down. `LocalChat` answers the same calls from a local model with alignkit's sampler.
+
+Both take an optional `cache_path`: a JSONL file with one `{"key", "answer"}` line per answer,
+appended (and flushed) as each answer arrives and read back at start. A killed labelling run
+started again with the same file asks only what it had not been answered: every request answered
+before the kill is served from the file, only those in flight at the kill are sent again. The key
+is the whole request (model, messages, sampling), so a changed prompt or setting is a new request.
+A line cut short by the kill is skipped.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from alignkit.generation.sampler import generate, stop_token_ids
 from alignkit.models.loading import load_for_eval
 from alignkit.rewards.local import RewardOutput, RewardSourceError
 
-__all__ = ["ChatClient", "JudgeConfig", "JudgeReward", "LocalChat", "JudgeError"]
+__all__ = ["ChatClient", "DiskCache", "JudgeConfig", "JudgeReward", "LocalChat", "JudgeError", "chat_client"]
 
 DEFAULT_RUBRIC = (
     "Rate the assistant's response to the user's request on a scale of 1 to 10, where 1 is useless or "
@@ -73,6 +80,7 @@ class JudgeConfig(Section):
     timeout_s: float = Field(60.0, gt=0.0)
     retries: int = Field(3, ge=0)
     api_key_env: str | None = "OPENAI_API_KEY"
+    cache_path: str | None = None  # a JSONL file of answers, appended as they arrive and reused
 
     @model_validator(mode="after")
     def _needs_a_model(self) -> JudgeConfig:
@@ -85,8 +93,45 @@ class JudgeConfig(Section):
         return self
 
 
+class DiskCache:
+    """Answers by request key, in memory and (with a path) in an append-only JSONL file."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        self.answers: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.answers[entry["key"]] = entry["answer"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # the last line of a killed run may be cut short
+        self.loaded = len(self.answers)
+
+    def get(self, key: str) -> dict | None:
+        with self.lock:
+            return self.answers.get(key)
+
+    def put(self, key: str, answer: dict) -> None:
+        with self.lock:
+            if key in self.answers:
+                return
+            self.answers[key] = answer
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a", encoding="utf-8") as f:  # one whole line per answer
+                    f.write(json.dumps({"key": key, "answer": answer}) + "\n")
+                    f.flush()
+
+
+def request_key(body: dict) -> str:
+    return json.dumps(body, sort_keys=True)
+
+
 class ChatClient:
-    """POST {url}/chat/completions, many at a time, cached, retried."""
+    """POST {url}/chat/completions, many at a time, cached (in memory, and on disk with
+    `cache_path`), retried."""
 
     def __init__(
         self,
@@ -98,6 +143,7 @@ class ChatClient:
         api_key: str | None = None,
         backoff_s: float = 0.5,
         transport=None,  # an httpx transport, for tests
+        cache_path: str | Path | None = None,
     ):
         import httpx  # local: a quarter second of start-up, for remote judges only
 
@@ -105,7 +151,7 @@ class ChatClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(timeout=timeout_s, headers=headers, transport=transport)
         self.retries, self.backoff_s, self.concurrency = retries, backoff_s, concurrency
-        self.cache: dict[str, dict] = {}
+        self.cache = DiskCache(cache_path)
         self.lock = threading.Lock()
         self.requests = 0  # sent, not answered from the cache
 
@@ -116,14 +162,14 @@ class ChatClient:
 
     def chat(self, messages: list[dict], **params) -> dict:
         body = {"model": self.model, "messages": messages, **params}
-        key = json.dumps(body, sort_keys=True)
-        with self.lock:
-            if key in self.cache:
-                return self.cache[key]
+        key = request_key(body)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
         answer = self._post(body)
         with self.lock:
-            self.cache[key] = answer
             self.requests += 1
+        self.cache.put(key, answer)
         return answer
 
     def _post(self, body: dict) -> dict:
@@ -157,12 +203,34 @@ class LocalChat:
     """The `ChatClient` calls, answered by a local causal LM (its chat template, alignkit's sampler),
     in OpenAI's response shape (message content, and per-token top log-probs when asked)."""
 
-    def __init__(self, model_dir: str, batch_size: int = 16):
-        self.model, self.tokenizer = load_for_eval(model_dir)
+    def __init__(self, model_dir: str | None, batch_size: int = 16, cache_path: str | Path | None = None, loaded=None):
+        self.model_dir = str(model_dir)
+        self.model, self.tokenizer = loaded or load_for_eval(model_dir)
         self.stops, self.batch_size = stop_token_ids(self.model, self.tokenizer), batch_size
-        self.requests = 0
+        self.cache = DiskCache(cache_path)
+        self.requests = 0  # generated, not answered from the cache
+
+    @classmethod
+    def from_model(cls, model, tokenizer, name: str, batch_size: int = 16, cache_path: str | Path | None = None):
+        """A model already in memory (e.g. the policy critiquing its own answers, as in the paper's
+        SL-CAI); `name` stands for it in the cache keys."""
+        return cls(name, batch_size, cache_path, loaded=(model, tokenizer))
+
+    def chat(self, messages: list[dict], **params) -> dict:
+        return self.chat_many([messages], **params)[0]
 
     def chat_many(self, conversations: Sequence[list[dict]], **params) -> list[dict]:
+        keys = [request_key({"model": self.model_dir, "messages": c, **params}) for c in conversations]
+        out = [self.cache.get(k) for k in keys]
+        missing = [i for i, answer in enumerate(out) if answer is None]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            for i, answer in zip(chunk, self._generate([conversations[i] for i in chunk], **params)):
+                self.cache.put(keys[i], answer)
+                out[i] = answer
+        return out  # type: ignore[return-value]
+
+    def _generate(self, conversations: Sequence[list[dict]], **params) -> list[dict]:
         tok = self.tokenizer
         texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
         ids = tok(texts, add_special_tokens=False)["input_ids"]
@@ -222,7 +290,7 @@ class JudgeReward:
         self.template = _template(cfg.template)
         self.values = [float(s) for s in cfg.scores]
         self.low, self.high = min(self.values), max(self.values)
-        self.client = client or _client(cfg)
+        self.client = client or chat_client(cfg)
         self.unparsed = 0
 
     def __call__(self, prompts: list, responses: list[str]) -> RewardOutput:
@@ -274,8 +342,10 @@ class JudgeReward:
         return self.low
 
 
-def _client(cfg: JudgeConfig):
+def chat_client(cfg: JudgeConfig):
+    """The `ChatClient` of `cfg.url` (API key from the environment variable `cfg.api_key_env`), or a
+    `LocalChat` of the local model directory `cfg.model` when there is no url."""
     if cfg.url is None:
-        return LocalChat(cfg.model, batch_size=cfg.concurrency)
+        return LocalChat(cfg.model, batch_size=cfg.concurrency, cache_path=cfg.cache_path)
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-    return ChatClient(cfg.url, cfg.model, cfg.timeout_s, cfg.retries, cfg.concurrency, key)
+    return ChatClient(cfg.url, cfg.model, cfg.timeout_s, cfg.retries, cfg.concurrency, key, cache_path=cfg.cache_path)

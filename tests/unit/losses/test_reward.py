@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from alignkit.losses.reward import bradley_terry_loss, regression_loss
+from alignkit.losses.reward import bradley_terry_loss, regression_loss, soft_bradley_terry_loss
 
 L1 = 0.3132616875182228  # -log sigma(1)
 
@@ -67,6 +67,46 @@ def test_bt_gradcheck():
     margin = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
     scale = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a, b: bradley_terry_loss(a, b, margin, scale)[0], (rc, rr))
+
+
+# ---------------------------------------------------------------- soft-target Bradley-Terry
+
+
+def test_soft_bt_hand_computed_value_and_metrics():
+    """-[p log sigma(d) + (1 - p) log sigma(-d)]:
+    d = 1, p = 0.75 -> 0.75 * 0.313262 + 0.25 * 1.313262 = 0.563262 (agrees: d > 0, p > 0.5);
+    d = 1, p = 1 -> 0.313262, the plain Bradley-Terry loss (agrees);
+    d = -1, p = 0.8 -> 0.8 * 1.313262 + 0.2 * 0.313262 = 1.113262 (disagrees);
+    d = 0, p = 0.3 -> log 2 = 0.693147 whatever p (a tie agrees with nothing).
+    Sum 2.682933; accuracy 2; margin 1 + 1 - 1 + 0 = 1."""
+    chosen, rejected = torch.tensor([1.0, 1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 1.0, 2.0])
+    loss, m = soft_bradley_terry_loss(chosen, rejected, torch.tensor([0.75, 1.0, 0.8, 0.3]))
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(0.563262 + L1 + 1.113262 + math.log(2), abs=1e-5)
+    assert m["accuracy"].item() == 2.0 and m["rewards/margin"].item() == 1.0
+    hard, _ = bradley_terry_loss(chosen[:2], rejected[:2])
+    soft_one, _ = soft_bradley_terry_loss(chosen[:2], rejected[:2], 1.0)
+    assert soft_one.item() == pytest.approx(hard.item(), abs=1e-6)
+
+
+def test_soft_bt_gradient_is_zero_where_sigma_d_equals_p():
+    """d/dd = sigma(d) - p: with p = 0.75 and d = log 3 (sigma = 0.75) the gradient vanishes; at d = 0
+    it is 0.5 - 0.75 = -0.25 on the chosen reward and +0.25 on the rejected."""
+    rc = torch.tensor([math.log(3), 0.0], requires_grad=True)
+    rr = torch.zeros(2, requires_grad=True)
+    loss, _ = soft_bradley_terry_loss(rc, rr, 0.75)
+    loss.backward()
+    assert rc.grad.tolist() == pytest.approx([0.0, -0.25], abs=1e-6)
+    assert rr.grad.tolist() == pytest.approx([0.0, 0.25], abs=1e-6)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        soft_bradley_terry_loss(rc, rr, 1.5)
+
+
+def test_soft_bt_gradcheck():
+    rc = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    rr = torch.tensor([0.0, 0.5, 2.5], dtype=torch.float64, requires_grad=True)
+    p = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: soft_bradley_terry_loss(a, b, p)[0], (rc, rr))
 
 
 # ---------------------------------------------------------------- regression
