@@ -36,6 +36,7 @@ __all__ = [
     "overlong_penalty",
     "ppo_policy_loss",
     "reinforce_pp_advantages",
+    "reverse_kl_advantages",
     "rloo_advantages",
     "sequence_mean",
     "token_rewards",
@@ -291,6 +292,21 @@ def overlong_penalty(lengths: Tensor, max_tokens: int, buffer: int) -> Tensor:
     """
     start = max_tokens - buffer
     return -((lengths.to(torch.float32) - start) / max(buffer, 1)).clamp(0.0, 1.0)
+
+
+def reverse_kl_advantages(student_logps: Tensor, teacher_logps: Tensor) -> Tensor:
+    """On-policy distillation (Agarwal et al. 2024, GKD; Thinking Machines 2025): on the student's
+    own samples, each token's advantage is the negated per-token reverse KL estimate,
+
+        A_t = log pi_teacher(y_t) - log pi_student(y_t),
+
+    with no sum over later tokens (discount 0). The policy gradient of sum_t A_t log pi(y_t) is then
+    the gradient of the sampled reverse KL(student || teacher): the student is pushed toward what
+    the teacher would have said at the states the student actually visits.
+
+    Example: student log-probs [log 0.5, log 0.5], teacher [log 0.25, log 1] -> [-log 2, log 2].
+    """
+    return teacher_logps - student_logps
 
 
 def reinforce_pp_advantages(

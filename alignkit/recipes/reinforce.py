@@ -34,13 +34,14 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from alignkit.config import DataConfig, DistributedConfig, RecipeConfig, SamplingConfig, Section
+from alignkit.config import DataConfig, DistributedConfig, ModelConfig, RecipeConfig, SamplingConfig, Section
 from alignkit.data.formats import read_prompt_records
 from alignkit.losses.policy_gradient import (
     grpo_advantages,
     kl_per_token,
     overlong_penalty,
     reinforce_pp_advantages,
+    reverse_kl_advantages,
     rloo_advantages,
     token_weights,
     whiten,
@@ -58,6 +59,7 @@ from alignkit.training.rl import (
     global_moments,
     monitor_stats,
     reference_logps,
+    reverse_kl_loss,
     rollout_stats,
     sample_useful_groups,
     train_epochs,
@@ -68,8 +70,12 @@ from alignkit.training.rollouts import reduce_sums, token_logps
 __all__ = ["Config", "ReinforceConfig", "main"]
 
 
+GROUP_ESTIMATORS = ("rloo", "grpo", "reinforce_pp_baseline")  # compare the samples of one prompt
+
+
 class ReinforceConfig(Section):
-    estimator: Literal["rloo", "grpo", "reinforce_pp", "reinforce_pp_baseline"] = "rloo"
+    # onpolicy_distill: no reward; each token's advantage is log pi_teacher - log pi_student
+    estimator: Literal["rloo", "grpo", "reinforce_pp", "reinforce_pp_baseline", "onpolicy_distill"] = "rloo"
     steps: int = Field(100, ge=1)
     epochs: int = Field(1, ge=1)
     minibatches: int = Field(1, ge=1)
@@ -93,11 +99,17 @@ class ReinforceConfig(Section):
     # DAPO's soft overlong penalty: over the last `overlong_buffer` tokens before max_new_tokens
     # the reward falls linearly by up to 1; 0: off
     overlong_buffer: int = Field(0, ge=0)
+    # onpolicy_distill: "topk" the reverse KL over the teacher's top-K tokens at each visited
+    # position (a local teacher); "sampled" the per-token estimate at the sampled token only,
+    # trained as a policy gradient (what a teacher behind an API that scores given tokens allows)
+    distill_loss: Literal["topk", "sampled"] = "topk"
+    teacher_top_k: int = Field(64, ge=1)
 
 
 class Config(RecipeConfig):
     data: DataConfig  # data.train: prompt records with "prompt"
-    reward: RewardSourceConfig
+    reward: RewardSourceConfig | None = None  # every estimator but onpolicy_distill learns from it
+    teacher: ModelConfig | None = None  # onpolicy_distill: the model whose log-probs the student matches
     rollout: RolloutConfig = RolloutConfig()
     sampling: SamplingConfig = SamplingConfig(n=4)  # n samples per prompt: the group of the baselines
     reinforce: ReinforceConfig = ReinforceConfig()
@@ -105,11 +117,20 @@ class Config(RecipeConfig):
     distributed: DistributedConfig = DistributedConfig(strategy="ddp")
 
     @model_validator(mode="after")
-    def _groups_of_two(self) -> Config:
-        if self.sampling.n < 2:
+    def _sources(self) -> Config:
+        estimator = self.reinforce.estimator
+        if estimator in GROUP_ESTIMATORS and self.sampling.n < 2:
+            raise ValueError(f"sampling.n={self.sampling.n}: {estimator} compares the samples of one prompt; use >= 2")
+        if estimator == "onpolicy_distill" and self.teacher is None:
+            raise ValueError("teacher: reinforce.estimator=onpolicy_distill needs a teacher model (teacher.path)")
+        if estimator == "onpolicy_distill" and self.reinforce.distill_loss == "topk" and self.reinforce.kl_coef:
+            raise ValueError("reinforce.kl_coef: on-policy distillation's teacher anchors the student; set it to 0")
+        if estimator == "onpolicy_distill" and self.reinforce.max_draws > 1:
             raise ValueError(
-                f"sampling.n={self.sampling.n}: {self.reinforce.estimator} compares the samples of one prompt; use >= 2"
+                "reinforce.max_draws: dynamic sampling looks for reward variance; onpolicy_distill has none"
             )
+        if estimator != "onpolicy_distill" and self.reward is None:
+            raise ValueError(f"reward: reinforce.estimator={estimator} learns from a reward source; set reward.kind")
         return self
 
 
@@ -124,6 +145,8 @@ def token_advantages(rf: ReinforceConfig, rollouts, scores: torch.Tensor, n: int
     """(R,) advantages per rollout. RLOO and GRPO: the response's advantage at each of its tokens.
     REINFORCE++: returns to go of the KL-shaped token rewards (k1 to the reference), minus the
     group's mean score in the -baseline variant, whitened over every token of the global batch."""
+    if rf.estimator == "onpolicy_distill":  # the teacher's log-probs, filled in before
+        return [reverse_kl_advantages(r.old_logps, r.teacher_logps) for r in rollouts]
     if not rf.estimator.startswith("reinforce_pp"):
         ended = torch.tensor([r.is_end for r in rollouts])
         adv = advantages(rf, scores.view(-1, n), ended.view(-1, n)).reshape(-1)
@@ -139,6 +162,21 @@ def token_advantages(rf: ReinforceConfig, rollouts, scores: torch.Tensor, n: int
     return list(whitened.split([len(r) for r in returns]))
 
 
+def _loss_fn(rf: ReinforceConfig, teacher, kl_coef: float, kl_estimator: str) -> partial:
+    """Step 4's loss: the policy-gradient surrogate, or (on-policy distillation with the teacher at
+    hand) the reverse KL to the teacher over its top-K tokens at every visited position."""
+    if teacher is not None and rf.distill_loss == "topk":
+        return partial(reverse_kl_loss, teacher=teacher, top_k=rf.teacher_top_k)
+    return partial(
+        actor_loss,
+        clip_eps=rf.clip_eps,
+        clip_eps_high=rf.clip_eps_high,
+        policy_loss=rf.policy_loss,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+    )
+
+
 def main(cfg: Config) -> None:
     run = start_run(cfg)
     d, rf, rc = run.dist, cfg.reinforce, cfg.rollout
@@ -146,7 +184,7 @@ def main(cfg: Config) -> None:
     n = cfg.sampling.n
     estimator = rf.kl_estimator or ("k3" if rf.estimator == "grpo" else "k1")
     records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
-    reward = build_reward_source(cfg.reward, device=str(d.device))
+    reward = build_reward_source(cfg.reward, device=str(d.device)) if cfg.reward else None
     monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
     pad_id, lora = tokenizer.pad_token_id, cfg.model.lora.enabled
@@ -154,13 +192,16 @@ def main(cfg: Config) -> None:
     reference = None
     if rf.kl_coef and not lora:
         reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
+    teacher = None
+    if rf.estimator == "onpolicy_distill":  # scored with the student's tokenizer: they must share it
+        teacher = load_causal_lm(cfg.teacher, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
     optimizer = build_optimizer(actor, cfg.optim)
     parts = {"actor": (actor, optimizer, build_scheduler(optimizer, rf.steps * rf.epochs * rf.minibatches, cfg.optim))}
     start, _, logger = resume(run, parts, rf.steps)
     # The old policy's log-probs matter only when the policy moves between updates of one rollout
-    # batch, or for the KL inside the reward (RLOO, REINFORCE++).
-    kl_in_reward = rf.estimator != "grpo" and rf.kl_coef > 0
-    need_old = rf.epochs * rf.minibatches > 1 or kl_in_reward
+    # batch, for the KL inside the reward (RLOO, REINFORCE++), or against the teacher's.
+    kl_in_reward = rf.estimator in ("rloo", "reinforce_pp", "reinforce_pp_baseline") and rf.kl_coef > 0
+    need_old = rf.epochs * rf.minibatches > 1 or kl_in_reward or teacher is not None
     run.log.info(f"{rf.estimator.upper()}: {rf.steps} steps of {rc.prompts_per_step} prompts x {n} samples")
 
     for step in range(start, rf.steps):
@@ -184,6 +225,9 @@ def main(cfg: Config) -> None:
         if rf.kl_coef:
             for r, ref in zip(rollouts, forward(reference_logps(actor, reference, lora))):
                 r.ref_logps = ref
+        if teacher is not None:
+            for r, t in zip(rollouts, forward(lambda b: token_logps(teacher, b)[0])):
+                r.teacher_logps = t
         t3 = time.perf_counter()
         rewards = scores.clone()
         if rf.estimator == "rloo" and rf.kl_coef:
@@ -226,19 +270,16 @@ def main(cfg: Config) -> None:
             )
         if rf.estimator == "rloo" and rf.kl_coef:
             metrics["rollout/reward_with_kl"] = flat["reward_kl"] / metrics["rollout/samples"]
+        if teacher is not None:  # sum_t (log pi_student - log pi_teacher) per response: the sampled reverse KL
+            tkl = reduce_sums({"kl": sum(float((r.old_logps - r.teacher_logps).sum()) for r in rollouts)}, d)
+            metrics["rollout/teacher_kl"] = tkl["kl"] / metrics["rollout/samples"]
 
         # --- 4. clipped policy-gradient steps ----------------------------------------------------------
         kl_in_loss = 0.0 if kl_in_reward else rf.kl_coef
-        loss_fn = partial(
-            actor_loss,
-            clip_eps=rf.clip_eps,
-            clip_eps_high=rf.clip_eps_high,
-            policy_loss=rf.policy_loss,
-            kl_coef=kl_in_loss,
-            kl_estimator=estimator,
-        )
+        loss_fn = _loss_fn(rf, teacher, kl_in_loss, estimator)
         # Without a KL term in the loss, a rollout with advantage 0 contributes exactly nothing.
-        skip = frozenset(i for i, a in enumerate(adv.tolist()) if a == 0.0) if not kl_in_loss else frozenset()
+        zero = not kl_in_loss and loss_fn.func is actor_loss
+        skip = frozenset(i for i, a in enumerate(adv.tolist()) if a == 0.0) if zero else frozenset()
         lr = parts["actor"][2].get_last_lr()[0]
         sums, _, metrics["actor/grad_norm"] = train_epochs(
             run, parts["actor"], rollouts, plans, loss_fn, "actor_units", pad_id, skip

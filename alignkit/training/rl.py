@@ -27,7 +27,9 @@ from pydantic import Field
 
 from alignkit.config import ConfigError, SamplingConfig, Section
 from alignkit.data.io import DataError, Record
+from alignkit.data.tokenize import IGNORE
 from alignkit.generation.batches import sample_batches
+from alignkit.losses.distill import topk_kd_loss
 from alignkit.losses.policy_gradient import (
     cispo_policy_loss,
     gspo_policy_loss,
@@ -36,6 +38,7 @@ from alignkit.losses.policy_gradient import (
     ppo_policy_loss,
     value_loss,
 )
+from alignkit.models.forward import logits_at
 from alignkit.models.loading import adapters_off
 from alignkit.models.reward import RewardModelInfo
 from alignkit.training.distributed import Dist, all_reduce_sum
@@ -58,6 +61,7 @@ __all__ = [
     "actor_metrics",
     "check_processes",
     "critic_loss",
+    "reverse_kl_loss",
     "global_moments",
     "mean_std",
     "monitor_stats",
@@ -145,7 +149,10 @@ def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[Record], rew
         run.autocast,
     )
     t1 = time.perf_counter()
-    scores = reward([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards.float()  # (B,)
+    if reward is None:  # a recipe that learns from something else (on-policy distillation's teacher)
+        scores = torch.zeros(len(rollouts))
+    else:
+        scores = reward([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards.float()  # (B,)
     for r, score in zip(rollouts, scores.tolist()):
         r.score = score
     return rollouts, scores, t1 - t0, time.perf_counter() - t1
@@ -276,6 +283,26 @@ def actor_loss(
         loss = loss + kl_coef * (kl * w).sum()
         metrics["kl_loss"] = (kl.detach() * m).sum()
     metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def reverse_kl_loss(model, batch, teacher, top_k: int):
+    """On-policy distillation with the teacher at hand (GKD with beta = 1, Agarwal et al. 2024): at
+    each position the student's own samples visited, the reverse KL(student || teacher) over the
+    teacher's `top_k` most likely tokens (both renormalised there, as the offline `distill`
+    recipe's loss), differentiated through the student's distribution, not through the sampling.
+    A teacher no-grad forward per micro-batch. Sums over the tokens of `actor_mask`, each weighted
+    by its rollout's aggregation weight."""
+    select = batch["target_ids"] != IGNORE  # (B, T)
+    student = logits_at(model, batch["input_ids"], batch["position_ids"], select).float()  # (N, V)
+    with torch.no_grad():
+        teacher_logits = logits_at(teacher, batch["input_ids"], batch["position_ids"], select).float()
+        top, ids = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1)  # (N, K)
+    per_token = topk_kd_loss(student, top, ids, kl="reverse")  # (N,)
+    m = batch["actor_mask"].to(per_token.dtype)
+    w = m if batch.get("loss_weights") is None else m * batch["loss_weights"]
+    loss = (per_token * w).sum()
+    metrics = {"reverse_kl": (per_token.detach() * m).sum(), "tokens": m.sum(), "loss": loss.detach()}
     return loss, metrics
 
 

@@ -68,6 +68,7 @@ class Rollout:
     score: float = 0.0
     old_logps: Tensor | None = None  # (R,) the actor at sampling time
     ref_logps: Tensor | None = None  # (R,) the reference
+    teacher_logps: Tensor | None = None  # (R,) a teacher (on-policy distillation)
     values: Tensor | None = None  # (R,) the critic at sampling time
     advantages: Tensor | None = None  # (R,)
     returns: Tensor | None = None  # (R,)

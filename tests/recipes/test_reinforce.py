@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import read_metrics as metrics
@@ -142,3 +143,52 @@ def test_seq_mean_token_sum_and_overlong_penalty(tmp_path):
     m = metrics(out)
     # a random model runs to max_new_tokens (16): the full penalty of -1 on nearly every sample
     assert -1.0 <= m[0]["rollout/overlong_penalty"] < -0.8
+
+
+def test_onpolicy_distillation_moves_the_student_toward_the_teacher(tmp_path, tokenizer):
+    from alignkit.models.loading import save_causal_lm
+    from tests.conftest import tiny_model
+
+    # the teacher: the student's own weights with its output logits scaled by 8 (a sharper version
+    # of the same distribution), so the reverse KL starts large and the student can close it
+    student = tiny_model(tokenizer, seed=7)
+    student_dir = save_causal_lm(student, student.state_dict(), tokenizer, tmp_path / "start")
+    with torch.no_grad():
+        student.lm_head.weight.mul_(8.0)
+    teacher_dir = save_causal_lm(student, student.state_dict(), tokenizer, tmp_path / "teacher")
+    out = tmp_path / "student"
+    reinforce(
+        out,
+        f"model.path={student_dir}",
+        "model.random_init=null",
+        "reinforce.estimator=onpolicy_distill",
+        f"teacher.path={teacher_dir}",
+        "reinforce.kl_coef=0",
+        "reward=null",
+        "reinforce.steps=12",
+        "checkpoint.every=null",
+        "optim.lr=3e-3",
+    )
+    m = metrics(out)
+    kl = [r["actor/reverse_kl"] for r in m]  # per token, over the teacher's top 64, at the student's states
+    assert sum(kl[-2:]) < 0.7 * sum(kl[:2]), kl
+    assert m[0]["rollout/reward"] == 0.0 and m[0]["rollout/teacher_kl"] > 0  # no reward source: nothing scored
+    sampled = tmp_path / "sampled"  # the per-token estimate as a policy gradient: runs, logs the same KL
+    reinforce(
+        sampled,
+        f"model.path={student_dir}",
+        "model.random_init=null",
+        "reinforce.estimator=onpolicy_distill",
+        "reinforce.distill_loss=sampled",
+        f"teacher.path={teacher_dir}",
+        "reinforce.kl_coef=0",
+        "reward=null",
+        "reinforce.steps=2",
+        "checkpoint.every=null",
+    )
+    assert metrics(sampled)[0]["rollout/teacher_kl"] == pytest.approx(m[0]["rollout/teacher_kl"], rel=1e-5)
+
+
+def test_onpolicy_distillation_needs_a_teacher(tmp_path):
+    result = reinforce(tmp_path / "run", "reinforce.estimator=onpolicy_distill", ok=False)
+    assert result.returncode == 2 and "needs a teacher model (teacher.path)" in result.stderr

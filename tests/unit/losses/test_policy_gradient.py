@@ -17,6 +17,7 @@ from alignkit.losses.policy_gradient import (
     overlong_penalty,
     ppo_policy_loss,
     reinforce_pp_advantages,
+    reverse_kl_advantages,
     rloo_advantages,
     sequence_mean,
     token_rewards,
@@ -226,3 +227,8 @@ def test_reinforce_pp_returns_to_go_by_hand():
     )
     close(based[0], [0.5, 0.5])
     close(based[1], [-0.5])
+
+
+def test_reverse_kl_advantages_by_hand():
+    student, teacher = torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25, 1.0]))
+    close(reverse_kl_advantages(student, teacher), [-math.log(2), math.log(2)])
