@@ -59,6 +59,7 @@ from typing import Any
 
 import yaml
 
+from alignkit.config import configs_dir
 from alignkit.data.formats import Message
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "comparison_messages",
     "conversation_text",
     "critique_messages",
+    "find_constitution",
     "load_constitution",
     "option_probability",
     "revision_messages",
@@ -163,6 +165,14 @@ def _sequence(node: yaml.Node, source: str, what: str) -> list[yaml.Node]:
     if not isinstance(node, yaml.SequenceNode) or not node.value:
         raise ConstitutionError(f"{_where(source, node)}: {what} must be a non-empty list")
     return node.value
+
+
+def find_constitution(value: str) -> Path:
+    """A constitution file: a path as given, or a name of a shipped one (configs/cai/constitutions/NAME.yaml)."""
+    path = Path(value)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return configs_dir() / "cai" / "constitutions" / f"{value}.yaml"
 
 
 def load_constitution(path: str | Path) -> Constitution:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.config import Section
+from alignkit.demo.cai import report_lines as cai_lines
 from alignkit.evaluation.evaluate import plot_results
 from alignkit.tasks.datasets import STEERABLE_ATTRIBUTES
 
@@ -31,6 +32,7 @@ def write_report(root: Path, settings: Section, results: Results, models: list[s
         *_steering_lines(results, settings.steering),
         *_rl_lines(results, root),
         *_draftp_lines(results, settings.draftp),
+        *cai_lines(results),
     ]
     sampling = settings.evaluation.sampling
     report = [

@@ -22,6 +22,7 @@ from alignkit.data.formats import read_prompt_records
 from alignkit.data.io import Record, write_jsonl
 from alignkit.data.steerlm import SteerLMFormat
 from alignkit.data.taskworld import build_datasets
+from alignkit.demo.cai import CAISettings, cai_stage
 from alignkit.demo.pipeline import Demo, Stage, run_pipeline
 from alignkit.diffusion.images import save_grid
 from alignkit.diffusion.inference import generate_images, load_for_images
@@ -106,6 +107,7 @@ class DemoConfig(Section):
     reward_model: RewardModelSettings
     steering: SteeringSettings
     draftp: DraftpSettings
+    cai: CAISettings = CAISettings()  # stage cai (alignkit/demo/cai.py)
 
 
 # --- helpers the stages share -----------------------------------------------------------------
@@ -594,6 +596,14 @@ STAGES = [
     ),
     Stage("ppo", _ppo, ("sft", "reward_model"), configs=("ppo",), settings=EVALUATED, is_model=True),
     Stage("grpo", _grpo, ("sft",), configs=("grpo",), settings=EVALUATED, is_model=True),
+    Stage(
+        "cai",
+        cai_stage,
+        ("data", "base", "sft"),
+        configs=("cai_helpful", "cai_feedback", "cai"),
+        settings=(*EVALUATED, "cai"),
+        in_summary=True,
+    ),
     Stage("shapes", _shapes, (), settings=("draftp",)),
     Stage("draftp", _draftp, ("shapes",), configs=("draftp",), settings=("draftp",), in_summary=True),
 ]

@@ -31,7 +31,7 @@ from alignkit.data.formats import read_prompt_records
 from alignkit.data.io import DataError
 from alignkit.data.steerlm import SteerLMFormat, steered_prompt
 from alignkit.evaluation.stats import mean_with_ci, win_rate
-from alignkit.generation.batches import sample_batches
+from alignkit.generation.batches import check_prompt_lengths, sample_batches
 from alignkit.generation.sampler import Completion
 from alignkit.models.loading import load_for_eval
 from alignkit.tasks import ATTRIBUTES, score_response
@@ -84,6 +84,7 @@ def sample_responses(
     """One completion per prompt (in prompt order), generated in length-sorted batches. With
     `steer` (a SteerLM label format), each prompt is conditioned on its "attributes" (or the defaults)."""
     ids = _prompt_ids(tokenizer, prompts, steer)
+    check_prompt_lengths(model, ids, params.max_new_tokens, [f"evaluation prompt {i}" for i in range(len(ids))])
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of like lengths: little padding
     one = params.model_copy(update={"n": 1, "batch_size": batch_size})
     results: list[Completion | None] = [None] * len(ids)

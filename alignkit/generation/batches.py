@@ -10,10 +10,25 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from alignkit.config import SamplingConfig
+from alignkit.data.io import DataError
 from alignkit.generation.sampler import Completion, generate, stop_token_ids
-from alignkit.models.loading import unwrap
+from alignkit.models.loading import position_limit, unwrap
 
-__all__ = ["sample_batches"]
+__all__ = ["check_prompt_lengths", "sample_batches"]
+
+
+def check_prompt_lengths(model, prompt_ids: list[list[int]], max_new_tokens: int, names: list[str]) -> None:
+    """Every prompt plus `max_new_tokens` within the model's position limit, else a DataError naming
+    the prompt (`names[i]`, e.g. a record's file:line): beyond it, an embedding IndexError mid-batch."""
+    limit = position_limit(unwrap(model).config)
+    if limit is None:
+        return
+    for ids, name in zip(prompt_ids, names):
+        if len(ids) + max_new_tokens > limit:
+            raise DataError(
+                f"{name}: the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                f"model's position limit of {limit}"
+            )
 
 
 def sample_batches(

@@ -20,7 +20,7 @@ from alignkit.config import SamplingConfig
 from alignkit.data.formats import prompt_messages, read_prompt_records
 from alignkit.data.io import DataError, Record, write_jsonl
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
-from alignkit.generation.batches import sample_batches
+from alignkit.generation.batches import check_prompt_lengths, sample_batches
 from alignkit.models.loading import load_for_eval
 
 __all__ = ["generate_dataset"]
@@ -68,6 +68,7 @@ def generate_dataset(
     model, tokenizer = load_for_eval(model_dir)
     texts, labels = _steered_prompts(records, tokenizer, SteerLMFormat.from_config(model.config), attributes)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    check_prompt_lengths(model, ids, params.max_new_tokens, [r.source for r in records])
     rows: list[dict[str, Any]] = []
     seed_of = lambda start: None if params.seed is None else params.seed + start  # noqa: E731
     for start, completions in sample_batches(model, tokenizer, ids, params, seed_of):

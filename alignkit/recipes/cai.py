@@ -62,7 +62,6 @@ from alignkit.config import (
     SamplingConfig,
     Section,
     TrainConfig,
-    configs_dir,
 )
 from alignkit.data.batching import collate_rows
 from alignkit.data.constitution import (
@@ -70,6 +69,7 @@ from alignkit.data.constitution import (
     clamp,
     comparison_messages,
     critique_messages,
+    find_constitution,
     load_constitution,
     option_probability,
     revision_messages,
@@ -162,13 +162,6 @@ class Config(RecipeConfig):
     data: DataConfig  # data.train: the red-team prompts; the lengths and template serve every step
     cai: CAIConfig = CAIConfig()
     # `optim` and `train` are the SL-CAI SFT's; RL-CAI's are cai.rl.optim and cai.rl.train.
-
-
-def constitution_path(value: str) -> Path:
-    path = Path(value)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    return configs_dir() / "cai" / "constitutions" / f"{value}.yaml"
 
 
 # --- the feedback model ---------------------------------------------------------------------------
@@ -453,7 +446,7 @@ def _done(path: Path) -> bool:
 def main(cfg: Config) -> None:
     run = start_run(cfg)
     c, out, d = cfg.cai, run.output_dir, run.dist
-    constitution = load_constitution(constitution_path(c.constitution))
+    constitution = load_constitution(find_constitution(c.constitution))
     run.log.info(
         f"constitution {constitution.source}: {len(constitution.principles)} principles, "
         f"{len(constitution.few_shot)} few-shot examples; steps {', '.join(c.steps)}"

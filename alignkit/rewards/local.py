@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alignkit.data.formats import Message, messages_from_value
 from alignkit.data.reward import encode_scored
-from alignkit.models.loading import autocast
+from alignkit.models.loading import autocast, check_model_dir, position_limit
 from alignkit.models.reward import RewardModelInfo, score_sequences
 
 __all__ = ["LocalRewardModel", "RewardOutput", "RewardSourceError"]
@@ -47,8 +47,7 @@ class LocalRewardModel:
         max_seq_len: int | None = None,
     ):
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
+        check_model_dir(path)  # a missing or damaged weights file is one line, not a safetensors traceback
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
@@ -62,7 +61,9 @@ class LocalRewardModel:
         )
         self.info = RewardModelInfo.from_config(self.model.config)
         self.precision, self.batch_size, self.normalize = precision, batch_size, normalize
-        self.max_seq_len = max_seq_len
+        # never beyond the model's positions: a longer text is cut and scored at its last kept token
+        limits = [x for x in (max_seq_len, position_limit(self.model.config)) if x is not None]
+        self.max_seq_len = min(limits) if limits else None
 
     @property
     def names(self) -> list[str]:

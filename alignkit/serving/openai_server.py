@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from alignkit.config import SamplingConfig
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
 from alignkit.generation.sampler import Completion, generate, stop_token_ids
-from alignkit.models.loading import load_for_eval
+from alignkit.models.loading import load_for_eval, position_limit
 from alignkit.serving.guards import add_body_limit, check_bearer
 
 __all__ = ["create_app", "serve_model"]
@@ -99,15 +99,6 @@ class ChatRequest(_Sampling):
 
 def _bad(message: str) -> HTTPException:
     return HTTPException(status_code=400, detail=message)
-
-
-def position_limit(config) -> int | None:
-    """The most positions the model can attend over (prompt and answer together), if it says."""
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _message(message: ChatMessage, index: int) -> dict[str, Any]:

@@ -34,9 +34,9 @@ import yaml
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from alignkit.config import ConfigError, RecipeConfig, save_config
+from alignkit.config import ConfigError, ModelConfig, RecipeConfig, save_config
 from alignkit.data.batching import PAD_SLOT, BatchPlan
-from alignkit.models.loading import autocast, save_causal_lm
+from alignkit.models.loading import autocast, check_positions, save_causal_lm
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints, save_checkpoints
 from alignkit.training.distributed import Dist, all_reduce_sum, barrier, full_state_dict, init_distributed, wrap_model
 from alignkit.training.logging import MetricLogger, get_logger
@@ -86,12 +86,26 @@ def start_run(cfg: RecipeConfig) -> Run:
     np.random.seed(seed)
     torch.manual_seed(seed)
     output_dir = Path(cfg.output_dir)
+    _check_lengths(cfg)
     _check_resumable(cfg, output_dir)  # before config.yaml is overwritten
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
     barrier(d)  # no rank writes into output_dir before it exists
     return Run(cfg=cfg, dist=d, output_dir=output_dir)
+
+
+def _check_lengths(cfg: RecipeConfig) -> None:
+    """`data.max_seq_len` within the position limit of every causal LM the recipe loads, checked
+    from config.json before any weights load (beyond it, an embedding IndexError mid-training)."""
+    data = getattr(cfg, "data", None)
+    length = getattr(data, "max_seq_len", None)
+    if length is None:
+        return
+    for name in ("model", "teacher"):
+        model_cfg = getattr(cfg, name, None)
+        if isinstance(model_cfg, ModelConfig):
+            check_positions(model_cfg, length, "data.max_seq_len")
 
 
 # What may change between a run and its resumption: how long it runs, how it logs, evaluates and

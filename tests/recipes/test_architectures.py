@@ -360,7 +360,6 @@ def _long_records(path: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="the recipes do not call models.loading.check_positions at start-up yet")
 def test_a_max_seq_len_beyond_gpt2_positions_is_one_line(arch_dirs, tmp_path):
     too_long = f"data.max_seq_len={MAX_POSITIONS * 2}"
     data = f"data.train.path={_long_records(tmp_path / 'long.jsonl')}"
@@ -369,9 +368,6 @@ def test_a_max_seq_len_beyond_gpt2_positions_is_one_line(arch_dirs, tmp_path):
     _one_line_error(run, too_long, str(MAX_POSITIONS))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="alignkit generate does not check prompt + max_new_tokens against position_limit"
-)
 def test_a_prompt_beyond_gpt2_positions_is_one_line_in_generate(arch_dirs, tmp_path):
     prompts = str(_long_records(tmp_path / "long.jsonl"))
     gen = run_cli("generate", "--model", str(arch_dirs["gpt2"]), "--prompts", prompts, "--out", str(tmp_path / "o"))
