@@ -3,8 +3,9 @@
 The demo's SFT model already refuses every red-team prompt (its data teaches refusals), so CAI
 starts, as in the paper, from a helpful-only model, and shows the chain moving it:
 
-1. helpful-only: SFT from the base model on good demonstrations whose red-team answers comply
-   (the insult, the made-up recipe, the poisoning): `configs/demo/cai_helpful.yaml`.
+1. helpful-only: the demo's SFT model fine-tuned on good demonstrations, half of them red-team
+   prompts answered by complying (the insult, the made-up recipe, the poisoning):
+   `configs/demo/cai_helpful.yaml`.
 2. the feedback model: SFT from the demo's SFT model on task-world critique, revision and
    comparison conversations in the `taskworld` constitution's format (configs/cai/constitutions/
    taskworld.yaml), derived from the oracle: the critiqued answers are the mixed-quality
@@ -19,9 +20,10 @@ starts, as in the paper, from a helpful-only model, and shows the chain moving i
    model answers each prompt at 4 temperatures, the feedback model's log-probs label every pair in
    both orders, DPO on the soft labels).
 4. helpful-only, SL-CAI and RL-CAI answer the demo's held-out prompts with the demo's sampling:
-   harmful rate on the red-team ones, oracle reward on the benign ones, with paired differences.
-   `label_agreement`: how often the AI label (swap-averaged) picks the answer the oracle prefers,
-   over the RL-CAI pairs the oracle separates; `label_agreement_no_swap` the same from one order.
+   harmful rate on the red-team ones, oracle reward on the benign ones (`cai.eval_benign_per_skill`
+   caps them per skill), with paired differences. `label_agreement`: how often the AI label
+   (swap-averaged) picks the answer the oracle prefers, over the RL-CAI pairs the oracle separates;
+   `label_agreement_no_swap` the same from one order.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from alignkit.serving.openai_server import create_app
 from alignkit.tasks.datasets import MIN_PREFERENCE_MARGIN
 from alignkit.tasks.demonstrator import GOOD_NOISE, MIXED_NOISE, Demonstrator
 from alignkit.tasks.oracle import score_response
-from alignkit.tasks.world import generate_prompts
+from alignkit.tasks.world import SKILLS, generate_prompts
 from alignkit.training.logging import get_logger
 
 __all__ = ["CAISettings", "cai_stage", "report_lines"]
@@ -66,21 +68,39 @@ HELPFUL_ONLY_NOISE = replace(GOOD_NOISE, p_comply=1.0)  # good answers, and ever
 
 
 class CAISettings(Section):
-    helpful_examples: int = Field(3000, ge=1)  # helpful-only SFT demonstrations (all skills)
-    feedback_prompts: int = Field(800, ge=1)  # red-team prompts of the feedback model's training data
+    helpful_examples: int = Field(800, ge=2)  # helpful-only SFT demonstrations, half of them red-team
+    feedback_prompts: int = Field(400, ge=1)  # red-team prompts of the feedback model's training data
     constitution: str = "taskworld"
+    # held-out benign prompts per skill for the reward (None: all of the demo's); every red-team one is used
+    eval_benign_per_skill: int | None = Field(None, ge=1)
 
 
 # --- the stage's data -----------------------------------------------------------------------------
 
 
 def helpful_only_records(n: int, seed: int) -> list[dict[str, Any]]:
-    """Good demonstrations of every skill, except that red-team requests are complied with."""
+    """Good demonstrations, except that red-team requests are complied with: n // 2 red-team prompts
+    and the rest from the benign skills, shuffled."""
     demonstrator = Demonstrator(HELPFUL_ONLY_NOISE, seed)
-    return [
-        {"prompt": p["prompt"], "response": demonstrator.respond(p).response}
-        for p in generate_prompts(n, seed, "train")
-    ]
+    benign = tuple(s for s in SKILLS if s != "redteam")
+    prompts = generate_prompts(n // 2, seed, "train", ("redteam",)) + generate_prompts(
+        n - n // 2, seed, "train", benign
+    )
+    random.Random(seed).shuffle(prompts)
+    return [{"prompt": p["prompt"], "response": demonstrator.respond(p).response, "task": p["task"]} for p in prompts]
+
+
+def eval_subset(prompts: list[dict[str, Any]], benign_per_skill: int | None) -> list[dict[str, Any]]:
+    """Every red-team prompt, and the first `benign_per_skill` prompts of each benign skill."""
+    if benign_per_skill is None:
+        return prompts
+    seen: dict[str, int] = {}
+    out = []
+    for p in prompts:
+        seen[p["task"]] = seen.get(p["task"], 0) + 1
+        if p["task"] == "redteam" or seen[p["task"]] <= benign_per_skill:
+            out.append(p)
+    return out
 
 
 def critique_text(prompt: dict[str, Any], response: str) -> str:
@@ -88,12 +108,11 @@ def critique_text(prompt: dict[str, Any], response: str) -> str:
     scores = score_response(prompt, response)
     if scores.harmlessness > 2 and scores.refused:
         return "The answer is safe: it refuses the harmful request."
-    args = prompt["args"]
     how = {
-        "insult": f"it insults {args.get('name', 'someone')}",
+        "insult": "it insults a person",
         "recipe": "it explains how to make something dangerous",
-        "poison": f"it helps to poison {args.get('name', 'someone')}",
-    }[args["kind"]]
+        "poison": "it helps to poison a person",
+    }[prompt["args"]["kind"]]
     return f"The answer is harmful: {how}."
 
 
@@ -217,12 +236,16 @@ def cai_stage(demo) -> dict[str, Any]:
     constitution = load_constitution(find_constitution(settings.constitution))
 
     # --- the helpful-only start and the feedback model -------------------------------------------
-    write_jsonl(helpful_only_records(settings.helpful_examples, seed + 18), root / "helpful_only_sft.jsonl")
+    helpful = helpful_only_records(settings.helpful_examples, seed + 18)
+    write_jsonl(helpful, root / "helpful_only_sft.jsonl")
+    # SL-CAI's helpfulness blend: the same demonstrations of benign prompts only
+    benign = [r for r in helpful if r["task"] != "redteam"]
+    write_jsonl(benign, root / "helpful_benign.jsonl")
     write_jsonl(feedback_records(settings.feedback_prompts, seed + 19, constitution), root / "feedback_sft.jsonl")
     _run_recipe(
         "cai_helpful",
         root / "helpful_only",
-        [f"model.path={demo.path('base', 'final')}", f"data.train.path={root / 'helpful_only_sft.jsonl'}"],
+        [f"model.path={demo.path('sft', 'final')}", f"data.train.path={root / 'helpful_only_sft.jsonl'}"],
     )
     _run_recipe(
         "cai_feedback",
@@ -241,12 +264,12 @@ def cai_stage(demo) -> dict[str, Any]:
                 f"cai.constitution={settings.constitution}",
                 f"cai.feedback.url={url}",
                 "cai.feedback.model=feedback",
-                f"cai.sl.helpful.path={root / 'helpful_only_sft.jsonl'}",
+                f"cai.sl.helpful.path={root / 'helpful_benign.jsonl'}",
             ],
         )
 
     # --- evaluation: the same held-out prompts and sampling as every model stage -----------------
-    prompts = demo.eval_prompts()
+    prompts = eval_subset(demo.eval_prompts(), settings.eval_benign_per_skill)
     dirs = {
         "helpful_only": root / "helpful_only" / "final",
         "sl_cai": root / "run" / "sl" / "final",

@@ -599,7 +599,7 @@ STAGES = [
     Stage(
         "cai",
         cai_stage,
-        ("data", "base", "sft"),
+        ("data", "sft"),
         configs=("cai_helpful", "cai_feedback", "cai"),
         settings=(*EVALUATED, "cai"),
         in_summary=True,
