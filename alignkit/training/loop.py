@@ -88,6 +88,7 @@ def start_run(cfg: RecipeConfig) -> Run:
     output_dir = Path(cfg.output_dir)
     _check_lengths(cfg)
     _check_resumable(cfg, output_dir)  # before config.yaml is overwritten
+    barrier(d)  # every rank has read the old config.yaml before rank 0 replaces it
     if d.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
