@@ -28,11 +28,13 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Two workers: most tests wait on a single-threaded `alignkit` subprocess, so one worker alone
+# leaves a core idle; each worker's torch runs on one thread (tests/conftest.py).
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not distributed"
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow and not distributed"
 
 demo: setup
 	$(VENV)/bin/alignkit demo

@@ -16,7 +16,9 @@ from alignkit.models.tokenizer import byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs two workers) each worker computes on one thread, so two
+# workers fill two cores without oversubscribing them; a single pytest process uses up to two.
+torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
