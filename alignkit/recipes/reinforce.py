@@ -104,6 +104,9 @@ class ReinforceConfig(Section):
     # trained as a policy gradient (what a teacher behind an API that scores given tokens allows)
     distill_loss: Literal["topk", "sampled"] = "topk"
     teacher_top_k: int = Field(64, ge=1)
+    # stop once this many response tokens were generated (over all processes and draws), before
+    # `steps`: methods that sample more per step (dynamic sampling) compared at one generation budget
+    max_generated_tokens: int | None = Field(None, ge=1)
 
 
 class Config(RecipeConfig):
@@ -197,7 +200,8 @@ def main(cfg: Config) -> None:
         teacher = load_causal_lm(cfg.teacher, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
     optimizer = build_optimizer(actor, cfg.optim)
     parts = {"actor": (actor, optimizer, build_scheduler(optimizer, rf.steps * rf.epochs * rf.minibatches, cfg.optim))}
-    start, _, logger = resume(run, parts, rf.steps)
+    start, extra, logger = resume(run, parts, rf.steps)
+    generated = extra.get("generated_tokens", 0)  # response tokens sampled so far, every process
     # The old policy's log-probs matter only when the policy moves between updates of one rollout
     # batch, for the KL inside the reward (RLOO, REINFORCE++), or against the teacher's.
     kl_in_reward = rf.estimator in ("rloo", "reinforce_pp", "reinforce_pp_baseline") and rf.kl_coef > 0
@@ -205,6 +209,8 @@ def main(cfg: Config) -> None:
     run.log.info(f"{rf.estimator.upper()}: {rf.steps} steps of {rc.prompts_per_step} prompts x {n} samples")
 
     for step in range(start, rf.steps):
+        if rf.max_generated_tokens is not None and generated >= rf.max_generated_tokens:
+            break  # (a resumed run that had already spent its budget)
         t0 = time.perf_counter()
         # --- 1-2. n samples per prompt (this process's share of the prompts), scored ---------------
         # (dynamic sampling: more prompts drawn until the groups trained on carry signal)
@@ -297,7 +303,13 @@ def main(cfg: Config) -> None:
                 "throughput/samples_per_s": metrics["rollout/samples"] / (t4 - t0),
             }
         )
-        finish_step(run, logger, step, metrics, parts, {}, rf.steps)
+        generated += int(flat["tokens"])
+        metrics["rollout/generated_tokens_total"] = generated
+        spent = rf.max_generated_tokens is not None and generated >= rf.max_generated_tokens
+        finish_step(run, logger, step, metrics, parts, {"generated_tokens": generated}, step + 1 if spent else rf.steps)
+        if spent:
+            run.log.info(f"generation budget reached: {generated} tokens after {step + 1} steps")
+            break
 
     logger.close()
     if cfg.checkpoint.save_final:

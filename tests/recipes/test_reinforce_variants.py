@@ -136,3 +136,18 @@ def test_onpolicy_distillation_moves_the_student_toward_the_teacher(tmp_path, to
 def test_onpolicy_distillation_needs_a_teacher(tmp_path):
     result = reinforce(tmp_path / "run", "reinforce.estimator=onpolicy_distill", ok=False)
     assert result.returncode == 2 and "needs a teacher model (teacher.path)" in result.stderr
+
+
+def test_a_generation_budget_ends_the_run_and_survives_resume(tmp_path):
+    args = [*VOWELS, "reinforce.steps=10", "checkpoint.every=1", "reinforce.max_generated_tokens=1000"]
+    reinforce(tmp_path / "whole", *args)
+    m = metrics(tmp_path / "whole")
+    # 8 prompts x 4 samples of up to 16 tokens: about 500 tokens a step -> over 1000 after the 2nd or 3rd
+    assert len(m) < 10 and m[-1]["rollout/generated_tokens_total"] >= 1000 > m[-2]["rollout/generated_tokens_total"]
+    assert (tmp_path / "whole" / "final").is_dir()
+    killed = tmp_path / "killed"
+    assert reinforce(killed, *args, ok=False, env={"ALIGNKIT_TEST_KILL_AT_STEP": "2"}).returncode != 0
+    reinforce(killed, *args)
+    assert [r["rollout/generated_tokens_total"] for r in metrics(killed)] == [
+        r["rollout/generated_tokens_total"] for r in m
+    ]
