@@ -252,7 +252,7 @@ def main(cfg: Config) -> None:
         flat = reduce_sums(
             {
                 "groups": len(rollouts) // n,
-                "zero_var": float((scores.view(-1, n).std(-1) == 0).sum()),
+                "zero_var": float((scores.view(-1, n).std(-1) == 0).sum()) if n > 1 else 0.0,
                 "adv_abs": float(sum(r.advantages.abs().mean() for r in rollouts if len(r.advantages))),
                 "reward_kl": float(rewards.sum()),
                 "drawn": draws.groups,

@@ -190,7 +190,8 @@ def sample_useful_groups(
         t_generate, t_score = t_generate + tg, t_score + ts
         for g in range(len(rollouts) // n):
             group = rollouts[g * n : (g + 1) * n]
-            (useful if scores[g * n : (g + 1) * n].std() > 0 else idle).append(group)
+            varies = n > 1 and bool(scores[g * n : (g + 1) * n].std() > 0)  # (one sample: no variance to find)
+            (useful if varies else idle).append(group)
         stats.draws, stats.groups = draw + 1, stats.groups + len(rollouts) // n
         stats.tokens += sum(len(r.response_ids) for r in rollouts)
         if reduce_sums({"short": float(len(useful) < share)}, run.dist)["short"] == 0:
