@@ -68,7 +68,7 @@ HELPFUL_ONLY_NOISE = replace(GOOD_NOISE, p_comply=1.0)  # good answers, and ever
 
 
 class CAISettings(Section):
-    helpful_examples: int = Field(800, ge=2)  # helpful-only SFT demonstrations, half of them red-team
+    helpful_examples: int = Field(1600, ge=2)  # helpful-only SFT demonstrations, half of them red-team
     feedback_prompts: int = Field(400, ge=1)  # red-team prompts of the feedback model's training data
     constitution: str = "taskworld"
     # held-out benign prompts per skill for the reward (None: all of the demo's); every red-team one is used
