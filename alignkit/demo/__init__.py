@@ -11,7 +11,8 @@ on-policy comparisons, SteerLM's targets, DRaFT+'s evaluation) are in configs/de
 stage's recipe config is configs/demo/STAGE.yaml.
 """
 
-from alignkit.demo.pipeline import Demo, Stage, run_pipeline
+from alignkit.demo.common import Demo, Stage
+from alignkit.demo.pipeline import run_pipeline
 from alignkit.demo.stages import DEFAULT_STAGES, DEMO_VERSION, STAGES, DemoConfig, run_demo
 
 __all__ = ["DEFAULT_STAGES", "DEMO_VERSION", "STAGES", "Demo", "DemoConfig", "Stage", "run_demo", "run_pipeline"]

@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-import yaml
 from pydantic import Field
 
-from alignkit.config import Section, find_config, load_config
+from alignkit.config import Section
 from alignkit.data.constitution import (
     comparison_messages,
     find_constitution,
@@ -50,10 +49,10 @@ from alignkit.data.constitution import (
     swap_average,
 )
 from alignkit.data.io import write_jsonl
+from alignkit.demo.common import train
 from alignkit.evaluation.evaluate import evaluate_model, write_json
 from alignkit.evaluation.stats import mean_with_ci
 from alignkit.models.loading import load_for_eval
-from alignkit.recipes import recipe_module
 from alignkit.serving.openai_server import create_app
 from alignkit.tasks.datasets import MIN_PREFERENCE_MARGIN
 from alignkit.tasks.demonstrator import GOOD_NOISE, MIXED_NOISE, Demonstrator
@@ -146,14 +145,6 @@ def feedback_records(n: int, seed: int, constitution) -> list[dict[str, Any]]:
 # --- running recipes, serving the feedback model ------------------------------------------------
 
 
-def _run_recipe(config: str, output: Path, overrides: list[str]):
-    path = find_config("demo", config)
-    module = recipe_module(yaml.safe_load(path.read_text())["recipe"])
-    cfg = load_config(module.Config, path, [f"output_dir={output}", "logging.progress=lines", *overrides])
-    module.main(cfg)
-    return cfg
-
-
 class _Served:
     """A model behind alignkit's OpenAI-compatible server on a free loopback port, in a thread."""
 
@@ -242,24 +233,30 @@ def cai_stage(demo) -> dict[str, Any]:
     benign = [r for r in helpful if r["task"] != "redteam"]
     write_jsonl(benign, root / "helpful_benign.jsonl")
     write_jsonl(feedback_records(settings.feedback_prompts, seed + 19, constitution), root / "feedback_sft.jsonl")
-    _run_recipe(
-        "cai_helpful",
-        root / "helpful_only",
-        [f"model.path={demo.path('sft', 'final')}", f"data.train.path={root / 'helpful_only_sft.jsonl'}"],
+    train(
+        demo,
+        "cai",
+        config="cai_helpful",
+        output=root / "helpful_only",
+        overrides=[f"model.path={demo.path('sft', 'final')}", f"data.train.path={root / 'helpful_only_sft.jsonl'}"],
     )
-    _run_recipe(
-        "cai_feedback",
-        root / "feedback",
-        [f"model.path={demo.path('sft', 'final')}", f"data.train.path={root / 'feedback_sft.jsonl'}"],
+    train(
+        demo,
+        "cai",
+        config="cai_feedback",
+        output=root / "feedback",
+        overrides=[f"model.path={demo.path('sft', 'final')}", f"data.train.path={root / 'feedback_sft.jsonl'}"],
     )
 
     # --- the chain, with the feedback model behind the OpenAI-compatible server ------------------
     with _Served(root / "feedback" / "final", "feedback") as url:
         log.info(f"demo: cai: feedback model served at {url}")
-        _run_recipe(
+        train(
+            demo,
             "cai",
-            root / "run",
-            [
+            config="cai",
+            output=root / "run",
+            overrides=[
                 f"model.path={root / 'helpful_only' / 'final'}",
                 f"cai.constitution={settings.constitution}",
                 f"cai.feedback.url={url}",

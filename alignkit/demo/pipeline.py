@@ -14,46 +14,18 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from alignkit.config import Section, find_config
+from alignkit.demo.common import Demo, Stage
 from alignkit.demo.report import write_report
 from alignkit.evaluation.evaluate import write_json
 from alignkit.evaluation.stats import mean_with_ci, win_rate
 from alignkit.training.logging import get_logger
 
-__all__ = ["Demo", "Stage", "run_pipeline"]
-
-
-@dataclass
-class Demo:
-    """What a stage sees: the output folder, the settings, and the stages decided so far."""
-
-    root: Path
-    settings: Section
-    fingerprints: dict[str, str]
-    results: dict[str, dict[str, Any]]
-
-    def path(self, *parts: str) -> Path:
-        return self.root.joinpath(*parts)
-
-    def eval_prompts(self) -> list[dict[str, Any]]:
-        lines = self.path("data", "eval_prompts.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines]
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    run: Callable[[Demo], dict[str, Any]]
-    needs: tuple[str, ...]
-    configs: tuple[str, ...] = ()  # configs/demo/NAME.yaml, part of the fingerprint
-    settings: tuple[str, ...] = ()  # sections of the demo's settings it reads, part of the fingerprint
-    is_model: bool = False  # a generative model: evaluated on the held-out prompts, in the table
-    in_summary: bool = False  # a stage that is not a generative model but reports metrics (reward models)
+__all__ = ["run_pipeline"]
 
 
 def run_pipeline(

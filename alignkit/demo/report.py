@@ -12,6 +12,7 @@ from typing import Any
 
 from alignkit.config import Section
 from alignkit.demo.cai import report_lines as cai_lines
+from alignkit.demo.rl_variants import report_lines as rl_variant_lines
 from alignkit.evaluation.evaluate import plot_results
 from alignkit.tasks.datasets import STEERABLE_ATTRIBUTES
 
@@ -33,6 +34,7 @@ def write_report(root: Path, settings: Section, results: Results, models: list[s
         *_rl_lines(results, root),
         *_draftp_lines(results, settings.draftp),
         *cai_lines(results),
+        *rl_variant_lines(results),
     ]
     sampling = settings.evaluation.sampling
     report = [

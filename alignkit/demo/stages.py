@@ -13,29 +13,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import Field, model_validator
 from transformers import AutoConfig
 
-from alignkit.config import RecipeConfig, SamplingConfig, Section, configs_dir, find_config, load_config
+from alignkit.config import SamplingConfig, Section, configs_dir, find_config, load_config
 from alignkit.data.formats import read_prompt_records
 from alignkit.data.io import Record, write_jsonl
 from alignkit.data.steerlm import SteerLMFormat
 from alignkit.data.taskworld import build_datasets
 from alignkit.demo.cai import CAISettings, cai_stage
-from alignkit.demo.pipeline import Demo, Stage, run_pipeline
+from alignkit.demo.common import Demo, Stage, evaluate, read_jsonl, train
+from alignkit.demo.pipeline import run_pipeline
+from alignkit.demo.rl_variants import (
+    OnPolicyDistillSettings,
+    RLVariantsSettings,
+    onpolicy_distill_stage,
+    rl_variants_stage,
+)
 from alignkit.diffusion.images import save_grid
 from alignkit.diffusion.inference import generate_images, load_for_images
 from alignkit.diffusion.pipeline import save_pipeline
 from alignkit.diffusion.pretrain import pretrain_shape_pipeline
 from alignkit.diffusion.reward import ShapeJudge, train_shape_judge
 from alignkit.diffusion.sampling import diversity_by_prompt
-from alignkit.evaluation.evaluate import evaluate_model, write_json
 from alignkit.evaluation.stats import mean_with_ci
 from alignkit.evaluation.steering import attribute_control
 from alignkit.models.loading import load_for_eval
 from alignkit.models.tokenizer import train_bpe_tokenizer
-from alignkit.recipes import recipe_module
 from alignkit.recipes.draftp import Config as DraftpRecipeConfig
 from alignkit.rewards.local import LocalRewardModel
 from alignkit.tasks.datasets import STEERABLE_ATTRIBUTES, DatasetSizes, steer_prompt_records
@@ -108,65 +112,11 @@ class DemoConfig(Section):
     steering: SteeringSettings
     draftp: DraftpSettings
     cai: CAISettings = CAISettings()  # stage cai (alignkit/demo/cai.py)
+    rl_variants: RLVariantsSettings = RLVariantsSettings()  # stage rl_variants (alignkit/demo/rl_variants.py)
+    onpolicy_distill: OnPolicyDistillSettings = OnPolicyDistillSettings()
 
 
 # --- helpers the stages share -----------------------------------------------------------------
-
-
-def _train(
-    demo: Demo, stage: str, overrides: list[str], config: str | None = None, output: Path | None = None
-) -> RecipeConfig:
-    """Run the recipe named in configs/demo/CONFIG.yaml (default: the stage's name) in this process;
-    returns its resolved config."""
-    path = find_config("demo", config or stage)
-    module = recipe_module(_config_recipe(path))
-    cfg = load_config(
-        module.Config, path, [f"output_dir={output or demo.path(stage)}", "logging.progress=lines", *overrides]
-    )
-    module.main(cfg)
-    return cfg
-
-
-def _config_recipe(path: Path) -> str:
-    return yaml.safe_load(path.read_text())["recipe"]
-
-
-def _evaluate(
-    demo: Demo, stage: str, reference: str | None = None, attributes: dict[str, int] | None = None
-) -> dict[str, Any]:
-    prompts = demo.eval_prompts()
-    reference_rewards = None
-    if reference is not None:
-        reference_rewards = json.loads(demo.path(reference, "eval.json").read_text())["rewards"]
-    result = evaluate_model(
-        demo.path(stage, "final"),
-        prompts,
-        demo.settings.evaluation.sampling,
-        reference_dir=demo.path(reference, "final") if reference else None,
-        reference_name=reference or "reference",
-        reference_rewards=reference_rewards,
-        attributes=attributes,
-    )
-    write_json({**result.to_json(prompts), "rewards": result.rewards}, demo.path(stage, "eval.json"))
-    if reference is not None:  # paired on the same prompts: far tighter than comparing two means' CIs
-        reference_items = json.loads(demo.path(reference, "eval.json").read_text())["items"]
-        result.metrics.update(
-            mean_with_ci(f"reward_gain_vs_{reference}", [a - b for a, b in zip(result.rewards, reference_rewards)])
-        )
-        result.metrics.update(
-            mean_with_ci(
-                f"correctness_gain_vs_{reference}",
-                [
-                    float(a["correctness"] == 4) - float(b["correctness"] == 4)
-                    for a, b in zip(result.scores, reference_items)
-                ],
-            )
-        )
-    return result.metrics
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # --- data, tokenizer, base, SFT ---------------------------------------------------------------
@@ -179,23 +129,23 @@ def _data(demo: Demo) -> dict[str, Any]:
 
 
 def _tokenizer(demo: Demo) -> dict[str, Any]:
-    texts = [r["text"] for r in _read_jsonl(demo.path("data", "pretrain.jsonl"))]
+    texts = [r["text"] for r in read_jsonl(demo.path("data", "pretrain.jsonl"))]
     tokenizer = train_bpe_tokenizer(texts, vocab_size=demo.settings.tokenizer.vocab_size)
     tokenizer.save_pretrained(demo.path("tokenizer"))
     return {"vocab_size": len(tokenizer)}
 
 
 def _base(demo: Demo) -> dict[str, Any]:
-    _train(
+    train(
         demo,
         "base",
         [f"model.tokenizer_path={demo.path('tokenizer')}", f"data.train.path={demo.path('data', 'pretrain.jsonl')}"],
     )
-    return _evaluate(demo, "base")
+    return evaluate(demo, "base")
 
 
 def _sft(demo: Demo) -> dict[str, Any]:
-    _train(
+    train(
         demo,
         "sft",
         [
@@ -204,7 +154,7 @@ def _sft(demo: Demo) -> dict[str, Any]:
             f"data.validation.path={demo.path('data', 'sft_valid.jsonl')}",
         ],
     )
-    return _evaluate(demo, "sft", reference="base")
+    return evaluate(demo, "sft", reference="base")
 
 
 # --- preference learning: DPO and the reward models -------------------------------------------
@@ -214,7 +164,7 @@ def _dpo(demo: Demo) -> dict[str, Any]:
     """Iterative on-policy DPO from the SFT model (the `dpo` recipe's `online` option): each
     iteration the current model answers the training prompts, the oracle's best and worst answers
     become pairs, and DPO trains from (and against) the current model."""
-    cfg = _train(
+    cfg = train(
         demo,
         "dpo",
         [
@@ -223,9 +173,9 @@ def _dpo(demo: Demo) -> dict[str, Any]:
             f"data.validation.path={demo.path('data', 'prefs_valid.jsonl')}",
         ],
     )
-    metrics = _evaluate(demo, "dpo", reference="sft")
+    metrics = evaluate(demo, "dpo", reference="sft")
     metrics["pairs_per_round"] = [
-        len(_read_jsonl(demo.path("dpo", f"iteration_{t}", "pairs.jsonl"))) for t in range(1, cfg.online.iterations + 1)
+        len(read_jsonl(demo.path("dpo", f"iteration_{t}", "pairs.jsonl"))) for t in range(1, cfg.online.iterations + 1)
     ]
     return metrics
 
@@ -246,7 +196,7 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
     # The held-out pairs' prompts alone: the oracle judges by the prompt text, as for any prompt.
     valid_prompts = [
         Record({"prompt": r["prompt"]}, f"prefs_valid.jsonl:{i + 1}")
-        for i, r in enumerate(_read_jsonl(demo.path("data", "prefs_valid.jsonl")))
+        for i, r in enumerate(read_jsonl(demo.path("data", "prefs_valid.jsonl")))
     ]
     out = demo.path("reward_model")
     out.mkdir(parents=True, exist_ok=True)
@@ -262,14 +212,14 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
         all_pairs=True,
     )
     del model
-    demonstrator = _read_jsonl(demo.path("data", "prefs.jsonl"))
+    demonstrator = read_jsonl(demo.path("data", "prefs.jsonl"))
     write_jsonl(demonstrator + onpolicy, out / "bt_train.jsonl")
     write_jsonl(held_out, out / "onpolicy_valid.jsonl")
     get_logger().info(
         f"demo: reward model: {len(demonstrator)} demonstrator pairs + {len(onpolicy)} comparisons "
         f"of the SFT model's answers ({sampling.n} per prompt); {len(held_out)} held-out comparisons"
     )
-    _train(
+    train(
         demo,
         "reward_model",
         [
@@ -279,7 +229,7 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
         ],
         output=out / "bt",
     )
-    _train(
+    train(
         demo,
         "reward_model",
         [
@@ -312,7 +262,7 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
 
 def _rejection_sampling(demo: Demo) -> dict[str, Any]:
     """Best-of-4 by the stage `reward_model`'s Bradley-Terry model (the oracle only evaluates)."""
-    _train(
+    train(
         demo,
         "rejection_sampling",
         [
@@ -321,7 +271,7 @@ def _rejection_sampling(demo: Demo) -> dict[str, Any]:
             f"reward.path={demo.path('reward_model', 'bt', 'final')}",
         ],
     )
-    return _evaluate(demo, "rejection_sampling", reference="sft")
+    return evaluate(demo, "rejection_sampling", reference="sft")
 
 
 # --- SteerLM and SteerLM 2.0 ------------------------------------------------------------------
@@ -332,7 +282,7 @@ def _steer_metrics(demo: Demo, stage: str) -> dict[str, Any]:
     attribute and each level 0..4, greedy answers to steering.eval_prompts held-out prompts,
     measured by the oracle (the SFT model, shown the same labels, is the baseline that ignores them)."""
     steering = demo.settings.steering
-    metrics = _evaluate(demo, stage, reference="sft", attributes=steering.best_targets)
+    metrics = evaluate(demo, stage, reference="sft", attributes=steering.best_targets)
     metrics["asked"] = steering.best_targets
     every = demo.eval_prompts()
     prompts = every[:: len(every) // steering.eval_prompts][: steering.eval_prompts]
@@ -350,7 +300,7 @@ def _steer_metrics(demo: Demo, stage: str) -> dict[str, Any]:
 def _steerlm(demo: Demo) -> dict[str, Any]:
     """Attribute-conditioned SFT from the SFT model on mixed-quality and good responses, each
     labelled by steering.annotator; then asked for the best attributes, and steered."""
-    lines = [r for name in ("attributes.jsonl", "sft.jsonl") for r in _read_jsonl(demo.path("data", name))]
+    lines = [r for name in ("attributes.jsonl", "sft.jsonl") for r in read_jsonl(demo.path("data", name))]
     demo.path("steerlm").mkdir(parents=True, exist_ok=True)
     write_jsonl(
         [{"prompt": r["prompt"], "response": r["response"]} for r in lines], demo.path("steerlm", "responses.jsonl")
@@ -360,7 +310,7 @@ def _steerlm(demo: Demo) -> dict[str, Any]:
         if demo.settings.steering.annotator == "oracle"
         else [f"annotate.path={demo.path('reward_model', 'attributes', 'final')}"]
     )
-    _train(
+    train(
         demo,
         "steerlm",
         [
@@ -383,7 +333,7 @@ def _steerlm2(demo: Demo) -> dict[str, Any]:
         for r in steer_prompt_records(steering.steerlm2_prompts, seed=0)
     ]
     write_jsonl(targets, demo.path("steerlm2", "targets.jsonl"))
-    _train(
+    train(
         demo,
         "steerlm2",
         [
@@ -400,7 +350,7 @@ def _steerlm2(demo: Demo) -> dict[str, Any]:
 
 def _rl_curves(stage: str, demo: Demo) -> dict[str, list[float]]:
     """Per logged step: the trained-on reward, the oracle's (monitor) reward and the KL, from metrics.jsonl."""
-    rows = _read_jsonl(demo.path(stage, "metrics.jsonl"))
+    rows = read_jsonl(demo.path(stage, "metrics.jsonl"))
     keys = {"step": "step", "reward": "rollout/reward", "oracle": "rollout/monitor_reward", "kl": "rollout/kl"}
     return {name: [r[key] for r in rows if key in r] for name, key in keys.items()}
 
@@ -438,7 +388,7 @@ def _reward_hacking(demo: Demo, stage: str) -> dict[str, Any]:
 def _ppo(demo: Demo) -> dict[str, Any]:
     """PPO from the SFT model against the stage `reward_model`'s Bradley-Terry model (the oracle
     monitors the rollouts and judges the result); the critic starts from the reward model."""
-    _train(
+    train(
         demo,
         "ppo",
         [
@@ -447,7 +397,7 @@ def _ppo(demo: Demo) -> dict[str, Any]:
             f"reward.path={demo.path('reward_model', 'bt', 'final')}",
         ],
     )
-    metrics = _evaluate(demo, "ppo", reference="sft")
+    metrics = evaluate(demo, "ppo", reference="sft")
     metrics.update(_reward_hacking(demo, "ppo"))
     metrics["curves"] = _rl_curves("ppo", demo)
     return metrics
@@ -455,12 +405,12 @@ def _ppo(demo: Demo) -> dict[str, Any]:
 
 def _grpo(demo: Demo) -> dict[str, Any]:
     """GRPO from the SFT model against the oracle's check of the final answer (a verifiable reward)."""
-    _train(
+    train(
         demo,
         "grpo",
         [f"model.path={demo.path('sft', 'final')}", f"data.train.path={demo.path('data', 'prompts.jsonl')}"],
     )
-    metrics = _evaluate(demo, "grpo", reference="sft")
+    metrics = evaluate(demo, "grpo", reference="sft")
     metrics["curves"] = _rl_curves("grpo", demo)
     return metrics
 
@@ -486,8 +436,8 @@ def _draftp(demo: Demo) -> dict[str, Any]:
     shapes = demo.path("shapes")
     runs = {"draftp": demo.path("draftp", "draftp_run"), "draft": demo.path("draftp", "draft_run")}
     common = [f"model.path={shapes / 'base'}", f"reward={shapes / 'judge'}"]
-    _train(demo, "draftp", common, output=runs["draftp"])
-    _train(demo, "draftp", [*common, "draftp.kl_coeff=0"], output=runs["draft"])
+    train(demo, "draftp", common, output=runs["draftp"])
+    train(demo, "draftp", [*common, "draftp.kl_coeff=0"], output=runs["draft"])
 
     cfg = load_config(DraftpRecipeConfig, find_config("demo", "draftp"), [f"output_dir={runs['draftp']}", *common])
     captions = [r["prompt"] for r in caption_records(90, seed=1)]
@@ -545,7 +495,7 @@ def _draftp_grid(demo: Demo, samples: dict[str, torch.Tensor], captions: list[st
 
 
 def _draftp_curves(run: Path) -> dict[str, list[float]]:
-    rows = _read_jsonl(run / "metrics.jsonl")
+    rows = read_jsonl(run / "metrics.jsonl")
     return {
         "step": [r["step"] for r in rows if "reward" in r],
         "reward": [r["reward"] for r in rows if "reward" in r],
@@ -602,6 +552,22 @@ STAGES = [
         ("data", "sft"),
         configs=("cai_helpful", "cai_feedback", "cai"),
         settings=(*EVALUATED, "cai"),
+        in_summary=True,
+    ),
+    Stage(
+        "rl_variants",
+        rl_variants_stage,
+        ("data", "sft"),
+        configs=("grpo",),
+        settings=(*EVALUATED, "rl_variants"),
+        in_summary=True,
+    ),
+    Stage(
+        "onpolicy_distill",
+        onpolicy_distill_stage,
+        ("data", "base", "sft"),
+        configs=("onpolicy_distill", "onpolicy_distill_offline"),
+        settings=(*EVALUATED, "onpolicy_distill"),
         in_summary=True,
     ),
     Stage("shapes", _shapes, (), settings=("draftp",)),
