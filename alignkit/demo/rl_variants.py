@@ -107,7 +107,12 @@ def onpolicy_distill_stage(demo: Demo) -> dict[str, Any]:
     train(
         demo,
         "onpolicy_distill/offline",
-        [f"model.path={student}", f"teacher.path={teacher}", f"train.max_steps={settings.steps}"],
+        [
+            f"model.path={student}",
+            f"teacher.path={teacher}",
+            f"data.train.path={demo.path('data', 'sft.jsonl')}",
+            f"train.max_steps={settings.steps}",
+        ],
         config="onpolicy_distill_offline",
     )
     train(
