@@ -35,8 +35,8 @@ __all__ = [
 
 
 class RLVariantsSettings(Section):
-    generated_tokens: int = Field(400_000, ge=1)  # each method's budget of generated response tokens
-    max_steps: int = Field(100, ge=1)  # and at most this many steps
+    generated_tokens: int = Field(320_000, ge=1)  # each method's budget of generated response tokens
+    max_steps: int = Field(200, ge=1)  # and at most this many steps (the budget comes first)
 
 
 class OnPolicyDistillSettings(Section):
