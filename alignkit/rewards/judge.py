@@ -38,7 +38,6 @@ import math
 import os
 import re
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,6 +49,7 @@ from pydantic import Field, model_validator
 from alignkit.config import SamplingConfig, Section
 from alignkit.generation.sampler import generate, stop_token_ids
 from alignkit.models.loading import load_for_eval
+from alignkit.rewards.http import post_json
 from alignkit.rewards.local import RewardOutput, RewardSourceError
 
 __all__ = ["ChatClient", "DiskCache", "JudgeConfig", "JudgeReward", "LocalChat", "JudgeError", "chat_client"]
@@ -173,27 +173,8 @@ class ChatClient:
         return answer
 
     def _post(self, body: dict) -> dict:
-        import httpx
-
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                answer = self.http.post(f"{self.url}/chat/completions", json=body)
-            except httpx.HTTPError as exc:  # connection refused, timeout, ...
-                last = f"{type(exc).__name__}: {exc}"
-                continue
-            if answer.status_code >= 500:
-                last = f"HTTP {answer.status_code}: {answer.text[:200]}"
-                continue
-            if answer.status_code != 200:
-                raise JudgeError(
-                    f"judge {self.url}/chat/completions refused the request: HTTP {answer.status_code}: "
-                    f"{answer.text[:300]}"
-                )
-            return answer.json()
-        raise JudgeError(f"judge {self.url} unreachable after {self.retries + 1} attempts ({last})")
+        url, retries = self.url, self.retries
+        return post_json(self.http, "judge", url, "chat/completions", body, retries, self.backoff_s, JudgeError)
 
     def close(self) -> None:
         self.http.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any, Literal
@@ -26,6 +25,7 @@ import torch
 from pydantic import Field, model_validator
 
 from alignkit.config import Section
+from alignkit.rewards.http import post_json
 from alignkit.rewards.judge import JudgeConfig, JudgeReward
 from alignkit.rewards.local import LocalRewardModel, RewardOutput, RewardSourceError
 from alignkit.tasks.oracle import ATTRIBUTES, score_response
@@ -152,28 +152,9 @@ class RemoteRewardModel:
         self.retries, self.backoff_s = retries, backoff_s
 
     def __call__(self, prompts: list, responses: list[str]) -> RewardOutput:
-        import httpx
-
         payload = {"prompts": [_prompt_text(p) for p in prompts], "responses": list(responses)}
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                answer = self.client.post(f"{self.url}/score", json=payload)
-            except httpx.HTTPError as exc:  # connection refused, timeout, ...
-                last = f"{type(exc).__name__}: {exc}"
-                continue
-            if answer.status_code >= 500:
-                last = f"HTTP {answer.status_code}: {answer.text[:200]}"
-                continue
-            if answer.status_code != 200:
-                raise RewardSourceError(
-                    f"reward server {self.url}/score refused the request: HTTP "
-                    f"{answer.status_code}: {answer.text[:300]}"
-                )
-            return _as_output(answer.json(), len(responses), f"reward server {self.url}")
-        raise RewardSourceError(f"reward server {self.url} unreachable after {self.retries + 1} attempts ({last})")
+        answer = post_json(self.client, "reward server", self.url, "score", payload, self.retries, self.backoff_s)
+        return _as_output(answer, len(responses), f"reward server {self.url}")
 
     def close(self) -> None:
         self.client.close()
