@@ -14,9 +14,9 @@ from pathlib import Path
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
 
-from alignkit.config import ModelConfig, RandomInitConfig
-from alignkit.models.loading import load_causal_lm, save_causal_lm
+from alignkit.models.loading import save_causal_lm
 from alignkit.models.tokenizer import CHAT_TEMPLATE, byte_tokenizer
+from tests.conftest import tiny_model
 
 END_OF_TURN = "<end_of_turn>"
 MAX_POSITIONS = 512  # GPT-2's learned position table has exactly this many rows
@@ -63,16 +63,7 @@ def save_architecture(architecture: str, out: Path, seed: int = 0) -> Path:
     """A 2-layer, 32-wide random `architecture` saved at `out` with its tokenizer; its generation
     config stops at EOS and at END_OF_TURN; Gemma2 and Mistral attend within SLIDING_WINDOW."""
     tokenizer = arch_tokenizer(ARCHITECTURES[architecture])
-    shape = RandomInitConfig(
-        architecture=architecture,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_POSITIONS,
-    )
-    model = load_causal_lm(ModelConfig(random_init=shape), tokenizer, seed=seed)
+    model = tiny_model(tokenizer, architecture, seed=seed, max_position_embeddings=MAX_POSITIONS)
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
     if architecture in ("gemma2", "mistral"):

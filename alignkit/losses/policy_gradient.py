@@ -163,11 +163,18 @@ def ppo_policy_loss(
     A = -1, rho = 0.5 -> max(0.5, 0.8) = 0.8 (clipped).
     """
     m = mask.to(logps.dtype)
-    log_ratio = (logps - old_logps) * m
-    ratio = torch.exp(log_ratio)
     high = clip_eps if clip_eps_high is None else clip_eps_high
+    return _clipped_surrogate((logps - old_logps) * m, advantages, m, clip_eps, high, weights)
+
+
+def _clipped_surrogate(
+    log_ratio: Tensor, advantages: Tensor, m: Tensor, low: float, high: float, weights: Tensor | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """max(-A rho, -A clip(rho, 1 - low, 1 + high)) per token for rho = exp(log_ratio) (a token's
+    ratio, or its sequence's in GSPO): the weighted sum over the mask `m`, and the metrics."""
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    clipped = -advantages * ratio.clamp(1.0 - low, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
     return _weighted(per_token, m, weights), _ratio_metrics(per_token, m, log_ratio, clipped > unclipped)
 
@@ -221,13 +228,8 @@ def gspo_policy_loss(
     Example: token log-ratios [log 2, 0] (one sequence, A = 1): s = sqrt(2) = 1.4142 -> clipped to
     1.0004 -> l = -1.0004 at both tokens (no gradient: the clipped branch is active).
     """
-    m = mask.to(logps.dtype)
     log_ratio = sequence_mean(logps - old_logps, lengths)  # (N,) log s_i at each token of sequence i
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)
-    per_token = torch.maximum(unclipped, clipped)
-    return _weighted(per_token, m, weights), _ratio_metrics(per_token, m, log_ratio, clipped > unclipped)
+    return _clipped_surrogate(log_ratio, advantages, mask.to(logps.dtype), clip_eps, clip_eps_high, weights)
 
 
 def cispo_policy_loss(

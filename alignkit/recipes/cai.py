@@ -167,13 +167,12 @@ class Config(RecipeConfig):
 # --- the feedback model ---------------------------------------------------------------------------
 
 
-def feedback_client(cfg: Config, run: Run, policy=None):
-    """The feedback model's client, caching to output_dir/feedback_cache.jsonl."""
+def feedback_client(cfg: Config, run: Run, policy: tuple):
+    """The feedback model's client, caching to output_dir/feedback_cache.jsonl; with neither a URL
+    nor a model set, `policy` (model, tokenizer), the step's own model, critiques itself."""
     fc = cfg.cai.feedback
     cache = run.output_dir / "feedback_cache.jsonl"
     if fc.url is None and fc.model is None:
-        if policy is None:
-            policy = load_causal_lm(cfg.model, load_tokenizer(cfg.model), seed=cfg.train.seed).eval()
         return LocalChat.from_model(policy[0], policy[1], "policy", batch_size=fc.concurrency, cache_path=cache)
     judge = JudgeConfig(
         url=fc.url,
