@@ -156,7 +156,9 @@ def token_advantages(rf: ReinforceConfig, rollouts, scores: torch.Tensor, n: int
         return [torch.full((len(r.response_ids),), a) for r, a in zip(rollouts, adv.tolist())]
     baseline = scores.view(-1, n).mean(-1).repeat_interleave(n) if rf.estimator == "reinforce_pp_baseline" else None
     kl = [
-        kl_per_token(r.old_logps, r.ref_logps, "k1") if rf.kl_coef else torch.zeros(len(r.response_ids))
+        kl_per_token(r.old_logps, r.ref_logps, rf.kl_estimator or "k1")
+        if rf.kl_coef
+        else torch.zeros(len(r.response_ids))
         for r in rollouts
     ]
     returns = reinforce_pp_advantages(scores, kl, rf.kl_coef, baseline)
