@@ -27,6 +27,7 @@ give no signal: all right or all wrong).
 
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 from typing import Literal
@@ -46,8 +47,9 @@ from alignkit.losses.policy_gradient import (
     token_weights,
     whiten,
 )
-from alignkit.models.loading import load_causal_lm, load_tokenizer
+from alignkit.models.loading import load_causal_lm, load_tokenizer, unwrap
 from alignkit.rewards import RewardSourceConfig, build_reward_source
+from alignkit.rewards.judge import ChatClient, teacher_scores
 from alignkit.training.distributed import wrap_model
 from alignkit.training.loop import finish_step, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
@@ -109,10 +111,24 @@ class ReinforceConfig(Section):
     max_generated_tokens: int | None = Field(None, ge=1)
 
 
+class TeacherServerConfig(Section):
+    """A teacher behind an OpenAI-compatible completions endpoint that scores given tokens with
+    vLLM's `prompt_logprobs` (vLLM, `alignkit serve generate`), serving the student's tokenizer."""
+
+    url: str  # base URL ending in /v1
+    model: str | None = None  # the name it serves
+    concurrency: int = Field(4, ge=1)
+    timeout_s: float = Field(120.0, gt=0.0)
+    retries: int = Field(3, ge=0)
+    api_key_env: str | None = "OPENAI_API_KEY"
+
+
 class Config(RecipeConfig):
     data: DataConfig  # data.train: prompt records with "prompt"
     reward: RewardSourceConfig | None = None  # every estimator but onpolicy_distill learns from it
-    teacher: ModelConfig | None = None  # onpolicy_distill: the model whose log-probs the student matches
+    # onpolicy_distill: the model whose log-probs the student matches, local or behind an endpoint
+    teacher: ModelConfig | None = None
+    teacher_server: TeacherServerConfig | None = None
     rollout: RolloutConfig = RolloutConfig()
     sampling: SamplingConfig = SamplingConfig(n=4)  # n samples per prompt: the group of the baselines
     reinforce: ReinforceConfig = ReinforceConfig()
@@ -124,8 +140,17 @@ class Config(RecipeConfig):
         estimator = self.reinforce.estimator
         if estimator in GROUP_ESTIMATORS and self.sampling.n < 2:
             raise ValueError(f"sampling.n={self.sampling.n}: {estimator} compares the samples of one prompt; use >= 2")
-        if estimator == "onpolicy_distill" and self.teacher is None:
-            raise ValueError("teacher: reinforce.estimator=onpolicy_distill needs a teacher model (teacher.path)")
+        if estimator == "onpolicy_distill" and (self.teacher is None) == (self.teacher_server is None):
+            raise ValueError(
+                "teacher: reinforce.estimator=onpolicy_distill needs one teacher: a local model (teacher.path) "
+                "or an endpoint (teacher_server.url)"
+            )
+        remote_topk = self.teacher_server is not None and self.reinforce.distill_loss == "topk"
+        if remote_topk and self.reinforce.teacher_top_k > 20:
+            raise ValueError(
+                f"reinforce.teacher_top_k={self.reinforce.teacher_top_k}: an endpoint returns at most 20 "
+                "prompt log-probs per token (vLLM's default max_logprobs); use <= 20"
+            )
         if estimator == "onpolicy_distill" and self.reinforce.distill_loss == "topk" and self.reinforce.kl_coef:
             raise ValueError("reinforce.kl_coef: on-policy distillation's teacher anchors the student; set it to 0")
         if estimator == "onpolicy_distill" and self.reinforce.max_draws > 1:
@@ -168,9 +193,10 @@ def token_advantages(rf: ReinforceConfig, rollouts, scores: torch.Tensor, n: int
 
 
 def _loss_fn(rf: ReinforceConfig, teacher, kl_coef: float, kl_estimator: str) -> partial:
-    """Step 4's loss: the policy-gradient surrogate, or (on-policy distillation with the teacher at
-    hand) the reverse KL to the teacher over its top-K tokens at every visited position."""
-    if teacher is not None and rf.distill_loss == "topk":
+    """Step 4's loss: the policy-gradient surrogate, or (on-policy distillation, "topk") the reverse
+    KL to the teacher over its top-K tokens at every visited position (`teacher` None: the top-K
+    an endpoint returned, stored on the rollouts)."""
+    if rf.estimator == "onpolicy_distill" and rf.distill_loss == "topk":
         return partial(reverse_kl_loss, teacher=teacher, top_k=rf.teacher_top_k)
     return partial(
         actor_loss,
@@ -179,6 +205,13 @@ def _loss_fn(rf: ReinforceConfig, teacher, kl_coef: float, kl_estimator: str) ->
         policy_loss=rf.policy_loss,
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,
+    )
+
+
+def _teacher_client(server: TeacherServerConfig) -> ChatClient:
+    key = os.environ.get(server.api_key_env) if server.api_key_env else None
+    return ChatClient(
+        server.url, server.model, server.timeout_s, server.retries, server.concurrency, key, who="teacher"
     )
 
 
@@ -199,7 +232,10 @@ def main(cfg: Config) -> None:
         reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
     teacher = None
     if rf.estimator == "onpolicy_distill":  # scored with the student's tokenizer: they must share it
-        teacher = load_causal_lm(cfg.teacher, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
+        teacher = load_causal_lm(cfg.teacher, tokenizer, seed=cfg.train.seed) if cfg.teacher else None
+        teacher = teacher.to(d.device).requires_grad_(False) if teacher is not None else None
+    remote = _teacher_client(cfg.teacher_server) if cfg.teacher_server else None
+    distilling = teacher is not None or remote is not None
     optimizer = build_optimizer(actor, cfg.optim)
     parts = {"actor": (actor, optimizer, build_scheduler(optimizer, rf.steps * rf.epochs * rf.minibatches, cfg.optim))}
     start, extra, logger = resume(run, parts, rf.steps)
@@ -207,7 +243,7 @@ def main(cfg: Config) -> None:
     # The old policy's log-probs matter only when the policy moves between updates of one rollout
     # batch, for the KL inside the reward (RLOO, REINFORCE++), or against the teacher's.
     kl_in_reward = rf.estimator in ("rloo", "reinforce_pp", "reinforce_pp_baseline") and rf.kl_coef > 0
-    need_old = rf.epochs * rf.minibatches > 1 or kl_in_reward or teacher is not None
+    need_old = rf.epochs * rf.minibatches > 1 or kl_in_reward or distilling
     run.log.info(f"{rf.estimator.upper()}: {rf.steps} steps of {rc.prompts_per_step} prompts x {n} samples")
 
     for step in range(start, rf.steps):
@@ -236,6 +272,14 @@ def main(cfg: Config) -> None:
         if teacher is not None:
             for r, t in zip(rollouts, forward(lambda b: token_logps(teacher, b)[0])):
                 r.teacher_logps = t
+        if remote is not None:  # one request per 16 rollouts; the top-K kept for the "topk" loss
+            k = rf.teacher_top_k if rf.distill_loss == "topk" else 1
+            pairs = [(r.prompt_ids, r.response_ids) for r in rollouts]
+            vocab = unwrap(actor).get_input_embeddings().num_embeddings
+            for r, (logps, ids, tops) in zip(rollouts, teacher_scores(remote, pairs, k, vocab)):
+                r.teacher_logps = logps
+                if rf.distill_loss == "topk":
+                    r.teacher_top_ids, r.teacher_top_logps = ids, tops
         t3 = time.perf_counter()
         rewards = scores.clone()
         if rf.estimator == "rloo" and rf.kl_coef:
@@ -278,7 +322,7 @@ def main(cfg: Config) -> None:
             )
         if rf.estimator == "rloo" and rf.kl_coef:
             metrics["rollout/reward_with_kl"] = flat["reward_kl"] / metrics["rollout/samples"]
-        if teacher is not None:  # sum_t (log pi_student - log pi_teacher) per response: the sampled reverse KL
+        if distilling:  # sum_t (log pi_student - log pi_teacher) per response: the sampled reverse KL
             tkl = reduce_sums({"kl": sum(float((r.old_logps - r.teacher_logps).sum()) for r in rollouts)}, d)
             metrics["rollout/teacher_kl"] = tkl["kl"] / metrics["rollout/samples"]
 

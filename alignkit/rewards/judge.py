@@ -52,7 +52,16 @@ from alignkit.models.loading import load_for_eval
 from alignkit.rewards.http import post_json
 from alignkit.rewards.local import RewardOutput, RewardSourceError
 
-__all__ = ["ChatClient", "DiskCache", "JudgeConfig", "JudgeReward", "LocalChat", "JudgeError", "chat_client"]
+__all__ = [
+    "ChatClient",
+    "DiskCache",
+    "JudgeConfig",
+    "JudgeReward",
+    "LocalChat",
+    "JudgeError",
+    "chat_client",
+    "teacher_scores",
+]
 
 DEFAULT_RUBRIC = (
     "Rate the assistant's response to the user's request on a scale of 1 to 10, where 1 is useless or "
@@ -144,6 +153,7 @@ class ChatClient:
         backoff_s: float = 0.5,
         transport=None,  # an httpx transport, for tests
         cache_path: str | Path | None = None,
+        who: str = "judge",  # how errors name the endpoint's role
     ):
         import httpx  # local: a quarter second of start-up, for remote judges only
 
@@ -154,6 +164,7 @@ class ChatClient:
         self.cache = DiskCache(cache_path)
         self.lock = threading.Lock()
         self.requests = 0  # sent, not answered from the cache
+        self.who = who
 
     def chat_many(self, conversations: Sequence[list[dict]], **params) -> list[dict]:
         """One chat completion per conversation (in order), `concurrency` in flight at once."""
@@ -172,12 +183,65 @@ class ChatClient:
         self.cache.put(key, answer)
         return answer
 
-    def _post(self, body: dict) -> dict:
+    def prompt_logprobs(self, sequences: Sequence[list[int]], top_k: int, per_request: int = 16) -> list[list]:
+        """vLLM's `prompt_logprobs` of each token-id sequence (one `null`, then one {id: {"logprob",
+        "rank", ...}} per later token), `per_request` sequences per POST to {url}/completions and
+        `concurrency` POSTs in flight. Not cached: a teacher scores each rollout once."""
+        chunks = [list(sequences[i : i + per_request]) for i in range(0, len(sequences), per_request)]
+
+        def score(chunk: list[list[int]]) -> list[list]:
+            body = {"model": self.model, "prompt": chunk, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": top_k}
+            choices = self._post(body, "completions").get("choices") or []
+            if len(choices) != len(chunk) or any(c.get("prompt_logprobs") is None for c in choices):
+                raise JudgeError(
+                    f"{self.url}/completions returned no prompt_logprobs: scoring given tokens needs a server "
+                    "with vLLM's prompt_logprobs (vLLM, `alignkit serve generate`)"
+                )
+            return [c["prompt_logprobs"] for c in sorted(choices, key=lambda c: c.get("index", 0))]
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return [entries for answer in pool.map(score, chunks) for entries in answer]
+
+    def _post(self, body: dict, endpoint: str = "chat/completions") -> dict:
         url, retries = self.url, self.retries
-        return post_json(self.http, "judge", url, "chat/completions", body, retries, self.backoff_s, JudgeError)
+        return post_json(self.http, self.who, url, endpoint, body, retries, self.backoff_s, JudgeError)
 
     def close(self) -> None:
         self.http.close()
+
+
+def teacher_scores(
+    client: ChatClient, pairs: Sequence[tuple[list[int], list[int]]], top_k: int, vocab: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A teacher behind an endpoint scores given (prompt ids, response ids) pairs: per response, its
+    tokens' log-probs (R,) and the teacher's `top_k` most likely (ids, log-probs), each (R, K), at
+    each response position. The endpoint must share the student's tokenizer: an id outside the
+    student's `vocab`, or fewer than `top_k` candidates, is an error naming the URL."""
+    answers = client.prompt_logprobs([prompt + response for prompt, response in pairs], top_k)
+    out = []
+    for (prompt, response), entries in zip(pairs, answers):
+        positions = entries[len(prompt) : len(prompt) + len(response)]
+        logps, ids, tops = [], [], []
+        for token, entry in zip(response, positions):
+            ranked = sorted(((int(i), float(v["logprob"])) for i, v in (entry or {}).items()), key=lambda e: -e[1])
+            mine = dict(ranked).get(token)
+            if mine is None or len(ranked) < top_k or max(i for i, _ in ranked) >= vocab:
+                raise JudgeError(
+                    f"teacher {client.url}: prompt_logprobs without token {token} or its top {top_k} "
+                    f"(got {len(ranked)} entries); the teacher must share the student's tokenizer"
+                )
+            logps.append(mine)
+            ids.append([i for i, _ in ranked[:top_k]])
+            tops.append([v for _, v in ranked[:top_k]])
+        shape = (len(response), top_k)
+        out.append(
+            (
+                torch.tensor(logps),
+                torch.tensor(ids, dtype=torch.long).reshape(shape),
+                torch.tensor(tops).reshape(shape),
+            )
+        )
+    return out
 
 
 class LocalChat:

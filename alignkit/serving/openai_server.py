@@ -2,7 +2,8 @@
 
     GET  /v1/models
     POST /v1/completions        {"model", "prompt": str | [str] | [int] | [[int]], "max_tokens", "temperature",
-                                 "top_p", "top_k", "n", "stop": str | [str], "seed", "logprobs": k, "stream"}
+                                 "top_p", "top_k", "n", "stop": str | [str], "seed", "logprobs": k, "stream",
+                                 "prompt_logprobs": k}
     POST /v1/chat/completions   {"model", "messages": [{"role", "content": str | [{"type": "text", "text"}]}],
                                  same sampling fields, "logprobs": bool, "top_logprobs": k, "stream"}
 
@@ -15,6 +16,13 @@ when `max_tokens` cut it. `stream: true` sends server-sent events as tokens are 
 (`stream_options.include_usage` adds a usage chunk); a client that disconnects stops its
 generation. Log-probs are the model's own (temperature 1, before top-k/top-p), the numbers
 a training forward pass computes.
+
+`prompt_logprobs: k` (vLLM's extension, in vLLM's shape) scores the prompt itself: each choice
+gets `prompt_logprobs`, one entry per prompt token, `null` for the first and otherwise
+{token id: {"logprob", "rank", "decoded_token"}} for the token that is there and the k most likely
+ones. This is how a teacher behind an endpoint scores a student's tokens (on-policy distillation,
+`reinforce.estimator=onpolicy_distill` with `teacher_server`): the ids are exact, where the
+text-keyed `logprobs` of the legacy API would be ambiguous.
 
 Refused with a 4xx naming the problem, before any generation: a prompt plus `max_tokens` beyond
 the model's context (its position limit), `max_tokens` above the server's limit, token ids outside
@@ -39,6 +47,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -75,6 +84,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class ContentPart(BaseModel):
@@ -281,6 +291,10 @@ def create_app(
     async def complete(job: _Job) -> list[Completion]:
         return await asyncio.get_running_loop().run_in_executor(None, run, job)
 
+    def score_prompts(ids: list[list[int]], k: int) -> list[list[dict | None]]:
+        with lock:
+            return [[None] + _prompt_entries(model, p, k, piece) for p in ids]
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         check_bearer(request, token)
@@ -292,6 +306,8 @@ def create_app(
         ids = prompt_ids(req)
         job = _Job(ids, sampling_of(req, ids), top_logprobs=req.logprobs or 0, want_logprobs=req.logprobs is not None)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if req.prompt_logprobs is not None and req.stream:
+            raise _bad("prompt_logprobs is not available with stream=true")
 
         def choice(i: int, text: str, c: Completion | None, lp: dict | None) -> dict[str, Any]:
             return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(c) if c else None}
@@ -317,15 +333,16 @@ def create_app(
 
             return stream(job, req, head, "text_completion", None, token_chunk, last_chunk)
         out = await complete(job)
-        return {
-            **head,
-            "object": "text_completion",
-            "usage": usage(job, out),
-            "choices": [
-                choice(i, c.text, c, completion_logprobs(c, job.top_logprobs) if job.want_logprobs else None)
-                for i, c in enumerate(out)
-            ],
-        }
+        choices = [
+            choice(i, c.text, c, completion_logprobs(c, job.top_logprobs) if job.want_logprobs else None)
+            for i, c in enumerate(out)
+        ]
+        if req.prompt_logprobs is not None:  # choice i answers prompt i // n
+            loop = asyncio.get_running_loop()
+            scored = await loop.run_in_executor(None, score_prompts, ids, req.prompt_logprobs)
+            for i, c in enumerate(choices):
+                c["prompt_logprobs"] = scored[i // req.n]
+        return {**head, "object": "text_completion", "usage": usage(job, out), "choices": choices}
 
     def chat_prompt(req: ChatRequest) -> list[int]:
         if req.tools:
@@ -435,6 +452,25 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+@torch.no_grad()
+def _prompt_entries(model, ids: list[int], k: int, piece: Callable[[int], str]) -> list[dict]:
+    """vLLM's prompt log-probs for prompt positions 1..L-1: {id: {"logprob", "rank", "decoded_token"}}
+    for the token there and the k most likely, under the model's own distribution (temperature 1)."""
+    logits = model(torch.tensor([ids], device=model.device)).logits[0, :-1].float()  # (L-1, V)
+    logps = torch.log_softmax(logits, dim=-1)
+    actual = torch.tensor(ids[1:], device=logps.device)  # (L-1,)
+    chosen = logps.gather(-1, actual[:, None])  # (L-1, 1)
+    ranks = (logps > chosen).sum(-1) + 1  # (L-1,) 1: the most likely token
+    top_lp, top_ids = logps.topk(k, dim=-1) if k else (logps[:, :0], actual[:, None][:, :0])
+    out = []
+    for t, token in enumerate(ids[1:]):
+        entry = {token: (float(chosen[t]), int(ranks[t]))}
+        for r, (i, lp) in enumerate(zip(top_ids[t].tolist(), top_lp[t].tolist())):
+            entry.setdefault(i, (lp, r + 1))
+        out.append({str(i): {"logprob": v, "rank": rank, "decoded_token": piece(i)} for i, (v, rank) in entry.items()})
+    return out
 
 
 def _event(body: dict[str, Any]) -> str:

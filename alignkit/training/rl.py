@@ -288,17 +288,21 @@ def actor_loss(
 
 
 def reverse_kl_loss(model, batch, teacher, top_k: int):
-    """On-policy distillation with the teacher at hand (GKD with beta = 1, Agarwal et al. 2024): at
-    each position the student's own samples visited, the reverse KL(student || teacher) over the
-    teacher's `top_k` most likely tokens (both renormalised there, as the offline `distill`
-    recipe's loss), differentiated through the student's distribution, not through the sampling.
-    A teacher no-grad forward per micro-batch. Sums over the tokens of `actor_mask`, each weighted
-    by its rollout's aggregation weight."""
+    """On-policy distillation (GKD with beta = 1, Agarwal et al. 2024): at each position the
+    student's own samples visited, the reverse KL(student || teacher) over the teacher's `top_k`
+    most likely tokens (both renormalised there, as the offline `distill` recipe's loss),
+    differentiated through the student's distribution, not through the sampling. A local teacher
+    runs a no-grad forward per micro-batch; `teacher=None` reads the top-K an endpoint returned for
+    each rollout (`teacher_top_ids`, `teacher_top_logps`). Sums over the tokens of `actor_mask`,
+    each weighted by its rollout's aggregation weight."""
     select = batch["target_ids"] != IGNORE  # (B, T)
     student = logits_at(model, batch["input_ids"], batch["position_ids"], select).float()  # (N, V)
-    with torch.no_grad():
-        teacher_logits = logits_at(teacher, batch["input_ids"], batch["position_ids"], select).float()
-        top, ids = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1)  # (N, K)
+    if teacher is None:  # renormalised over the K, log-probs and logits give the same loss
+        top, ids = batch["teacher_top_logps"].to(student.device), batch["teacher_top_ids"].to(student.device)
+    else:
+        with torch.no_grad():
+            teacher_logits = logits_at(teacher, batch["input_ids"], batch["position_ids"], select).float()
+            top, ids = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1)  # (N, K)
     per_token = topk_kd_loss(student, top, ids, kl="reverse")  # (N,)
     m = batch["actor_mask"].to(per_token.dtype)
     w = m if batch.get("loss_weights") is None else m * batch["loss_weights"]

@@ -69,6 +69,9 @@ class Rollout:
     old_logps: Tensor | None = None  # (R,) the actor at sampling time
     ref_logps: Tensor | None = None  # (R,) the reference
     teacher_logps: Tensor | None = None  # (R,) a teacher (on-policy distillation)
+    # a teacher behind an endpoint: its top-K tokens and log-probs at each response position
+    teacher_top_ids: Tensor | None = None  # (R, K)
+    teacher_top_logps: Tensor | None = None  # (R, K)
     values: Tensor | None = None  # (R,) the critic at sampling time
     advantages: Tensor | None = None  # (R,)
     returns: Tensor | None = None  # (R,)
@@ -127,7 +130,7 @@ def collate_rollouts(rollouts: list[Rollout], pad_id: int) -> dict[str, Any]:
     batch = collate_groups([[r.example()] for r in rollouts], pad_id)
     packed = [rollouts[i] for i in batch["order"]]
     batch["response_lengths"] = [len(r.response_ids) for r in packed]
-    for key in ("old_logps", "ref_logps", "values", "advantages", "returns"):
+    for key in ("old_logps", "ref_logps", "values", "advantages", "returns", "teacher_top_ids", "teacher_top_logps"):
         if all(getattr(r, key) is not None for r in packed):
             batch[key] = torch.cat([getattr(r, key) for r in packed])
     batch["actor_mask"] = torch.cat([torch.full((len(r.response_ids),), r.trains_actor) for r in packed])

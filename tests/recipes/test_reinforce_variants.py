@@ -133,9 +133,64 @@ def test_onpolicy_distillation_moves_the_student_toward_the_teacher(tmp_path, to
     assert metrics(sampled)[0]["rollout/teacher_kl"] == pytest.approx(m[0]["rollout/teacher_kl"], rel=1e-5)
 
 
-def test_onpolicy_distillation_needs_a_teacher(tmp_path):
+def test_a_teacher_behind_an_endpoint_trains_the_student_as_a_local_one(tmp_path, tokenizer):
+    """The teacher served by `alignkit serve generate` (its prompt_logprobs over the student's
+    tokens) gives the same steps as the same teacher loaded locally: top-K loss and sampled loss."""
+    from alignkit.models.loading import load_for_eval, save_causal_lm
+    from alignkit.serving.openai_server import create_app
+    from tests.conftest import tiny_model
+    from tests.unit.serving.test_reward_server import Server
+
+    student = tiny_model(tokenizer, seed=7)
+    student_dir = save_causal_lm(student, student.state_dict(), tokenizer, tmp_path / "start")
+    with torch.no_grad():
+        student.lm_head.weight.mul_(4.0)
+    teacher_dir = save_causal_lm(student, student.state_dict(), tokenizer, tmp_path / "teacher")
+    base = [
+        f"model.path={student_dir}",
+        "model.random_init=null",
+        "reinforce.estimator=onpolicy_distill",
+        "reinforce.kl_coef=0",
+        "reward=null",
+        "reinforce.steps=2",
+        "reinforce.teacher_top_k=20",
+        "checkpoint.every=null",
+        "checkpoint.save_final=false",
+    ]
+    model, tok = load_for_eval(teacher_dir)
+    with Server(create_app(model, tok, "teacher", max_tokens_limit=4)) as url:
+        for loss in ("topk", "sampled"):
+            local, remote = tmp_path / f"local_{loss}", tmp_path / f"remote_{loss}"
+            reinforce(local, *base, f"reinforce.distill_loss={loss}", f"teacher.path={teacher_dir}")
+            reinforce(remote, *base, f"reinforce.distill_loss={loss}", f"teacher_server.url={url}/v1", "teacher=null")
+            for a, b in zip(metrics(local), metrics(remote), strict=True):
+                assert b["rollout/teacher_kl"] == pytest.approx(a["rollout/teacher_kl"], rel=1e-4)
+                assert b["actor/loss"] == pytest.approx(a["actor/loss"], rel=1e-4, abs=1e-6)
+                assert a["rollout/teacher_kl"] > 0.1  # a sharper teacher: far from the student
+
+
+def test_onpolicy_distillation_needs_one_teacher(tmp_path):
     result = reinforce(tmp_path / "run", "reinforce.estimator=onpolicy_distill", ok=False)
-    assert result.returncode == 2 and "needs a teacher model (teacher.path)" in result.stderr
+    assert result.returncode == 2 and "needs one teacher: a local model (teacher.path)" in result.stderr
+    both = ["reinforce.estimator=onpolicy_distill", "teacher.path=x", "teacher_server.url=http://127.0.0.1:9/v1"]
+    result = reinforce(tmp_path / "two", *both, ok=False)
+    assert result.returncode == 2 and "needs one teacher" in result.stderr
+    result = reinforce(tmp_path / "k", *both[::2], "teacher=null", "reinforce.teacher_top_k=64", ok=False)
+    assert result.returncode == 2 and "at most 20" in result.stderr
+
+
+def test_an_unreachable_teacher_endpoint_is_named(tmp_path):
+    result = reinforce(
+        tmp_path / "run",
+        "reinforce.estimator=onpolicy_distill",
+        "reinforce.kl_coef=0",
+        "reward=null",
+        "teacher_server.url=http://127.0.0.1:9/v1",
+        "teacher_server.retries=0",
+        "reinforce.teacher_top_k=8",
+        ok=False,
+    )
+    assert result.returncode != 0 and "teacher http://127.0.0.1:9/v1 unreachable" in result.stderr
 
 
 def test_a_generation_budget_ends_the_run_and_survives_resume(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+import torch
 
 from alignkit.config import SamplingConfig
 from alignkit.generation.sampler import generate
@@ -200,6 +201,32 @@ def test_logprobs_are_the_models_own(served, tokenizer):
     )
     lps = [e.logprob for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert lps == pytest.approx([c.logprob for c in content])
+
+
+def test_prompt_logprobs_score_the_prompt_as_a_forward_pass(served, tokenizer):
+    """vLLM's extension, in vLLM's shape: per prompt token after the first, {id: {logprob, rank,
+    decoded_token}} for the token there and the k most likely, under the model's own distribution."""
+    client, model = served
+    ids = tokenizer("the cat sat on the mat", add_special_tokens=False)["input_ids"]
+    out = client.completions.create(
+        model="tiny", prompt=[ids, ids[:3]], max_tokens=1, extra_body={"prompt_logprobs": 4}
+    )
+    with torch.no_grad():
+        logps = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)  # (L-1, V)
+    for choice, prompt in zip(out.choices, [ids, ids[:3]]):
+        entries = choice.model_extra["prompt_logprobs"]
+        assert len(entries) == len(prompt) and entries[0] is None
+        for t, entry in enumerate(entries[1:]):
+            top = logps[t].topk(4)
+            expected = {int(i): float(v) for i, v in zip(top.indices, top.values)}
+            expected[prompt[t + 1]] = float(logps[t, prompt[t + 1]])
+            assert {int(k): v["logprob"] for k, v in entry.items()} == pytest.approx(expected, abs=1e-5)
+            rank = int((logps[t] > logps[t, prompt[t + 1]]).sum()) + 1
+            assert entry[str(prompt[t + 1])]["rank"] == rank
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs is not available with stream"):
+        client.completions.create(
+            model="tiny", prompt=ids, max_tokens=1, stream=True, extra_body={"prompt_logprobs": 1}
+        )
 
 
 def test_tool_and_developer_messages_reach_the_template(served, tokenizer):
