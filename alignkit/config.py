@@ -196,6 +196,7 @@ class RecipeConfig(Section):
     """Fields every recipe config has."""
 
     recipe: str | None = None  # the recipe this config is for; checked by `alignkit run`
+    async_save: bool = False  # write checkpoints from a background thread while training goes on
     output_dir: str
     model: ModelConfig
     optim: OptimConfig = OptimConfig()

@@ -19,8 +19,10 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -50,9 +52,12 @@ __all__ = [
     "load_for_eval",
     "load_sequence_scorer",
     "load_tokenizer",
+    "meta_skeleton",
     "position_limit",
     "random_init_config",
     "save_causal_lm",
+    "save_hf_streamed",
+    "saved_weight_names",
     "unwrap",
 ]
 
@@ -418,3 +423,157 @@ def save_causal_lm(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+# --- streamed saving: one tensor in memory at a time ---------------------------------------------
+
+_SHARD_BYTES = 5 * 10**9  # the Hub's usual safetensors shard size
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TensorSpec = tuple[torch.Size, torch.dtype]
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A weightless copy of an HF model (its class and config, on the meta device)."""
+    hf_model = unwrap(model)
+    with torch.device("meta"):
+        skeleton = type(hf_model)._from_config(hf_model.config)
+    skeleton.tie_weights()
+    if getattr(hf_model, "generation_config", None) is not None:
+        skeleton.generation_config = copy.deepcopy(hf_model.generation_config)
+    return skeleton
+
+
+def saved_weight_names(skeleton: nn.Module) -> list[str] | None:
+    """The names `save_pretrained` writes for this model, in its order: the state dict without the
+    tied copies (GPT-2's and tied models' `lm_head.weight`). None where transformers would rename or
+    fuse weights on saving (some MoE models): those save through `save_causal_lm`."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    kept = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
+    try:
+        reverted = revert_weight_conversion(skeleton, dict(kept))
+    except Exception:  # a conversion that cannot run on meta tensors: not ours to stream
+        return None
+    return list(kept) if list(reverted) == list(kept) else None
+
+
+def save_hf_streamed(
+    skeleton: nn.Module,
+    specs: dict[str, TensorSpec],
+    fetch,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    write: bool = True,
+    config_updates: dict | None = None,
+    max_shard_bytes: int = _SHARD_BYTES,
+) -> Path:
+    """An HF model directory written one tensor at a time: `fetch(name)` returns a full tensor
+    (a gather under FSDP/TP, a read from a DCP checkpoint) that goes straight into its safetensors
+    shard, so the writer holds one tensor, never the model. Every rank calls it with the same
+    `specs` (name -> shape, dtype) and calls `fetch` in the same order (it may be a collective);
+    only the rank with `write` writes. Atomic like `save_causal_lm`."""
+    out_dir = Path(out_dir)
+    shards = _plan_shards(specs, max_shard_bytes)
+    tmp = None
+    if write:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for file_name, names in shards.items():
+            _write_safetensors(tmp / file_name if tmp else None, {n: specs[n] for n in names}, fetch)
+        if tmp is None:
+            return out_dir
+        if len(shards) > 1:
+            total = sum(_nbytes(spec) for spec in specs.values())
+            weight_map = {name: file_name for file_name, names in shards.items() for name in names}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        dtype = next((dtype for _, dtype in specs.values() if dtype.is_floating_point), None)  # the weights'
+        _save_config(skeleton, tmp, config_updates, dtype)
+        tokenizer.save_pretrained(tmp)
+        _make_readable(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _nbytes(spec: TensorSpec) -> int:
+    shape, dtype = spec
+    return math.prod(shape) * dtype.itemsize
+
+
+def _plan_shards(specs: dict[str, TensorSpec], max_shard_bytes: int) -> dict[str, list[str]]:
+    """File name -> tensor names, in order, each file up to `max_shard_bytes` (or one tensor)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, spec in specs.items():
+        if groups[-1] and size + _nbytes(spec) > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += _nbytes(spec)
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def _write_safetensors(path: Path | None, specs: dict[str, TensorSpec], fetch) -> None:
+    """The safetensors format (a little-endian u64 header length, a JSON header of dtypes, shapes
+    and byte offsets, then the raw bytes) written header first: the offsets follow from the
+    shapes, so each tensor is written as it arrives and dropped. `path` None: fetch only."""
+    header: dict = {}
+    offset = 0
+    for name, spec in specs.items():
+        shape, dtype = spec
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + _nbytes(spec)],
+        }
+        offset += _nbytes(spec)
+    header["__metadata__"] = {"format": "pt"}  # transformers refuses files without it
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") if path else contextlib.nullcontext() as f:
+        if f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, (shape, dtype) in specs.items():
+            tensor = fetch(name)
+            if f:
+                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise ValueError(
+                        f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(shape)} {dtype}"
+                    )
+                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _save_config(skeleton: nn.Module, directory: Path, config_updates: dict | None, dtype: torch.dtype | None) -> None:
+    """config.json (and generation_config.json) as `save_pretrained` writes them."""
+    config = copy.deepcopy(skeleton.config)
+    config.architectures = [type(skeleton).__name__]
+    config.use_cache = True  # training turned the KV cache off; users generate with it
+    if dtype is not None:
+        config.dtype = str(dtype).split(".")[1]
+    for key, value in (config_updates or {}).items():
+        setattr(config, key, value)
+    config.save_pretrained(directory)
+    if skeleton.can_generate() and getattr(skeleton, "generation_config", None) is not None:
+        generation_config = copy.deepcopy(skeleton.generation_config)
+        generation_config.use_cache = True
+        generation_config.save_pretrained(directory)

@@ -27,8 +27,8 @@ are `alignkit.training.rl`'s. Metrics, per step, in
 response_tokens, ended_fraction, advantages/returns/values statistics), actor/ (loss, clip_fraction,
 ratio, approx_kl to the old policy, entropy, grad_norm), critic/ (value_loss, clip_fraction,
 explained_variance, grad_norm), kl_coef, lr, timing/ (generate, score, logprobs, train seconds).
-Checkpoints hold actor and critic (`checkpoints/step_N`, `checkpoints/critic/step_N`) and beta; a
-resumed run repeats nothing. `final/` is the actor; `critic/final/` the critic (both unless
+Checkpoints hold actor and critic (both in `checkpoints/step_N`) and beta; a resumed run repeats
+nothing. `final/` is the actor; `critic/final/` the critic (both unless
 `checkpoint.save_final: false`).
 
     alignkit run ppo --config tiny

@@ -25,6 +25,7 @@ __all__ = [
     "barrier",
     "decoder_layers",
     "full_state_dict",
+    "full_tensor",
     "gather_rollouts",
     "init_distributed",
     "score_sharded",
@@ -157,3 +158,9 @@ def full_state_dict(
     if optimizer is None:
         return get_model_state_dict(target, options=options), None
     return get_state_dict(target, optimizer, options=options)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a parameter: its shards gathered from every rank (a collective) when it is a
+    DTensor (FSDP, TP), else the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

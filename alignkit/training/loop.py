@@ -36,9 +36,31 @@ from transformers import AutoModelForCausalLM
 
 from alignkit.config import ConfigError, ModelConfig, RecipeConfig, save_config
 from alignkit.data.batching import PAD_SLOT, BatchPlan
-from alignkit.models.loading import autocast, check_positions, save_causal_lm
-from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints, save_checkpoints
-from alignkit.training.distributed import Dist, all_reduce_sum, barrier, full_state_dict, init_distributed, wrap_model
+from alignkit.models.loading import (
+    autocast,
+    check_positions,
+    meta_skeleton,
+    save_causal_lm,
+    save_hf_streamed,
+    saved_weight_names,
+    unwrap,
+)
+from alignkit.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoints,
+    poll_checkpoint,
+    save_checkpoints,
+    wait_for_checkpoint,
+)
+from alignkit.training.distributed import (
+    Dist,
+    all_reduce_sum,
+    barrier,
+    full_state_dict,
+    full_tensor,
+    init_distributed,
+    wrap_model,
+)
 from alignkit.training.logging import MetricLogger, get_logger
 from alignkit.training.optim import build_optimizer, build_scheduler
 
@@ -334,7 +356,7 @@ def fit(
         logger.log(
             total_steps, evaluate(run, model, eval_plan, eval_items, collate, loss_fn, tc.eval_batches, summarize)
         )
-    if start_step < total_steps:
+    if start_step < total_steps:  # synchronous: the run ends with it
         save_checkpoints(run.output_dir / "checkpoints", total_steps, parts, d, cfg.checkpoint.keep_last)
     logger.close()
     return model
@@ -343,28 +365,49 @@ def fit(
 def save_final(
     run: Run, model: nn.Module, tokenizer, config_updates: dict | None = None, auto_class=None, name: str = "final"
 ) -> Path | None:
-    """Gather the full weights (a collective) and write output_dir/`name` in HF format (rank 0), as
+    """Write output_dir/`name` in HF format (a collective: every rank calls it; rank 0 writes), as
     `auto_class` (default a causal LM; a reward model or critic: `AutoModelForSequenceClassification`);
     `config_updates` are recorded in its config.json (e.g. a SteerLM model's label format). A chat
     template given in `data.chat_template` is saved with the tokenizer: the model then renders
     conversations as it was trained to wherever it goes next (scoring, serving, the next recipe),
-    also when its base had no template at all (GPT-2, base checkpoints)."""
-    state, _ = full_state_dict(model)
+    also when its base had no template at all (GPT-2, base checkpoints).
+
+    Parameter by parameter: each is gathered from its shards (FSDP, TP) and written into its
+    safetensors shard on rank 0 before the next, so no rank holds the whole model. A LoRA model
+    (merged on saving) and models whose weights transformers converts on saving are gathered whole."""
     out = run.output_dir / name
     template = getattr(getattr(run.cfg, "data", None), "chat_template", None)
     if template is not None:
         tokenizer = copy.copy(tokenizer)  # the caller's tokenizer keeps its own template
         tokenizer.chat_template = template
-    if run.dist.is_main:
-        save_causal_lm(
-            model,
-            state,
+    hf_model = unwrap(model)
+    skeleton = None if hasattr(hf_model, "peft_config") else meta_skeleton(hf_model)
+    names = saved_weight_names(skeleton) if skeleton is not None else None
+    if names is not None:
+        tensors = hf_model.state_dict(keep_vars=True)  # this rank's shards (DTensors) or whole tensors
+        specs = {n: (tensors[n].shape, tensors[n].dtype) for n in names}  # a DTensor's shape is the whole's
+        save_hf_streamed(
+            skeleton,
+            specs,
+            lambda n: full_tensor(tensors[n]),
             tokenizer,
             out,
-            merge_lora=run.cfg.model.lora.merge_on_save,
-            auto_class=auto_class or AutoModelForCausalLM,
+            write=run.dist.is_main,
             config_updates=config_updates,
         )
+    else:
+        state, _ = full_state_dict(model)
+        if run.dist.is_main:
+            save_causal_lm(
+                model,
+                state,
+                tokenizer,
+                out,
+                merge_lora=run.cfg.model.lora.merge_on_save,
+                auto_class=auto_class or AutoModelForCausalLM,
+                config_updates=config_updates,
+            )
+    if run.dist.is_main:
         run.log.info(f"saved {out}")
     return out
 
@@ -420,10 +463,14 @@ def finish_step(
         logger.log(done, metrics)
     if evaluate is not None and done % run.cfg.train.eval_every == 0 and done != steps:
         logger.log(done, evaluate())
-    if run.cfg.checkpoint.every and done % run.cfg.checkpoint.every == 0 and done != steps:
+    cc = run.cfg.checkpoint
+    poll_checkpoint(run.dist)
+    if cc.every and done % cc.every == 0 and done != steps:
         save_checkpoints(
-            run.output_dir / "checkpoints", done, parts, run.dist, run.cfg.checkpoint.keep_last, extra, trainable_only
+            run.output_dir / "checkpoints", done, parts, run.dist, cc.keep_last, extra, trainable_only, cc.async_save
         )
+    if done == steps:  # no process ends with an asynchronous save in flight
+        wait_for_checkpoint(run.dist)
     if os.environ.get("ALIGNKIT_TEST_KILL_AT_STEP") == str(done):  # fault injection for resume tests
         os.kill(os.getpid(), signal.SIGKILL)
 
