@@ -2,7 +2,7 @@
 that does the work, and prints.
 
     alignkit run RECIPE --config CONFIG [key.path=value ...] [--nproc N]
-    alignkit ls | validate CONFIG | demo | build-data
+    alignkit ls | validate CONFIG | demo | build-data | export --checkpoint DIR --out DIR
     alignkit generate | eval | score | annotate | generate-images | shape-world | serve reward|generate
 
 CONFIG is a YAML path or the name of a shipped config (`configs/RECIPE/NAME.yaml`).
@@ -358,3 +358,18 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+@app.command("export")
+def export(
+    checkpoint: Annotated[str, typer.Option(help="a training checkpoint: OUTPUT_DIR/checkpoints/step_N")],
+    out: Annotated[str, typer.Option(help="the Hugging Face model directory to write")],
+    part: Annotated[
+        str | None, typer.Option(help="the checkpoint's model to export (PPO: actor or critic); default the first")
+    ] = None,
+) -> None:
+    """Write a checkpoint's model as a Hugging Face directory (safetensors), one tensor in memory at a time."""
+    from alignkit.training.checkpoint import export_checkpoint  # local: DCP's import, for this command only
+
+    with _reported(ConfigError, FileNotFoundError):
+        typer.echo(f"saved {export_checkpoint(checkpoint, out, part)}")
+
+

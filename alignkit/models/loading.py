@@ -48,6 +48,7 @@ __all__ = [
     "autocast",
     "check_model_dir",
     "check_positions",
+    "hf_class",
     "load_causal_lm",
     "load_for_eval",
     "load_sequence_scorer",
@@ -443,11 +444,17 @@ _SAFETENSORS_DTYPES = {
 TensorSpec = tuple[torch.Size, torch.dtype]
 
 
+def hf_class(model: nn.Module) -> type:
+    """The model's transformers class: FSDP2 swaps a sharded module's class for a subclass
+    (`FSDPLlamaForCausalLM`), which transformers neither names nor knows."""
+    return next(c for c in type(unwrap(model)).__mro__ if not c.__name__.startswith("FSDP"))
+
+
 def meta_skeleton(model: nn.Module) -> nn.Module:
     """A weightless copy of an HF model (its class and config, on the meta device)."""
     hf_model = unwrap(model)
     with torch.device("meta"):
-        skeleton = type(hf_model)._from_config(hf_model.config)
+        skeleton = hf_class(hf_model)._from_config(hf_model.config)
     skeleton.tie_weights()
     if getattr(hf_model, "generation_config", None) is not None:
         skeleton.generation_config = copy.deepcopy(hf_model.generation_config)

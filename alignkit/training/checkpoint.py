@@ -32,13 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 
-from alignkit.models.loading import unwrap
+from alignkit.config import ConfigError, ModelConfig
+from alignkit.models.loading import hf_class, load_tokenizer, save_hf_streamed, saved_weight_names, unwrap
 from alignkit.training.distributed import Dist, barrier
 
 __all__ = [
     "Part",
+    "export_checkpoint",
     "latest_checkpoint",
     "load_checkpoints",
     "model_tensors",
@@ -148,6 +151,7 @@ def save_checkpoints(
         trainer = {
             "step": step,
             "extra": extra or {},
+            "parts": list(parts),
             "schedulers": {n: s.state_dict() for n, (*_, s) in parts.items()},
         }
         torch.save(trainer, tmp / _TRAINER_STATE)
@@ -182,8 +186,10 @@ def _save_hf_configs(parts: dict[str, Part], directory: Path, trainable_only: bo
         if hasattr(hf_model, "peft_config") or not hasattr(hf_model, "config"):
             continue
         config = hf_model.config.__class__.from_dict(hf_model.config.to_dict())
-        config.architectures = [type(hf_model).__name__]
+        config.architectures = [hf_class(hf_model).__name__]
         config.save_pretrained(directory / name)
+        if hf_model.can_generate() and getattr(hf_model, "generation_config", None) is not None:
+            hf_model.generation_config.save_pretrained(directory / name)
 
 
 def _complete(tmp: Path, final: Path, keep_last: int) -> None:
@@ -285,3 +291,47 @@ def read_model_state(path: str | Path, part: str, names: list[str] | None = None
     tensors = {name: torch.empty(shapes[name][0], dtype=shapes[name][1]) for name in wanted}
     dcp.load({part: {"model": tensors}}, checkpoint_id=str(path), no_dist=True)
     return tensors
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path, part: str | None = None) -> Path:
+    """`alignkit export`: the model of `part` (default the first: `model`, or PPO's `actor`) in
+    checkpoint `path` as a Hugging Face directory, read and written one tensor at a time in this
+    process, on any machine that sees the files. The tokenizer (and a `data.chat_template`) come
+    from the run's config.yaml, two levels up."""
+    import transformers
+    from transformers import AutoConfig, GenerationConfig
+
+    path = Path(path)
+    if not (path / _COMPLETE).is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {_COMPLETE} file)")
+    trainer = torch.load(path / _TRAINER_STATE, weights_only=False)
+    part = part or trainer["parts"][0]
+    if part not in trainer["parts"]:
+        raise ConfigError(f"{path} holds {', '.join(trainer['parts'])}, not {part!r}")
+    hf_dir = path / "hf" / part
+    if not hf_dir.is_dir():
+        raise ConfigError(f"{path} holds only the trainable parameters of {part} (LoRA adapters): nothing to export")
+    run_config = path.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise FileNotFoundError(f"{run_config} not found: the run's config names the tokenizer")
+    run = yaml.safe_load(run_config.read_text())
+    tokenizer = load_tokenizer(ModelConfig.model_validate(run["model"]))
+    if (run.get("data") or {}).get("chat_template") is not None:
+        tokenizer.chat_template = run["data"]["chat_template"]
+
+    config = AutoConfig.from_pretrained(hf_dir)
+    with torch.device("meta"):
+        skeleton = getattr(transformers, config.architectures[0])._from_config(config)
+    skeleton.tie_weights()
+    if (hf_dir / "generation_config.json").is_file():
+        skeleton.generation_config = GenerationConfig.from_pretrained(hf_dir)
+    names = saved_weight_names(skeleton)
+    if names is None:
+        raise ConfigError(f"{config.architectures[0]}: transformers converts its weights on saving; not exportable")
+    specs = model_tensors(path, part)
+    return save_hf_streamed(
+        skeleton, {n: specs[n] for n in names}, lambda n: read_model_state(path, part, [n])[n], tokenizer, out_dir
+    )
