@@ -352,12 +352,6 @@ def serve_generate(
         serve_model(model, host, port, name, max_tokens_limit, _token(token_env))
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
 @app.command("export")
 def export(
     checkpoint: Annotated[str, typer.Option(help="a training checkpoint: OUTPUT_DIR/checkpoints/step_N")],
@@ -373,3 +367,9 @@ def export(
         typer.echo(f"saved {export_checkpoint(checkpoint, out, part)}")
 
 
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
