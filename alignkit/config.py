@@ -38,6 +38,7 @@ __all__ = [
     "LoggingConfig",
     "DistributedConfig",
     "SamplingConfig",
+    "VLLMConfig",
     "RecipeConfig",
     "configs_dir",
     "find_config",
@@ -130,9 +131,26 @@ class DataConfig(Section):
 # --- sampling ------------------------------------------------------------------------------
 
 
+class VLLMConfig(Section):
+    """The vLLM engine of `sampling.backend: vllm`: one in-process engine per training process,
+    colocated with the trainer, its weights replaced in memory after each policy update."""
+
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: the policy's weight dtype (exact log-probs)
+    max_model_len: int | None = Field(None, ge=2)  # prompt + response tokens; None: the model's position limit
+    kv_cache_gib: float = Field(1.0, gt=0.0)  # CPU: KV-cache memory (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)  # GPU: share of memory for weights + KV cache
+    max_num_seqs: int = Field(256, ge=1)  # sequences decoded together
+    enforce_eager: bool = True  # no CUDA graphs / compilation: quicker start, slower decoding
+
+
 class SamplingConfig(Section):
     """How responses are sampled, for every recipe and command that generates (RL rollouts,
     rejection sampling, SteerLM 2.0, on-policy DPO, `generate`, evaluation, the server)."""
+
+    # native: alignkit's KV-cache sampler on the policy itself. vllm: a vLLM engine (the
+    # `vllm-cpu` or `vllm` extra) fed the policy's weights in memory (`generation/vllm.py`)
+    backend: Literal["native", "vllm"] = "native"
+    vllm: VLLMConfig = VLLMConfig()
 
     max_new_tokens: int = Field(128, ge=1)
     # 0: greedy. RL samples as is (temperature 1, no top-k/top-p) so that the rollouts come from

@@ -32,6 +32,7 @@ from alignkit.data.io import DataError
 from alignkit.data.steerlm import SteerLMFormat, steered_prompt
 from alignkit.evaluation.stats import mean_with_ci, win_rate
 from alignkit.generation.batches import check_prompt_lengths, sample_batches
+from alignkit.generation.engine import build_engine
 from alignkit.generation.sampler import Completion
 from alignkit.models.loading import load_for_eval
 from alignkit.tasks import ATTRIBUTES, score_response
@@ -89,7 +90,8 @@ def sample_responses(
     one = params.model_copy(update={"n": 1, "batch_size": batch_size})
     results: list[Completion | None] = [None] * len(ids)
     seed_of = lambda start: None if params.seed is None else params.seed + start  # noqa: E731
-    for start, outs in sample_batches(model, tokenizer, [ids[i] for i in order], one, seed_of):
+    engine = build_engine(model, tokenizer, params)
+    for start, outs in sample_batches(engine, [ids[i] for i in order], one, seed_of):
         for k, completion in enumerate(outs):
             completion.prompt_index = order[start + k]
             results[order[start + k]] = completion
@@ -151,7 +153,9 @@ def evaluate_model(
             ref_rewards = [score_response(p, r).reward for p, r in zip(prompts, ref_responses)]
         metrics.update(mean_with_ci(f"win_rate_vs_{reference_name}", win_rate(rewards, ref_rewards)))
         # KL on fresh temperature-1 samples: the estimator needs samples from the model itself.
-        kl_params = SamplingConfig(max_new_tokens=params.max_new_tokens, temperature=1.0, seed=12345)
+        kl_params = SamplingConfig(
+            max_new_tokens=params.max_new_tokens, temperature=1.0, seed=12345, backend=params.backend, vllm=params.vllm
+        )
         samples = sample_responses(model, tokenizer, asked[:kl_prompts], kl_params, steer=steer)
         ids = _prompt_ids(tokenizer, prompts[:kl_prompts])  # the reference sees the plain prompt
         own = [sum(c.logprobs) for c in samples]

@@ -1,17 +1,18 @@
-"""The one sampling loop over a prompt set: `sampling.batch_size` prompts per `generate` call, each
-batch seeded by its caller's scheme. RL rollouts, rejection sampling, SteerLM 2.0, on-policy DPO
-pairs, evaluation and `alignkit generate` all sample through it, so a change of stop tokens,
-autocast or seeding reaches every path at once.
+"""The one sampling loop over a prompt set: `sampling.batch_size` prompts per `engine.generate` call
+(`generation/engine.py`: the native sampler or vLLM), each batch seeded by its caller's scheme. RL
+rollouts, rejection sampling, SteerLM 2.0, on-policy DPO pairs, Constitutional AI's answers,
+evaluation and `alignkit generate` all sample through it, so a change of backend, stop tokens or
+seeding reaches every path at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 
 from alignkit.config import SamplingConfig
 from alignkit.data.io import DataError
-from alignkit.generation.sampler import Completion, generate, stop_token_ids
+from alignkit.generation.engine import Engine
+from alignkit.generation.sampler import Completion
 from alignkit.models.loading import position_limit, unwrap
 
 __all__ = ["check_prompt_lengths", "sample_batches"]
@@ -32,31 +33,15 @@ def check_prompt_lengths(model, prompt_ids: list[list[int]], max_new_tokens: int
 
 
 def sample_batches(
-    model,
-    tokenizer,
+    engine: Engine,
     prompt_ids: list[list[int]],
     sampling: SamplingConfig,
-    seed_of: Callable[[int], int],
-    autocast=contextlib.nullcontext,
+    seed_of: Callable[[int], int | None],
 ) -> Iterator[tuple[int, list[Completion]]]:
-    """`sampling.n` samples of each prompt, `sampling.batch_size` prompts per `generate` call. The
-    batch whose first prompt is `prompt_ids[start]` samples with seed `seed_of(start)`: the recipe's
-    scheme fixes which samples a resumed run or another number of processes sees. Yields (start,
-    the batch's completions: sample j of its prompt i at i * n + j); the model's train/eval mode is
-    restored before each yield."""
-    module = unwrap(model)  # generation skips the DDP wrapper (no gradients, no collectives)
-    stops = stop_token_ids(module, tokenizer)
+    """`sampling.n` samples of each prompt, `sampling.batch_size` prompts per `engine.generate`
+    call. The batch whose first prompt is `prompt_ids[start]` samples with seed `seed_of(start)`:
+    the recipe's scheme fixes which samples a resumed run or another number of processes sees.
+    Yields (start, the batch's completions: sample j of its prompt i at i * n + j)."""
     for start in range(0, len(prompt_ids), sampling.batch_size):
         params = sampling.model_copy(update={"seed": seed_of(start)})
-        was_training = module.training
-        with autocast():
-            completions = generate(
-                module,
-                prompt_ids[start : start + sampling.batch_size],
-                params,
-                stops,
-                tokenizer.pad_token_id,
-                tokenizer.decode,
-            )
-        module.train(was_training)
-        yield start, completions
+        yield start, engine.generate(prompt_ids[start : start + sampling.batch_size], params)

@@ -21,6 +21,7 @@ from alignkit.data.formats import prompt_messages, read_prompt_records
 from alignkit.data.io import DataError, Record, write_jsonl
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
 from alignkit.generation.batches import check_prompt_lengths, sample_batches
+from alignkit.generation.engine import build_engine
 from alignkit.models.loading import load_for_eval
 
 __all__ = ["generate_dataset"]
@@ -71,7 +72,8 @@ def generate_dataset(
     check_prompt_lengths(model, ids, params.max_new_tokens, [r.source for r in records])
     rows: list[dict[str, Any]] = []
     seed_of = lambda start: None if params.seed is None else params.seed + start  # noqa: E731
-    for start, completions in sample_batches(model, tokenizer, ids, params, seed_of):
+    engine = build_engine(model, tokenizer, params)
+    for start, completions in sample_batches(engine, ids, params, seed_of):
         for c in completions:
             record = records[start + c.prompt_index].data
             rows.append(

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from alignkit.config import SamplingConfig
 
-__all__ = ["Completion", "TokenCallback", "generate", "stop_token_ids"]
+__all__ = ["Completion", "TokenCallback", "generate", "stop_cut", "stop_token_ids"]
 
 
 @dataclass
@@ -86,7 +86,8 @@ def _top(logps: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
     return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
 
 
-def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
+def stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where `text` is cut: the start of its first stop string, or None."""
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(cuts) if cuts else None
 
@@ -186,7 +187,7 @@ def generate(
                 reasons[row] = "eos"
             elif params.stop and decode is not None:
                 text = decode(tokens[row])
-                cut = _stop_cut(text, params.stop)
+                cut = stop_cut(text, params.stop)
                 if cut is not None:
                     reasons[row], texts[row] = "stop", text[:cut]
                     finished[r] = True

@@ -83,6 +83,7 @@ from alignkit.data.reward import collate_reward_pairs, load_reward_pairs
 from alignkit.data.sft import load_sft_examples, make_rows, row_length
 from alignkit.data.tokenize import IGNORE
 from alignkit.generation.batches import sample_batches
+from alignkit.generation.engine import build_engine
 from alignkit.losses.reward import soft_bradley_terry_loss
 from alignkit.models.forward import logits_at, sequence_logps, sft_token_loss
 from alignkit.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
@@ -200,7 +201,8 @@ def answer_prompts(model, tokenizer, records: list[Record], sampling: SamplingCo
     one = sampling.model_copy(update={"n": 1})
     seed = sampling.seed or 0
     with torch.no_grad():
-        for start, completions in sample_batches(model, tokenizer, ids, one, lambda s: seed + s):
+        engine = build_engine(model, tokenizer, one)
+        for start, completions in sample_batches(engine, ids, one, lambda s: seed + s):
             for k, c in enumerate(completions):
                 out[start + k] = c.text.strip()
     return out

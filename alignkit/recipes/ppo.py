@@ -24,9 +24,11 @@ the update does not depend on micro-batching or the number of processes. The ste
 `reinforce` (sampling and scoring, reference log-probs, the actor loss, update epochs, metrics)
 are `alignkit.training.rl`'s. Metrics, per step, in
 `metrics.jsonl`: rollout/ (reward, kl = sum_t (log pi - log pi_ref) per response, reward_with_kl,
-response_tokens, ended_fraction, advantages/returns/values statistics), actor/ (loss, clip_fraction,
-ratio, approx_kl to the old policy, entropy, grad_norm), critic/ (value_loss, clip_fraction,
-explained_variance, grad_norm), kl_coef, lr, timing/ (generate, score, logprobs, train seconds).
+response_tokens, ended_fraction, advantages/returns/values statistics, logprob_abs_diff_mean/_max:
+the sampling engine's log-probs against the trainer's), actor/ (loss, clip_fraction, ratio, approx_kl
+to the old policy, entropy, grad_norm), critic/ (value_loss, clip_fraction, explained_variance,
+grad_norm), kl_coef, lr, timing/ (generate, score, logprobs, train, weight_sync seconds). Sampling
+runs on the engine `sampling.backend` names (native, or vLLM fed the actor's weights after each step).
 Checkpoints hold actor and critic (both in `checkpoints/step_N`) and beta; a resumed run repeats
 nothing. `final/` is the actor; `critic/final/` the critic (both unless
 `checkpoint.save_final: false`).
@@ -56,6 +58,7 @@ from alignkit.config import (
     Section,
 )
 from alignkit.data.formats import read_prompt_records
+from alignkit.generation.engine import build_engine
 from alignkit.losses.policy_gradient import adaptive_kl_coef, gae, kl_per_token, token_rewards, whiten
 from alignkit.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
 from alignkit.models.reward import RewardModelInfo
@@ -69,6 +72,7 @@ from alignkit.training.rl import (
     actor_metrics,
     check_processes,
     critic_loss,
+    engine_gap,
     global_moments,
     mean_std,
     monitor_stats,
@@ -225,6 +229,7 @@ def main(cfg: Config) -> None:
 
     start, extra, logger = resume(run, parts, pc.steps)
     kl_coef = extra.get("kl_coef", pc.kl_coef)
+    engine = build_engine(actor, tokenizer, cfg.sampling, run.autocast)  # after resume: the resumed weights
     run.log.info(
         f"PPO: {pc.steps} steps of {rc.prompts_per_step} prompts x {cfg.sampling.n} samples, "
         f"{pc.epochs} epochs x {pc.minibatches} minibatches, {d.world_size} processes"
@@ -233,7 +238,7 @@ def main(cfg: Config) -> None:
     for step in range(start, pc.steps):
         t0 = time.perf_counter()
         # --- 1-2. rollouts of this process's share of the step's prompts, scored -------------------
-        rollouts, scores, t_generate, t_score = sample_and_score(run, cfg, actor, tokenizer, records, reward, step)
+        rollouts, scores, t_generate, t_score = sample_and_score(run, cfg, engine, tokenizer, records, reward, step)
         t2 = time.perf_counter()
 
         # --- 3. old and reference log-probs, values: once, on the first epoch's micro-batches ------
@@ -246,6 +251,7 @@ def main(cfg: Config) -> None:
         # --- 4. KL-shaped token rewards, GAE, advantages whitened over all processes' tokens --------
         stats, kl = _advantages(rollouts, old_logps, ref_logps, values, scores, kl_coef, pc, d)
         metrics = {**rollout_stats(rollouts, d), **monitor_stats(monitor, rollouts, d)}
+        metrics.update(engine_gap(rollouts, rc.tis_cap, d))  # engine vs trainer log-probs; TIS weights
         sequence_kl = reduce_sums({"n": len(rollouts), "kl": float(kl.sum())}, d)
         metrics["rollout/reward_with_kl"] = metrics["rollout/reward"] - kl_coef * sequence_kl["kl"] / sequence_kl["n"]
         metrics.update(stats)
@@ -265,6 +271,8 @@ def main(cfg: Config) -> None:
             )
             metrics.update(actor_metrics(sums, d))
         t4 = time.perf_counter()
+        engine.update_weights(actor)  # the next step samples from the updated policy
+        metrics["timing/weight_sync_s"] = time.perf_counter() - t4
 
         # --- 6. adaptive KL coefficient -----------------------------------------------------------
         metrics["kl_coef"] = kl_coef

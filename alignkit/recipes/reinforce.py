@@ -37,6 +37,7 @@ from pydantic import Field, model_validator
 
 from alignkit.config import DataConfig, DistributedConfig, ModelConfig, RecipeConfig, SamplingConfig, Section
 from alignkit.data.formats import read_prompt_records
+from alignkit.generation.engine import build_engine
 from alignkit.losses.policy_gradient import (
     grpo_advantages,
     kl_per_token,
@@ -58,6 +59,7 @@ from alignkit.training.rl import (
     actor_loss,
     actor_metrics,
     check_processes,
+    engine_gap,
     global_moments,
     monitor_stats,
     reference_logps,
@@ -243,7 +245,10 @@ def main(cfg: Config) -> None:
     # The old policy's log-probs matter only when the policy moves between updates of one rollout
     # batch, for the KL inside the reward (RLOO, REINFORCE++), or against the teacher's.
     kl_in_reward = rf.estimator in ("rloo", "reinforce_pp", "reinforce_pp_baseline") and rf.kl_coef > 0
+    # vLLM: the trainer's recomputation is the old policy, and it measures the engine's gap (TIS).
     need_old = rf.epochs * rf.minibatches > 1 or kl_in_reward or distilling
+    need_old = need_old or cfg.sampling.backend == "vllm" or rc.tis_cap is not None
+    engine = build_engine(actor, tokenizer, cfg.sampling, run.autocast)  # after resume: the resumed weights
     run.log.info(f"{rf.estimator.upper()}: {rf.steps} steps of {rc.prompts_per_step} prompts x {n} samples")
 
     for step in range(start, rf.steps):
@@ -253,7 +258,7 @@ def main(cfg: Config) -> None:
         # --- 1-2. n samples per prompt (this process's share of the prompts), scored ---------------
         # (dynamic sampling: more prompts drawn until the groups trained on carry signal)
         rollouts, scores, t_generate, t_score, draws = sample_useful_groups(
-            run, cfg, actor, tokenizer, records, reward, step, rf.max_draws
+            run, cfg, engine, tokenizer, records, reward, step, rf.max_draws
         )
         if rf.overlong_buffer:
             lengths = torch.tensor([len(r.response_ids) for r in rollouts])
@@ -295,6 +300,7 @@ def main(cfg: Config) -> None:
             r.trains_actor = r.is_end or rf.train_unended
         adv = torch.stack([r.advantages.abs().max() if len(r.advantages) else torch.tensor(0.0) for r in rollouts])
         metrics = {**rollout_stats(rollouts, d), **monitor_stats(monitor, rollouts, d)}
+        metrics.update(engine_gap(rollouts, rc.tis_cap, d))  # engine vs trainer log-probs; TIS weights
         flat = reduce_sums(
             {
                 "groups": len(rollouts) // n,
@@ -339,6 +345,8 @@ def main(cfg: Config) -> None:
         metrics.update(actor_metrics(sums, d))
         metrics["rollout/skipped_fraction"] = reduce_sums({"s": len(skip)}, d)["s"] / metrics["rollout/samples"]
         t4 = time.perf_counter()
+        engine.update_weights(actor)  # the next step samples from the updated policy
+        metrics["timing/weight_sync_s"] = time.perf_counter() - t4
         metrics.update(
             {
                 "lr": lr,

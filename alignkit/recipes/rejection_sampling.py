@@ -39,6 +39,7 @@ from alignkit.data.io import Record, write_jsonl
 from alignkit.data.sft import make_rows, row_length
 from alignkit.data.tokenize import EncodeStats, encode_conversation, fit_length
 from alignkit.generation.batches import sample_batches
+from alignkit.generation.engine import build_engine
 from alignkit.models.forward import sft_token_loss
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
@@ -82,9 +83,8 @@ def sample_and_select(run: Run, cfg: Config, model, tokenizer, records: list[Rec
     # A batch's seed follows its first prompt's index in the dataset: the same samples on any number of processes.
     base = cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed
     kept, sums = [], {"reward": 0.0, "reward_kept": 0.0, "tokens": 0.0, "ended": 0.0, "samples": 0.0, "kept": 0.0}
-    for start, completions in sample_batches(
-        model, tokenizer, prompt_ids, cfg.sampling, lambda s: base + mine[s], run.autocast
-    ):
+    engine = build_engine(model, tokenizer, cfg.sampling, run.autocast)
+    for start, completions in sample_batches(engine, prompt_ids, cfg.sampling, lambda s: base + mine[s]):
         chunk = share[start : start + cfg.sampling.batch_size]
         rewards = reward(
             [chunk[c.prompt_index].data for c in completions], [c.text for c in completions]

@@ -45,6 +45,7 @@ from alignkit.data.io import DataError, Record, write_jsonl
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
 from alignkit.data.tokenize import IGNORE, Example
 from alignkit.generation.batches import sample_batches
+from alignkit.generation.engine import build_engine
 from alignkit.losses.steerlm import attribute_log_likelihood, steerlm2_loss
 from alignkit.models.forward import logits_at, sequence_logps
 from alignkit.models.loading import load_causal_lm, load_tokenizer
@@ -215,9 +216,8 @@ def sample_groups(
         "ess": 0.0,
         "groups": 0.0,
     }
-    for start, completions in sample_batches(
-        model, tokenizer, steered, cfg.sampling, lambda s: base + mine[s], run.autocast
-    ):
+    engine = build_engine(model, tokenizer, cfg.sampling, run.autocast)
+    for start, completions in sample_batches(engine, steered, cfg.sampling, lambda s: base + mine[s]):
         batch = range(start, start + len(completions) // n)  # offsets in the share
         groups = [completions[g * n : (g + 1) * n] for g in range(len(batch))]  # (G) x (n)
         initial = _score(

@@ -8,10 +8,12 @@ call in the order of their algorithm box.
     critic_loss         the clipped value loss
     train_epochs        every epoch's minibatches, one optimizer step each (`train_on`)
     rollout_stats, monitor_stats, actor_metrics    the shared `rollout/` and `actor/` metrics
+    engine_gap          engine vs trainer log-probs of the sampled tokens; TIS weights from them
 
 Below this sits `training/rollouts.py` (the sampling loop, packing and per-token forward passes);
 above it, the recipes. Sampling is configured by the recipe's `sampling` section
-(`alignkit.config.SamplingConfig`); which prompts a step uses by `rollout.prompts_per_step`.
+(`alignkit.config.SamplingConfig`, whose `backend` picks the engine the recipe builds once and
+updates after each policy step); which prompts a step uses by `rollout.prompts_per_step`.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from pydantic import Field
 
 from alignkit.config import ConfigError, SamplingConfig, Section
 from alignkit.data.io import DataError, Record
 from alignkit.data.tokenize import IGNORE
 from alignkit.generation.batches import sample_batches
+from alignkit.generation.engine import Engine
 from alignkit.losses.distill import topk_kd_loss
 from alignkit.losses.policy_gradient import (
     cispo_policy_loss,
@@ -61,6 +65,7 @@ __all__ = [
     "actor_metrics",
     "check_processes",
     "critic_loss",
+    "engine_gap",
     "reverse_kl_loss",
     "global_moments",
     "mean_std",
@@ -79,6 +84,10 @@ __all__ = [
 
 class RolloutConfig(Section):
     prompts_per_step: int = Field(16, ge=1)  # prompts per RL step, over all processes
+    # Truncated importance sampling (Yao et al. 2025): the engine that sampled (vLLM, bf16) is not
+    # exactly the policy trained; weight each token's policy loss by min(pi_train / pi_engine, C).
+    # None: off. Needs the engine's log-probs (every backend reports them).
+    tis_cap: float | None = Field(None, gt=0.0)
 
 
 def check_processes(cfg, d: Dist) -> None:
@@ -97,7 +106,7 @@ def check_processes(cfg, d: Dist) -> None:
 
 
 def sample_rollouts(
-    model,
+    engine: Engine,
     tokenizer,
     records: list[Record],
     indices: list[int],
@@ -105,10 +114,9 @@ def sample_rollouts(
     max_seq_len: int,
     seed: int,
     chat_template: str | None,
-    autocast,
 ) -> list[Rollout]:
-    """`sampling.n` responses to each record in `indices`; the batch starting at offset `start` of
-    `indices` samples with seed `seed + start`. A prompt that leaves no room for `max_new_tokens`
+    """`sampling.n` responses to each record in `indices`, sampled by `engine`; the batch starting at
+    offset `start` of `indices` samples with seed `seed + start`. A prompt that leaves no room for `max_new_tokens`
     within `max_seq_len` is an error naming its record, not a silently truncated rollout."""
     chosen = [records[i] for i in indices]
     prompt_ids = render_prompts(tokenizer, chosen, chat_template)
@@ -119,16 +127,18 @@ def sample_rollouts(
                 f"{sampling.max_new_tokens} it exceeds data.max_seq_len={max_seq_len}"
             )
     rollouts: list[Rollout] = []
-    for start, completions in sample_batches(model, tokenizer, prompt_ids, sampling, lambda s: seed + s, autocast):
+    for start, completions in sample_batches(engine, prompt_ids, sampling, lambda s: seed + s):
         for c in completions:
             p = start + c.prompt_index  # the prompt's offset among this process's prompts: its group
-            rollouts.append(Rollout(chosen[p].data, p, prompt_ids[p], c.token_ids, c.text, c.is_end))
+            rollout = Rollout(chosen[p].data, p, prompt_ids[p], c.token_ids, c.text, c.is_end)
+            rollout.engine_logps = torch.tensor(c.logprobs, dtype=torch.float32)  # (R,)
+            rollouts.append(rollout)
     return rollouts
 
 
-def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[Record], reward, step: int, draw: int = 0):
+def sample_and_score(run: Run, cfg, engine: Engine, tokenizer, records: list[Record], reward, step: int, draw: int = 0):
     """Steps 1-2 of every RL recipe: this process's share of step `step`'s prompts, sampled
-    (`sampling.n` each) and scored. Seeds derive from (`sampling.seed`, else `train.seed`), the step
+    (`sampling.n` each, by `engine`) and scored. Seeds derive from (`sampling.seed`, else `train.seed`), the step
     and the rank; `draw` > 0 (dynamic sampling's extra draws) takes other prompts and seeds.
     Returns (rollouts with `score` set, (B,) scores, generation seconds, scoring seconds)."""
     d = run.dist
@@ -138,15 +148,7 @@ def sample_and_score(run: Run, cfg, actor, tokenizer, records: list[Record], rew
     base = cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed
     seed = base + 1_000_003 * (step + 1) + 10_007 * d.rank + 7_919 * draw
     rollouts = sample_rollouts(
-        actor,
-        tokenizer,
-        records,
-        indices,
-        cfg.sampling,
-        cfg.data.max_seq_len,
-        seed,
-        cfg.data.chat_template,
-        run.autocast,
+        engine, tokenizer, records, indices, cfg.sampling, cfg.data.max_seq_len, seed, cfg.data.chat_template
     )
     t1 = time.perf_counter()
     if reward is None:  # a recipe that learns from something else (on-policy distillation's teacher)
@@ -173,7 +175,7 @@ class Draws:
 
 
 def sample_useful_groups(
-    run: Run, cfg, actor, tokenizer, records: list[Record], reward, step: int, max_draws: int
+    run: Run, cfg, engine: Engine, tokenizer, records: list[Record], reward, step: int, max_draws: int
 ) -> tuple[list[Rollout], torch.Tensor, float, float, Draws]:
     """DAPO's dynamic sampling: draw the step's prompts, then more (up to `max_draws` draws in all)
     until every process holds its share of groups whose samples did not all score the same
@@ -186,7 +188,7 @@ def sample_useful_groups(
     idle: list[list[Rollout]] = []
     stats, t_generate, t_score = Draws(), 0.0, 0.0
     for draw in range(max_draws):
-        rollouts, scores, tg, ts = sample_and_score(run, cfg, actor, tokenizer, records, reward, step, draw)
+        rollouts, scores, tg, ts = sample_and_score(run, cfg, engine, tokenizer, records, reward, step, draw)
         t_generate, t_score = t_generate + tg, t_score + ts
         for g in range(len(rollouts) // n):
             group = rollouts[g * n : (g + 1) * n]
@@ -267,13 +269,16 @@ def actor_loss(
     old = batch["old_logps"] if "old_logps" in batch else logps.detach()
     mask, weights, adv = batch["actor_mask"], batch.get("loss_weights"), batch["advantages"]
     high = clip_eps if clip_eps_high is None else clip_eps_high
+    w_pg = weights
+    if "tis_weights" in batch:  # (N,) truncated importance weights scale the policy-gradient term only
+        w_pg = batch["tis_weights"] if weights is None else weights * batch["tis_weights"]
     if policy_loss == "gspo":
         lengths = torch.tensor(batch["response_lengths"], device=logps.device)
-        loss, metrics = gspo_policy_loss(logps, old, adv, mask, lengths, clip_eps, high, weights)
+        loss, metrics = gspo_policy_loss(logps, old, adv, mask, lengths, clip_eps, high, w_pg)
     elif policy_loss == "cispo":
-        loss, metrics = cispo_policy_loss(logps, old, adv, mask, high, weights)
+        loss, metrics = cispo_policy_loss(logps, old, adv, mask, high, w_pg)
     else:
-        loss, metrics = ppo_policy_loss(logps, old, adv, mask, clip_eps, high, weights)
+        loss, metrics = ppo_policy_loss(logps, old, adv, mask, clip_eps, high, w_pg)
     m = mask.to(logps.dtype)
     w = m if weights is None else m * weights  # the aggregation's weight of each token
     if entropy_coef:
@@ -419,3 +424,29 @@ def monitor_stats(monitor, rollouts: list[Rollout], d: Dist) -> dict[str, float]
     scores = monitor([r.prompt for r in rollouts], [r.text for r in rollouts]).rewards
     g = reduce_sums({"n": len(rollouts), "sum": float(scores.sum())}, d)
     return {"rollout/monitor_reward": g["sum"] / max(g["n"], 1.0)}
+
+
+def engine_gap(rollouts: list[Rollout], tis_cap: float | None, d: Dist) -> dict[str, float]:
+    """How far the engine that sampled is from the policy trained: |log pi_engine - log pi_train|
+    of every sampled token (the trainer's recomputation in `old_logps`), its mean over every
+    process's tokens and its max (`rollout/logprob_abs_diff_mean`, `_max`). With `tis_cap` C, sets
+    each rollout's (R,) `tis_weights` = min(pi_train / pi_engine, C). Needs `old_logps`."""
+    if not rollouts or rollouts[0].engine_logps is None or rollouts[0].old_logps is None:
+        return {}
+    gaps = [(r.old_logps - r.engine_logps).abs() for r in rollouts]  # (R,) each
+    g = reduce_sums({"sum": float(sum(x.sum() for x in gaps)), "n": sum(len(x) for x in gaps)}, d)
+    largest = torch.tensor([max((float(x.max()) for x in gaps if len(x)), default=0.0)], device=_reduce_device(d))
+    if d.enabled:
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    if tis_cap is not None:
+        for r in rollouts:
+            r.tis_weights = torch.exp(r.old_logps - r.engine_logps).clamp(max=tis_cap)
+    return {
+        "rollout/logprob_abs_diff_mean": g["sum"] / max(g["n"], 1.0),
+        "rollout/logprob_abs_diff_max": float(largest),
+    }
+
+
+def _reduce_device(d: Dist) -> torch.device:
+    """NCCL reduces GPU tensors only; gloo, CPU ones."""
+    return d.device if d.enabled and d.device.type == "cuda" else torch.device("cpu")

@@ -67,6 +67,8 @@ class Rollout:
     is_end: bool  # ended by EOS or a stop string, not by max_new_tokens
     score: float = 0.0
     old_logps: Tensor | None = None  # (R,) the actor at sampling time
+    engine_logps: Tensor | None = None  # (R,) what the sampling engine reported (vLLM: not the trainer's numerics)
+    tis_weights: Tensor | None = None  # (R,) truncated importance weights min(pi_train / pi_engine, C)
     ref_logps: Tensor | None = None  # (R,) the reference
     teacher_logps: Tensor | None = None  # (R,) a teacher (on-policy distillation)
     # a teacher behind an endpoint: its top-K tokens and log-probs at each response position
@@ -133,6 +135,8 @@ def collate_rollouts(rollouts: list[Rollout], pad_id: int) -> dict[str, Any]:
     for key in ("old_logps", "ref_logps", "values", "advantages", "returns", "teacher_top_ids", "teacher_top_logps"):
         if all(getattr(r, key) is not None for r in packed):
             batch[key] = torch.cat([getattr(r, key) for r in packed])
+    if all(r.tis_weights is not None for r in packed):
+        batch["tis_weights"] = torch.cat([r.tis_weights for r in packed])
     batch["actor_mask"] = torch.cat([torch.full((len(r.response_ids),), r.trains_actor) for r in packed])
     batch["response_mask"] = torch.ones_like(batch["actor_mask"])
     batch["actor_tokens"] = int(batch["actor_mask"].sum())

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from alignkit.config import SamplingConfig
 from alignkit.data.io import Record
 from alignkit.generation.batches import sample_batches
+from alignkit.generation.engine import build_engine
 from alignkit.generation.sampler import Completion
 from alignkit.tasks.datasets import MIN_PREFERENCE_MARGIN, best_worst_pair, ranked_pairs
 from alignkit.training.distributed import Dist, gather_rollouts
@@ -77,7 +78,8 @@ def sampled_preference_pairs(
         return None if sampling.seed is None else sampling.seed + (rank + start // size * world) * size * n
 
     mine: list[_Group] = []
-    for start, completions in sample_batches(model, tokenizer, [ids[i] for i in mine_order], sampling, seed_of):
+    engine = build_engine(model, tokenizer, sampling)
+    for start, completions in sample_batches(engine, [ids[i] for i in mine_order], sampling, seed_of):
         mine += _judged(prompts, mine_order[start : start + size], completions, n, judge)
     if d is not None:
         mine, _ = gather_rollouts(mine, {}, d)

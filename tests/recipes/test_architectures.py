@@ -28,6 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 from alignkit.config import LoraConfig, ModelConfig, SamplingConfig
+from alignkit.generation.native import NativeEngine
 from alignkit.generation.sampler import generate, stop_token_ids
 from alignkit.models.loading import (
     adapters_off,
@@ -160,7 +161,8 @@ def test_sampling_stops_at_the_models_own_end_of_turn(arch_dirs, arch):
     greedy = SamplingConfig(max_new_tokens=4, temperature=0)
     for c in generate(model, prompts, greedy, stops, tokenizer.pad_token_id, tokenizer.decode):
         assert (c.token_ids, c.finish_reason, c.text) == ([end_of_turn], "eos", "")
-    for _, batch in sample_batches(model, tokenizer, prompts, SamplingConfig(max_new_tokens=4, n=2), lambda s: s):
+    engine = NativeEngine(model, tokenizer)
+    for _, batch in sample_batches(engine, prompts, SamplingConfig(max_new_tokens=4, n=2), lambda s: s):
         assert [(c.token_ids, c.is_end) for c in batch] == [([end_of_turn], True)] * 4
     eos_only = generate(model, prompts, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert [(len(c.token_ids), c.finish_reason) for c in eos_only] == [(4, "length")] * 2

@@ -3,13 +3,12 @@ per-token tensors; and the RL core's `sample_rollouts` on top of it."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from alignkit.config import SamplingConfig
 from alignkit.data.io import DataError, Record
+from alignkit.generation.native import NativeEngine
 from alignkit.generation.sampler import generate
 from alignkit.models.reward import RewardModelInfo
 from alignkit.training.rl import sample_rollouts
@@ -114,7 +113,7 @@ def test_a_prompt_longer_than_the_context_names_its_record(tokenizer):
     model = tiny_model(tokenizer)
     with pytest.raises(DataError, match=r"prompts.jsonl:2: the prompt is \d+ tokens; with sampling.max_new_tokens=8"):
         sample_rollouts(
-            model,
+            NativeEngine(model, tokenizer),
             tokenizer,
             _records("short", "x" * 200),
             [0, 1],
@@ -122,14 +121,13 @@ def test_a_prompt_longer_than_the_context_names_its_record(tokenizer):
             128,
             0,
             None,
-            contextlib.nullcontext,
         )
 
 
 def test_sampled_rollouts_group_the_samples_of_a_prompt(tokenizer):
     model = tiny_model(tokenizer)
     out = sample_rollouts(
-        model,
+        NativeEngine(model, tokenizer),
         tokenizer,
         _records("a", "b", "c"),
         [2, 0],
@@ -137,7 +135,6 @@ def test_sampled_rollouts_group_the_samples_of_a_prompt(tokenizer):
         256,
         0,
         None,
-        contextlib.nullcontext,
     )
     assert [r.group for r in out] == [0, 0, 0, 1, 1, 1]
     assert [r.prompt["prompt"] for r in out] == ["c"] * 3 + ["a"] * 3
@@ -150,7 +147,7 @@ def test_sample_batches_seed_each_batch_by_the_callers_scheme(tokenizer):
     model = tiny_model(tokenizer).train()
     prompt_ids = render_prompts(tokenizer, _records("a", "bb", "ccc", "dddd", "e"), None)
     sampling = SamplingConfig(n=2, max_new_tokens=5, batch_size=2)
-    got = list(sample_batches(model, tokenizer, prompt_ids, sampling, lambda start: 100 + 7 * start))
+    got = list(sample_batches(NativeEngine(model, tokenizer), prompt_ids, sampling, lambda start: 100 + 7 * start))
     assert [start for start, _ in got] == [0, 2, 4] and model.training
     for start, completions in got:
         params = sampling.model_copy(update={"seed": 100 + 7 * start})
