@@ -109,7 +109,7 @@ def run(
         module, cfg = _load(recipe, config, overrides)  # validate before launching anything
         if launcher == "ray" and "LOCAL_RANK" not in os.environ:
             args = (recipe, str(find_config(recipe, config)), overrides)
-            code, errors = ray_launch(nproc, _rank_main, args, address, _BAD_INPUT)
+            code, errors = ray_launch(nproc, _rank_main, args, address, _BAD_INPUT, _placed_roles(cfg))
             for line in errors:
                 typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=code)
@@ -129,6 +129,17 @@ def run(
 
 
 _BAD_INPUT = (ConfigError, DataError, FileNotFoundError, RewardSourceError)
+
+
+def _placed_roles(cfg) -> dict:
+    """The roles a recipe's `placement` section puts on Ray actors of their own: {name: (ranks, Resources)}."""
+    from alignkit.training.placement import Resources
+
+    placement = getattr(cfg, "placement", None)
+    if placement is None:
+        return {}
+    roles = {"generator": placement.generator}
+    return {name: (r.ranks, Resources(r.cpus, r.gpus)) for name, r in roles.items() if r.ranks}
 
 
 def _rank_main(recipe: str, config: str, overrides: list[str]) -> None:

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 __all__ = [
     "ConfigError",
+    "PlacementConfig",
+    "RoleResources",
     "Section",
     "ModelConfig",
     "RandomInitConfig",
@@ -208,6 +210,21 @@ class LoggingConfig(Section):
 class DistributedConfig(Section):
     strategy: Literal["fsdp", "ddp"] = "fsdp"  # used only under torchrun with more than one process
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+
+
+class RoleResources(Section):
+    """One role's ranks under `--launcher ray`, each a Ray actor reserved with these resources."""
+
+    ranks: int = Field(0, ge=0)  # 0: the role runs inside the trainer's own processes
+    cpus: float = Field(0.5, gt=0.0)  # per rank; fractional (whole CPUs deadlock small machines)
+    gpus: float = Field(0.0, ge=0.0)
+
+
+class PlacementConfig(Section):
+    """Where an online recipe's roles run (`--launcher ray`; docs/distributed.md)."""
+
+    generator: RoleResources = RoleResources()  # generation engines of their own, fed weights by broadcast
+    sync_timeout_s: float = Field(300.0, gt=0.0)  # a weight sync that takes longer is an error, never a hang
 
 
 class RecipeConfig(Section):

@@ -53,12 +53,12 @@ from alignkit.config import (
     DistributedConfig,
     ModelConfig,
     OptimConfig,
+    PlacementConfig,
     RecipeConfig,
     SamplingConfig,
     Section,
 )
 from alignkit.data.formats import read_prompt_records
-from alignkit.generation.engine import build_engine
 from alignkit.losses.policy_gradient import adaptive_kl_coef, gae, kl_per_token, token_rewards, whiten
 from alignkit.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
 from alignkit.models.reward import RewardModelInfo
@@ -66,6 +66,7 @@ from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.distributed import Dist, wrap_model
 from alignkit.training.loop import finish_step, reduce_metrics, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
+from alignkit.training.remote_engine import rollout_engine
 from alignkit.training.rl import (
     RolloutConfig,
     actor_loss,
@@ -132,6 +133,7 @@ class Config(RecipeConfig):
     monitor: RewardSourceConfig | None = None
     # Generation runs on each process's full copy of the model: DDP, not FSDP, across processes.
     distributed: DistributedConfig = DistributedConfig(strategy="ddp")
+    placement: PlacementConfig = PlacementConfig()  # --launcher ray: generation engines of their own
 
 
 # --- the critic --------------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def main(cfg: Config) -> None:
 
     start, extra, logger = resume(run, parts, pc.steps)
     kl_coef = extra.get("kl_coef", pc.kl_coef)
-    engine = build_engine(actor, tokenizer, cfg.sampling, run.autocast)  # after resume: the resumed weights
+    engine = rollout_engine(cfg, actor, tokenizer, d, run.autocast)  # after resume: the resumed weights
     run.log.info(
         f"PPO: {pc.steps} steps of {rc.prompts_per_step} prompts x {cfg.sampling.n} samples, "
         f"{pc.epochs} epochs x {pc.minibatches} minibatches, {d.world_size} processes"

@@ -35,9 +35,16 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from alignkit.config import DataConfig, DistributedConfig, ModelConfig, RecipeConfig, SamplingConfig, Section
+from alignkit.config import (
+    DataConfig,
+    DistributedConfig,
+    ModelConfig,
+    PlacementConfig,
+    RecipeConfig,
+    SamplingConfig,
+    Section,
+)
 from alignkit.data.formats import read_prompt_records
-from alignkit.generation.engine import build_engine
 from alignkit.losses.policy_gradient import (
     grpo_advantages,
     kl_per_token,
@@ -54,6 +61,7 @@ from alignkit.rewards.judge import ChatClient, teacher_scores
 from alignkit.training.distributed import wrap_model
 from alignkit.training.loop import finish_step, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
+from alignkit.training.remote_engine import rollout_engine
 from alignkit.training.rl import (
     RolloutConfig,
     actor_loss,
@@ -136,6 +144,7 @@ class Config(RecipeConfig):
     reinforce: ReinforceConfig = ReinforceConfig()
     monitor: RewardSourceConfig | None = None  # scored on every rollout, never trained on (see ppo)
     distributed: DistributedConfig = DistributedConfig(strategy="ddp")
+    placement: PlacementConfig = PlacementConfig()  # --launcher ray: generation engines of their own
 
     @model_validator(mode="after")
     def _sources(self) -> Config:
@@ -248,7 +257,7 @@ def main(cfg: Config) -> None:
     # vLLM: the trainer's recomputation is the old policy, and it measures the engine's gap (TIS).
     need_old = rf.epochs * rf.minibatches > 1 or kl_in_reward or distilling
     need_old = need_old or cfg.sampling.backend == "vllm" or rc.tis_cap is not None
-    engine = build_engine(actor, tokenizer, cfg.sampling, run.autocast)  # after resume: the resumed weights
+    engine = rollout_engine(cfg, actor, tokenizer, d, run.autocast)  # after resume: the resumed weights
     run.log.info(f"{rf.estimator.upper()}: {rf.steps} steps of {rc.prompts_per_step} prompts x {n} samples")
 
     for step in range(start, rf.steps):

@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["hand_error_to_launcher", "ray_launch", "torchrun"]
 
@@ -40,23 +41,39 @@ def torchrun(nproc: int, argv: list[str]) -> tuple[int, list[str]]:
 
 
 def ray_launch(
-    nproc: int, rank_main: Callable[..., None], args: tuple, address: str | None, reported: tuple[type, ...]
+    nproc: int,
+    rank_main: Callable[..., None],
+    args: tuple,
+    address: str | None,
+    reported: tuple[type, ...],
+    roles: dict[str, tuple[int, Any]] | None = None,
 ) -> tuple[int, list[str]]:
     """`--launcher ray`: `rank_main(*args)` on `nproc` ranks of a Ray role "trainer" (placed by a
     placement group on the cluster at `address`, or a local one), as torchrun would run them.
-    Returns the exit code and the error line: 2 for an error of the `reported` kinds (bad input),
-    1 for anything else, naming the rank and its node."""
-    from alignkit.training.placement import RoleError, init_ray, start_role
+    `roles`: other roles to place first, {name: (ranks, Resources)}, which the trainer's ranks find
+    by name (`placement.role_actors`). Returns the exit code and the error line: 2 for an error of
+    the `reported` kinds (bad input), 1 for anything else, naming the role, rank and node."""
+    import json
+    import uuid
+
+    from alignkit.training.placement import ROLES_ENV, RoleError, init_ray, start_role
 
     init_ray(address)
-    group = start_role("trainer", nproc)
+    run_id = uuid.uuid4().hex[:8]
+    groups, names = [], {}
     try:
-        group.run(rank_main, *args)
+        for name, (ranks, resources) in (roles or {}).items():
+            names[name] = [f"alignkit-{run_id}-{name}-{i}" for i in range(ranks)]
+            groups.append(start_role(name, ranks, resources, actor_names=names[name]))
+        trainer = start_role("trainer", nproc, env={ROLES_ENV: json.dumps(names)})
+        groups.append(trainer)
+        trainer.run(rank_main, *args)
         return 0, []
     except RoleError as exc:
         return (2 if isinstance(exc.cause, reported) else 1), [str(exc)]
     finally:
-        group.stop()
+        for group in groups:
+            group.stop()
 
 
 def _summary(folder: Path, first_failure: tuple) -> tuple[int, list[str]]:

@@ -25,7 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Resources", "RoleError", "RoleGroup", "init_ray", "start_role"]
+__all__ = ["ROLES_ENV", "Resources", "RoleError", "RoleGroup", "init_ray", "role_actors", "start_role"]
+
+# set in a trainer rank by `--launcher ray`: the other roles it may use, {name: [actor names]} as JSON
+ROLES_ENV = "ALIGNKIT_RAY_ROLES"
 
 # what a worker inherits from the driver: alignkit's own switches (fault injection, rank errors),
 # threads, and the Python path the driver imports alignkit from
@@ -86,6 +89,13 @@ class _Worker:
     def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         return fn(*args, **kwargs)
 
+    def host(self, factory: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        """Build the object this rank serves (e.g. a generation engine) and keep it."""
+        self.hosted = factory(*args, **kwargs)
+
+    def call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        return getattr(self.hosted, method)(*args, **kwargs)
+
 
 @dataclass
 class RoleGroup:
@@ -104,9 +114,20 @@ class RoleGroup:
         fail ends the call: the role is stopped (its other ranks would wait in a collective for it
         forever) and a RoleError names the rank and node. `timeout_s`: the same, for a rank still
         running after that long."""
+        return self.wait([w.run.remote(fn, args, kwargs) for w in self.workers], timeout_s)
+
+    def call_all(self, method: str, *args, timeout_s: float | None = None, **kwargs) -> list[Any]:
+        """`method(*args, **kwargs)` of every rank's hosted object (`host` builds it: with
+        method="host", args are the factory and its arguments)."""
+        if method == "host":
+            factory, *rest = args
+            return self.wait([w.host.remote(factory, tuple(rest), kwargs) for w in self.workers], timeout_s)
+        return self.wait([w.call.remote(method, args, kwargs) for w in self.workers], timeout_s)
+
+    def wait(self, refs: list[Any], timeout_s: float | None = None) -> list[Any]:
+        """The results of one call per rank (`refs` in rank order), failing as `run` does."""
         import ray
 
-        refs = [w.run.remote(fn, args, kwargs) for w in self.workers]
         rank_of = {ref: i for i, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -140,8 +161,9 @@ class RoleGroup:
         return f"{where} failed: {type(exc).__name__}: {exc}"
 
     def stop(self) -> None:
-        """Kill the ranks and free their reservation (idempotent)."""
-        if self._stopped:
+        """Kill the ranks and free their reservation (idempotent; only the group's creator, which
+        holds the placement group, stops it)."""
+        if self._stopped or self.placement is None:
             return
         import ray
         from ray.util.placement_group import remove_placement_group
@@ -160,12 +182,14 @@ def start_role(
     env: dict[str, str] | None = None,
     strategy: str = "PACK",
     ready_timeout_s: float = 120.0,
+    actor_names: list[str] | None = None,
 ) -> RoleGroup:
     """`size` ranks of role `name`, reserved together (a placement group of `size` bundles of
     `resources`, packed on as few nodes as fit unless `strategy` says otherwise), with the
     torch.distributed environment of a group of their own (RANK, WORLD_SIZE, MASTER_ADDR/PORT at
     rank 0's node). A reservation the cluster cannot grant within `ready_timeout_s` is an error
-    naming what was asked for."""
+    naming what was asked for. `actor_names`: named actors, which other processes of the job find
+    with `role_actors`."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -187,6 +211,7 @@ def start_role(
     actor = ray.remote(_Worker)
     workers = [
         actor.options(
+            name=actor_names[i] if actor_names else None,
             num_cpus=resources.cpus,
             num_gpus=resources.gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i),
@@ -217,3 +242,18 @@ def remove_placement_group_quietly(group) -> None:
         remove_placement_group(group)
     except Exception:  # already gone with the cluster
         pass
+
+
+def role_actors(name: str) -> RoleGroup:
+    """The ranks of role `name` that `--launcher ray` started beside this trainer rank (their actor
+    names are in ROLES_ENV), as a RoleGroup this process calls but does not own."""
+    import json
+
+    import ray
+
+    roles = json.loads(os.environ.get(ROLES_ENV, "{}"))
+    if name not in roles:
+        raise RoleError(f"role {name}: not started by the launcher (roles here: {', '.join(roles) or 'none'})")
+    workers = [ray.get_actor(actor) for actor in roles[name]]
+    nodes = [host for host, _ in ray.get([w.where.remote() for w in workers])]
+    return RoleGroup(name, workers, nodes, None)

@@ -24,14 +24,25 @@ def same_run(a, b) -> None:
 
 
 @pytest.mark.parametrize(
-    "recipe,extra",
-    [("ppo", ["ppo.steps=2"]), ("reinforce", ["reinforce.estimator=grpo", "reinforce.steps=2"])],
+    "recipe,extra,generators",
+    [
+        ("ppo", ["ppo.steps=2", "model.lora.enabled=true"], 1),  # LoRA: the adapters arrive merged
+        ("reinforce", ["reinforce.estimator=grpo", "reinforce.steps=2"], 2),  # one generator per trainer rank
+    ],
 )
-def test_ray_ranks_train_as_torchrun_ranks(tmp_path, recipe, extra):
+def test_ray_ranks_train_as_torchrun_ranks(tmp_path, recipe, extra, generators):
+    """Same seed, same metrics: with generation engines on actors of their own, the weights they
+    received after each update sample the same rollouts the trainer's own engine would."""
     args = [*VOWELS, *extra, "checkpoint.every=null", "checkpoint.save_final=false"]
     run_recipe(recipe, tmp_path / "torchrun", *args, nproc=2)
-    run_recipe(recipe, tmp_path / "ray", *args, "--launcher", "ray", nproc=2)
+    placed = [f"placement.generator.ranks={generators}", "--launcher", "ray"]
+    run_recipe(recipe, tmp_path / "ray", *args, *placed, nproc=2)
     same_run(tmp_path / "torchrun", tmp_path / "ray")
+
+
+def test_generation_actors_need_the_ray_launcher(tmp_path):
+    result = run_recipe("reinforce", tmp_path / "run", *VOWELS, "placement.generator.ranks=1", ok=False)
+    assert result.returncode == 2 and "run with --launcher ray" in result.stderr
 
 
 def test_a_killed_ray_rank_is_named_and_the_run_resumes(tmp_path):
