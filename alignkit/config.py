@@ -198,6 +198,7 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1)
     resume: bool = True  # continue from the newest complete checkpoint in output_dir, if any
     save_final: bool = True  # write final/ in Hugging Face format
+    async_save: bool = False  # write checkpoints from a background thread while training goes on
 
 
 class LoggingConfig(Section):
@@ -231,7 +232,6 @@ class RecipeConfig(Section):
     """Fields every recipe config has."""
 
     recipe: str | None = None  # the recipe this config is for; checked by `alignkit run`
-    async_save: bool = False  # write checkpoints from a background thread while training goes on
     output_dir: str
     model: ModelConfig
     optim: OptimConfig = OptimConfig()
