@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointConfig",
     "LoggingConfig",
     "DistributedConfig",
+    "MeshConfig",
     "SamplingConfig",
     "VLLMConfig",
     "RecipeConfig",
@@ -208,9 +209,19 @@ class LoggingConfig(Section):
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
 
 
+class MeshConfig(Section):
+    """How the processes are laid out, `dp_replicate x dp_shard x tp` = the number of processes
+    (FSDP only; `tp` is innermost: keep it within a node)."""
+
+    dp_replicate: int = Field(1, ge=1)  # HSDP: full copies of the sharded state (e.g. one per node)
+    dp_shard: int | None = Field(None, ge=1)  # processes each copy is sharded over; None: all that remain
+    tp: int = Field(1, ge=1)  # tensor parallel: each layer's heads and MLP split over this many processes
+
+
 class DistributedConfig(Section):
     strategy: Literal["fsdp", "ddp"] = "fsdp"  # used only under torchrun with more than one process
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    mesh: MeshConfig = MeshConfig()
 
 
 class RoleResources(Section):

@@ -43,7 +43,9 @@ def main(cfg: Config) -> None:
 
     # --- train: minimise -log p(response | prompt) ----------------------------------------
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
-    model = fit(run, model, make_rows(train, cfg.data), row_length, collate, sft_token_loss, val_rows)
+    model = fit(
+        run, model, make_rows(train, cfg.data), row_length, collate, sft_token_loss, val_rows, tensor_parallel=True
+    )
 
     # --- save in Hugging Face format -------------------------------------------------------
     if cfg.checkpoint.save_final:

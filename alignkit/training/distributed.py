@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from alignkit.config import ConfigError, MeshConfig
 from alignkit.models.loading import unwrap
 
 __all__ = [
@@ -36,10 +37,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place: its rank among `world_size`, and in the device mesh
+    `dp_replicate x dp_shard x tp` (row-major, tp innermost: rank = dp_rank * tp + tp_rank)."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    dp_replicate: int = 1
+    tp: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -49,12 +55,27 @@ class Dist:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: the processes that see different data (a TP group shares its batch)."""
+        return self.world_size // self.tp
 
-def init_distributed(backend: str = "auto") -> Dist:
-    """Join the torchrun process group if there is one; otherwise a world of one."""
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def dp_shard(self) -> int:
+        return self.dp_size // self.dp_replicate
+
+
+def init_distributed(backend: str = "auto", mesh: MeshConfig | None = None) -> Dist:
+    """Join the torchrun process group if there is one; otherwise a world of one. `mesh` must
+    multiply out to the number of processes (`dp_shard` None: what remains)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    replicate, tp = _mesh_shape(mesh or MeshConfig(), world_size)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -63,7 +84,19 @@ def init_distributed(backend: str = "auto") -> Dist:
         if backend == "auto":
             backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device, dp_replicate=replicate, tp=tp)
+
+
+def _mesh_shape(mesh: MeshConfig, world_size: int) -> tuple[int, int]:
+    """(dp_replicate, tp) checked against the world size; dp_shard is what remains."""
+    rest, leftover = divmod(world_size, mesh.dp_replicate * mesh.tp)
+    if leftover or (mesh.dp_shard is not None and mesh.dp_shard != rest):
+        shard = "the rest" if mesh.dp_shard is None else mesh.dp_shard
+        raise ConfigError(
+            f"distributed.mesh: dp_replicate {mesh.dp_replicate} x dp_shard {shard} x tp {mesh.tp} does not "
+            f"multiply out to this run's {world_size} process{'es' if world_size > 1 else ''} (--nproc)"
+        )
+    return mesh.dp_replicate, mesh.tp
 
 
 def shutdown() -> bool:
@@ -119,9 +152,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def wrap_model(model: nn.Module, d: Dist, strategy: str, compile_layers: bool = False) -> nn.Module:
+def wrap_model(
+    model: nn.Module, d: Dist, strategy: str, compile_layers: bool = False, tensor_parallel: bool = False
+) -> nn.Module:
     """Move to the device, optionally compile each decoder layer, and with several processes
-    shard (FSDP2) or replicate (DDP)."""
+    shard (FSDP2, over the mesh's data-parallel dimensions; HSDP when `dp_replicate` > 1) or
+    replicate (DDP). With `d.tp` > 1 the decoder layers are first split by tensor parallelism,
+    which only callers whose data is split over data-parallel ranks allow (`tensor_parallel`)."""
     model.to(d.device)
     if compile_layers:
         for layer in decoder_layers(model):
@@ -129,19 +166,30 @@ def wrap_model(model: nn.Module, d: Dist, strategy: str, compile_layers: bool = 
     if not d.enabled:
         return model
     if strategy == "ddp":
+        if d.tp > 1 or d.dp_replicate > 1:
+            raise ConfigError("distributed.mesh with dp_replicate or tp above 1 needs distributed.strategy=fsdp")
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if d.device.type == "cuda" else None
         )
-    from torch.distributed.device_mesh import init_device_mesh  # local, as below: DTensor's import costs
-    from torch.distributed.fsdp import fully_shard  # ~0.6 s of every command's start-up, FSDP runs only
+    from torch.distributed.fsdp import fully_shard  # local: DTensor's import costs ~0.6 s, FSDP runs only
 
-    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    from alignkit.training.parallel import device_mesh, parallelize  # local, as above
+
     layers = decoder_layers(model)
     if not layers:
         raise RuntimeError(f"FSDP: found no decoder layers to shard in {type(model).__name__}")
+    mesh = device_mesh(d.device.type, d.dp_replicate, d.dp_shard, d.tp)
+    if d.tp > 1:
+        if not tensor_parallel:
+            raise ConfigError(
+                f"distributed.mesh.tp={d.tp}: this recipe splits its work over processes itself, "
+                "so it runs data parallel only (tensor parallel: sft); set distributed.mesh.tp=1"
+            )
+        parallelize(model, layers, mesh["tp"])
+    data_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=data_mesh)
+    fully_shard(model, mesh=data_mesh)
     return model
 
 

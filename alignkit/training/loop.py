@@ -100,10 +100,10 @@ class Run:
 
 def start_run(cfg: RecipeConfig) -> Run:
     """Join the process group, seed every RNG, create output_dir and save the resolved config."""
-    d = init_distributed(cfg.distributed.backend)
+    d = init_distributed(cfg.distributed.backend, cfg.distributed.mesh)
     if not d.is_main:  # one voice in the console: other ranks report only problems
         get_logger().setLevel("WARNING")
-    seed = cfg.train.seed + d.rank
+    seed = cfg.train.seed + d.dp_rank  # a tensor-parallel group draws the same numbers
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -193,18 +193,34 @@ def _no_grad_sync(model: nn.Module, sync: bool):
 
 
 def _grad_norm(model: nn.Module, max_norm: float | None) -> float:
+    """The global gradient norm, clipped to `max_norm`. Under FSDP + TP the gradients live on two
+    meshes (the tensor-parallel layers' 2-D one, the rest's data-parallel one), which one stack
+    cannot mix: then each mesh's norm is reduced alone, and they are combined."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
-        norm = norm.full_tensor()
-    return float(norm)
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    if len(groups) <= 1:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    squares = []
+    for grads in groups.values():
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        squares.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2)
+    total = math.sqrt(sum(squares))
+    coef = max_norm / (total + 1e-6) if max_norm else 1.0  # clip_grad_norm_'s epsilon
+    if coef < 1.0:
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef)
+    return total
 
 
 def reduce_metrics(sums: dict[str, torch.Tensor], units: float, d: Dist) -> dict[str, float]:
     if not sums:
         return {}
     keys = sorted(sums)
-    packed = all_reduce_sum(torch.stack([sums[k].detach().float().cpu() for k in keys]), d)
+    # / tp: a tensor-parallel group's ranks computed the same micro-batches; count them once
+    packed = all_reduce_sum(torch.stack([sums[k].detach().float().cpu() for k in keys]), d) / d.tp
     return {k: float(v) / max(units, 1.0) for k, v in zip(keys, packed.tolist())}
 
 
@@ -241,7 +257,7 @@ def evaluate(
                 loss_sum, metrics = loss_fn(model, to_device(batch, run.dist.device))
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0) + value.detach().float()
-    total_units = float(all_reduce_sum(torch.tensor(float(units)), run.dist))
+    total_units = float(all_reduce_sum(torch.tensor(float(units)), run.dist)) / run.dist.tp
     model.train()
     metrics = reduce_metrics(sums, total_units, run.dist)
     return {f"val/{k}": v for k, v in (summarize(metrics) if summarize else metrics).items()}
@@ -260,8 +276,8 @@ def optimizer_step(
     local = torch.tensor(
         [sum(b["num_units"] for b in batches), sum(b["num_tokens"] for b in batches)], dtype=torch.float64
     )
-    global_units, global_tokens = all_reduce_sum(local, d).tolist()
-    scale = d.world_size / max(global_units, 1.0)
+    global_units, global_tokens = (all_reduce_sum(local, d) / d.tp).tolist()  # a TP group shares its batch
+    scale = d.dp_size / max(global_units, 1.0)  # FSDP averages over the data-parallel ranks
     sums: dict[str, torch.Tensor] = {}
     for k, batch in enumerate(batches):
         with _no_grad_sync(model, sync=k == len(batches) - 1), run.autocast():
@@ -284,22 +300,25 @@ def fit(
     loss_fn: LossFn,
     eval_items: Sequence | None = None,
     summarize: Summarize | None = None,
+    tensor_parallel: bool = False,
 ) -> nn.Module:
-    """Train `model` on `train_items`; returns the (wrapped) trained model."""
+    """Train `model` on `train_items`; returns the (wrapped) trained model. `tensor_parallel`: the
+    recipe splits no work over processes but through `fit`, so `distributed.mesh.tp` may be > 1
+    (the items are split over data-parallel ranks; a tensor-parallel group shares its batch)."""
     cfg, d = run.cfg, run.dist
     tc = cfg.train
-    model = wrap_model(model, d, cfg.distributed.strategy, compile_layers=cfg.model.compile)
+    model = wrap_model(model, d, cfg.distributed.strategy, cfg.model.compile, tensor_parallel)
     model.train()
     plan = BatchPlan(
-        [item_length(x) for x in train_items], tc.global_batch_size, tc.micro_batch_size, d.rank, d.world_size, tc.seed
+        [item_length(x) for x in train_items], tc.global_batch_size, tc.micro_batch_size, d.dp_rank, d.dp_size, tc.seed
     )
     eval_plan = (
         BatchPlan(
             [item_length(x) for x in eval_items],
             tc.global_batch_size,
             tc.micro_batch_size,
-            d.rank,
-            d.world_size,
+            d.dp_rank,
+            d.dp_size,
             tc.seed,
             shuffle=False,
         )
@@ -314,7 +333,7 @@ def fit(
     run.log.info(
         f"training {total_steps} steps: {len(train_items)} items, {plan.steps_per_epoch} steps/epoch, "
         f"global batch {tc.global_batch_size} = {tc.micro_batch_size} micro x {plan.accumulation_steps} "
-        f"accumulation x {d.world_size} processes"
+        f"accumulation x {d.dp_size} data-parallel ranks; {d.world_size} processes{_mesh_text(d)}"
     )
 
     def evaluate_now() -> dict[str, float]:
@@ -360,6 +379,12 @@ def fit(
         save_checkpoints(run.output_dir / "checkpoints", total_steps, parts, d, cfg.checkpoint.keep_last)
     logger.close()
     return model
+
+
+def _mesh_text(d: Dist) -> str:
+    if d.tp == 1 and d.dp_replicate == 1:
+        return ""
+    return f" (mesh: dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x tp {d.tp})"
 
 
 def save_final(

@@ -1,0 +1,79 @@
+"""2-D device meshes on gloo processes give the single-process training: tensor parallel (TP) over 2,
+the shipped `tiny_2d` (FSDP 2 x TP 2 on 4 processes) and HSDP (2 replicas x FSDP 2). Same losses,
+same final weights, and final/ of the TP run generates the single-process model's greedy text."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import run_cli
+from tests.distributed.test_sft_distributed import losses
+
+pytestmark = pytest.mark.distributed
+
+SHORT = ["train.max_steps=4", "data.validation=null", "logging.tensorboard=false", "checkpoint.every=null"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    result = run_cli("run", "sft", "--config", "tiny", *SHORT, f"output_dir={out}")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_same_training(out, single):
+    # FSDP, TP and HSDP sum the same gradients in other orders (fp32, ~1e-7 relative); a lost
+    # micro-batch, a TP group counted twice or a wrong head split moves the loss by 1e-2 or more
+    assert losses(out) == pytest.approx(losses(single), rel=1e-5)
+    a, b = load_file(str(single / "final/model.safetensors")), load_file(str(out / "final/model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_tensor_parallel_over_two_processes(tmp_path, single):
+    out = tmp_path / "tp2"
+    result = run_cli(
+        "run", "sft", "--config", "tiny", *SHORT, f"output_dir={out}", "distributed.mesh.tp=2", "--nproc", "2"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "mesh: dp_replicate 1 x dp_shard 1 x tp 2" in result.stderr
+    assert_same_training(out, single)
+    prompt = torch.tensor([[72, 101, 108, 108, 111]])
+    texts = [
+        AutoModelForCausalLM.from_pretrained(path).eval().generate(prompt, max_new_tokens=12, do_sample=False)
+        for path in (out / "final", single / "final")
+    ]
+    assert torch.equal(texts[0], texts[1])
+
+
+def test_tiny_2d_fsdp_by_tensor_parallel_on_four_processes(tmp_path, single):
+    out = tmp_path / "2d"
+    result = run_cli("run", "sft", "--config", "tiny_2d", *SHORT, f"output_dir={out}", "--nproc", "4")
+    assert result.returncode == 0, result.stderr
+    assert "mesh: dp_replicate 1 x dp_shard 2 x tp 2" in result.stderr
+    assert_same_training(out, single)
+
+
+def test_hsdp_two_replicas_of_two_shards(tmp_path, single):
+    out = tmp_path / "hsdp"
+    mesh = ["distributed.mesh.dp_replicate=2", "distributed.mesh.dp_shard=2", "train.micro_batch_size=2"]
+    result = run_cli("run", "sft", "--config", "tiny", *SHORT, f"output_dir={out}", *mesh, "--nproc", "4")
+    assert result.returncode == 0, result.stderr
+    assert_same_training(out, single)
+
+
+def test_meshes_that_cannot_work_are_named(tmp_path):
+    result = run_cli("run", "sft", "--config", "tiny", *SHORT, f"output_dir={tmp_path / 'a'}", "distributed.mesh.tp=3")
+    assert result.returncode == 2
+    assert "dp_replicate 1 x dp_shard the rest x tp 3 does not multiply out to this run's 1 process" in result.stderr
+    tp = ["distributed.mesh.tp=2", "--nproc", "2"]
+    result = run_cli("run", "dpo", "--config", "tiny", *SHORT, f"output_dir={tmp_path / 'b'}", *tp)
+    assert result.returncode == 2 and "runs data parallel only (tensor parallel: sft)" in result.stderr
+    heads = "model.random_init.num_kv_heads=1"
+    result = run_cli("run", "sft", "--config", "tiny", *SHORT, f"output_dir={tmp_path / 'c'}", heads, *tp)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        "error: distributed.mesh.tp=2 does not divide the model's num_key_value_heads=1"
+    )
