@@ -36,6 +36,7 @@ from alignkit.rewards import RewardSourceConfig, RewardSourceError, build_reward
 from alignkit.rewards.scoring import score_dataset
 from alignkit.training.distributed import shutdown
 from alignkit.training.launch import hand_error_to_launcher, ray_launch, torchrun
+from alignkit.training.placement import placed_roles
 
 __all__ = ["app", "main"]
 
@@ -109,7 +110,7 @@ def run(
         module, cfg = _load(recipe, config, overrides)  # validate before launching anything
         if launcher == "ray" and "LOCAL_RANK" not in os.environ:
             args = (recipe, str(find_config(recipe, config)), overrides)
-            code, errors = ray_launch(nproc, _rank_main, args, address, _BAD_INPUT, _placed_roles(cfg))
+            code, errors = ray_launch(nproc, _rank_main, args, address, _BAD_INPUT, placed_roles(cfg))
             for line in errors:
                 typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=code)
@@ -129,17 +130,6 @@ def run(
 
 
 _BAD_INPUT = (ConfigError, DataError, FileNotFoundError, RewardSourceError)
-
-
-def _placed_roles(cfg) -> dict:
-    """The roles a recipe's `placement` section puts on Ray actors of their own: {name: (ranks, Resources)}."""
-    from alignkit.training.placement import Resources
-
-    placement = getattr(cfg, "placement", None)
-    if placement is None:
-        return {}
-    roles = {"generator": placement.generator}
-    return {name: (r.ranks, Resources(r.cpus, r.gpus)) for name, r in roles.items() if r.ranks}
 
 
 def _rank_main(recipe: str, config: str, overrides: list[str]) -> None:

@@ -17,7 +17,7 @@ from alignkit.evaluation.evaluate import evaluate_model, write_json
 from alignkit.evaluation.stats import mean_with_ci
 from alignkit.recipes import recipe_module
 
-__all__ = ["Demo", "Stage", "evaluate", "read_jsonl", "train"]
+__all__ = ["Demo", "Stage", "evaluate", "read_jsonl", "train", "train_on_ray"]
 
 
 @dataclass
@@ -60,6 +60,31 @@ def train(
     )
     module.main(cfg)
     return cfg
+
+
+def train_on_ray(demo: Demo, stage: str, overrides: list[str], config: str | None = None) -> RecipeConfig:
+    """As `train`, with the recipe's one rank and the roles its `placement` section asks for
+    placed by Ray on a local cluster (what `alignkit run ... --launcher ray` does)."""
+    from alignkit.training.launch import ray_launch  # local: Ray for this stage only
+    from alignkit.training.placement import placed_roles
+
+    path = find_config("demo", config or stage)
+    recipe = config_recipe(path)
+    args = [f"output_dir={demo.path(stage)}", "logging.progress=lines", *overrides]
+    cfg = load_config(recipe_module(recipe).Config, path, args)  # bad settings fail here, before Ray starts
+    code, errors = ray_launch(1, _rank_train, (recipe, str(path), args), None, (), placed_roles(cfg))
+    if code:
+        raise RuntimeError(f"stage {stage}: {errors[0] if errors else 'failed'}")
+    return cfg
+
+
+def _rank_train(recipe: str, path: str, args: list[str]) -> None:
+    """The rank of `train_on_ray`: the recipe in the Ray actor."""
+    from alignkit.training.distributed import shutdown
+
+    module = recipe_module(recipe)
+    module.main(load_config(module.Config, Path(path), args))
+    shutdown()
 
 
 def config_recipe(path: Path) -> str:

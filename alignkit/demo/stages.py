@@ -22,7 +22,7 @@ from alignkit.data.io import Record, write_jsonl
 from alignkit.data.steerlm import SteerLMFormat
 from alignkit.data.taskworld import build_datasets
 from alignkit.demo.cai import CAISettings, cai_stage
-from alignkit.demo.common import Demo, Stage, evaluate, read_jsonl, train
+from alignkit.demo.common import Demo, Stage, evaluate, read_jsonl, train, train_on_ray
 from alignkit.demo.pipeline import run_pipeline
 from alignkit.demo.rl_variants import (
     OnPolicyDistillSettings,
@@ -403,6 +403,27 @@ def _ppo(demo: Demo) -> dict[str, Any]:
     return metrics
 
 
+def _ppo_ray(demo: Demo) -> dict[str, Any]:
+    """The `ppo` stage with its roles placed by Ray: the trainer on one Ray actor, generation on a
+    second one that receives the weights by broadcast after every update (`--launcher ray`,
+    `placement.generator.ranks=1`). Same config and seed: it should land where `ppo` did."""
+    train_on_ray(
+        demo,
+        "ppo_ray",
+        [
+            f"model.path={demo.path('sft', 'final')}",
+            f"data.train.path={demo.path('data', 'prompts.jsonl')}",
+            f"reward.path={demo.path('reward_model', 'bt', 'final')}",
+            "placement.generator.ranks=1",
+        ],
+        config="ppo",
+    )
+    metrics = evaluate(demo, "ppo_ray", reference="sft")
+    metrics.update(_reward_hacking(demo, "ppo_ray"))
+    metrics["curves"] = _rl_curves("ppo_ray", demo)
+    return metrics
+
+
 def _grpo(demo: Demo) -> dict[str, Any]:
     """GRPO from the SFT model against the oracle's check of the final answer (a verifiable reward)."""
     train(
@@ -545,6 +566,7 @@ STAGES = [
         is_model=True,
     ),
     Stage("ppo", _ppo, ("sft", "reward_model"), configs=("ppo",), settings=EVALUATED, is_model=True),
+    Stage("ppo_ray", _ppo_ray, ("sft", "reward_model"), configs=("ppo",), settings=EVALUATED, is_model=True),
     Stage("grpo", _grpo, ("sft",), configs=("grpo",), settings=EVALUATED, is_model=True),
     Stage(
         "cai",

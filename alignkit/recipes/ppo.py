@@ -41,6 +41,7 @@ nothing. `final/` is the actor; `critic/final/` the critic (both unless
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from typing import Literal
 
@@ -73,6 +74,7 @@ from alignkit.training.rl import (
     actor_metrics,
     check_processes,
     critic_loss,
+    draw_ahead,
     engine_gap,
     global_moments,
     mean_std,
@@ -237,15 +239,28 @@ def main(cfg: Config) -> None:
         f"{pc.epochs} epochs x {pc.minibatches} minibatches, {d.world_size} processes"
     )
 
+    pool, ahead = (ThreadPoolExecutor(1, "draw-ahead") if rc.overlap else None), None
+
     for step in range(start, pc.steps):
         t0 = time.perf_counter()
         # --- 1-2. rollouts of this process's share of the step's prompts, scored -------------------
-        rollouts, scores, t_generate, t_score = sample_and_score(run, cfg, engine, tokenizer, records, reward, step)
+        # (one step off-policy: drawn during the last update, from the weights before it)
+        stale = ahead is not None
+        if stale:
+            rollouts, scores, _, t_score = ahead.result()
+            t_generate = time.perf_counter() - t0  # the wait for it
+        else:
+            rollouts, scores, t_generate, t_score = sample_and_score(run, cfg, engine, tokenizer, records, reward, step)
+        if pool is not None and step + 1 < pc.steps:  # the next draw starts now, beside this update
+            ahead = draw_ahead(pool, run, cfg, engine, tokenizer, records, reward, step + 1)
         t2 = time.perf_counter()
 
         # --- 3. old and reference log-probs, values: once, on the first epoch's micro-batches ------
         plans, forward = update_plan(run, rollouts, pc.epochs, pc.minibatches, step, pad_id)
-        old_logps = forward(lambda b: token_logps(actor, b)[0])
+        if stale:  # the behaviour policy is the engine's: the ratio corrects for the step it lags
+            old_logps = [r.engine_logps for r in rollouts]
+        else:
+            old_logps = forward(lambda b: token_logps(actor, b)[0])
         ref_logps = forward(reference_logps(actor, reference, lora))
         values = forward(lambda b: values_of(critic, b))
         t3 = time.perf_counter()
@@ -253,7 +268,9 @@ def main(cfg: Config) -> None:
         # --- 4. KL-shaped token rewards, GAE, advantages whitened over all processes' tokens --------
         stats, kl = _advantages(rollouts, old_logps, ref_logps, values, scores, kl_coef, pc, d)
         metrics = {**rollout_stats(rollouts, d), **monitor_stats(monitor, rollouts, d)}
-        metrics.update(engine_gap(rollouts, rc.tis_cap, d))  # engine vs trainer log-probs; TIS weights
+        if not stale:  # (stale: the old log-probs are the engine's own)
+            metrics.update(engine_gap(rollouts, rc.tis_cap, d))  # engine vs trainer log-probs; TIS weights
+        metrics["rollout/staleness"] = float(stale)
         sequence_kl = reduce_sums({"n": len(rollouts), "kl": float(kl.sum())}, d)
         metrics["rollout/reward_with_kl"] = metrics["rollout/reward"] - kl_coef * sequence_kl["kl"] / sequence_kl["n"]
         metrics.update(stats)
@@ -273,8 +290,12 @@ def main(cfg: Config) -> None:
             )
             metrics.update(actor_metrics(sums, d))
         t4 = time.perf_counter()
+        if ahead is not None:  # the next draw ends on the weights it started with
+            wait([ahead])
+        t5 = time.perf_counter()
         engine.update_weights(actor)  # the next step samples from the updated policy
-        metrics["timing/weight_sync_s"] = time.perf_counter() - t4
+        metrics["timing/ahead_wait_s"] = t5 - t4
+        metrics["timing/weight_sync_s"] = time.perf_counter() - t5
 
         # --- 6. adaptive KL coefficient -----------------------------------------------------------
         metrics["kl_coef"] = kl_coef
@@ -294,6 +315,8 @@ def main(cfg: Config) -> None:
         )
         finish_step(run, logger, step, metrics, parts, {"kl_coef": kl_coef}, pc.steps)
 
+    if pool is not None:
+        pool.shutdown()
     logger.close()
     if cfg.checkpoint.save_final:
         save_final(run, actor, tokenizer)

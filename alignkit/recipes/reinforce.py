@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from typing import Literal
 
@@ -67,6 +68,7 @@ from alignkit.training.rl import (
     actor_loss,
     actor_metrics,
     check_processes,
+    draw_ahead,
     engine_gap,
     global_moments,
     monitor_stats,
@@ -168,6 +170,10 @@ class Config(RecipeConfig):
             raise ValueError(
                 "reinforce.max_draws: dynamic sampling looks for reward variance; onpolicy_distill has none"
             )
+        if self.rollout.overlap and self.reinforce.max_draws > 1:
+            raise ValueError(
+                "reinforce.max_draws: rollout.overlap draws each step once, ahead of it; dynamic sampling draws on"
+            )
         if estimator != "onpolicy_distill" and self.reward is None:
             raise ValueError(f"reward: reinforce.estimator={estimator} learns from a reward source; set reward.kind")
         return self
@@ -259,6 +265,7 @@ def main(cfg: Config) -> None:
     need_old = need_old or cfg.sampling.backend == "vllm" or rc.tis_cap is not None
     engine = rollout_engine(cfg, actor, tokenizer, d, run.autocast)  # after resume: the resumed weights
     run.log.info(f"{rf.estimator.upper()}: {rf.steps} steps of {rc.prompts_per_step} prompts x {n} samples")
+    pool, ahead = (ThreadPoolExecutor(1, "draw-ahead") if rc.overlap else None), None
 
     for step in range(start, rf.steps):
         if rf.max_generated_tokens is not None and generated >= rf.max_generated_tokens:
@@ -267,8 +274,11 @@ def main(cfg: Config) -> None:
         # --- 1-2. n samples per prompt (this process's share of the prompts), scored ---------------
         # (dynamic sampling: more prompts drawn until the groups trained on carry signal)
         rollouts, scores, t_generate, t_score, draws = sample_useful_groups(
-            run, cfg, engine, tokenizer, records, reward, step, rf.max_draws
+            run, cfg, engine, tokenizer, records, reward, step, rf.max_draws, ahead
         )
+        stale = ahead is not None  # drawn during the last update, from the weights before it
+        if pool is not None and step + 1 < rf.steps:  # one step off-policy: the next draw starts now
+            ahead = draw_ahead(pool, run, cfg, engine, tokenizer, records, reward, step + 1)
         if rf.overlong_buffer:
             lengths = torch.tensor([len(r.response_ids) for r in rollouts])
             penalty = overlong_penalty(lengths, cfg.sampling.max_new_tokens, rf.overlong_buffer)
@@ -277,7 +287,10 @@ def main(cfg: Config) -> None:
 
         # --- 3. log-probs where needed, then per-response advantages ---------------------------------
         plans, forward = update_plan(run, rollouts, rf.epochs, rf.minibatches, step, pad_id)
-        if need_old:
+        if stale:  # the behaviour policy is the engine's: the ratio corrects for the step it lags
+            for r in rollouts:
+                r.old_logps = r.engine_logps
+        elif need_old:
             for r, o in zip(rollouts, forward(lambda b: token_logps(actor, b)[0])):
                 r.old_logps = o
         if rf.kl_coef:
@@ -309,7 +322,9 @@ def main(cfg: Config) -> None:
             r.trains_actor = r.is_end or rf.train_unended
         adv = torch.stack([r.advantages.abs().max() if len(r.advantages) else torch.tensor(0.0) for r in rollouts])
         metrics = {**rollout_stats(rollouts, d), **monitor_stats(monitor, rollouts, d)}
-        metrics.update(engine_gap(rollouts, rc.tis_cap, d))  # engine vs trainer log-probs; TIS weights
+        if not stale:  # (stale: the old log-probs are the engine's own)
+            metrics.update(engine_gap(rollouts, rc.tis_cap, d))  # engine vs trainer log-probs; TIS weights
+        metrics["rollout/staleness"] = float(stale)
         flat = reduce_sums(
             {
                 "groups": len(rollouts) // n,
@@ -354,8 +369,12 @@ def main(cfg: Config) -> None:
         metrics.update(actor_metrics(sums, d))
         metrics["rollout/skipped_fraction"] = reduce_sums({"s": len(skip)}, d)["s"] / metrics["rollout/samples"]
         t4 = time.perf_counter()
+        if ahead is not None:  # the next draw ends on the weights it started with
+            wait([ahead])
+        t5 = time.perf_counter()
         engine.update_weights(actor)  # the next step samples from the updated policy
-        metrics["timing/weight_sync_s"] = time.perf_counter() - t4
+        metrics["timing/ahead_wait_s"] = t5 - t4
+        metrics["timing/weight_sync_s"] = time.perf_counter() - t5
         metrics.update(
             {
                 "lr": lr,
@@ -373,6 +392,8 @@ def main(cfg: Config) -> None:
         if spent:
             run.log.info(f"generation budget reached: {generated} tokens after {step + 1} steps")
             break
+    if pool is not None:
+        pool.shutdown()
 
     logger.close()
     if cfg.checkpoint.save_final:

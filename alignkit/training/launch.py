@@ -58,7 +58,7 @@ def ray_launch(
 
     from alignkit.training.placement import ROLES_ENV, RoleError, init_ray, start_role
 
-    init_ray(address)
+    started = init_ray(address)
     run_id = uuid.uuid4().hex[:8]
     groups, names = [], {}
     try:
@@ -74,6 +74,10 @@ def ray_launch(
     finally:
         for group in groups:
             group.stop()
+        if started and address is None:  # the local cluster this call started (a demo runs several)
+            import ray
+
+            ray.shutdown()
 
 
 def _summary(folder: Path, first_failure: tuple) -> tuple[int, list[str]]:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ROLES_ENV", "Resources", "RoleError", "RoleGroup", "init_ray", "role_actors", "start_role"]
+__all__ = ["ROLES_ENV", "Resources", "RoleError", "RoleGroup", "init_ray", "placed_roles", "role_actors", "start_role"]
 
 # set in a trainer rank by `--launcher ray`: the other roles it may use, {name: [actor names]} as JSON
 ROLES_ENV = "ALIGNKIT_RAY_ROLES"
@@ -51,18 +51,30 @@ class Resources:
     memory_gib: float | None = None
 
 
-def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: float | None = None) -> bool:
     """Join the cluster at `address` ("auto": the one `ray start` runs here), or start a local one.
-    Quiet: no dashboard, and no auth token file written under the home directory."""
+    Quiet: no dashboard, and no auth token file written under the home directory. Returns whether
+    this call connected (False: already connected)."""
     import ray  # local: Ray's import costs every other command a third of a second
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": "ERROR"}
     if address is None and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     ray.init(address=address, **kwargs)
+    return True
+
+
+def placed_roles(cfg) -> dict[str, tuple[int, Resources]]:
+    """The roles a recipe config's `placement` section puts on Ray actors of their own:
+    {name: (ranks, Resources)}, those with ranks > 0."""
+    placement = getattr(cfg, "placement", None)
+    if placement is None:
+        return {}
+    roles = {"generator": placement.generator}
+    return {name: (r.ranks, Resources(r.cpus, r.gpus)) for name, r in roles.items() if r.ranks}
 
 
 class _Worker:

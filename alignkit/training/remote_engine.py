@@ -40,6 +40,11 @@ def rollout_engine(cfg, actor: nn.Module, tokenizer, d: Dist, autocast=contextli
     generator actors `placement.generator.ranks` asks for (only under `--launcher ray`)."""
     placement = getattr(cfg, "placement", None)
     if placement is None or not placement.generator.ranks:
+        if cfg.rollout.overlap:
+            raise ConfigError(
+                "rollout.overlap draws the next step while this one trains: it needs generation actors of "
+                "their own (placement.generator.ranks >= 1, under --launcher ray)"
+            )
         return build_engine(actor, tokenizer, cfg.sampling, autocast)
     if ROLES_ENV not in os.environ:
         raise ConfigError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 
@@ -76,6 +77,7 @@ __all__ = [
     "sample_rollouts",
     "train_epochs",
     "Draws",
+    "draw_ahead",
     "sample_useful_groups",
     "train_on",
     "update_plan",
@@ -88,6 +90,10 @@ class RolloutConfig(Section):
     # exactly the policy trained; weight each token's policy loss by min(pi_train / pi_engine, C).
     # None: off. Needs the engine's log-probs (every backend reports them).
     tis_cap: float | None = Field(None, gt=0.0)
+    # One-step off-policy (veRL's one_step_off): step s+1's samples are drawn, on generation actors
+    # of their own (`placement.generator.ranks`), while step s trains, from the weights before its
+    # update; the importance ratio is taken against the engine's log-probs of the samples.
+    overlap: bool = False
 
 
 def check_processes(cfg, d: Dist) -> None:
@@ -174,21 +180,41 @@ class Draws:
     tokens: int = 0
 
 
+def draw_ahead(pool, run: Run, cfg, engine: Engine, tokenizer, records: list[Record], reward, step: int) -> Future:
+    """One-step off-policy: step `step`'s samples (`sample_and_score`, no collectives), drawn in a
+    thread of `pool` while the previous step trains. Wait for it before the weights change."""
+    return pool.submit(sample_and_score, run, cfg, engine, tokenizer, records, reward, step)
+
+
 def sample_useful_groups(
-    run: Run, cfg, engine: Engine, tokenizer, records: list[Record], reward, step: int, max_draws: int
+    run: Run,
+    cfg,
+    engine: Engine,
+    tokenizer,
+    records: list[Record],
+    reward,
+    step: int,
+    max_draws: int,
+    ahead: Future | None = None,
 ) -> tuple[list[Rollout], torch.Tensor, float, float, Draws]:
     """DAPO's dynamic sampling: draw the step's prompts, then more (up to `max_draws` draws in all)
     until every process holds its share of groups whose samples did not all score the same
     (an all-right or all-wrong group has zero advantage everywhere: no gradient, generation paid
     for nothing). The step trains on that share: useful groups first, topped up with zero-variance
     ones only if the draws ran out (so every process runs the same number of passes). Returns what
-    `sample_and_score` does, for the kept groups, and the `Draws`."""
+    `sample_and_score` does, for the kept groups, and the `Draws`. `ahead`: the one draw made
+    during the previous step's update (one-step off-policy); the generation time is the wait for it."""
     n, share = cfg.sampling.n, cfg.rollout.prompts_per_step // run.dist.world_size
     useful: list[list[Rollout]] = []
     idle: list[list[Rollout]] = []
     stats, t_generate, t_score = Draws(), 0.0, 0.0
     for draw in range(max_draws):
-        rollouts, scores, tg, ts = sample_and_score(run, cfg, engine, tokenizer, records, reward, step, draw)
+        if ahead is not None:
+            t0 = time.perf_counter()
+            rollouts, scores, _, ts = ahead.result()
+            tg = time.perf_counter() - t0
+        else:
+            rollouts, scores, tg, ts = sample_and_score(run, cfg, engine, tokenizer, records, reward, step, draw)
         t_generate, t_score = t_generate + tg, t_score + ts
         for g in range(len(rollouts) // n):
             group = rollouts[g * n : (g + 1) * n]
