@@ -1,6 +1,6 @@
 """What placing ranks and roles with Ray costs, and what one-step off-policy buys, on this machine.
 
-    python benchmarks/ray_placement.py [--steps 6] [--repeats 2]
+    python benchmarks/ray_placement.py [--steps 8] [--repeats 2]
 
 Runs, interleaved and repeated (the machine is shared and noisy: compare within a round):
   1. PPO on a demo-sized random Llama (256 wide, 4 layers), 1 process: torchrun vs --launcher ray
@@ -29,12 +29,17 @@ MODEL = (
 COMMON = [
     MODEL,
     "reward.kind=function",
-    "reward.function=alignkit.tasks.oracle:correct_answer_reward",
+    "reward.function=benchmarks.ray_placement:vowel_reward",
     "checkpoint.every=null",
     "checkpoint.save_final=false",
     "logging.progress=none",
     "logging.tensorboard=false",
 ]
+
+
+def vowel_reward(prompts: list, responses: list[str]) -> list[float]:
+    """A reward a random model can learn within a few steps: the share of vowels in the response."""
+    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
 
 
 def run(recipe: str, out: Path, *args: str) -> list[dict]:
@@ -55,7 +60,7 @@ def step_time(metrics: list[dict]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     ppo = [*COMMON, f"ppo.steps={args.steps}"]
