@@ -48,6 +48,22 @@ def test_tensor_parallel_over_two_processes(tmp_path, single):
     assert torch.equal(texts[0], texts[1])
 
 
+def test_tensor_parallel_qwen3_all_reduces_its_per_head_norms(tmp_path):
+    """Qwen3's q_norm/k_norm weights see only a rank's own heads: their gradients must be summed over
+    the TP group, or the ranks' copies drift apart and the losses leave the single-process ones."""
+    qwen3 = [*SHORT, "train.max_steps=3", "model.random_init.architecture=qwen3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli("run", "sft", "--config", "tiny", *qwen3, f"output_dir={one}").returncode == 0
+    result = run_cli(
+        "run", "sft", "--config", "tiny", *qwen3, f"output_dir={two}", "distributed.mesh.tp=2", "--nproc", "2"
+    )
+    assert result.returncode == 0, result.stderr
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    a, b = load_file(str(one / "final/model.safetensors")), load_file(str(two / "final/model.safetensors"))
+    norms = [k for k in a if "q_norm" in k or "k_norm" in k]
+    assert norms and max(float((a[k] - b[k]).abs().max()) for k in norms) < 1e-5
+
+
 def test_tiny_2d_fsdp_by_tensor_parallel_on_four_processes(tmp_path, single):
     out = tmp_path / "2d"
     result = run_cli("run", "sft", "--config", "tiny_2d", *SHORT, f"output_dir={out}", "--nproc", "4")
