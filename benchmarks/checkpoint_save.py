@@ -4,6 +4,7 @@ former full-state gather on rank 0, for a ~134M-parameter Llama under FSDP2 on 2
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/checkpoint_save.py dcp
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/checkpoint_save.py async
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/checkpoint_save.py gather
+    ... final | final-gather     (final/ in HF format: streamed weight by weight, or gathered whole)
 
 Each method in its own launch (peak RSS is per process). Prints, per rank, the save's seconds and
 its peak resident memory above what the rank held before saving (sampled every 2 ms).
@@ -24,8 +25,10 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignkit.config import OptimConfig
+from alignkit.models.loading import meta_skeleton, save_causal_lm, save_hf_streamed, saved_weight_names
+from alignkit.models.tokenizer import byte_tokenizer
 from alignkit.training.checkpoint import save_checkpoints, wait_for_checkpoint
-from alignkit.training.distributed import full_state_dict, init_distributed, wrap_model
+from alignkit.training.distributed import full_state_dict, full_tensor, init_distributed, wrap_model
 from alignkit.training.optim import build_optimizer, build_scheduler
 
 
@@ -71,6 +74,7 @@ def main(method: str) -> None:
     model(torch.randint(0, 32000, (1, 16)), labels=torch.randint(0, 32000, (1, 16))).loss.backward()
     optimizer.step()  # Adam's moments exist: the state is 16 bytes per parameter
     params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    tokenizer = byte_tokenizer()
     root = Path(tempfile.mkdtemp(prefix="ckpt-bench-")) if d.is_main else None
     shared = [root]
     dist.broadcast_object_list(shared)
@@ -78,7 +82,21 @@ def main(method: str) -> None:
     dist.barrier()
     with PeakRss() as mem:
         t0 = time.perf_counter()
-        if method in ("dcp", "async"):
+        if method in ("final", "final-gather"):  # final/ streamed weight by weight vs gathered whole
+            model_dir = root / "final"
+            if method == "final":
+                names = saved_weight_names(meta_skeleton(model))
+                tensors = model.state_dict(keep_vars=True)
+                specs = {n: (tensors[n].shape, tensors[n].dtype) for n in names}
+                save_hf_streamed(
+                    meta_skeleton(model), specs, lambda n: full_tensor(tensors[n]), tokenizer, model_dir, d.is_main
+                )
+            else:
+                state, _ = full_state_dict(model)
+                if d.is_main:
+                    save_causal_lm(model, state, tokenizer, model_dir)
+            dist.barrier()
+        elif method in ("dcp", "async"):
             save_checkpoints(root, 1, {"model": (model, optimizer, scheduler)}, d, 1, async_save=method == "async")
             blocked = time.perf_counter() - t0  # training could go on from here
             wait_for_checkpoint(d)
@@ -89,7 +107,7 @@ def main(method: str) -> None:
                 torch.save({"model": model_state, "optimizer": optim_state}, root / "state.pt")
             dist.barrier()
         seconds = time.perf_counter() - t0
-    blocked = blocked if method != "gather" else seconds
+    blocked = blocked if method in ("dcp", "async") else seconds
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     rows = [None] * d.world_size
     dist.all_gather_object(rows, (d.rank, seconds, blocked, (mem.peak - mem.base) / 2**20, mem.base / 2**20))
