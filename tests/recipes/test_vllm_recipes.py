@@ -1,26 +1,19 @@
-"""Every sampling path with `sampling.backend=vllm`, through the real CLI on tiny random Llamas:
-`ppo`, `reinforce` (GRPO, with truncated importance sampling), `rejection_sampling`, `steerlm2`,
-iterative on-policy `dpo`, `alignkit generate` and `alignkit eval`. vLLM's CPU attention needs a
-head size of at least 32: the models here have 2 heads of 32. Each run builds its own in-process
-engine (~15 s); the RL runs check that the engine's log-probs of the sampled tokens equal the
-trainer's recomputation after every weight push (fp32 both: to ~1e-5)."""
+"""The online recipes with `sampling.backend=vllm`, through the real CLI on tiny random Llamas: `ppo`,
+`reinforce` (GRPO, with truncated importance sampling; on 1 and 2 processes) and `steerlm2`; the
+one-shot paths are in test_vllm_sampling_paths.py (a module of its own: xdist's loadscope runs the
+two on different workers). vLLM's CPU attention needs a head size of at least 32: the models here
+have 2 heads of 32. Each run builds its own in-process engine (~15 s); the RL runs check that the
+engine's log-probs of the sampled tokens equal the trainer's recomputation after every weight push
+(fp32 both: to ~1e-6)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from alignkit.models.loading import save_causal_lm
-from tests.conftest import read_metrics, run_cli, run_recipe
-from tests.unit.generation.test_vllm_backend import vllm_tiny_model
+from tests.conftest import read_metrics, run_recipe
 
 ARCH = ["model.random_init.hidden_size=64", "model.random_init.num_heads=2", "model.random_init.num_kv_heads=1"]
 VLLM = ["sampling.backend=vllm", "sampling.vllm.max_model_len=512"]
-
-
-def _rows(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _engine_matches_trainer(metrics: list[dict]) -> None:
@@ -53,39 +46,24 @@ def test_grpo_with_vllm_and_truncated_importance_sampling(tmp_path):
     assert all(m["rollout/logprob_abs_diff_mean"] <= m["rollout/logprob_abs_diff_max"] for m in metrics)
 
 
-def test_rejection_sampling_with_vllm(tmp_path):
+@pytest.mark.distributed
+def test_grpo_with_vllm_on_two_processes(tmp_path):
+    """Under torchrun each rank owns an in-process engine for its share of the prompts (vLLM joins
+    the trainer's gloo group as a world of single-rank tensor-parallel groups)."""
     run_recipe(
-        "rejection_sampling",
+        "reinforce",
         tmp_path,
         *ARCH,
         *VLLM,
-        "rs.iterations=1",
-        "data.train.path=builtin:prompts?n=8",
-        "sampling.max_new_tokens=12",
-        "train.epochs=1",
-        "train.global_batch_size=1",
-        "train.micro_batch_size=1",
+        "reinforce.estimator=grpo",
+        "reinforce.steps=2",
+        "checkpoint.every=null",
+        "checkpoint.save_final=false",
+        nproc=2,
     )
-    kept = _rows(tmp_path / "iteration_1/kept.jsonl")
-    assert len(kept) == 8 and all(isinstance(r["response"], str) for r in kept)
-
-
-def test_online_dpo_with_vllm(tmp_path):
-    run_recipe(
-        "dpo",
-        tmp_path,
-        *ARCH,
-        "online.sampling.backend=vllm",
-        "online.iterations=1",
-        "train.max_steps=2",
-        "train.global_batch_size=1",
-        "train.micro_batch_size=1",
-        "online.sampling.max_new_tokens=24",
-        "data.train.path=builtin:prompts?n=16",
-        "data.validation=null",
-        config="tiny_online",
-    )
-    assert (tmp_path / "iteration_1/pairs.jsonl").is_file() and (tmp_path / "final").is_dir()
+    metrics = read_metrics(tmp_path)
+    _engine_matches_trainer(metrics)
+    assert all(m["rollout/samples"] == 32 for m in metrics)
 
 
 def test_steerlm2_with_vllm(tmp_path):
@@ -102,36 +80,3 @@ def test_steerlm2_with_vllm(tmp_path):
         "data.train.path=builtin:steer?n=4&seed=0",
     )
     assert (out / "final").is_dir()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    model = vllm_tiny_model(tokenizer, seed=1)
-    return save_causal_lm(model, model.state_dict(), tokenizer, tmp_path_factory.mktemp("vllm") / "lm")
-
-
-def test_generate_with_vllm_equals_native_greedy(model_dir, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hello", "what is 2+2?", "hi")))
-    rows = {}
-    for backend in ("native", "vllm"):
-        out = tmp_path / f"{backend}.jsonl"
-        args = ["--model", str(model_dir), "--prompts", str(prompts), "--out", str(out), "--n", "2"]
-        result = run_cli("generate", *args, "--temperature", "0", "--max-new-tokens", "12", "--backend", backend)
-        assert result.returncode == 0, result.stderr
-        rows[backend] = _rows(out)
-    keys = ("prompt", "sample", "response", "is_end", "finish_reason", "num_tokens")
-    assert [[r[k] for k in keys] for r in rows["vllm"]] == [[r[k] for k in keys] for r in rows["native"]]
-    for a, b in zip(rows["vllm"], rows["native"]):
-        assert abs(a["logprob"] - b["logprob"]) < 1e-3
-
-
-def test_eval_with_vllm_equals_native_greedy(model_dir, tmp_path):
-    reports = {}
-    for backend in ("native", "vllm"):
-        out = tmp_path / backend
-        args = ["--model", str(model_dir), "--prompts", "builtin:eval?n=6&seed=1", "--out", str(out)]
-        result = run_cli("eval", *args, "--temperature", "0", "--max-new-tokens", "12", "--backend", backend)
-        assert result.returncode == 0, result.stderr
-        reports[backend] = json.loads((out / "eval.json").read_text())
-    assert [i["response"] for i in reports["vllm"]["items"]] == [i["response"] for i in reports["native"]["items"]]
