@@ -74,6 +74,7 @@ class DataSettings(Section):
 
 class TokenizerSettings(Section):
     vocab_size: int = Field(ge=256)
+    spell_quoted: bool = False  # one token per letter of a quoted word (alignkit.models.tokenizer.QUOTED_LETTER)
 
 
 class EvaluationSettings(Section):
@@ -130,7 +131,8 @@ def _data(demo: Demo) -> dict[str, Any]:
 
 def _tokenizer(demo: Demo) -> dict[str, Any]:
     texts = [r["text"] for r in read_jsonl(demo.path("data", "pretrain.jsonl"))]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=demo.settings.tokenizer.vocab_size)
+    settings = demo.settings.tokenizer
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=settings.vocab_size, spell_quoted=settings.spell_quoted)
     tokenizer.save_pretrained(demo.path("tokenizer"))
     return {"vocab_size": len(tokenizer)}
 

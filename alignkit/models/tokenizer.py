@@ -5,14 +5,15 @@ Two kinds, both `PreTrainedTokenizerFast` objects that `save_pretrained` writes 
 
 - `byte_tokenizer()`: one token per byte plus the special tokens; needs no training data,
   so a random-init model can be built from a config with no files at all (tests, benchmarks).
-- `train_bpe_tokenizer(texts, vocab_size)`: byte-level BPE trained on a corpus (the task world's).
+- `train_bpe_tokenizer(texts, vocab_size)`: byte-level BPE trained on a corpus (the task world's);
+  `spell_quoted=True` keeps the letters of quoted words one token each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "byte_tokenizer", "train_bpe_tokenizer"]
@@ -42,16 +43,25 @@ def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
-def _byte_level(model: models.Model, split_digits: bool = False) -> Tokenizer:
+# A letter of a word that a closing quote (one not followed by a letter, so not the apostrophe of
+# `can't` or `Kai's`) or the end of the text follows: the letters of `'tiger'` and of a bare
+# answer ending a turn. Each becomes a token of its own, so a model sees the letters it must
+# reverse, capitalise or count; BPE still merges every other word (~7% more tokens on the task
+# world's corpus).
+QUOTED_LETTER = r"[A-Za-z](?=[A-Za-z]*(?:'(?![A-Za-z])|\z))"
+
+
+def _byte_level(model: models.Model, split_digits: bool = False, spell_quoted: bool = False) -> Tokenizer:
     tokenizer = Tokenizer(model)
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    steps: list[pre_tokenizers.PreTokenizer] = []
+    if spell_quoted:
+        steps.append(pre_tokenizers.Split(Regex(QUOTED_LETTER), behavior="isolated"))
     # One token per digit (as in Llama and Qwen) lets a small model learn arithmetic digit
     # by digit instead of memorising a token for every number.
-    tokenizer.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        if split_digits
-        else byte_level
-    )
+    if split_digits:
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([*steps, byte_level]) if steps else byte_level
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
@@ -67,10 +77,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int = 2048, split_digits: bool = True
+    texts: Iterable[str], vocab_size: int = 2048, split_digits: bool = True, spell_quoted: bool = False
 ) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on `texts`; special tokens take ids 0..6; digits split by default."""
-    tokenizer = _byte_level(models.BPE(unk_token="<unk>"), split_digits)
+    """Byte-level BPE trained on `texts`; special tokens take ids 0..6; digits split by default;
+    `spell_quoted`: one token per letter of a quoted word (QUOTED_LETTER)."""
+    tokenizer = _byte_level(models.BPE(unk_token="<unk>"), split_digits, spell_quoted)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,

@@ -6,7 +6,9 @@ names call them directly, and `dataset_builders` lists the files that `alignkit 
 
     alignkit build-data --out data/taskworld --seed 0
 
-- pretrain.jsonl: {"text": "<|user|>\\n{prompt}</s><|assistant|>\\n{response}</s>"}, mixed quality
+- pretrain.jsonl: {"text": "<|user|>\\n{prompt}</s><|assistant|>\\n{response}</s>"}, mixed quality, and
+  `practice` worked-exercise documents mixed in (several exchanges each, every answer right; see
+  `practice_records`)
 - sft.jsonl, sft_valid.jsonl: {"prompt", "response"}, good demonstrations (SFT, distillation)
 - prefs.jsonl, prefs_valid.jsonl: {"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward",
   "margin"} (DPO family, pairwise reward models)
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from alignkit.tasks.demonstrator import GOOD_NOISE, MIXED_NOISE, Demonstrator
+from alignkit.tasks.demonstrator import GOOD_NOISE, MIXED_NOISE, Demonstrator, Style, demonstrate
 from alignkit.tasks.oracle import score_response
 from alignkit.tasks.world import SKILLS, generate_prompts
 
@@ -42,7 +44,9 @@ __all__ = [
     "eval_prompt_records",
     "kto_records",
     "preference_records",
+    "pretrain_corpus",
     "pretrain_records",
+    "practice_records",
     "prompt_records",
     "sft_records",
     "steer_prompt_records",
@@ -68,6 +72,37 @@ def pretrain_records(n: int, seed: int = 0, split: str = "train") -> list[dict[s
     demonstrator = Demonstrator(MIXED_NOISE, _derive(seed, "pretrain"))
     prompts = generate_prompts(n, _derive(seed, "pretrain"), split)
     return [{"text": _chat_text(p["prompt"], demonstrator.respond(p).response)} for p in prompts]
+
+
+PRACTICE_SKILLS = ("arith", "reverse", "capitalise", "count", "sort", "lookup")  # the checkable skills
+PRACTICE_STYLE = Style(correct=True, verbosity=1, politeness=2)  # one neutral answer sentence, no filler
+
+
+def practice_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """Worked exercises: `n` chat-formatted documents, each a prompt of a checkable skill and its
+    right answer in one neutral sentence (`The reverse of 'tiger' is 'regit'.`, `Ana lives in
+    Oslo.`), no filler.
+
+    What a pretraining corpus needs for a small model to learn to copy: the mixed-quality documents
+    repeat the prompt's word or fact among courtesies, rambling and a 35% chance of a wrong answer,
+    too rarely and too noisily for a 4-layer model to find the copy in a few hundred steps
+    (docs/demo.md measures it); here every answer copies, reverses, recases, counts, sorts or looks
+    up what the prompt shows. One exchange per document: in a packed row each document attends only
+    to itself, so the letters of an earlier exchange are never a wrong place to copy from."""
+    rng = random.Random(_derive(seed, "practice"))
+    prompts = generate_prompts(n, _derive(seed, "practice"), split, PRACTICE_SKILLS)
+    return [{"text": _chat_text(p["prompt"], demonstrate(p, PRACTICE_STYLE, rng).response)} for p in prompts]
+
+
+def pretrain_corpus(n: int, practice: int = 0, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """The base model's corpus: `n` mixed-quality documents (`pretrain_records`) and `practice`
+    worked-exercise documents (`practice_records`), shuffled together (deterministic in seed; with no
+    practice documents, `pretrain_records` as they are)."""
+    records = pretrain_records(n, seed, split)
+    if practice:
+        records += practice_records(practice, seed, split)
+        random.Random(_derive(seed, "corpus")).shuffle(records)
+    return records
 
 
 def sft_records(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
@@ -209,6 +244,7 @@ def eval_prompt_records(per_skill: int, seed: int = 0, skills: tuple[str, ...] =
 @dataclass(frozen=True)
 class DatasetSizes:
     pretrain: int = 20000
+    practice: int = 0  # worked-exercise documents mixed into pretrain.jsonl (practice_records)
     sft: int = 4000
     prefs: int = 4000
     attributes: int = 4000
@@ -226,7 +262,7 @@ def dataset_builders(seed: int = 0, sizes: DatasetSizes = DatasetSizes()) -> dic
     """{file name: a function that generates its records}, for every task-world dataset file, in the
     order they are written."""
     return {
-        "pretrain": lambda: pretrain_records(sizes.pretrain, seed),
+        "pretrain": lambda: pretrain_corpus(sizes.pretrain, sizes.practice, seed),
         "sft": lambda: sft_records(sizes.sft, seed),
         "sft_valid": lambda: sft_records(sizes.valid, seed, "valid"),
         "prefs": lambda: preference_records(sizes.prefs, seed),

@@ -24,3 +24,20 @@ def test_bpe_tokenizer_splits_digits_and_keeps_special_tokens(tmp_path):
     assert len(ids) < len(corpus[0]) / 2  # merges happened
     rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert rendered == "<|user|>\nhi</s><|assistant|>\n"
+
+
+def test_bpe_tokenizer_can_spell_quoted_words(tmp_path):
+    exchange = "<|user|>\nReverse the word 'tiger'.</s><|assistant|>\nThe reverse of 'tiger' is 'regit'. I can't.</s>"
+    corpus = [exchange] * 200
+    corpus += ["<|user|>\nWrite 'stone' in capital letters.</s><|assistant|>\nSTONE</s>"] * 200
+    merged, spelled = train_bpe_tokenizer(corpus, vocab_size=400), train_bpe_tokenizer(corpus, 400, spell_quoted=True)
+    text = "The reverse of 'tiger' is 'regit'. I can't, Kai's."
+    assert "tiger" in "".join(merged.tokenize(text)).split("'")[1] and len(merged.tokenize("'tiger'")) < 5
+    pieces = spelled.tokenize(text)
+    assert [p for p in pieces if p.isalpha() and len(p) == 1][:10] == list("tigerregit")
+    assert spelled.tokenize("I can't, Kai's.") == merged.tokenize("I can't, Kai's.")  # apostrophes are not quotes
+    assert spelled.tokenize("STONE") == list("STONE")  # a bare answer ending the text
+    ids = spelled(corpus[1], add_special_tokens=False)["input_ids"]
+    assert spelled.decode(ids) == corpus[1]
+    spelled.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).tokenize(text) == pieces

@@ -78,6 +78,31 @@ def test_pretrain_text_is_the_chat_template_rendering(built):
         assert parse_prompt(user) is not None
 
 
+def test_practice_documents_are_right_answers_to_training_prompts_with_no_filler():
+    from alignkit.tasks.datasets import PRACTICE_SKILLS, practice_records
+
+    docs = practice_records(60, seed=0)
+    assert len(docs) == 60 and docs == practice_records(60, seed=0) and docs != practice_records(60, seed=1)
+    skills = set()
+    for doc in docs:
+        user, answer = doc["text"].removeprefix("<|user|>\n").removesuffix("</s>").split("</s><|assistant|>\n")
+        record = parse_prompt(user)
+        assert record["split"] == "train" and record["task"] in PRACTICE_SKILLS
+        scores = score_response(record, answer)
+        assert (scores.correctness, scores.coherence, scores.politeness, scores.verbosity) == (4, 4, 2, 1), answer
+        skills.add(record["task"])
+    assert skills == set(PRACTICE_SKILLS)
+
+
+def test_pretrain_corpus_mixes_practice_into_the_mixed_quality_documents():
+    from alignkit.tasks.datasets import practice_records, pretrain_corpus, pretrain_records
+
+    assert pretrain_corpus(30, 0, seed=0) == pretrain_records(30, seed=0)  # no practice: as before
+    corpus = pretrain_corpus(30, 10, seed=0)
+    expected = pretrain_records(30, seed=0) + practice_records(10, seed=0)
+    assert sorted(r["text"] for r in corpus) == sorted(r["text"] for r in expected) and corpus != expected
+
+
 def test_preference_pairs_are_ranked_by_the_oracle(built):
     for record in built[0]["prefs"]:
         chosen = score_response(record["prompt"], record["chosen"]).reward
