@@ -140,7 +140,7 @@ class VLLMConfig(Section):
 
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: the policy's weight dtype (exact log-probs)
     max_model_len: int | None = Field(None, ge=2)  # prompt + response tokens; None: the model's position limit
-    kv_cache_gib: float = Field(1.0, gt=0.0)  # CPU: KV-cache memory (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_gib: float = Field(1.0, gt=0.0)  # CPU: KV-cache memory (vLLM's kv_cache_memory_bytes)
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)  # GPU: share of memory for weights + KV cache
     max_num_seqs: int = Field(256, ge=1)  # sequences decoded together
     enforce_eager: bool = True  # no CUDA graphs / compilation: quicker start, slower decoding
