@@ -236,6 +236,7 @@ class PlacementConfig(Section):
     """Where an online recipe's roles run (`--launcher ray`; docs/distributed.md)."""
 
     generator: RoleResources = RoleResources()  # generation engines of their own, fed weights by broadcast
+    critic: RoleResources = RoleResources()  # PPO's critic on ranks of its own: as many as the trainer's
     sync_timeout_s: float = Field(300.0, gt=0.0)  # a weight sync that takes longer is an error, never a hang
 
 

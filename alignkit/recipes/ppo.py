@@ -47,12 +47,10 @@ from typing import Literal
 
 from pydantic import Field
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from alignkit.config import (
     DataConfig,
     DistributedConfig,
-    ModelConfig,
     OptimConfig,
     PlacementConfig,
     RecipeConfig,
@@ -61,9 +59,9 @@ from alignkit.config import (
 )
 from alignkit.data.formats import read_prompt_records
 from alignkit.losses.policy_gradient import adaptive_kl_coef, gae, kl_per_token, token_rewards, whiten
-from alignkit.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
-from alignkit.models.reward import RewardModelInfo
+from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
+from alignkit.training.critic import build_critic
 from alignkit.training.distributed import Dist, wrap_model
 from alignkit.training.loop import finish_step, reduce_metrics, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
@@ -73,7 +71,6 @@ from alignkit.training.rl import (
     actor_loss,
     actor_metrics,
     check_processes,
-    critic_loss,
     draw_ahead,
     engine_gap,
     global_moments,
@@ -90,7 +87,6 @@ from alignkit.training.rollouts import (
     pad,
     reduce_sums,
     token_logps,
-    token_values,
     unpad,
 )
 
@@ -136,26 +132,6 @@ class Config(RecipeConfig):
     # Generation runs on each process's full copy of the model: DDP, not FSDP, across processes.
     distributed: DistributedConfig = DistributedConfig(strategy="ddp")
     placement: PlacementConfig = PlacementConfig()  # --launcher ray: generation engines of their own
-
-
-# --- the critic --------------------------------------------------------------------------------
-
-
-def _critic_model(cfg: Config) -> tuple[ModelConfig, RewardModelInfo]:
-    """Where the critic starts: `critic.path`, else the reward model (reward.kind model), else the
-    actor's own model with a new value head (zero at first). A reward model's head is kept, with
-    its attribute weights and statistics (the value is w . a, standardised with the reward)."""
-    path = cfg.critic.path or (cfg.reward.path if cfg.reward.kind == "model" else None)
-    if path is None:
-        return cfg.model.model_copy(
-            update={"lora": cfg.model.lora.model_copy(update={"enabled": False})}
-        ), RewardModelInfo(["value"], [1.0])
-    config = AutoConfig.from_pretrained(path)
-    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        info = RewardModelInfo.from_config(config)
-    else:
-        info = RewardModelInfo(["value"], [1.0])
-    return ModelConfig(path=path, precision=cfg.model.precision), info
 
 
 def _advantages(
@@ -217,21 +193,13 @@ def main(cfg: Config) -> None:
     reference = None
     if not lora:  # a frozen copy of the starting actor
         reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
-    critic_model, info = _critic_model(cfg)
-    critic = wrap_model(
-        load_sequence_scorer(critic_model, tokenizer, len(info.attributes), seed=cfg.train.seed),
-        d,
-        cfg.distributed.strategy,
-    )
+    critic = build_critic(run, cfg, tokenizer)  # here, or on Ray ranks of its own (placement.critic)
     updates = pc.steps * pc.epochs * pc.minibatches
-    actor_opt, critic_opt = build_optimizer(actor, cfg.optim), build_optimizer(critic, cfg.critic.optim)
-    parts = {
-        "actor": (actor, actor_opt, build_scheduler(actor_opt, updates, cfg.optim)),
-        "critic": (critic, critic_opt, build_scheduler(critic_opt, updates, cfg.critic.optim)),
-    }
-    values_of = partial(token_values, info=info, normalize=cfg.reward.normalize)
+    actor_opt = build_optimizer(actor, cfg.optim)
+    parts = {"actor": (actor, actor_opt, build_scheduler(actor_opt, updates, cfg.optim)), **critic.parts}
 
     start, extra, logger = resume(run, parts, pc.steps)
+    critic.resume(start)
     kl_coef = extra.get("kl_coef", pc.kl_coef)
     engine = rollout_engine(cfg, actor, tokenizer, d, run.autocast)  # after resume: the resumed weights
     run.log.info(
@@ -262,7 +230,7 @@ def main(cfg: Config) -> None:
         else:
             old_logps = forward(lambda b: token_logps(actor, b)[0])
         ref_logps = forward(reference_logps(actor, reference, lora))
-        values = forward(lambda b: values_of(critic, b))
+        values = critic.values(rollouts, step)
         t3 = time.perf_counter()
 
         # --- 4. KL-shaped token rewards, GAE, advantages whitened over all processes' tokens --------
@@ -278,11 +246,8 @@ def main(cfg: Config) -> None:
         # --- 5. PPO epochs: a critic step per minibatch, then an actor step per minibatch -------------
         train_actor = step >= pc.critic_warmup_steps
         actor_fn = partial(actor_loss, clip_eps=pc.clip_eps, entropy_coef=pc.entropy_coef)
-        critic_fn = partial(critic_loss, info=info, normalize=cfg.reward.normalize, clip=pc.value_clip)
         lr = parts["actor"][2].get_last_lr()[0]
-        sums, units, metrics["critic/grad_norm"] = train_epochs(
-            run, parts["critic"], rollouts, plans, critic_fn, "num_units", pad_id
-        )
+        sums, units, metrics["critic/grad_norm"] = critic.train(rollouts, step)
         metrics.update({f"critic/{k}": v for k, v in reduce_metrics(sums, units, d).items()})
         if train_actor:
             sums, _, metrics["actor/grad_norm"] = train_epochs(
@@ -313,6 +278,7 @@ def main(cfg: Config) -> None:
                 "throughput/samples_per_s": metrics["rollout/samples"] / (t4 - t0),
             }
         )
+        critic.checkpoint(step + 1, pc.steps)  # a critic on its own ranks: saved before the trainer's step
         finish_step(run, logger, step, metrics, parts, {"kl_coef": kl_coef}, pc.steps)
 
     if pool is not None:
@@ -320,4 +286,4 @@ def main(cfg: Config) -> None:
     logger.close()
     if cfg.checkpoint.save_final:
         save_final(run, actor, tokenizer)
-        save_final(run, critic, tokenizer, info.config_updates(), AutoModelForSequenceClassification, "critic/final")
+        critic.save_final()

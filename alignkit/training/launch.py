@@ -65,7 +65,7 @@ def ray_launch(
         for name, (ranks, resources) in (roles or {}).items():
             names[name] = [f"alignkit-{run_id}-{name}-{i}" for i in range(ranks)]
             groups.append(start_role(name, ranks, resources, actor_names=names[name]))
-        trainer = start_role("trainer", nproc, env={ROLES_ENV: json.dumps(names)})
+        trainer = start_role("trainer", nproc, _trainer_resources(nproc), env={ROLES_ENV: json.dumps(names)})
         groups.append(trainer)
         trainer.run(rank_main, *args)
         return 0, []
@@ -78,6 +78,16 @@ def ray_launch(
             import ray
 
             ray.shutdown()
+
+
+def _trainer_resources(nproc: int):
+    """A GPU per trainer rank on a cluster that has them for every rank (what torchrun gives a rank
+    on a GPU node), else CPU only."""
+    import ray
+
+    from alignkit.training.placement import Resources
+
+    return Resources(gpus=1.0 if ray.cluster_resources().get("GPU", 0) >= nproc else 0.0)
 
 
 def _summary(folder: Path, first_failure: tuple) -> tuple[int, list[str]]:
