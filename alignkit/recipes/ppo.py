@@ -29,7 +29,8 @@ the sampling engine's log-probs against the trainer's), actor/ (loss, clip_fract
 to the old policy, entropy, grad_norm), critic/ (value_loss, clip_fraction, explained_variance,
 grad_norm), kl_coef, lr, timing/ (generate, score, logprobs, train, weight_sync seconds). Sampling
 runs on the engine `sampling.backend` names (native, or vLLM fed the actor's weights after each step).
-Checkpoints hold actor and critic (both in `checkpoints/step_N`) and beta; a resumed run repeats
+Checkpoints hold actor and critic (both in `checkpoints/step_N`; a critic on Ray ranks of its own,
+`placement.critic`, in `critic_checkpoints/step_N`, written first) and beta; a resumed run repeats
 nothing. `final/` is the actor; `critic/final/` the critic (both unless
 `checkpoint.save_final: false`).
 
