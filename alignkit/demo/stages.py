@@ -438,6 +438,28 @@ def _grpo(demo: Demo) -> dict[str, Any]:
     return metrics
 
 
+def _grpo_vllm(demo: Demo) -> dict[str, Any]:
+    """The `grpo` stage with its samples drawn by vLLM (`sampling.backend=vllm`), the policy's weights
+    pushed into the engine in memory after every update: its correctness should land within 0.02 of
+    `grpo`'s; `logprob_abs_diff_max` is the largest engine-vs-trainer log-prob gap of the run."""
+    train(
+        demo,
+        "grpo_vllm",
+        [
+            f"model.path={demo.path('sft', 'final')}",
+            f"data.train.path={demo.path('data', 'prompts.jsonl')}",
+            "sampling.backend=vllm",
+        ],
+        config="grpo",
+    )
+    metrics = evaluate(demo, "grpo_vllm", reference="sft")
+    rows = read_jsonl(demo.path("grpo_vllm", "metrics.jsonl"))
+    gaps = [r["rollout/logprob_abs_diff_max"] for r in rows if "rollout/logprob_abs_diff_max" in r]
+    metrics["logprob_abs_diff_max"] = max(gaps, default=float("nan"))
+    metrics["curves"] = _rl_curves("grpo_vllm", demo)
+    return metrics
+
+
 # --- DRaFT+ on the shape world ----------------------------------------------------------------
 
 
@@ -570,6 +592,7 @@ STAGES = [
     Stage("ppo", _ppo, ("sft", "reward_model"), configs=("ppo",), settings=EVALUATED, is_model=True),
     Stage("ppo_ray", _ppo_ray, ("sft", "reward_model"), configs=("ppo",), settings=EVALUATED, is_model=True),
     Stage("grpo", _grpo, ("sft",), configs=("grpo",), settings=EVALUATED, is_model=True),
+    Stage("grpo_vllm", _grpo_vllm, ("sft",), configs=("grpo",), settings=EVALUATED, is_model=True),
     Stage(
         "cai",
         cai_stage,
