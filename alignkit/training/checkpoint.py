@@ -246,6 +246,11 @@ def load_checkpoints(path: str | Path, parts: dict[str, Part], d: Dist, trainabl
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
+    if not (path / ".metadata").is_file():  # before DCP: one state.pt gathered on rank 0
+        raise ConfigError(
+            f"{path} was written by an older alignkit (no sharded checkpoint in it): resume it with that version, "
+            "or start over with checkpoint.resume=false"
+        )
     state = _sharded_state(parts, trainable_only)  # this run's shapes and placements: DCP fills them
     dcp.load(state, checkpoint_id=str(path), no_dist=not d.enabled)
     for name, (model, optimizer, _) in parts.items():

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from alignkit.config import OptimConfig
+from alignkit.config import ConfigError, OptimConfig
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoints, read_model_state, save_checkpoints
 from alignkit.training.distributed import Dist
 from alignkit.training.optim import build_optimizer, build_scheduler
@@ -58,6 +59,15 @@ def test_keep_last_and_incomplete_checkpoints_are_ignored(tmp_path):
     (tmp_path / ".step_10.tmp").mkdir()
     assert latest_checkpoint(tmp_path).name == "step_3"
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_a_checkpoint_of_the_former_format_is_named(tmp_path):
+    old = tmp_path / "step_4"
+    old.mkdir()
+    (old / "state.pt").write_bytes(b"")
+    (old / "COMPLETE").write_text("4\n")
+    with pytest.raises(ConfigError, match=r"step_4 was written by an older alignkit.*checkpoint\.resume=false"):
+        load_checkpoints(latest_checkpoint(tmp_path), {"model": setup(0)}, D)
 
 
 def test_an_asynchronous_save_completes_and_loads(tmp_path):
