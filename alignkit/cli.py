@@ -2,7 +2,7 @@
 that does the work, and prints.
 
     alignkit run RECIPE --config CONFIG [key.path=value ...] [--nproc N]
-    alignkit ls | validate CONFIG | demo | build-data | export --checkpoint DIR --out DIR
+    alignkit ls | validate CONFIG | plan --config CONFIG | demo | build-data | export --checkpoint DIR --out DIR
     alignkit generate | eval | score | annotate | generate-images | shape-world | serve reward|generate
 
 CONFIG is a YAML path or the name of a shipped config (`configs/RECIPE/NAME.yaml`).
@@ -400,6 +400,86 @@ def export(
 
     with _reported(ConfigError, FileNotFoundError):
         typer.echo(f"saved {export_checkpoint(checkpoint, out, part)}")
+
+
+@app.command("plan")
+def memory_plan(
+    config: Annotated[str, typer.Option("--config", "-c", help="config path or shipped config name")],
+    recipe: Annotated[
+        str | None, typer.Option(help="recipe (default: the config's `recipe` key or its folder name)")
+    ] = None,
+    gpus: Annotated[int | None, typer.Option(help="processes (GPUs) to plan for; default: the config's mesh")] = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option(help="memory of one GPU, e.g. 80GiB: headroom and a suggestion")
+    ] = None,
+) -> None:
+    """Will it fit? Per-rank memory of a config (no weights loaded), and a mesh and micro-batch that fit."""
+    from alignkit.training.memory_plan import parse_bytes, plan, suggest  # local: for this command only
+
+    if gpus is not None and gpus < 1:
+        _fail(f"--gpus {gpus}: give at least 1")
+    with _reported(ConfigError, DataError, FileNotFoundError):
+        recipe, cfg = _recipe_config(config, recipe)
+        memory = parse_bytes(gpu_memory) if gpu_memory else None
+        p = plan(cfg, recipe, gpus, memory)
+        typer.echo(_plan_table(p, f"{recipe} {config}"))
+        if memory is not None and p.fits():
+            typer.echo("suggestion: the config as it is")
+        elif memory is not None:
+            typer.echo(_suggestion(suggest(cfg, recipe, gpus or p.mesh[0] * p.mesh[1] * p.mesh[2], memory), p))
+
+
+def _recipe_config(config: str, recipe: str | None):
+    """(recipe, typed config) of a config path or shipped name, the recipe read as `validate` reads it."""
+    path = Path(config)
+    if not path.is_file():
+        if recipe is None:
+            raise ConfigError(f"--config {config}: no such file (a shipped config name needs --recipe)")
+        path = find_config(recipe, config)
+    data = read_yaml(path) or {}
+    recipe = recipe or (data.get("recipe") if isinstance(data, dict) else None) or path.parent.name
+    return recipe, _load(recipe, str(path), [])[1]
+
+
+def _gib(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n) >= size:
+            return f"{n / size:9.2f} {unit}"
+    return f"{n / 2**10:9.2f} KiB"
+
+
+def _plan_table(p, title: str) -> str:
+    dpr, dps, tp = p.mesh
+    lines = [
+        f"memory plan per rank: {title}",
+        f"  mesh dp_replicate {dpr} x dp_shard {dps} x tp {tp} ({p.strategy}), "
+        f"micro-batch {p.micro_batch} x seq {p.seq_len}",
+        f"  model: {p.params_total:,} parameters, {p.params_trainable:,} trainable",
+        f"  {'parameters':24s}{_gib(p.parameters)}",
+        f"  {'gradients':24s}{_gib(p.gradients)}",
+        f"  {'optimizer (AdamW)':24s}{_gib(p.optimizer)}",
+        f"  {'activations':24s}{_gib(p.activations)}",
+        f"  {'logits':24s}{_gib(p.logits)}",
+        *(f"  {name:24s}{_gib(n)}" for name, n in p.extra_models.items()),
+        f"  {'total':24s}{_gib(p.total)}",
+    ]
+    if p.gpu_memory is not None:
+        verdict = "fits" if p.fits() else "does NOT fit (10% headroom kept)"
+        lines.append(f"  {'headroom':24s}{_gib(p.headroom)} of {_gib(p.gpu_memory).strip()}: {verdict}")
+    return "\n".join(lines)
+
+
+def _suggestion(best, current) -> str:
+    if best is None:
+        return (
+            "suggestion: nothing fits on these GPUs at micro-batch 1: more GPUs, LoRA, bf16 or gradient_checkpointing"
+        )
+    _, dps, tp = best.mesh
+    strategy = "distributed.strategy=fsdp " if best.strategy != current.strategy else ""
+    return (
+        f"suggestion: {strategy}distributed.mesh.dp_shard={dps} distributed.mesh.tp={tp} "
+        f"train.micro_batch_size={best.micro_batch} (total {_gib(best.total).strip()} per rank)"
+    )
 
 
 def main() -> None:
