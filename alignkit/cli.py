@@ -402,8 +402,9 @@ def export(
         typer.echo(f"saved {export_checkpoint(checkpoint, out, part)}")
 
 
-@app.command("plan")
+@app.command("plan", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def memory_plan(
+    ctx: typer.Context,
     config: Annotated[str, typer.Option("--config", "-c", help="config path or shipped config name")],
     recipe: Annotated[
         str | None, typer.Option(help="recipe (default: the config's `recipe` key or its folder name)")
@@ -413,13 +414,14 @@ def memory_plan(
         str | None, typer.Option(help="memory of one GPU, e.g. 80GiB: headroom and a suggestion")
     ] = None,
 ) -> None:
-    """Will it fit? Per-rank memory of a config (no weights loaded), and a mesh and micro-batch that fit."""
+    """Will it fit? Per-rank memory of a config (no weights loaded), and a mesh and micro-batch that fit.
+    Extra arguments `a.b=c` override config values, as in `run`."""
     from alignkit.training.memory_plan import parse_bytes, plan, suggest  # local: for this command only
 
     if gpus is not None and gpus < 1:
         _fail(f"--gpus {gpus}: give at least 1")
     with _reported(ConfigError, DataError, FileNotFoundError):
-        recipe, cfg = _recipe_config(config, recipe)
+        recipe, cfg = _recipe_config(config, recipe, list(ctx.args))
         memory = parse_bytes(gpu_memory) if gpu_memory else None
         p = plan(cfg, recipe, gpus, memory)
         typer.echo(_plan_table(p, f"{recipe} {config}"))
@@ -429,7 +431,7 @@ def memory_plan(
             typer.echo(_suggestion(suggest(cfg, recipe, gpus or p.mesh[0] * p.mesh[1] * p.mesh[2], memory), p))
 
 
-def _recipe_config(config: str, recipe: str | None):
+def _recipe_config(config: str, recipe: str | None, overrides: list[str]):
     """(recipe, typed config) of a config path or shipped name, the recipe read as `validate` reads it."""
     path = Path(config)
     if not path.is_file():
@@ -438,7 +440,7 @@ def _recipe_config(config: str, recipe: str | None):
         path = find_config(recipe, config)
     data = read_yaml(path) or {}
     recipe = recipe or (data.get("recipe") if isinstance(data, dict) else None) or path.parent.name
-    return recipe, _load(recipe, str(path), [])[1]
+    return recipe, _load(recipe, str(path), overrides)[1]
 
 
 def _gib(n: int) -> str:

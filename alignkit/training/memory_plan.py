@@ -81,7 +81,10 @@ def arch_of(model: ModelConfig) -> Arch:
         if not (Path(model.path) / "config.json").is_file():
             if Path(model.path).name in _PUBLISHED:  # plan before the download
                 return _PUBLISHED[Path(model.path).name]
-            raise ConfigError(f"{model.path}: no config.json (the plan reads the architecture from it)")
+            raise ConfigError(
+                f"{model.path}: no config.json (the plan reads the architecture from it; "
+                "an earlier stage's output? add model.path=<a directory of the same architecture>)"
+            )
         hf = AutoConfig.from_pretrained(model.path)
     else:
         from alignkit.models.loading import load_tokenizer, random_init_config
@@ -297,6 +300,8 @@ def _critic(cfg, arch: Arch, shard: int) -> dict[str, int]:
 def plan(cfg, recipe: str, gpus: int | None = None, gpu_memory: int | None = None, **changes) -> MemoryPlan:
     """The per-rank plan of `cfg` (a recipe's typed config) on `gpus` processes (default: the
     config's mesh, or one process). `changes` override `micro_batch`, `dp_shard`, `tp`."""
+    if recipe == "draftp":
+        raise ConfigError("alignkit plan covers the language-model recipes; draftp trains a diffusion UNet")
     arch = arch_of(cfg.model)
     mesh = cfg.distributed.mesh
     world = gpus or (mesh.dp_replicate * (mesh.dp_shard or 1) * mesh.tp)

@@ -163,6 +163,8 @@ def test_cli_prints_the_plan_of_tiny_2d_and_one_line_errors():
     assert "dp_shard 2 x tp 2" in result.output and "optimizer (AdamW)" in result.output
     result = runner.invoke(app, ["plan", "--config", "configs/sft/tiny.yaml", "--gpus", "2", "--gpu-memory", "1GiB"])
     assert result.exit_code == 0 and "headroom" in result.output and "suggestion:" in result.output
+    result = runner.invoke(app, ["plan", "--config", "configs/sft/tiny.yaml", "train.micro_batch_size=1"])
+    assert result.exit_code == 0 and "micro-batch 1 x seq 128" in result.output
     for args in (["--config", "nope.yaml"], ["--config", "configs/sft/tiny.yaml", "--gpu-memory", "1XB"]):
         result = runner.invoke(app, ["plan", *args])
         assert result.exit_code == 2 and result.output.count("\n") == 1 and result.output.startswith("error:")
