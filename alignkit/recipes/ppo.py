@@ -42,7 +42,7 @@ nothing. `final/` is the actor; `critic/final/` the critic (both unless
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Literal
 
@@ -77,6 +77,7 @@ from alignkit.training.rl import (
     global_moments,
     mean_std,
     monitor_stats,
+    push_weights,
     reference_logps,
     rollout_stats,
     sample_and_score,
@@ -256,12 +257,7 @@ def main(cfg: Config) -> None:
             )
             metrics.update(actor_metrics(sums, d))
         t4 = time.perf_counter()
-        if ahead is not None:  # the next draw ends on the weights it started with
-            wait([ahead])
-        t5 = time.perf_counter()
-        engine.update_weights(actor)  # the next step samples from the updated policy
-        metrics["timing/ahead_wait_s"] = t5 - t4
-        metrics["timing/weight_sync_s"] = time.perf_counter() - t5
+        metrics.update(push_weights(engine, actor, ahead))  # the next step samples from the updated policy
 
         # --- 6. adaptive KL coefficient -----------------------------------------------------------
         metrics["kl_coef"] = kl_coef

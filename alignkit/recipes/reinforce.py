@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Literal
 
@@ -72,6 +72,7 @@ from alignkit.training.rl import (
     engine_gap,
     global_moments,
     monitor_stats,
+    push_weights,
     reference_logps,
     reverse_kl_loss,
     rollout_stats,
@@ -369,12 +370,7 @@ def main(cfg: Config) -> None:
         metrics.update(actor_metrics(sums, d))
         metrics["rollout/skipped_fraction"] = reduce_sums({"s": len(skip)}, d)["s"] / metrics["rollout/samples"]
         t4 = time.perf_counter()
-        if ahead is not None:  # the next draw ends on the weights it started with
-            wait([ahead])
-        t5 = time.perf_counter()
-        engine.update_weights(actor)  # the next step samples from the updated policy
-        metrics["timing/ahead_wait_s"] = t5 - t4
-        metrics["timing/weight_sync_s"] = time.perf_counter() - t5
+        metrics.update(push_weights(engine, actor, ahead))  # the next step samples from the updated policy
         metrics.update(
             {
                 "lr": lr,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from functools import partial
 
@@ -78,6 +78,7 @@ __all__ = [
     "train_epochs",
     "Draws",
     "draw_ahead",
+    "push_weights",
     "sample_useful_groups",
     "train_on",
     "update_plan",
@@ -184,6 +185,17 @@ def draw_ahead(pool, run: Run, cfg, engine: Engine, tokenizer, records: list[Rec
     """One-step off-policy: step `step`'s samples (`sample_and_score`, no collectives), drawn in a
     thread of `pool` while the previous step trains. Wait for it before the weights change."""
     return pool.submit(sample_and_score, run, cfg, engine, tokenizer, records, reward, step)
+
+
+def push_weights(engine: Engine, actor, ahead: Future | None) -> dict[str, float]:
+    """After the update: wait for the draw ahead (it ends on the weights it started with), then
+    push the actor's new weights into the engine. Returns the seconds of each (`timing/`)."""
+    t0 = time.perf_counter()
+    if ahead is not None:
+        wait([ahead])
+    t1 = time.perf_counter()
+    engine.update_weights(actor)
+    return {"timing/ahead_wait_s": t1 - t0, "timing/weight_sync_s": time.perf_counter() - t1}
 
 
 def sample_useful_groups(
