@@ -157,10 +157,7 @@ def validate(
 ) -> None:
     """Check a config without running it."""
     with _reported(ConfigError, DataError):
-        path = Path(config)
-        data = read_yaml(path) or {}
-        recipe = recipe or (data.get("recipe") if isinstance(data, dict) else None) or path.parent.name
-        _load(recipe, str(path), [])
+        recipe, _ = _recipe_config(config, recipe, [])
     typer.secho(f"ok: {config} is a valid {recipe} config", fg=typer.colors.GREEN)
 
 
