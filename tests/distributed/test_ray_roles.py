@@ -5,6 +5,7 @@ on Ray. (A module of its own, so that the two test workers share the Ray tests.)
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import read_metrics, run_recipe
 from tests.distributed.test_ray_placement import same_run
@@ -46,16 +47,23 @@ def test_one_step_off_policy_draws_the_next_step_during_the_update(tmp_path):
     assert result.returncode == 2 and "needs generation actors of their own" in result.stderr
 
 
-def test_the_demo_trains_a_stage_on_ray_as_in_process(tmp_path):
+def test_the_demo_trains_a_stage_on_ray_as_in_process(tmp_path, monkeypatch):
     """`train_on_ray` (stage ppo_ray): the recipe's rank and its generator placed by Ray from the
     demo's own process, the same metrics as the recipe run in that process."""
     from alignkit.demo.common import Demo, train, train_on_ray
     from tests.conftest import REPO
 
-    demo = Demo(tmp_path, None, {}, {})
-    config = str(REPO / "configs" / "ppo" / "tiny.yaml")
-    args = [*VOWELS, "ppo.steps=2", "checkpoint.every=null", "checkpoint.save_final=false", "logging.progress=none"]
-    train(demo, "here", args, config=config)
-    cfg = train_on_ray(demo, "placed", [*args, "placement.generator.ranks=1"], config=config)
-    assert cfg.placement.generator.ranks == 1
+    # one thread here and in the Ray actors (they inherit OMP_NUM_THREADS): the same float reductions
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        demo = Demo(tmp_path, None, {}, {})
+        config = str(REPO / "configs" / "ppo" / "tiny.yaml")
+        args = [*VOWELS, "ppo.steps=2", "checkpoint.every=null", "checkpoint.save_final=false", "logging.progress=none"]
+        train(demo, "here", args, config=config)
+        cfg = train_on_ray(demo, "placed", [*args, "placement.generator.ranks=1"], config=config)
+        assert cfg.placement.generator.ranks == 1
+    finally:
+        torch.set_num_threads(threads)
     same_run(tmp_path / "here", tmp_path / "placed")
