@@ -75,24 +75,29 @@ def _table(results: Results, models: list[str]) -> str:
 
 
 def _reward_model_lines(results: Results) -> list[str]:
-    if "reward_model" not in results:
-        return []
-    m = results["reward_model"]
-    names = [k.removeprefix("pearson/") for k in m if k.startswith("pearson/")]
-    return [
-        f"Reward model (Bradley-Terry): pairwise accuracy {m['pairwise_accuracy']:.3f} "
-        f"[{m['pairwise_accuracy_ci_low']:.3f}, {m['pairwise_accuracy_ci_high']:.3f}] on {m['pairs']} held-out "
-        "demonstrator pairs; on the SFT model's own answers to held-out prompts (what rejection sampling and PPO "
-        f"rank) {m['onpolicy_pairwise_accuracy']:.3f} [{m['onpolicy_pairwise_accuracy_ci_low']:.3f}, "
-        f"{m['onpolicy_pairwise_accuracy_ci_high']:.3f}] on {m['onpolicy_pairs']} comparisons.",
-        "",
-        "Attribute model (regression), Pearson r with the oracle on held-out responses:",
-        "",
-        "| " + " | ".join(names) + " |",
-        "|" + "---|" * len(names),
-        "| " + " | ".join(f"{m[f'pearson/{n}']:.2f}" for n in names) + " |",
-        "",
-    ]
+    lines = []
+    if "reward_model" in results:
+        m = results["reward_model"]
+        lines += [
+            f"Reward model (Bradley-Terry): pairwise accuracy {m['pairwise_accuracy']:.3f} "
+            f"[{m['pairwise_accuracy_ci_low']:.3f}, {m['pairwise_accuracy_ci_high']:.3f}] on {m['pairs']} held-out "
+            "demonstrator pairs; on the SFT model's own answers to held-out prompts (what rejection sampling and "
+            f"PPO rank) {m['onpolicy_pairwise_accuracy']:.3f} [{m['onpolicy_pairwise_accuracy_ci_low']:.3f}, "
+            f"{m['onpolicy_pairwise_accuracy_ci_high']:.3f}] on {m['onpolicy_pairs']} comparisons.",
+            "",
+        ]
+    if "attribute_model" in results:
+        m = results["attribute_model"]
+        names = [k.removeprefix("pearson/") for k in m if k.startswith("pearson/")]
+        lines += [
+            "Attribute model (regression), Pearson r with the oracle on held-out responses:",
+            "",
+            "| " + " | ".join(names) + " |",
+            "|" + "---|" * len(names),
+            "| " + " | ".join(f"{m[f'pearson/{n}']:.2f}" for n in names) + " |",
+            "",
+        ]
+    return lines
 
 
 def _steering_lines(results: Results, steering: Section) -> list[str]:

@@ -51,7 +51,7 @@ from alignkit.training.sampled_pairs import sampled_preference_pairs
 __all__ = ["DEFAULT_STAGES", "DEMO_VERSION", "STAGES", "DemoConfig", "run_demo"]
 
 # Bump when a change to the code behind the stages should invalidate cached results.
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 
 
 # --- the settings: configs/demo.yaml ----------------------------------------------------------
@@ -82,9 +82,10 @@ class EvaluationSettings(Section):
 
 
 class RewardModelSettings(Section):
-    # The SFT model's answers to each training prompt (n of them) whose oracle comparisons join
-    # the Bradley-Terry data; the held-out comparisons sample with seed + 1.
+    # The SFT model's answers to each of the first `prompts` training prompts (n of them) whose
+    # oracle comparisons join the Bradley-Terry data; the held-out comparisons sample with seed + 1.
     sampling: SamplingConfig
+    prompts: int | None = Field(None, ge=1)  # None: all of prompts.jsonl
 
 
 class SteeringSettings(Section):
@@ -183,18 +184,18 @@ def _dpo(demo: Demo) -> dict[str, Any]:
 
 
 def _reward_model(demo: Demo) -> dict[str, Any]:
-    """A Bradley-Terry model and an attribute model (Pearson r of each predicted attribute with the
-    oracle's, on held-out responses).
+    """A Bradley-Terry reward model from the SFT model.
 
-    The Bradley-Terry model learns from the demonstrator's oracle-judged pairs plus comparisons of
-    the SFT model's own answers (reward_model.sampling.n per training prompt, every pair the oracle
-    separates, as InstructGPT collects comparisons of its SFT model's outputs): rejection sampling
-    and PPO rank the SFT model's answers, which the demonstrator's pairs alone rank worse (on-policy
-    pairwise accuracy 0.72 without them, 0.89 with). Reported: pairwise accuracy on the
-    demonstrator's held-out pairs and on the SFT model's answers to held-out (`valid`) prompts."""
+    It learns from the demonstrator's oracle-judged pairs plus comparisons of the SFT model's own
+    answers (reward_model.sampling.n per training prompt, every pair the oracle separates, as
+    InstructGPT collects comparisons of its SFT model's outputs): rejection sampling and PPO rank
+    the SFT model's answers, which the demonstrator's pairs alone rank worse (on-policy pairwise
+    accuracy 0.72 without them, 0.89 with). Reported: pairwise accuracy on the demonstrator's
+    held-out pairs and on the SFT model's answers to held-out (`valid`) prompts."""
     sft = demo.path("sft", "final")
-    sampling = demo.settings.reward_model.sampling
-    train_prompts = read_prompt_records(str(demo.path("data", "prompts.jsonl")))
+    settings = demo.settings.reward_model
+    sampling = settings.sampling
+    train_prompts = read_prompt_records(str(demo.path("data", "prompts.jsonl")))[: settings.prompts]
     # The held-out pairs' prompts alone: the oracle judges by the prompt text, as for any prompt.
     valid_prompts = [
         Record({"prompt": r["prompt"]}, f"prefs_valid.jsonl:{i + 1}")
@@ -219,7 +220,8 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
     write_jsonl(held_out, out / "onpolicy_valid.jsonl")
     get_logger().info(
         f"demo: reward model: {len(demonstrator)} demonstrator pairs + {len(onpolicy)} comparisons "
-        f"of the SFT model's answers ({sampling.n} per prompt); {len(held_out)} held-out comparisons"
+        f"of the SFT model's answers to {len(train_prompts)} prompts ({sampling.n} per prompt); "
+        f"{len(held_out)} held-out comparisons"
     )
     train(
         demo,
@@ -231,19 +233,7 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
         ],
         output=out / "bt",
     )
-    train(
-        demo,
-        "reward_model",
-        [
-            f"model.path={sft}",
-            f"data.train.path={demo.path('data', 'attributes.jsonl')}",
-            f"data.validation.path={demo.path('data', 'attributes_valid.jsonl')}",
-        ],
-        config="attribute_model",
-        output=out / "attributes",
-    )
     bt = json.loads((out / "bt" / "eval.json").read_text())
-    attributes = json.loads((out / "attributes" / "eval.json").read_text())
     correct = round(bt["pairwise_accuracy"] * bt["pairs"])
     metrics = mean_with_ci("pairwise_accuracy", [1.0] * correct + [0.0] * (bt["pairs"] - correct))
     metrics["pairs"] = bt["pairs"]
@@ -258,8 +248,26 @@ def _reward_model(demo: Demo) -> dict[str, Any]:
             "train_pairs_onpolicy": len(onpolicy),
         }
     )
-    metrics.update({k: v for k, v in attributes.items() if k.startswith(("pearson/", "mae/"))})
     return metrics
+
+
+def _attribute_model(demo: Demo) -> dict[str, Any]:
+    """A SteerLM attribute model (multi-attribute regression) from the SFT model on the oracle's
+    0-4 labels: mean absolute error and Pearson r of each predicted attribute with the oracle's, on
+    held-out responses. SteerLM's annotator when steering.annotator is attribute_model."""
+    out = demo.path("attribute_model")
+    train(
+        demo,
+        "attribute_model",
+        [
+            f"model.path={demo.path('sft', 'final')}",
+            f"data.train.path={demo.path('data', 'attributes.jsonl')}",
+            f"data.validation.path={demo.path('data', 'attributes_valid.jsonl')}",
+        ],
+        output=out,
+    )
+    attributes = json.loads((out / "eval.json").read_text())
+    return {k: v for k, v in attributes.items() if k.startswith(("pearson/", "mae/"))}
 
 
 def _rejection_sampling(demo: Demo) -> dict[str, Any]:
@@ -310,7 +318,7 @@ def _steerlm(demo: Demo) -> dict[str, Any]:
     annotator = (
         ["annotate.kind=oracle"]
         if demo.settings.steering.annotator == "oracle"
-        else [f"annotate.path={demo.path('reward_model', 'attributes', 'final')}"]
+        else [f"annotate.path={demo.path('attribute_model', 'final')}"]
     )
     train(
         demo,
@@ -558,13 +566,9 @@ STAGES = [
     Stage("sft", _sft, ("base",), configs=("sft",), settings=EVALUATED, is_model=True),
     Stage("dpo", _dpo, ("sft",), configs=("dpo",), settings=EVALUATED, is_model=True),
     Stage(
-        "reward_model",
-        _reward_model,
-        ("sft",),
-        configs=("reward_model", "attribute_model"),
-        settings=("reward_model",),
-        in_summary=True,
+        "reward_model", _reward_model, ("sft",), configs=("reward_model",), settings=("reward_model",), in_summary=True
     ),
+    Stage("attribute_model", _attribute_model, ("sft",), configs=("attribute_model",), in_summary=True),
     Stage(
         "rejection_sampling",
         _rejection_sampling,
@@ -576,7 +580,7 @@ STAGES = [
     Stage(
         "steerlm",
         _steerlm,
-        ("sft", "reward_model"),
+        ("sft", "attribute_model"),
         configs=("steerlm",),
         settings=(*EVALUATED, "steering"),
         is_model=True,

@@ -78,6 +78,18 @@ def _filter_logits(logits: torch.Tensor, params: SamplingConfig) -> torch.Tensor
     return logits
 
 
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of (R, V) probabilities by inverse CDF: one uniform u per row, the first
+    token whose cumulative probability exceeds u x total (`torch.multinomial` draws an exponential
+    per vocabulary entry). `right=True` never lands on a zero-probability token (top-k and top-p
+    cuts); where rounding puts u x total at the total, the last token with probability is taken."""
+    cdf = probs.cumsum(-1)  # (R, V)
+    total = cdf[:, -1:].contiguous()  # (R, 1)
+    u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device)  # (R, 1)
+    tokens = torch.searchsorted(cdf, u * total, right=True)  # (R, 1)
+    return torch.minimum(tokens, torch.searchsorted(cdf, total)).squeeze(-1)  # (R,)
+
+
 def _top(logps: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
     """The k most likely (id, log-prob) pairs of each row of (R, V) log-probs; [] when k is 0."""
     if k <= 0:
@@ -170,8 +182,7 @@ def generate(
         if params.temperature == 0:
             next_tokens = logits.argmax(-1)
         else:
-            probs = _filter_logits(logits, params).softmax(-1)
-            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            next_tokens = _sample(_filter_logits(logits, params).softmax(-1), generator)
         all_logps = logits.log_softmax(-1)  # (R, V)
         token_logps = all_logps.gather(-1, next_tokens[:, None]).squeeze(-1)
         step_tops = _top(all_logps, top_logprobs)

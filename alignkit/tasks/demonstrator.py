@@ -425,8 +425,12 @@ def _fill(
             body = [s if s[-1] in ".!?" else s + "." for s in body]
         return _join(opener, body, closer)
 
+    levels_seen: dict[str, int] = {}  # the loop below measures each accepted draft twice
+
     def level(text: str) -> int:
-        return measure_verbosity(text, needed)
+        if text not in levels_seen:
+            levels_seen[text] = measure_verbosity(text, needed)
+        return levels_seen[text]
 
     if target == 0:
         text = render(bare, [])

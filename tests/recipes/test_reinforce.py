@@ -25,12 +25,15 @@ def test_critic_free_methods_raise_the_reward(tmp_path, estimator):
         *VOWELS,
         f"reinforce.estimator={estimator}",
         "reinforce.steps=10",
+        "optim.lr=3e-3",
         "checkpoint.every=null",
         "reinforce.ended_baseline=false",
     )
     m = metrics(out)
-    first, last = m[0]["rollout/reward"], sum(r["rollout/reward"] for r in m[-3:]) / 3
-    assert last > 2 * first, (first, last)  # a random model starts near 5/256
+    # A random model starts near 0.03; a step's mean over its 32 samples moves by ~0.006 with the
+    # sampling seed, so each end averages 3 steps. Measured 1.74x-1.94x (1.3x at lr 1e-3, ~1x at 0).
+    first, last = (sum(r["rollout/reward"] for r in rows) / 3 for rows in (m[:3], m[-3:]))
+    assert last > 1.5 * first, (first, last)
     assert m[0]["actor/ratio"] == pytest.approx(1.0, abs=1e-6)  # one update per step: ratio 1
     assert m[-1]["rollout/advantages_abs_mean"] > 0
     if estimator == "grpo":

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from alignkit.config import SamplingConfig
-from alignkit.generation.sampler import _cache_argument, _filter_logits, _step_kwargs, generate, stop_token_ids
+from alignkit.generation.sampler import (
+    _cache_argument,
+    _filter_logits,
+    _sample,
+    _step_kwargs,
+    generate,
+    stop_token_ids,
+)
 from tests.conftest import tiny_model
 
 
@@ -68,6 +75,20 @@ def test_seeded_sampling_is_reproducible_and_samples_differ(tokenizer, setup):
     b = generate(model, prompts[:1], params, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.decode)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     assert len({tuple(c.token_ids) for c in a}) > 1
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_skips_cut_tokens():
+    """One uniform per row: 200k draws of a distribution whose top-k cut zeroed some tokens land on
+    each token with its probability (to 3 standard errors) and never on a zero-probability one,
+    the first and the last included; the same generator seed gives the same draws."""
+    logits = torch.tensor([-1e9, 1.0, 0.0, -1e9, 2.0, -0.5, -1e9])
+    probs = logits.softmax(-1)
+    rows = probs.expand(200_000, -1).contiguous()
+    draws = _sample(rows, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=len(probs)).double() / len(draws)
+    assert freq[probs == 0].sum() == 0
+    assert ((freq - probs.double()).abs() <= 3 * (probs.double() * (1 - probs.double()) / len(draws)).sqrt()).all()
+    assert torch.equal(draws[:100], _sample(rows[:100], torch.Generator().manual_seed(0)))
 
 
 def test_stop_strings_cut_the_text(tokenizer, setup):
