@@ -376,12 +376,17 @@ def serve_generate(
     name: Annotated[str | None, typer.Option(help="the model id clients ask for (default: the directory)")] = None,
     max_tokens_limit: Annotated[int, typer.Option(help="the most new tokens a request may ask for")] = 1024,
     token_env: _TokenEnv = None,
+    backend: Annotated[
+        str, typer.Option(help="native (alignkit's KV-cache sampler) or vllm (an in-process vLLM engine)")
+    ] = "native",
 ) -> None:
     """Serve a causal LM behind an OpenAI-compatible API: /v1/completions, /v1/chat/completions."""
     from alignkit.serving.openai_server import serve_model  # local: fastapi and uvicorn, for serving only
 
-    with _reported(FileNotFoundError, ValueError):
-        serve_model(model, host, port, name, max_tokens_limit, _token(token_env))
+    if backend not in ("native", "vllm"):
+        _fail(f"--backend {backend!r}: choose native or vllm")
+    with _reported(ConfigError, FileNotFoundError, ValueError):
+        serve_model(model, host, port, name, max_tokens_limit, _token(token_env), backend)
 
 
 @app.command("export")

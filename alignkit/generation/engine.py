@@ -20,14 +20,22 @@ from typing import Protocol
 from torch import nn
 
 from alignkit.config import SamplingConfig
-from alignkit.generation.sampler import Completion
+from alignkit.generation.sampler import Completion, TokenCallback
 
 __all__ = ["Engine", "build_engine"]
 
 
 class Engine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingConfig) -> list[Completion]:
-        """`params.n` completions of each prompt, seeded by `params.seed`."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingConfig,
+        top_logprobs: int = 0,
+        on_token: TokenCallback | None = None,
+    ) -> list[Completion]:
+        """`params.n` completions of each prompt, seeded by `params.seed`; each step's `top_logprobs`
+        most likely tokens kept when asked; `on_token(row, token, logprob, top)` called per sampled
+        token (the native engine as it samples, vLLM's once its batch is done)."""
         ...
 
     def update_weights(self, model: nn.Module) -> None:

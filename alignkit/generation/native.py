@@ -8,7 +8,7 @@ import contextlib
 from torch import nn
 
 from alignkit.config import SamplingConfig
-from alignkit.generation.sampler import Completion, generate, stop_token_ids
+from alignkit.generation.sampler import Completion, TokenCallback, generate, stop_token_ids
 from alignkit.models.loading import unwrap
 
 __all__ = ["NativeEngine"]
@@ -21,12 +21,25 @@ class NativeEngine:
         self.autocast = autocast
         self.stops = stop_token_ids(self.module, tokenizer)
 
-    def generate(self, prompts: list[list[int]], params: SamplingConfig) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingConfig,
+        top_logprobs: int = 0,
+        on_token: TokenCallback | None = None,
+    ) -> list[Completion]:
         """`sampler.generate` under the engine's autocast; the module's train/eval mode is restored."""
         was_training = self.module.training
         with self.autocast():
             completions = generate(
-                self.module, prompts, params, self.stops, self.tokenizer.pad_token_id, self.tokenizer.decode
+                self.module,
+                prompts,
+                params,
+                self.stops,
+                self.tokenizer.pad_token_id,
+                self.tokenizer.decode,
+                top_logprobs=top_logprobs,
+                on_token=on_token,
             )
         self.module.train(was_training)
         return completions

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from alignkit.config import ConfigError, SamplingConfig, VLLMConfig
-from alignkit.generation.sampler import Completion, stop_cut, stop_token_ids
+from alignkit.generation.sampler import Completion, TokenCallback, stop_cut, stop_token_ids
 from alignkit.models.loading import position_limit, unwrap
 
 __all__ = ["VLLMEngine", "merged_weights"]
@@ -119,8 +119,15 @@ class VLLMEngine:
             self.llm.collective_rpc(reload)
         self.llm.reset_prefix_cache()  # cached prompt KV blocks hold the old weights' keys and values
 
-    def generate(self, prompts: list[list[int]], params: SamplingConfig) -> list[Completion]:
-        """`params.n` completions per prompt; row i * n + j (sample j of prompt i) seeded `seed + i * n + j`."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingConfig,
+        top_logprobs: int = 0,
+        on_token: TokenCallback | None = None,
+    ) -> list[Completion]:
+        """`params.n` completions per prompt; row i * n + j (sample j of prompt i) seeded `seed + i * n + j`.
+        `on_token` sees every token once the batch is done: the in-process engine returns whole batches."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -134,7 +141,7 @@ class VLLMEngine:
                 stop=list(params.stop) or None,
                 stop_token_ids=self.stops,
                 ignore_eos=False,
-                logprobs=0,
+                logprobs=top_logprobs,  # the sampled token's, plus the k most likely
                 seed=None if params.seed is None else params.seed + row,
                 detokenize=bool(params.stop),  # only stop strings need vLLM's text
             )
@@ -145,11 +152,22 @@ class VLLMEngine:
         eager = torch.compiler.set_stance("force_eager") if self.eager else contextlib.nullcontext()
         with eager:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in rows], requests, use_tqdm=False)
-        return [self._completion(row // params.n, out.outputs[0], params) for row, out in enumerate(outputs)]
+        completions = [
+            self._completion(row // params.n, out.outputs[0], params, top_logprobs) for row, out in enumerate(outputs)
+        ]
+        for row, c in enumerate(completions if on_token is not None else ()):
+            for t, (token, logprob) in enumerate(zip(c.token_ids, c.logprobs)):
+                on_token(row, token, logprob, c.top_logprobs[t] if top_logprobs else [])
+        return completions
 
-    def _completion(self, prompt_index: int, out, params: SamplingConfig) -> Completion:
+    def _completion(self, prompt_index: int, out, params: SamplingConfig, k: int) -> Completion:
         ids = list(out.token_ids)
         logprobs = [step[token].logprob for step, token in zip(out.logprobs, ids)]
+        # each step's dict holds the sampled token (any rank) and the k most likely (ranks 1..k)
+        tops = [
+            sorted(((i, lp.logprob) for i, lp in step.items() if lp.rank <= k), key=lambda e: -e[1]) if k else []
+            for step in out.logprobs
+        ]
         if out.finish_reason == "length":
             reason = "length"
         else:  # "stop": a stop string (stop_reason is the string) or a stop token
@@ -157,7 +175,7 @@ class VLLMEngine:
         text = self.tokenizer.decode(ids[:-1] if reason == "eos" else ids)
         if reason == "stop":
             text = text[: stop_cut(text, tuple(params.stop))]
-        return Completion(prompt_index, ids, logprobs, text, reason != "length", reason)
+        return Completion(prompt_index, ids, logprobs, text, reason != "length", reason, tops if k else [])
 
     def __del__(self):
         shutil.rmtree(getattr(self, "directory", ""), ignore_errors=True)

@@ -9,12 +9,14 @@
 
 so that any OpenAI client (the `openai` package, LangChain, curl) can use a model trained here.
 Chat requests are rendered with the model's own chat template (roles system, developer (as
-system), user, assistant, tool). Sampling runs on alignkit's KV-cache engine in one worker thread
-(a model serves one batch at a time) and stops at the model's own end-of-turn tokens;
+system), user, assistant, tool). Sampling runs in one worker thread (a model serves one batch at a
+time) on alignkit's KV-cache engine or, with `--backend vllm`, on an in-process vLLM engine (the
+`generation.engine` interface the trainers use), and stops at the model's own end-of-turn tokens;
 `finish_reason` is "stop" when the answer ended on one of them or on a stop string and "length"
 when `max_tokens` cut it. `stream: true` sends server-sent events as tokens are sampled
 (`stream_options.include_usage` adds a usage chunk); a client that disconnects stops its
-generation. Log-probs are the model's own (temperature 1, before top-k/top-p), the numbers
+generation. (With vLLM the tokens of a request arrive together once its batch is done, and a
+disconnect is noticed then.) Log-probs are the model's own (temperature 1, before top-k/top-p), the numbers
 a training forward pass computes.
 
 `prompt_logprobs: k` (vLLM's extension, in vLLM's shape) scores the prompt itself: each choice
@@ -55,7 +57,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from alignkit.config import SamplingConfig
 from alignkit.data.steerlm import LabelError, SteerLMFormat, steered_prompt
-from alignkit.generation.sampler import Completion, generate, stop_token_ids
+from alignkit.generation.engine import Engine, build_engine
+from alignkit.generation.native import NativeEngine
+from alignkit.generation.sampler import Completion, stop_token_ids
 from alignkit.models.loading import load_for_eval, position_limit
 from alignkit.serving.guards import add_body_limit, check_bearer
 
@@ -178,8 +182,12 @@ def create_app(
     default_max_tokens: int = 128,
     token: str | None = None,
     max_body_bytes: int = 8 * 2**20,
+    engine: Engine | None = None,
 ) -> FastAPI:
+    """The app serving `model` (its config, vocabulary and prompt log-probs); `engine` samples
+    (default: the native engine on `model` itself)."""
     app = FastAPI(title="alignkit OpenAI-compatible server")
+    engine = engine or NativeEngine(model, tokenizer)
     lock = threading.Lock()  # one generation at a time on the one model
     steer = SteerLMFormat.from_config(model.config)
     stops = stop_token_ids(model, tokenizer)  # the model's end-of-turn tokens too, not only EOS
@@ -224,16 +232,7 @@ def create_app(
 
     def run(job: _Job, on_token=None) -> list[Completion]:
         with lock:
-            return generate(
-                model,
-                job.ids,
-                job.sampling,
-                stops,
-                tokenizer.pad_token_id,
-                tokenizer.decode,
-                top_logprobs=job.top_logprobs,
-                on_token=on_token,
-            )
+            return engine.generate(job.ids, job.sampling, top_logprobs=job.top_logprobs, on_token=on_token)
 
     def usage(job: _Job, completions: list[Completion]) -> dict[str, int]:
         prompt = sum(len(p) for p in job.ids)
@@ -484,8 +483,13 @@ def serve_model(
     name: str | None = None,
     max_tokens_limit: int = 1024,
     token: str | None = None,
+    backend: Literal["native", "vllm"] = "native",
 ) -> None:
-    """`alignkit serve generate`: the causal LM in `model_dir` behind `create_app`, until stopped."""
+    """`alignkit serve generate`: the causal LM in `model_dir` behind `create_app`, until stopped;
+    `backend` samples (vllm: an in-process vLLM engine fed the model's weights in memory)."""
     model, tokenizer = load_for_eval(model_dir)
-    server = create_app(model, tokenizer, name or str(model_dir), max_tokens_limit=max_tokens_limit, token=token)
+    engine = build_engine(model, tokenizer, SamplingConfig(backend=backend))
+    server = create_app(
+        model, tokenizer, name or str(model_dir), max_tokens_limit=max_tokens_limit, token=token, engine=engine
+    )
     uvicorn.run(server, host=host, port=port, log_level="warning")
