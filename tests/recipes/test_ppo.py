@@ -26,6 +26,14 @@ def vowel_reward(prompts, responses):
     return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
 
 
+def reward_rise(m: list[dict]) -> float:
+    """The mean rollout reward of the last 3 steps over that of the first 3. A random model starts
+    near 0.03 vowels; one step's mean over 16-32 samples moves by ~0.006 with the sampling seed, so
+    each end averages 3 steps (a single first step made a 2x test pass or fail by the seed alone)."""
+    first, last = (sum(r["rollout/reward"] for r in rows) / 3 for rows in (m[:3], m[-3:]))
+    return last / first
+
+
 def ppo(out, *overrides, ok=True, env=None, nproc=None):
     return run_recipe("ppo", out, *overrides, ok=ok, env=env, nproc=nproc)
 
@@ -33,15 +41,15 @@ def ppo(out, *overrides, ok=True, env=None, nproc=None):
 @pytest.fixture(scope="module")
 def learning_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo") / "run"
-    ppo(out, *VOWELS, "ppo.steps=12", "checkpoint.every=null", "monitor.kind=oracle")
+    # 8 prompts x 4 samples a step: with 2 (the tiny config's) the reward's rise is lost in its noise
+    ppo(out, *VOWELS, "ppo.steps=12", "sampling.n=4", "checkpoint.every=null", "monitor.kind=oracle")
     return out
 
 
 def test_ppo_raises_the_reward_and_saves_actor_and_critic(learning_run):
     m = metrics(learning_run)
     assert [r["step"] for r in m] == list(range(1, 13))
-    first, last = m[0]["rollout/reward"], sum(r["rollout/reward"] for r in m[-3:]) / 3
-    assert last > 2 * first, (first, last)  # a random model starts near 5/256
+    assert reward_rise(m) > 1.5, [r["rollout/reward"] for r in m]  # measured 2.04 (1.46 with 2 samples)
     assert m[-1]["rollout/kl"] > 0  # the actor moved away from the reference
     for key in (
         "rollout/advantages_mean",

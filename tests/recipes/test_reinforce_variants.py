@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import read_metrics as metrics
-from tests.recipes.test_ppo import VOWELS
+from tests.recipes.test_ppo import VOWELS, reward_rise
 from tests.recipes.test_reinforce import reinforce
 
 
@@ -63,10 +63,11 @@ def test_gspo_and_cispo_on_policy_equal_the_clipped_surrogate(tmp_path, variant,
 @pytest.mark.parametrize("estimator", ["reinforce_pp", "reinforce_pp_baseline"])
 def test_reinforce_pp_whitens_over_the_batch_and_learns(tmp_path, estimator):
     out = tmp_path / estimator
-    reinforce(out, *VOWELS, f"reinforce.estimator={estimator}", "reinforce.steps=10", "checkpoint.every=null")
+    reinforce(
+        out, *VOWELS, f"reinforce.estimator={estimator}", "reinforce.steps=10", "optim.lr=3e-3", "checkpoint.every=null"
+    )
     m = metrics(out)
-    first, last = m[0]["rollout/reward"], sum(r["rollout/reward"] for r in m[-3:]) / 3
-    assert last > 2 * first, (first, last)
+    assert reward_rise(m) > 1.5, [r["rollout/reward"] for r in m]  # measured 1.98-2.39 (1.38-1.51 at lr 1e-3)
     assert m[0]["rollout/kl"] == pytest.approx(0.0, abs=1e-6) and m[-1]["rollout/kl"] > 0  # k1 in the reward
     # whitened over the batch's tokens: the mean |advantage| of a unit-variance batch is near 0.8
     assert 0.3 < m[-1]["rollout/advantages_abs_mean"] < 1.5
