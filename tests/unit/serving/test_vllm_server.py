@@ -1,29 +1,62 @@
 """`alignkit serve generate --backend vllm`: the OpenAI-compatible server sampling on an in-process
-vLLM engine, started for real on loopback and used through the `openai` package, against the same
-server on the native engine (the same model: greedy text, log-probs, top log-probs, stop strings,
-streaming). vLLM's CPU attention needs a head size of at least 32: the model has 2 heads of 32."""
+vLLM engine, started through the real CLI in a process of its own (a vLLM engine joins any
+torch.distributed group already in its process, and a test worker may hold one from an earlier
+test) and used through the `openai` package, against the same model served in-process on the
+native engine: greedy text, log-probs, top log-probs, stop strings, streaming. vLLM's CPU attention
+needs a head size of at least 32: the model has 2 heads of 32."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
+import httpx
 import openai
 import pytest
 
-from alignkit.config import SamplingConfig, VLLMConfig
-from alignkit.generation.engine import build_engine
+from alignkit.models.loading import save_causal_lm
 from alignkit.serving.openai_server import create_app
+from tests.conftest import REPO
 from tests.unit.generation.test_vllm_backend import vllm_tiny_model
-from tests.unit.serving.test_reward_server import Server
+from tests.unit.serving.test_reward_server import Server, free_port
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)  # a hang fails
 
 
 @pytest.fixture(scope="module")
-def clients(tokenizer):
+def clients(tokenizer, tmp_path_factory):
     model = vllm_tiny_model(tokenizer, seed=3).eval()
-    engine = build_engine(model, tokenizer, SamplingConfig(backend="vllm", vllm=VLLMConfig(max_model_len=256)))
-    with (
-        Server(create_app(model, tokenizer, "tiny", max_tokens_limit=32, engine=engine)) as vllm_url,
-        Server(create_app(model, tokenizer, "tiny", max_tokens_limit=32)) as native_url,
-    ):
-        yield tuple(openai.OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0) for u in (vllm_url, native_url))
+    directory = tmp_path_factory.mktemp("served") / "model"
+    save_causal_lm(model, model.state_dict(), tokenizer, directory)
+    port = free_port()
+    command = [sys.executable, "-m", "alignkit.cli", "serve", "generate", "--model", str(directory)]
+    proc = subprocess.Popen(
+        [*command, "--name", "tiny", "--port", str(port), "--max-tokens-limit", "32", "--backend", "vllm"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180  # the vLLM engine's start-up: ~15 s alone, more under load
+        while True:
+            try:
+                httpx.get(f"{url}/v1/models")
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                assert time.time() < deadline, "the vLLM server did not start in 180 s"
+                time.sleep(0.5)
+        with Server(create_app(model, tokenizer, "tiny", max_tokens_limit=32)) as native_url:
+            yield _client(url), _client(native_url)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_vllm_server_completions_equal_the_native_server(clients):
