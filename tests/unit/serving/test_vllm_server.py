@@ -1,7 +1,8 @@
 """`alignkit serve generate --backend vllm`: the OpenAI-compatible server sampling on an in-process
-vLLM engine, started through the real CLI in a process of its own (a vLLM engine joins any
-torch.distributed group already in its process, and a test worker may hold one from an earlier
-test) and used through the `openai` package, against the same model served in-process on the
+vLLM engine, started through the real CLI in a process of its own (served from inside a test
+worker, after hundreds of other tests, a request once hung: a vLLM engine takes up process-wide
+state, such as a torch.distributed group it finds) and used through the `openai` package, against
+the same model served in-process on the
 native engine: greedy text, log-probs, top log-probs, stop strings, streaming. vLLM's CPU attention
 needs a head size of at least 32: the model has 2 heads of 32."""
 
