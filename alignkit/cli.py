@@ -464,8 +464,10 @@ def _plan_table(p, title: str) -> str:
         f"  {'optimizer (AdamW)':24s}{_gib(p.optimizer)}",
         f"  {'activations':24s}{_gib(p.activations)}",
         f"  {'logits':24s}{_gib(p.logits)}",
+        *([f"  {'gathered (FSDP)':24s}{_gib(p.gathered)}"] if p.gathered else []),
         *(f"  {name:24s}{_gib(n)}" for name, n in p.extra_models.items()),
         f"  {'total':24s}{_gib(p.total)}",
+        *([f"  {'host (cpu_offload)':24s}{_gib(p.host)}"] if p.host else []),
     ]
     if p.gpu_memory is not None:
         verdict = "fits" if p.fits() else "does NOT fit (10% headroom kept)"
@@ -476,7 +478,8 @@ def _plan_table(p, title: str) -> str:
 def _suggestion(best, current) -> str:
     if best is None:
         return (
-            "suggestion: nothing fits on these GPUs at micro-batch 1: more GPUs, LoRA, bf16 or gradient_checkpointing"
+            "suggestion: nothing fits on these GPUs at micro-batch 1: more GPUs, LoRA, bf16, "
+            "model.gradient_checkpointing or distributed.fsdp.cpu_offload"
         )
     _, dps, tp = best.mesh
     strategy = "distributed.strategy=fsdp " if best.strategy != current.strategy else ""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -39,6 +39,8 @@ __all__ = [
     "CheckpointConfig",
     "LoggingConfig",
     "DistributedConfig",
+    "FSDPConfig",
+    "GradientCheckpointingConfig",
     "MeshConfig",
     "SamplingConfig",
     "VLLMConfig",
@@ -87,6 +89,22 @@ class LoraConfig(Section):
     merge_on_save: bool = True  # write merged weights to final/ (else the adapter alone)
 
 
+class GradientCheckpointingConfig(Section):
+    """Activation checkpointing: a checkpointed decoder layer keeps only its input for backward
+    and recomputes the rest (`true` in YAML is `{enabled: true}`: every layer, recompute all)."""
+
+    enabled: bool = False
+    # Checkpoint layers 0, N, 2N, ...: the others keep their activations. Trades memory back for
+    # speed when full checkpointing frees more than the run needs (torchtitan's selective by layer).
+    every_n_layers: int = Field(1, ge=1)
+    # full: recompute the whole layer. selective: keep the outputs of the matmuls and of attention
+    # (the expensive ops) and recompute only the elementwise ones (norms, SiLU, RoPE, products):
+    # about half of a layer's activations for a few percent of its FLOPs (torchtitan's "op" SAC).
+    mode: Literal["full", "selective"] = "full"
+    # Hold the checkpointed inputs in host memory (pinned) instead of on the GPU; no-op on CPU.
+    offload: bool = False
+
+
 class ModelConfig(Section):
     path: str | None = None  # a local Hugging Face model directory
     random_init: RandomInitConfig | None = None  # build a random model instead of loading `path`
@@ -95,11 +113,16 @@ class ModelConfig(Section):
     # bf16: weights in bf16 too (half the memory; the optimizer state is bf16 as well).
     precision: Literal["fp32", "bf16_autocast", "bf16"] = "fp32"
     attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: GradientCheckpointingConfig = GradientCheckpointingConfig()
     # torch.compile each decoder layer (not the whole model: the loss-position hooks and the
     # varying packed shapes would force recompiles). Pays ~20 s once; worth it for long runs.
     compile: bool = False
     lora: LoraConfig = LoraConfig()
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _path_or_random_init(self) -> ModelConfig:
@@ -218,10 +241,27 @@ class MeshConfig(Section):
     tp: int = Field(1, ge=1)  # tensor parallel: each layer's heads and MLP split over this many processes
 
 
+class FSDPConfig(Section):
+    """FSDP2's memory levers (strategy fsdp, more than one process)."""
+
+    # bf16: weights are all-gathered and used in bf16 (half the traffic and the gathered copies)
+    # while the fp32 master weights and optimizer state stay sharded: mixed precision without
+    # autocast (torchtitan's default). With one process it runs as model.precision=bf16_autocast.
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradients are reduce-scattered in this dtype
+    # Sharded weights, gradients and optimizer state live in host memory; each layer is copied to
+    # the GPU for its forward and backward, and the optimizer steps on the CPU (FSDP2 CPUOffloadPolicy).
+    cpu_offload: bool = False
+    # true: free each layer's gathered weights after its forward (ZeRO-3); false: keep them until
+    # its backward (ZeRO-2: one all-gather fewer per layer, the whole unsharded model in memory).
+    reshard_after_forward: bool = True
+
+
 class DistributedConfig(Section):
     strategy: Literal["fsdp", "ddp"] = "fsdp"  # used only under torchrun with more than one process
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
     mesh: MeshConfig = MeshConfig()
+    fsdp: FSDPConfig = FSDPConfig()
 
 
 class RoleResources(Section):

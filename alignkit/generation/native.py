@@ -9,7 +9,7 @@ from torch import nn
 
 from alignkit.config import SamplingConfig
 from alignkit.generation.sampler import Completion, TokenCallback, generate, stop_token_ids
-from alignkit.models.loading import unwrap
+from alignkit.models.loading import gathered, unwrap
 
 __all__ = ["NativeEngine"]
 
@@ -30,7 +30,7 @@ class NativeEngine:
     ) -> list[Completion]:
         """`sampler.generate` under the engine's autocast; the module's train/eval mode is restored."""
         was_training = self.module.training
-        with self.autocast():
+        with gathered(self.module), self.autocast():  # FSDP: a whole model, no collectives per token
             completions = generate(
                 self.module,
                 prompts,

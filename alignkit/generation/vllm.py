@@ -50,10 +50,16 @@ def _import_vllm():
     return vllm
 
 
+@torch.no_grad()
 def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of every weight of the policy, a LoRA policy's adapters merged in
-    (W + B A * scale, computed per layer; the model is not modified)."""
-    module = unwrap(model)
+    (W + B A * scale, computed per layer; the model is not modified). An FSDP-sharded policy's
+    weights are gathered one at a time (collectives: every rank iterates, in the same order)."""
+    for name, tensor in _merged(unwrap(model)):
+        yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _merged(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     if not hasattr(module, "peft_config"):
         yield from module.state_dict().items()
         return

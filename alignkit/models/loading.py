@@ -40,6 +40,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from alignkit.config import ConfigError, LoraConfig, ModelConfig
+from alignkit.models.recompute import enable_checkpointing
 from alignkit.models.tokenizer import byte_tokenizer
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "autocast",
     "check_model_dir",
     "check_positions",
+    "gathered",
     "hf_class",
     "load_causal_lm",
     "load_for_eval",
@@ -275,8 +277,7 @@ def _load(
                 for param in head.parameters():
                     param.zero_()
     _disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model, cfg.gradient_checkpointing)
     model.config.use_cache = False
     if cfg.lora.enabled:
         # seeded like the base weights: every rank must start from the same adapters
@@ -335,6 +336,35 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, task_type: str = "CAUSAL_LM") 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP (FSDP2 shards in place and needs no unwrapping)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """An FSDP2-sharded model made whole on every rank for the length of the block (one all-gather
+    per sharded module, a collective: every rank enters together), and kept whole by its forwards:
+    generation then runs, and the weights are read, with no collective inside, as on a DDP copy.
+    The shards come back at exit. Any other model is used as it is."""
+    from torch.distributed.fsdp import FSDPModule  # local: DTensor's import costs ~0.6 s
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        yield model
+        return
+    # FSDP2 reshards a module after each forward unless told not to; what it was told is restored
+    # at exit (the private fields set_reshard_after_forward writes: it has no getter).
+    states = [m._get_fsdp_state() for m in sharded]
+    saved = [(s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups]) for s in states]
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m, state, (auto, infos) in zip(sharded, states, saved):
+            state._auto_reshard_after_forward = auto
+            for group, info in zip(state._fsdp_param_groups, infos):
+                group.post_forward_mesh_info = info
+            m.reshard()
 
 
 @contextlib.contextmanager

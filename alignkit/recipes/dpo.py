@@ -86,7 +86,7 @@ from alignkit.models.loading import adapters_off, load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.tasks.datasets import MIN_PREFERENCE_MARGIN
 from alignkit.tasks.oracle import oracle_rewards
-from alignkit.training.distributed import barrier, score_sharded
+from alignkit.training.distributed import barrier, score_sharded, wrap_frozen
 from alignkit.training.logging import MetricLogger
 from alignkit.training.loop import (
     Run,
@@ -324,7 +324,7 @@ def _check_step0(run, cfg: Config, model, reference, pairs: list[PreferencePair]
             ref = torch.stack([batch["reference_chosen_logps"], batch["reference_rejected_logps"]], 1).reshape(-1)
     model.train()
     diff = float((policy.double() - ref.double().to(policy.device)).abs().max())
-    bf16 = cfg.model.precision != "fp32"
+    bf16 = cfg.model.precision != "fp32" or cfg.distributed.fsdp.param_dtype == "bf16"
     tolerance = cfg.reference.check_tolerance or (0.5 if bf16 else 1e-3)
     if diff > tolerance:
         run.log.warning(
@@ -414,7 +414,7 @@ def _train(run: Run, model, tokenizer, train_data: DatasetConfig):
             reference = model  # the same module: adapters are switched off around its forward
         else:
             reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
-            reference = reference.to(run.dist.device).eval().requires_grad_(False)
+            reference = wrap_frozen(reference, run.dist, cfg.distributed)
         _check_step0(run, cfg, model, reference, datasets["train"], pad_id)
 
     # --- train: minimise preference_weight * L_pref + sft_weight * NLL(chosen) per pair -----

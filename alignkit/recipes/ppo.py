@@ -63,7 +63,7 @@ from alignkit.losses.policy_gradient import adaptive_kl_coef, gae, kl_per_token,
 from alignkit.models.loading import load_causal_lm, load_tokenizer
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.training.critic import build_critic
-from alignkit.training.distributed import Dist, wrap_model
+from alignkit.training.distributed import Dist, wrap_frozen, wrap_model
 from alignkit.training.loop import finish_step, reduce_metrics, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.remote_engine import rollout_engine
@@ -191,10 +191,10 @@ def main(cfg: Config) -> None:
     monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
     pad_id, lora = tokenizer.pad_token_id, cfg.model.lora.enabled
-    actor = wrap_model(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed.strategy)
+    actor = wrap_model(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed)
     reference = None
     if not lora:  # a frozen copy of the starting actor
-        reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
+        reference = wrap_frozen(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed)
     critic = build_critic(run, cfg, tokenizer)  # here, or on Ray ranks of its own (placement.critic)
     updates = pc.steps * pc.epochs * pc.minibatches
     actor_opt = build_optimizer(actor, cfg.optim)

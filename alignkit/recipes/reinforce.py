@@ -59,7 +59,7 @@ from alignkit.losses.policy_gradient import (
 from alignkit.models.loading import load_causal_lm, load_tokenizer, unwrap
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.rewards.judge import ChatClient, teacher_scores
-from alignkit.training.distributed import wrap_model
+from alignkit.training.distributed import wrap_frozen, wrap_model
 from alignkit.training.loop import finish_step, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.remote_engine import rollout_engine
@@ -244,10 +244,10 @@ def main(cfg: Config) -> None:
     monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
     pad_id, lora = tokenizer.pad_token_id, cfg.model.lora.enabled
-    actor = wrap_model(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed.strategy)
+    actor = wrap_model(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed)
     reference = None
     if rf.kl_coef and not lora:
-        reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(d.device).requires_grad_(False)
+        reference = wrap_frozen(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed)
     teacher = None
     if rf.estimator == "onpolicy_distill":  # scored with the student's tokenizer: they must share it
         teacher = load_causal_lm(cfg.teacher, tokenizer, seed=cfg.train.seed) if cfg.teacher else None

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from alignkit.config import ConfigError, MeshConfig
+from alignkit.config import ConfigError, DistributedConfig, FSDPConfig, MeshConfig
 from alignkit.models.loading import unwrap
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "init_distributed",
     "score_sharded",
     "shutdown",
+    "wrap_frozen",
     "wrap_model",
 ]
 
@@ -153,19 +154,21 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def wrap_model(
-    model: nn.Module, d: Dist, strategy: str, compile_layers: bool = False, tensor_parallel: bool = False
+    model: nn.Module, d: Dist, cfg: DistributedConfig, compile_layers: bool = False, tensor_parallel: bool = False
 ) -> nn.Module:
     """Move to the device, optionally compile each decoder layer, and with several processes
-    shard (FSDP2, over the mesh's data-parallel dimensions; HSDP when `dp_replicate` > 1) or
-    replicate (DDP). With `d.tp` > 1 the decoder layers are first split by tensor parallelism,
-    which only callers whose data is split over data-parallel ranks allow (`tensor_parallel`)."""
-    model.to(d.device)
+    shard (FSDP2, over the mesh's data-parallel dimensions; HSDP when `dp_replicate` > 1; with
+    `cfg.fsdp`'s mixed precision, CPU offload and resharding) or replicate (DDP). With `d.tp` > 1
+    the decoder layers are first split by tensor parallelism, which only callers whose data is
+    split over data-parallel ranks allow (`tensor_parallel`)."""
+    if not (d.enabled and cfg.strategy == "fsdp" and cfg.fsdp.cpu_offload):
+        model.to(d.device)  # offloaded: FSDP moves each shard to the host itself
     if compile_layers:
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
     if not d.enabled:
         return model
-    if strategy == "ddp":
+    if cfg.strategy == "ddp":
         if d.tp > 1 or d.dp_replicate > 1:
             raise ConfigError("distributed.mesh with dp_replicate or tp above 1 needs distributed.strategy=fsdp")
         return nn.parallel.DistributedDataParallel(
@@ -188,9 +191,43 @@ def wrap_model(
         parallelize(model, layers, mesh["tp"])
     data_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]
     for layer in layers:
-        fully_shard(layer, mesh=data_mesh)
-    fully_shard(model, mesh=data_mesh)
+        fully_shard(layer, mesh=data_mesh, **_fsdp_options(cfg.fsdp, d.device))
+    fully_shard(model, mesh=data_mesh, **_fsdp_options(cfg.fsdp, d.device, root=True))
     return model
+
+
+def wrap_frozen(model: nn.Module, d: Dist, cfg: DistributedConfig) -> nn.Module:
+    """A frozen copy that is called beside the trained model, micro-batch for micro-batch (the
+    reference policy): in eval mode, without gradients, and under FSDP sharded like the trained
+    model, so each rank holds 1/N of it instead of all of it (each forward gathers its layers:
+    every rank must call it as often as the trained model, which the recipes do)."""
+    model.eval().requires_grad_(False)
+    if d.enabled and cfg.strategy == "fsdp":
+        return wrap_model(model, d, cfg)
+    return model.to(d.device)
+
+
+def _fsdp_options(cfg: FSDPConfig, device: torch.device, root: bool = False) -> dict:
+    """fully_shard's keyword arguments for `cfg` (`root`: for the whole model, after its layers)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    # The root (embeddings, final norm, head) stays gathered from forward to backward, as FSDP2
+    # does by default: backward needs it at once, and a value head read by a forward hook
+    # (sequence_scores) is outside the root output whose hook would gather it again.
+    options: dict = {"reshard_after_forward": cfg.reshard_after_forward and not root}
+    if cfg.param_dtype != "fp32" or cfg.reduce_dtype != "fp32":
+        # Layers pass bf16 activations on; the model's outputs (logits, values, scores) come back
+        # fp32, so every loss and log-prob downstream is computed in fp32 as without it.
+        options["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=dtypes[cfg.param_dtype],
+            reduce_dtype=dtypes[cfg.reduce_dtype],
+            output_dtype=torch.float32 if root else None,
+        )
+    # pinned host memory needs an accelerator to pin for
+    pinned = device.type == "cuda"
+    options["offload_policy"] = CPUOffloadPolicy(pin_memory=pinned) if cfg.cpu_offload else OffloadPolicy()
+    return options
 
 
 def full_state_dict(

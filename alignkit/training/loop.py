@@ -95,7 +95,11 @@ class Run:
         return get_logger()
 
     def autocast(self):
-        return autocast(self.cfg.model.precision, self.dist.device)
+        precision = self.cfg.model.precision
+        sharded = self.dist.enabled and self.cfg.distributed.strategy == "fsdp"
+        if self.cfg.distributed.fsdp.param_dtype == "bf16" and not sharded and precision == "fp32":
+            precision = "bf16_autocast"  # no FSDP to cast the weights: the same bf16 compute by autocast
+        return autocast(precision, self.dist.device)
 
 
 def start_run(cfg: RecipeConfig) -> Run:
@@ -307,7 +311,7 @@ def fit(
     (the items are split over data-parallel ranks; a tensor-parallel group shares its batch)."""
     cfg, d = run.cfg, run.dist
     tc = cfg.train
-    model = wrap_model(model, d, cfg.distributed.strategy, cfg.model.compile, tensor_parallel)
+    model = wrap_model(model, d, cfg.distributed, cfg.model.compile, tensor_parallel)
     model.train()
     plan = BatchPlan(
         [item_length(x) for x in train_items], tc.global_batch_size, tc.micro_batch_size, d.dp_rank, d.dp_size, tc.seed

@@ -7,12 +7,15 @@ AutoConfig) or from `model.random_init`. Per rank the plan counts
     gradients     one per trainable parameter, in the weight dtype
     optimizer     AdamW: two moments per trainable parameter (fp32; bf16 with precision bf16)
     activations   what autograd keeps for backward, per decoder layer, at micro_batch x seq_len
+                  (bf16 under autocast or FSDP's bf16 param_dtype; less with gradient_checkpointing)
+    gathered      FSDP's unsharded weights of the root and the layers at work (fsdp.param_dtype)
     logits        micro_batch x seq_len x vocab x 4 bytes, x3 at backward's start (see _LOGIT_COPIES)
     extra models  the frozen copies the recipe holds (reference, teacher, reward model) and
                   PPO's critic, which trains (its own gradients and optimizer state)
 
 FSDP shards the trained model's parameters, gradients and optimizer state over dp_shard x tp
-(tensor parallelism splits the decoder layers, FSDP shards the rest); DDP replicates them. The
+(tensor parallelism splits the decoder layers, FSDP shards the rest); DDP replicates them; with
+`distributed.fsdp.cpu_offload` they are host memory (`host`), not the GPU's. The
 frozen copies are not wrapped by the recipes: every rank holds them whole. `suggest()` searches
 meshes and micro-batches for the first that fits a GPU with 10% headroom.
 
@@ -171,6 +174,22 @@ def lora_params(a: Arch, r: int, target_modules: list[str] | str) -> int:
 # --- activations -------------------------------------------------------------------------
 
 
+def _activations(a: Arch, gc, tp: int) -> float:
+    """Elements kept per token by all layers at the end of the forward, plus, with checkpointing,
+    the one layer being recomputed in backward. A checkpointed layer keeps its input (`full`), or
+    its input and the outputs of its matmuls and attention (`selective`); the others keep all."""
+    per_layer = _layer_activation_elements(a, tp)
+    if not gc.enabled:
+        return a.layers * per_layer
+    checkpointed = -(-a.layers // gc.every_n_layers)  # layers 0, N, 2N, ...
+    kept = a.hidden
+    if gc.mode == "selective":  # q, k, v, attention out, o; gate, up, down (k, v: the kv heads' own)
+        q = a.heads * a.head_dim
+        kept += 2 * a.hidden + (2 * q + 2 * a.kv_dim + 2 * a.intermediate) / tp
+    # backward recomputes one checkpointed layer at a time: what it did not keep comes back
+    return checkpointed * kept + (a.layers - checkpointed) * per_layer + (per_layer - kept)
+
+
 def _layer_activation_elements(a: Arch, tp: int) -> float:
     """Elements autograd keeps per token in one decoder layer: the analogue of Korthikanti et al.
     2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 2: 34 x s x b x h
@@ -201,6 +220,8 @@ class MemoryPlan:
     activations: int
     logits: int
     extra_models: dict[str, int] = field(default_factory=dict)
+    gathered: int = 0  # FSDP: weights all-gathered for the layers at work (see _gathered)
+    host: int = 0  # distributed.fsdp.cpu_offload: parameters, gradients and optimizer state in host memory
     params_total: int = 0  # the trained model's parameters (whole, not per rank)
     params_trainable: int = 0
     mesh: tuple[int, int, int] = (1, 1, 1)  # dp_replicate, dp_shard, tp
@@ -212,7 +233,7 @@ class MemoryPlan:
     @property
     def training_state(self) -> int:
         """What a training step adds over the loaded weights: gradients, optimizer, activations, logits."""
-        return self.gradients + self.optimizer + self.activations + self.logits
+        return self.gradients + self.optimizer + self.activations + self.logits + self.gathered
 
     @property
     def total(self) -> int:
@@ -230,10 +251,6 @@ def _bytes(precision: str) -> tuple[int, int]:
     """(weight and gradient bytes, optimizer bytes per moment). bf16_autocast keeps fp32 master
     weights; only bf16 stores weights, gradients and moments in bf16."""
     return (2, 2) if precision == "bf16" else (4, 4)
-
-
-def _activation_bytes(precision: str) -> int:
-    return 4 if precision == "fp32" else 2  # autocast's matmul outputs are bf16
 
 
 def _extra_models(cfg, recipe: str, arch: Arch, shard: int) -> dict[str, int]:
@@ -322,17 +339,20 @@ def plan(cfg, recipe: str, gpus: int | None = None, gpu_memory: int | None = Non
     trainable = lora_params(arch, lora.r, lora.target_modules) + (arch.hidden if head else 0) if lora.enabled else total
     weight, moment = _bytes(cfg.model.precision)
     params = (total + (trainable if lora.enabled else 0)) * weight  # LoRA: the frozen base plus the adapters
+    fsdp = cfg.distributed.fsdp
+    bf16_compute = cfg.model.precision != "fp32" or fsdp.param_dtype == "bf16"
     tokens = micro * seq
-    per_layer = _layer_activation_elements(arch, tp) * tokens * _activation_bytes(cfg.model.precision)
-    if cfg.model.gradient_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
-        activations = arch.layers * tokens * arch.hidden * _activation_bytes(cfg.model.precision) + per_layer
-    else:
-        activations = arch.layers * per_layer
+    activations = _activations(arch, cfg.model.gradient_checkpointing, tp) * tokens * (2 if bf16_compute else 4)
     logits = 0 if head else _LOGIT_COPIES * tokens * arch.vocab * 4
+    state = [int(params // shard), int(trainable * weight // shard), int(trainable * 2 * moment // shard)]
+    offloaded = strategy == "fsdp" and fsdp.cpu_offload
+    gathered = _gathered(arch, fsdp, tp, 2 if fsdp.param_dtype == "bf16" else weight) if strategy == "fsdp" else 0
     return MemoryPlan(
-        parameters=int(params // shard),
-        gradients=int(trainable * weight // shard),
-        optimizer=int(trainable * 2 * moment // shard),
+        parameters=0 if offloaded else state[0],
+        gradients=0 if offloaded else state[1],
+        optimizer=0 if offloaded else state[2],
+        host=sum(state) if offloaded else 0,
+        gathered=int(gathered),
         activations=int(activations),
         logits=int(logits),
         extra_models=_extra_models(cfg, recipe, arch, shard),
@@ -344,6 +364,15 @@ def plan(cfg, recipe: str, gpus: int | None = None, gpu_memory: int | None = Non
         strategy=strategy,
         gpu_memory=gpu_memory,
     )
+
+
+def _gathered(a: Arch, fsdp, tp: int, nbytes: int) -> float:
+    """FSDP's unsharded copies during a step: the root's weights (embeddings, final norm, head:
+    gathered once per step) and two decoder layers (the one running and the one prefetched), or
+    every layer with reshard_after_forward false (kept from its forward to its backward)."""
+    layers = 2 if fsdp.reshard_after_forward else a.layers
+    root = count_params(a) - a.layers * _layer_params(a)
+    return (root + layers * _layer_params(a) / tp) * nbytes
 
 
 def suggest(cfg, recipe: str, gpus: int, gpu_memory: int) -> MemoryPlan | None:

@@ -114,13 +114,17 @@ class RemoteEngine:
             raise RoleError(f"{self.where} failed while generating: {type(exc).__name__}: {exc}") from None
 
     def update_weights(self, model: nn.Module) -> None:
-        """Rank 0 sends the weights (LoRA merged) and waits until every generator holds them."""
-        if self.d.is_main:
-            from alignkit.generation.vllm import merged_weights  # a plain function; vLLM itself is not imported
+        """Rank 0 sends the weights (LoRA merged) and waits until every generator holds them. An
+        FSDP actor's weights are gathered one at a time, with every rank taking part."""
+        from alignkit.generation.vllm import merged_weights  # a plain function; vLLM itself is not imported
 
+        if self.d.is_main:
             pending = [w.call.remote("receive", (), {}) for w in self.group.workers]
             self.channel.send(merged_weights(model))
             self.group.wait(pending, timeout_s=self.timeout_s)
+        elif any(hasattr(p, "full_tensor") for p in model.parameters()):
+            for _ in merged_weights(model):  # the other ranks' half of each gather
+                pass
         barrier(self.d)
 
 

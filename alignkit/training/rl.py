@@ -98,10 +98,8 @@ class RolloutConfig(Section):
 
 
 def check_processes(cfg, d: Dist) -> None:
-    """Generation runs on each process's full copy of the model (DDP), and every process gets the
-    same number of prompts (so all run the same collectives)."""
-    if d.enabled and cfg.distributed.strategy != "ddp":
-        raise ConfigError("distributed.strategy: RL recipes generate on each process's full model copy; use ddp")
+    """Every process gets the same number of prompts, so all run the same collectives (FSDP: the
+    same forwards; generation itself gathers the whole model first and runs without any)."""
     if cfg.rollout.prompts_per_step % d.world_size:
         raise ConfigError(
             f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must divide by the number of "

@@ -51,6 +51,30 @@ def test_two_processes_match_one(tmp_path, single, strategy):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
+def test_fsdp_cpu_offload_and_zero2_train_the_same(tmp_path, single):
+    """FSDP2's CPU offload (shards, gradients and the AdamW step on the host) and ZeRO-2 (gathered
+    weights kept from forward to backward) move memory, not the maths."""
+    out = tmp_path / "levers"
+    levers = ["distributed.fsdp.cpu_offload=true", "distributed.fsdp.reshard_after_forward=false"]
+    result = run_cli(*COMMON, f"output_dir={out}", *levers, "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    assert losses(out) == pytest.approx(losses(single), rel=1e-4)
+
+
+def test_fsdp_bf16_params_keep_fp32_master_weights(tmp_path, single):
+    """param_dtype bf16: the layers compute in bf16 (losses within bf16 rounding of fp32's, not
+    equal) while the sharded weights, their update and final/ stay fp32."""
+    out = tmp_path / "bf16"
+    mp = ["distributed.fsdp.param_dtype=bf16", "distributed.fsdp.reduce_dtype=bf16"]
+    result = run_cli(*COMMON, f"output_dir={out}", *mp, "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    assert losses(out) == pytest.approx(losses(single), rel=2e-3)
+    assert losses(out) != losses(single)
+    a, b = load_file(str(single / "final/model.safetensors")), load_file(str(out / "final/model.safetensors"))
+    assert {t.dtype for t in b.values()} == {a[next(iter(a))].dtype}
+    assert 0 < max(float((a[k] - b[k]).abs().max()) for k in a) < 0.05
+
+
 def test_fsdp_resume_in_two_processes(tmp_path):
     out = tmp_path / "resume"
     args = [*COMMON, f"output_dir={out}", "checkpoint.every=2", "--nproc", "2"]

@@ -219,21 +219,15 @@ def test_rpo_without_rewards_names_the_record(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_match_one(cached_run, tmp_path):
-    out, _, _ = cached_run
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_two_processes_match_one(tmp_path, mode):
+    """online: the frozen reference is sharded by FSDP beside the policy on 2 processes."""
+    short = ["train.max_steps=6", "data.validation=null", "checkpoint.every=null", "checkpoint.save_final=false"]
     two = tmp_path / "two"
-    result = dpo(
-        two,
-        "train.max_steps=6",
-        "data.validation=null",
-        "checkpoint.every=null",
-        "checkpoint.save_final=false",
-        "--nproc",
-        "2",
-    )
+    result = dpo(two, *short, f"reference.mode={mode}", "--nproc", "2")
     assert "2 processes" in result.stderr
     one = tmp_path / "one"
-    dpo(one, "train.max_steps=6", "data.validation=null", "checkpoint.every=null", "checkpoint.save_final=false")
+    dpo(one, *short, f"reference.mode={mode}")
     # Loss and margin are sums of fp32 log-probs reduced in another order on 2 processes: equal to
     # ~1e-6 relative. Accuracy is a count of pairs: a pair whose margin sits within rounding of the
     # tie tolerance may flip, so it may differ by one pair (1/8) at a step, never more.

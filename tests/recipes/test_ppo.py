@@ -168,6 +168,16 @@ def test_two_processes_split_the_rollouts(tmp_path):
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 
-def test_fsdp_across_processes_is_refused_with_the_reason(tmp_path):
-    result = ppo(tmp_path / "run", "distributed.strategy=fsdp", ok=False, nproc=2)
-    assert result.returncode != 0 and "use ddp" in result.stderr
+def test_fsdp_shards_actor_critic_and_reference_and_trains_like_ddp(tmp_path):
+    """Under FSDP the actor, the critic and the frozen reference are sharded; generation gathers the
+    actor whole first (no collective per token: the ranks' rollouts end at different lengths). The
+    same rollouts, rewards, losses and KL as DDP, to float rounding, over two steps."""
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        ppo(tmp_path / strategy, *VOWELS, "ppo.steps=2", f"distributed.strategy={strategy}", nproc=2)
+        runs[strategy] = metrics(tmp_path / strategy)
+    keys = [k for k in runs["ddp"][0] if k.startswith(("rollout/", "actor/", "critic/")) and "_s" not in k[-2:]]
+    assert "rollout/kl" in keys and "critic/value_loss" in keys
+    for a, b in zip(runs["ddp"], runs["fsdp"]):
+        assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], rel=1e-4, abs=1e-6)
+    assert runs["fsdp"][1]["rollout/kl"] != 0.0  # the second step's rollouts left the reference

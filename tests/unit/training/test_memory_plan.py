@@ -139,6 +139,32 @@ def test_precision_and_lora_and_checkpointing():
     assert ckpt.activations < fp32.activations
 
 
+def test_checkpointing_modes_keep_less_in_order():
+    gc, four = "model.gradient_checkpointing", "model.random_init.num_layers=4"
+    none = plan(_sft(overrides=[four]), "sft").activations
+    full = plan(_sft(overrides=[four, f"{gc}=true"]), "sft").activations
+    selective = plan(_sft(overrides=[four, f"{gc}.enabled=true", f"{gc}.mode=selective"]), "sft").activations
+    every_2 = plan(_sft(overrides=[four, f"{gc}.enabled=true", f"{gc}.every_n_layers=2"]), "sft").activations
+    assert full < selective < none and full < every_2 < none
+
+
+def test_fsdp_levers_gathered_weights_offload_and_bf16_params():
+    """tiny on 2 processes (FSDP): the root (embed 263*64, norm 64, head 263*64 = 33728) and two
+    layers of 36992 are gathered whole in fp32: (33728 + 2 * 36992) * 4 = 430848 bytes."""
+    four_layers = ["model.random_init.num_layers=4"]
+    base = plan(_sft(overrides=four_layers), "sft", gpus=2)
+    assert base.gathered == (33728 + 2 * 36992) * 4 == 430848
+    zero2 = plan(_sft(overrides=[*four_layers, "distributed.fsdp.reshard_after_forward=false"]), "sft", gpus=2)
+    assert zero2.gathered == (33728 + 4 * 36992) * 4
+    off = plan(_sft(overrides=[*four_layers, "distributed.fsdp.cpu_offload=true"]), "sft", gpus=2)
+    assert off.parameters == off.gradients == off.optimizer == 0
+    assert off.host == base.parameters + base.gradients + base.optimizer and off.total < base.total
+    bf16 = plan(_sft(overrides=[*four_layers, "distributed.fsdp.param_dtype=bf16"]), "sft", gpus=2)
+    assert bf16.activations == base.activations // 2 and bf16.gathered == base.gathered // 2
+    assert bf16.parameters == base.parameters  # the sharded master weights stay fp32
+    assert plan(_sft(), "sft").gathered == 0  # one process: nothing to gather
+
+
 def test_dpo_holds_a_reference_copy_when_scored_online():
     cfg = load_config(dpo.Config, "configs/dpo/tiny.yaml", ["reference.mode=online"])
     assert plan(cfg, "dpo").extra_models == {"reference": 4 * 107712}
@@ -163,6 +189,9 @@ def test_cli_prints_the_plan_of_tiny_2d_and_one_line_errors():
     assert "dp_shard 2 x tp 2" in result.output and "optimizer (AdamW)" in result.output
     result = runner.invoke(app, ["plan", "--config", "configs/sft/tiny.yaml", "--gpus", "2", "--gpu-memory", "1GiB"])
     assert result.exit_code == 0 and "headroom" in result.output and "suggestion:" in result.output
+    offload = ["--gpus", "2", "distributed.fsdp.cpu_offload=true"]
+    result = runner.invoke(app, ["plan", "--config", "configs/sft/tiny.yaml", *offload])
+    assert result.exit_code == 0 and "gathered (FSDP)" in result.output and "host (cpu_offload)" in result.output
     result = runner.invoke(app, ["plan", "--config", "configs/sft/tiny.yaml", "train.micro_batch_size=1"])
     assert result.exit_code == 0 and "micro-batch 1 x seq 128" in result.output
     for args in (["--config", "nope.yaml"], ["--config", "configs/sft/tiny.yaml", "--gpu-memory", "1XB"]):
