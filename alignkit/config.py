@@ -369,6 +369,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
+        elif isinstance(value, dict) and isinstance(merged.get(key), bool):  # `x: true` is short for {enabled: true}
+            merged[key] = _merge({"enabled": merged[key]}, value)
         else:
             merged[key] = value
     return merged

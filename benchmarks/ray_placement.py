@@ -3,7 +3,8 @@
     python benchmarks/ray_placement.py [--steps 8] [--repeats 2]
 
 Runs, interleaved and repeated (the machine is shared and noisy: compare within a round):
-  1. PPO on a demo-sized random Llama (256 wide, 4 layers), 1 process: torchrun vs --launcher ray
+  1. PPO on a random Llama the size of the demo's base (96 wide, 4 layers, 3 heads of 32, tied
+     embeddings), 1 process: torchrun vs --launcher ray
      (the ranks placed by Ray): Ray's overhead as a ratio of the median step time
   2. GRPO with a generation actor of its own: on-policy vs rollout.overlap (one step off-policy):
      median step time and the reward curve
@@ -23,8 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = (
-    "model.random_init={architecture: llama, hidden_size: 256, num_layers: 4, num_heads: 4, num_kv_heads: 2, "
-    "intermediate_size: 688, max_position_embeddings: 512}"
+    "model.random_init={architecture: llama, hidden_size: 96, num_layers: 4, num_heads: 3, num_kv_heads: 3, "
+    "intermediate_size: 256, max_position_embeddings: 512, tie_word_embeddings: true}"
 )
 COMMON = [
     MODEL,

@@ -56,6 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="vowels: fraction of vowels; correct: the task world's verifiable answer check (default "
         "with --model; most groups then score alike and carry no gradient)",
     )
+    p.add_argument(
+        "--vllm",
+        action="store_true",
+        help="both generate with vLLM: alignkit sampling.backend=vllm (in-process, weights pushed in memory), TRL "
+        "use_vllm=True, vllm_mode='colocate' (its fastest)",
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -111,6 +117,7 @@ def prepare(workdir: Path, a: argparse.Namespace) -> dict:
             "max_new_tokens": a.max_new_tokens,
             "lr": 1e-5,
             "reward": a.reward,
+            "vllm": a.vllm,
         }
     tokenizer = train_bpe_tokenizer([r["prompt"] for r in records] * 4, vocab_size=a.vocab)
     config = LlamaConfig(
@@ -142,6 +149,7 @@ def prepare(workdir: Path, a: argparse.Namespace) -> dict:
         "max_new_tokens": a.max_new_tokens,
         "lr": 1e-5,
         "reward": a.reward,
+        "vllm": a.vllm,
     }
 
 
@@ -172,7 +180,12 @@ def worker_alignkit(spec: dict) -> dict:
         "data": {"train": {"path": spec["data"]}, "max_seq_len": 512},
         "reward": {"kind": "function", "function": "benchmarks.rl_vs_trl:alignkit_reward"},
         "rollout": {"prompts_per_step": spec["prompts"]},
-        "sampling": {"n": spec["generations"], "max_new_tokens": spec["max_new_tokens"], "batch_size": spec["prompts"]},
+        "sampling": {
+            "n": spec["generations"],
+            "max_new_tokens": spec["max_new_tokens"],
+            "batch_size": spec["prompts"],
+            "backend": "vllm" if spec["vllm"] else "native",
+        },
         "reinforce": {"estimator": "grpo", "steps": spec["warmup"] + spec["steps"], "kl_coef": 0.0},
         "optim": {"lr": spec["lr"], "schedule": "constant", "weight_decay": 0.0, "warmup_steps": 0},
         "train": {"micro_batch_size": completions, "log_every": 1, "seed": 0},
@@ -247,6 +260,7 @@ def worker_trl(spec: dict) -> dict:
         report_to="none",
         disable_tqdm=True,
         seed=0,
+        **({"use_vllm": True, "vllm_mode": "colocate"} if spec["vllm"] else {}),
     )
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer, callbacks=[Clock()]
@@ -306,7 +320,7 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: {model}, vocabulary {spec['vocab']}, "
         f"{spec['params'] / 1e6:.1f}M params; reward: {a.reward}; {a.prompts} prompts x "
         f"{a.generations} completions x {a.max_new_tokens} tokens per iteration; {a.warmup} warm-up + {a.steps} "
-        f"measured iterations; bf16 autocast; GRPO, beta 0",
+        f"measured iterations; bf16 autocast; GRPO, beta 0; generation: {'vLLM' if a.vllm else 'native'}",
         flush=True,
     )
     results = {}

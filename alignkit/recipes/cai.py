@@ -89,7 +89,7 @@ from alignkit.models.forward import logits_at, sequence_logps, sft_token_loss
 from alignkit.models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
 from alignkit.models.reward import RewardModelInfo, sequence_scores
 from alignkit.rewards.judge import JudgeConfig, LocalChat, chat_client
-from alignkit.training.distributed import barrier
+from alignkit.training.distributed import barrier, wrap_frozen
 from alignkit.training.loop import Run, fit, save_final, start_run
 from alignkit.training.rollouts import render_prompts
 
@@ -396,8 +396,7 @@ def dpo_step(run: Run, pairs_path: Path) -> None:
     cfg, rl = run.cfg, run.cfg.cai.rl
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
-    reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed).to(run.dist.device)
-    reference.eval().requires_grad_(False)
+    reference = wrap_frozen(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), run.dist, cfg.distributed)
     pairs, stats = load_preference_pairs(DatasetConfig(path=str(pairs_path)), cfg.data, tokenizer)
     run.log.info(f"RL-CAI pairs {pairs_path}: {stats.summary().replace('examples', 'pairs')}")
     if not pairs:

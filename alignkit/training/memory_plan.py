@@ -15,8 +15,8 @@ AutoConfig) or from `model.random_init`. Per rank the plan counts
 
 FSDP shards the trained model's parameters, gradients and optimizer state over dp_shard x tp
 (tensor parallelism splits the decoder layers, FSDP shards the rest); DDP replicates them; with
-`distributed.fsdp.cpu_offload` they are host memory (`host`), not the GPU's. The
-frozen copies are not wrapped by the recipes: every rank holds them whole. `suggest()` searches
+`distributed.fsdp.cpu_offload` they are host memory (`host`), not the GPU's. A frozen reference
+is sharded like the trained model; a reward model or teacher is held whole by every rank. `suggest()` searches
 meshes and micro-batches for the first that fits a GPU with 10% headroom.
 
     alignkit plan --config configs/sft/llama3_8b_lora.yaml --gpus 8 --gpu-memory 80GiB
@@ -257,7 +257,8 @@ def _extra_models(cfg, recipe: str, arch: Arch, shard: int) -> dict[str, int]:
     """Bytes per rank of the models the recipe holds besides the one it trains (read from each
     recipe's main(): what it loads, and whether it wraps it)."""
     m = cfg.model
-    own = count_params(arch) * _bytes(m.precision)[0]
+    # a frozen reference is sharded like the trained model under FSDP (training.distributed.wrap_frozen)
+    own = count_params(arch) * _bytes(m.precision)[0] // shard
     lora = m.lora.enabled
     extra: dict[str, int] = {}
     if recipe in ("dpo", "cai") and not lora:

@@ -136,3 +136,16 @@ def test_an_algorithm_that_is_an_option_names_its_recipe():
         recipe_module("kto")
     with pytest.raises(ConfigError, match=r"unknown recipe 'sfft'; did you mean 'sft'"):
         recipe_module("sfft")
+
+
+def test_a_section_given_as_true_keeps_it_when_a_key_of_it_is_overridden(tmp_path):
+    """`gradient_checkpointing: true` in the file and `...gradient_checkpointing.mode=selective` on the
+    command line: still enabled, now selective (not a fresh section with enabled false)."""
+    from alignkit.recipes import sft
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "output_dir: x\nmodel: {random_init: {}, gradient_checkpointing: true}\ndata: {train: {path: d.jsonl}}\n"
+    )
+    cfg = load_config(sft.Config, path, ["model.gradient_checkpointing.mode=selective"])
+    assert cfg.model.gradient_checkpointing.enabled and cfg.model.gradient_checkpointing.mode == "selective"
