@@ -414,7 +414,7 @@ def _train(run: Run, model, tokenizer, train_data: DatasetConfig):
             reference = model  # the same module: adapters are switched off around its forward
         else:
             reference = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
-            reference = wrap_frozen(reference, run.dist, cfg.distributed)
+            reference = wrap_frozen(reference, run.dist, cfg.distributed, tensor_parallel=cfg.online is None)
         _check_step0(run, cfg, model, reference, datasets["train"], pad_id)
 
     # --- train: minimise preference_weight * L_pref + sft_weight * NLL(chosen) per pair -----
@@ -434,6 +434,9 @@ def _train(run: Run, model, tokenizer, train_data: DatasetConfig):
         train_loss,
         datasets.get("validation"),
         summarize_kto if lc.type == "kto" else None,
+        # offline, every split of work goes by data-parallel rank (fit, score_sharded); the online
+        # iterations sample on each process (refused with tp > 1 in _iterate)
+        tensor_parallel=cfg.online is None,
     )
 
 
@@ -451,6 +454,11 @@ def _judge(cfg: RewardSourceConfig, device) -> Judge:
 
 def _iterate(run: Run) -> None:
     cfg, online = run.cfg, run.cfg.online
+    if run.dist.tp > 1:
+        raise ConfigError(
+            f"distributed.mesh.tp={run.dist.tp}: online DPO samples on each process's own prompts, so it runs "
+            "data parallel only (offline DPO takes tensor parallel); set distributed.mesh.tp=1"
+        )
     prompts = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
     pair_log = iteration_logger(run, online.iterations, "pairs.jsonl")
     for t in range(1, online.iterations + 1):

@@ -148,7 +148,7 @@ def _predict(run, cfg: Config, model, sequences: list[list[int]], pad_id: int) -
     d = run.dist
     batch = cfg.train.micro_batch_size * 2
     # Under FSDP every forward is a collective: every process makes the same number of calls.
-    most = math.ceil(math.ceil(len(sequences) / d.world_size) / batch)
+    most = math.ceil(math.ceil(len(sequences) / d.dp_size) / batch)
     return score_sharded(
         len(sequences),
         len(cfg.loss.names),
@@ -313,7 +313,15 @@ def main(cfg: Config) -> None:
 
     # --- train: minimise the ranking or regression loss -------------------------------------
     model = fit(
-        run, model, task.train_items, task.item_length, task.collate, task.loss_fn, task.eval_items, task.summarize
+        run,
+        model,
+        task.train_items,
+        task.item_length,
+        task.collate,
+        task.loss_fn,
+        task.eval_items,
+        task.summarize,
+        tensor_parallel=True,  # every split of work goes by data-parallel rank (fit, _predict)
     )
 
     # --- reward statistics on training responses, exact validation report -------------------

@@ -127,7 +127,9 @@ def main(cfg: Config) -> None:
 
     # --- train: minimise -log p(response | prompt, label) ----------------------------------------
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
-    model = fit(run, model, make_rows(train, cfg.data), row_length, collate, sft_token_loss, val_rows)
+    model = fit(
+        run, model, make_rows(train, cfg.data), row_length, collate, sft_token_loss, val_rows, tensor_parallel=True
+    )
 
     # --- save, with the label format, for steering at inference -----------------------------------
     fmt = SteerLMFormat(fmt.attributes, fmt.label_template, SteerLMFormat.most_common_levels(labels, fmt.attributes))

@@ -123,14 +123,16 @@ def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def score_sharded(num_items: int, width: int, d: Dist, score: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
-    """(num_items, width) float64 results for a whole dataset, on every process: each process scores
-    its share (items rank, rank + world, ...) with `score(indices) -> (len(indices), width)`, writes it
-    into zeros and the shares are summed. Every item is scored by exactly one process and the other
-    terms are exact zeros, so the reduction adds nothing but zeros to each item's score."""
-    mine = list(range(d.rank, num_items, d.world_size))
+    """(num_items, width) float64 results for a whole dataset, on every process: each data-parallel
+    rank scores its share (items dp_rank, dp_rank + dp_size, ...) with `score(indices) -> (len(indices),
+    width)`, writes it into zeros and the shares are summed. A tensor-parallel group scores its share
+    together (its forwards are collectives) and only its first rank writes it. Every item is scored
+    into the sum exactly once and the other terms are exact zeros, so the reduction adds nothing but
+    zeros to each item's score."""
+    mine = list(range(d.dp_rank, num_items, d.dp_size))
     out = torch.zeros(num_items, width, dtype=torch.float64)
     scores = score(mine)  # called even for an empty share: under FSDP its forwards are collectives
-    if mine:
+    if mine and d.rank % d.tp == 0:
         out[mine] = scores.double().cpu().reshape(len(mine), width)
     device = d.device if d.enabled and d.device.type == "cuda" else "cpu"  # NCCL reduces GPU tensors only
     return all_reduce_sum(out.to(device), d).cpu()
@@ -185,8 +187,8 @@ def wrap_model(
     if d.tp > 1:
         if not tensor_parallel:
             raise ConfigError(
-                f"distributed.mesh.tp={d.tp}: this recipe splits its work over processes itself, "
-                "so it runs data parallel only (tensor parallel: sft); set distributed.mesh.tp=1"
+                f"distributed.mesh.tp={d.tp}: this recipe splits its work over processes itself, so it runs "
+                "data parallel only (tensor parallel: sft, steerlm, reward_model, offline dpo); set distributed.mesh.tp=1"
             )
         parallelize(model, layers, mesh["tp"])
     data_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]
@@ -196,14 +198,15 @@ def wrap_model(
     return model
 
 
-def wrap_frozen(model: nn.Module, d: Dist, cfg: DistributedConfig) -> nn.Module:
+def wrap_frozen(model: nn.Module, d: Dist, cfg: DistributedConfig, tensor_parallel: bool = False) -> nn.Module:
     """A frozen copy that is called beside the trained model, micro-batch for micro-batch (the
     reference policy): in eval mode, without gradients, and under FSDP sharded like the trained
     model, so each rank holds 1/N of it instead of all of it (each forward gathers its layers:
-    every rank must call it as often as the trained model, which the recipes do)."""
+    every rank must call it as often as the trained model, which the recipes do). `tensor_parallel`
+    as for `wrap_model`: split like the trained model over a tensor-parallel group too."""
     model.eval().requires_grad_(False)
     if d.enabled and cfg.strategy == "fsdp":
-        return wrap_model(model, d, cfg)
+        return wrap_model(model, d, cfg, tensor_parallel=tensor_parallel)
     return model.to(d.device)
 
 

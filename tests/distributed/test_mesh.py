@@ -2,6 +2,8 @@
 the shipped `tiny_2d` (FSDP 2 x TP 2 on 4 processes) and HSDP (2 replicas x FSDP 2). Same losses,
 same final weights, and final/ of the TP run generates the single-process model's greedy text."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -85,11 +87,39 @@ def test_meshes_that_cannot_work_are_named(tmp_path):
     assert result.returncode == 2
     assert "dp_replicate 1 x dp_shard the rest x tp 3 does not multiply out to this run's 1 process" in result.stderr
     tp = ["distributed.mesh.tp=2", "--nproc", "2"]
-    result = run_cli("run", "dpo", "--config", "tiny", *SHORT, f"output_dir={tmp_path / 'b'}", *tp)
-    assert result.returncode == 2 and "runs data parallel only (tensor parallel: sft)" in result.stderr
+    result = run_cli("run", "ppo", "--config", "tiny", f"output_dir={tmp_path / 'b'}", "ppo.steps=1", *tp)
+    assert result.returncode == 2 and "runs data parallel only (tensor parallel: sft, steerlm" in result.stderr
     heads = "model.random_init.num_kv_heads=1"
     result = run_cli("run", "sft", "--config", "tiny", *SHORT, f"output_dir={tmp_path / 'c'}", heads, *tp)
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
         "error: distributed.mesh.tp=2 does not divide the model's num_key_value_heads=1"
     )
+
+
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("dpo", ["reference.mode=cached"]),
+        ("dpo", ["reference.mode=online"]),  # the frozen reference split like the policy
+        ("reward_model", []),  # its exact report scores the validation set in shares of data-parallel ranks
+        ("steerlm", []),
+    ],
+    ids=["dpo-cached", "dpo-online-reference", "reward_model", "steerlm"],
+)
+def test_tensor_parallel_in_the_other_offline_recipes(tmp_path, recipe, extra):
+    """TP 2 on 2 processes against 1 process: the same losses (and the reward model's report)."""
+    runs = {}
+    for name, more in (("one", []), ("tp2", ["distributed.mesh.tp=2", "--nproc", "2"])):
+        out = tmp_path / name
+        result = run_cli("run", recipe, "--config", "tiny", *SHORT, *extra, f"output_dir={out}", *more)
+        assert result.returncode == 0, result.stderr
+        runs[name] = out
+    train_losses = [
+        [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        for out in (runs["one"], runs["tp2"])
+    ]
+    assert len(train_losses[0]) == 4 and train_losses[1] == pytest.approx(train_losses[0], rel=1e-5)
+    if recipe == "reward_model":
+        one, two = (json.loads((runs[k] / "eval.json").read_text()) for k in ("one", "tp2"))
+        assert two.keys() == one.keys() and two == pytest.approx(one, rel=1e-4, abs=1e-6)
