@@ -277,6 +277,9 @@ class PlacementConfig(Section):
 
     generator: RoleResources = RoleResources()  # generation engines of their own, fed weights by broadcast
     critic: RoleResources = RoleResources()  # PPO's critic on ranks of its own: as many as the trainer's
+    # The reward source (a reward model, typically) on ranks of its own, each holding a whole copy:
+    # trainer rank r scores its rollouts on reward rank r mod `ranks`
+    reward: RoleResources = RoleResources()
     sync_timeout_s: float = Field(300.0, gt=0.0)  # a weight sync that takes longer is an error, never a hang
 
 

@@ -67,6 +67,7 @@ from alignkit.training.distributed import Dist, wrap_frozen, wrap_model
 from alignkit.training.loop import finish_step, reduce_metrics, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.remote_engine import rollout_engine
+from alignkit.training.remote_reward import reward_source
 from alignkit.training.rl import (
     RolloutConfig,
     actor_loss,
@@ -187,7 +188,7 @@ def main(cfg: Config) -> None:
     d, pc, rc = run.dist, cfg.ppo, cfg.rollout
     check_processes(cfg, d)
     records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
-    reward = build_reward_source(cfg.reward, device=str(d.device))
+    reward = reward_source(cfg, d)  # here, or on Ray ranks of its own (placement.reward)
     monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
     pad_id, lora = tokenizer.pad_token_id, cfg.model.lora.enabled

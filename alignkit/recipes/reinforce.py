@@ -63,6 +63,7 @@ from alignkit.training.distributed import wrap_frozen, wrap_model
 from alignkit.training.loop import finish_step, resume, save_final, start_run
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.remote_engine import rollout_engine
+from alignkit.training.remote_reward import reward_source
 from alignkit.training.rl import (
     RolloutConfig,
     actor_loss,
@@ -240,7 +241,7 @@ def main(cfg: Config) -> None:
     n = cfg.sampling.n
     estimator = rf.kl_estimator or ("k3" if rf.estimator == "grpo" else "k1")
     records = read_prompt_records(cfg.data.train.path, cfg.data.train.split, cfg.data.train.limit)
-    reward = build_reward_source(cfg.reward, device=str(d.device)) if cfg.reward else None
+    reward = reward_source(cfg, d) if cfg.reward else None  # here, or on Ray ranks of its own
     monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
     pad_id, lora = tokenizer.pad_token_id, cfg.model.lora.enabled

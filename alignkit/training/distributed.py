@@ -187,8 +187,8 @@ def wrap_model(
     if d.tp > 1:
         if not tensor_parallel:
             raise ConfigError(
-                f"distributed.mesh.tp={d.tp}: this recipe splits its work over processes itself, so it runs "
-                "data parallel only (tensor parallel: sft, steerlm, reward_model, offline dpo); set distributed.mesh.tp=1"
+                f"distributed.mesh.tp={d.tp}: this recipe splits its work over processes itself, so it runs data "
+                "parallel only (tensor parallel: sft, steerlm, reward_model, offline dpo); set distributed.mesh.tp=1"
             )
         parallelize(model, layers, mesh["tp"])
     data_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]

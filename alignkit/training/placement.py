@@ -73,7 +73,7 @@ def placed_roles(cfg) -> dict[str, tuple[int, Resources]]:
     placement = getattr(cfg, "placement", None)
     if placement is None:
         return {}
-    roles = {"generator": placement.generator, "critic": placement.critic}
+    roles = {"generator": placement.generator, "critic": placement.critic, "reward": placement.reward}
     return {name: (r.ranks, Resources(r.cpus, r.gpus)) for name, r in roles.items() if r.ranks}
 
 

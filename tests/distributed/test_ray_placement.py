@@ -34,13 +34,16 @@ def same_run(a, b) -> None:
         ("ppo", ["ppo.steps=2", "model.lora.enabled=true"], ["placement.generator.ranks=1"]),
         ("ppo", ["ppo.steps=2"], ["placement.critic.ranks=2"]),  # the critic on ranks of its own
         ("reinforce", ["reinforce.estimator=grpo", "reinforce.steps=2"], ["placement.generator.ranks=2"]),
+        # the reward source on a rank of its own, serving both trainer ranks
+        ("reinforce", ["reinforce.estimator=grpo", "reinforce.steps=2"], ["placement.reward.ranks=1"]),
     ],
-    ids=["ppo-lora-generator", "ppo-critic", "grpo-two-generators"],
+    ids=["ppo-lora-generator", "ppo-critic", "grpo-two-generators", "grpo-reward-role"],
 )
 def test_ray_ranks_train_as_torchrun_ranks(tmp_path, recipe, extra, roles):
     """Same seed, same metrics: with generation engines on actors of their own, the weights they
     received after each update sample the same rollouts the trainer's own engine would; a critic
-    on ranks of its own gives the same values and takes the same steps."""
+    on ranks of its own gives the same values and takes the same steps; a reward source on a rank
+    of its own gives the same scores."""
     args = [*VOWELS, *extra, "checkpoint.every=null", "checkpoint.save_final=false"]
     run_recipe(recipe, tmp_path / "torchrun", *args, nproc=2)
     run_recipe(recipe, tmp_path / "ray", *args, *roles, "--launcher", "ray", nproc=2)

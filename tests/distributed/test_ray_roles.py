@@ -28,8 +28,9 @@ def test_a_killed_trainer_resumes_with_its_critic_on_ranks_of_its_own(tmp_path):
     assert (killed / "critic" / "final" / "config.json").is_file()
 
 
-def test_generation_actors_need_the_ray_launcher(tmp_path):
-    result = run_recipe("reinforce", tmp_path / "run", *VOWELS, "placement.generator.ranks=1", ok=False)
+@pytest.mark.parametrize("role", ["generator", "reward"])
+def test_roles_of_their_own_need_the_ray_launcher(tmp_path, role):
+    result = run_recipe("reinforce", tmp_path / "run", *VOWELS, f"placement.{role}.ranks=1", ok=False)
     assert result.returncode == 2 and "run with --launcher ray" in result.stderr
 
 
