@@ -152,7 +152,6 @@ class RemoteCritic:
                 f"use the trainer's number of ranks ({os.environ.get('WORLD_SIZE', '1')})"
             )
         self.rank, self.cfg = rank, cfg
-        self.mine = self.group.workers[rank]
         if rank == 0:  # builds every critic rank at once (they meet in their process group)
             self.group.call_all("host", CriticHost, cfg)
         barrier(d)  # no trainer rank calls its critic before every critic rank is built
@@ -181,14 +180,7 @@ class RemoteCritic:
         self._call("save_final")
 
     def _call(self, method: str, *args):
-        import ray
-
-        try:
-            return ray.get(self.mine.call.remote(method, args, {}))
-        except ray.exceptions.RayError as exc:
-            where = f"role critic rank {self.rank} on node {self.group.nodes[self.rank]}"
-            cause = getattr(exc, "cause", None) or exc
-            raise RoleError(f"{where} failed in {method}: {type(cause).__name__}: {cause}") from None
+        return self.group.call_rank(self.rank, method, *args)
 
 
 def build_critic(run: Run, cfg, tokenizer) -> Critic | RemoteCritic:

@@ -26,6 +26,7 @@ __all__ = [
     "barrier",
     "decoder_layers",
     "full_state_dict",
+    "fsdp_sharded",
     "full_tensor",
     "gather_rollouts",
     "init_distributed",
@@ -155,6 +156,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def fsdp_sharded(d: Dist, cfg: DistributedConfig) -> bool:
+    """Whether this run's models are sharded by FSDP (several processes, strategy fsdp)."""
+    return d.enabled and cfg.strategy == "fsdp"
+
+
 def wrap_model(
     model: nn.Module, d: Dist, cfg: DistributedConfig, compile_layers: bool = False, tensor_parallel: bool = False
 ) -> nn.Module:
@@ -163,7 +169,7 @@ def wrap_model(
     `cfg.fsdp`'s mixed precision, CPU offload and resharding) or replicate (DDP). With `d.tp` > 1
     the decoder layers are first split by tensor parallelism, which only callers whose data is
     split over data-parallel ranks allow (`tensor_parallel`)."""
-    if not (d.enabled and cfg.strategy == "fsdp" and cfg.fsdp.cpu_offload):
+    if not (fsdp_sharded(d, cfg) and cfg.fsdp.cpu_offload):
         model.to(d.device)  # offloaded: FSDP moves each shard to the host itself
     if compile_layers:
         for layer in decoder_layers(model):
@@ -192,8 +198,9 @@ def wrap_model(
             )
         parallelize(model, layers, mesh["tp"])
     data_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]
+    layer_options = _fsdp_options(cfg.fsdp, d.device)
     for layer in layers:
-        fully_shard(layer, mesh=data_mesh, **_fsdp_options(cfg.fsdp, d.device))
+        fully_shard(layer, mesh=data_mesh, **layer_options)
     fully_shard(model, mesh=data_mesh, **_fsdp_options(cfg.fsdp, d.device, root=True))
     return model
 
@@ -205,7 +212,7 @@ def wrap_frozen(model: nn.Module, d: Dist, cfg: DistributedConfig, tensor_parall
     every rank must call it as often as the trained model, which the recipes do). `tensor_parallel`
     as for `wrap_model`: split like the trained model over a tensor-parallel group too."""
     model.eval().requires_grad_(False)
-    if d.enabled and cfg.strategy == "fsdp":
+    if fsdp_sharded(d, cfg):
         return wrap_model(model, d, cfg, tensor_parallel=tensor_parallel)
     return model.to(d.device)
 

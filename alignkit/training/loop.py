@@ -56,6 +56,7 @@ from alignkit.training.distributed import (
     Dist,
     all_reduce_sum,
     barrier,
+    fsdp_sharded,
     full_state_dict,
     full_tensor,
     init_distributed,
@@ -96,7 +97,7 @@ class Run:
 
     def autocast(self):
         precision = self.cfg.model.precision
-        sharded = self.dist.enabled and self.cfg.distributed.strategy == "fsdp"
+        sharded = fsdp_sharded(self.dist, self.cfg.distributed)
         if self.cfg.distributed.fsdp.param_dtype == "bf16" and not sharded and precision == "fp32":
             precision = "bf16_autocast"  # no FSDP to cast the weights: the same bf16 compute by autocast
         return autocast(precision, self.dist.device)

@@ -136,6 +136,19 @@ class RoleGroup:
             return self.wait([w.host.remote(factory, tuple(rest), kwargs) for w in self.workers], timeout_s)
         return self.wait([w.call.remote(method, args, kwargs) for w in self.workers], timeout_s)
 
+    def call_rank(self, rank: int, method: str, *args) -> Any:
+        """`method(*args)` of rank `rank`'s hosted object, waited for; a failure (raised, or a dead
+        actor) is one RoleError naming the role, rank and node. The role keeps running: the caller
+        decides whether the run ends."""
+        import ray
+
+        try:
+            return ray.get(self.workers[rank].call.remote(method, args, {}))
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            where = f"role {self.name} rank {rank} on node {self.nodes[rank]}"
+            raise RoleError(f"{where} failed in {method}: {type(cause).__name__}: {cause}") from None
+
     def wait(self, refs: list[Any], timeout_s: float | None = None) -> list[Any]:
         """The results of one call per rank (`refs` in rank order), failing as `run` does."""
         import ray

@@ -29,7 +29,7 @@ from alignkit.config import ConfigError, SamplingConfig
 from alignkit.generation.engine import Engine, build_engine
 from alignkit.generation.sampler import Completion
 from alignkit.training.distributed import Dist, barrier
-from alignkit.training.placement import ROLES_ENV, RoleError, role_actors
+from alignkit.training.placement import ROLES_ENV, role_actors
 from alignkit.training.weight_sync import WeightChannel
 
 __all__ = ["GeneratorHost", "RemoteEngine", "rollout_engine"]
@@ -87,10 +87,7 @@ class RemoteEngine:
     def __init__(self, cfg, actor: nn.Module, d: Dist, timeout_s: float):
         self.d, self.timeout_s = d, timeout_s
         self.group = role_actors("generator")
-        self.mine = self.group.workers[d.rank % self.group.size]
-        self.where = (
-            f"role generator rank {d.rank % self.group.size} on node {self.group.nodes[d.rank % self.group.size]}"
-        )
+        self.rank = d.rank % self.group.size  # the generator this trainer rank samples on
         self.channel = None
         if d.is_main:  # hosts the copies, and is the sending end of the weight channel
             self.group.call_all("host", GeneratorHost, cfg)
@@ -106,12 +103,7 @@ class RemoteEngine:
         self.update_weights(actor)
 
     def generate(self, prompts: list[list[int]], params: SamplingConfig) -> list[Completion]:
-        import ray
-
-        try:
-            return ray.get(self.mine.call.remote("generate", (prompts, params), {}))
-        except ray.exceptions.RayError as exc:
-            raise RoleError(f"{self.where} failed while generating: {type(exc).__name__}: {exc}") from None
+        return self.group.call_rank(self.rank, "generate", prompts, params)
 
     def update_weights(self, model: nn.Module) -> None:
         """Rank 0 sends the weights (LoRA merged) and waits until every generator holds them. An

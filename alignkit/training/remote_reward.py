@@ -17,7 +17,7 @@ from alignkit.config import ConfigError
 from alignkit.rewards import RewardSourceConfig, build_reward_source
 from alignkit.rewards.local import RewardOutput
 from alignkit.training.distributed import Dist, barrier
-from alignkit.training.placement import ROLES_ENV, RoleError, role_actors
+from alignkit.training.placement import ROLES_ENV, role_actors
 
 __all__ = ["RemoteReward", "RewardHost", "reward_source"]
 
@@ -39,20 +39,12 @@ class RemoteReward:
     def __init__(self, cfg: RewardSourceConfig, d: Dist):
         self.group = role_actors("reward")
         self.rank = d.rank % self.group.size
-        self.mine = self.group.workers[self.rank]
         if d.rank == 0:  # builds every reward rank once
             self.group.call_all("host", RewardHost, cfg)
         barrier(d)  # no trainer rank scores before every reward rank is built
 
     def __call__(self, prompts: list, responses: list[str]) -> RewardOutput:
-        import ray
-
-        try:
-            return ray.get(self.mine.call.remote("score", (prompts, responses), {}))
-        except ray.exceptions.RayError as exc:
-            where = f"role reward rank {self.rank} on node {self.group.nodes[self.rank]}"
-            cause = getattr(exc, "cause", None) or exc
-            raise RoleError(f"{where} failed while scoring: {type(cause).__name__}: {cause}") from None
+        return self.group.call_rank(self.rank, "score", prompts, responses)
 
 
 def reward_source(cfg, d: Dist):
