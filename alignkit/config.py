@@ -270,6 +270,10 @@ class RoleResources(Section):
     ranks: int = Field(0, ge=0)  # 0: the role runs inside the trainer's own processes
     cpus: float = Field(0.5, gt=0.0)  # per rank; fractional (whole CPUs deadlock small machines)
     gpus: float = Field(0.0, ge=0.0)
+    # another placed role whose reservation this one shares, rank i beside its rank i (OpenRLHF's
+    # critic+reward colocation): e.g. reward {gpus: 0.5, colocate_with: critic} and critic {gpus: 0.5}
+    # put each reward model on its critic rank's GPU. Same number of ranks; each bundle reserves both.
+    colocate_with: Literal["generator", "critic", "reward"] | None = None
 
 
 class PlacementConfig(Section):
@@ -281,6 +285,25 @@ class PlacementConfig(Section):
     # trainer rank r scores its rollouts on reward rank r mod `ranks`
     reward: RoleResources = RoleResources()
     sync_timeout_s: float = Field(300.0, gt=0.0)  # a weight sync that takes longer is an error, never a hang
+
+    @model_validator(mode="after")
+    def _colocation(self) -> PlacementConfig:
+        for name in ("generator", "critic", "reward"):
+            guest = getattr(self, name)
+            if guest.colocate_with is None:
+                continue
+            host = getattr(self, guest.colocate_with)
+            where = f"placement.{name}.colocate_with={guest.colocate_with}"
+            if guest.colocate_with == name:
+                raise ValueError(f"{where}: a role cannot share its own reservation")
+            if not guest.ranks or host.ranks != guest.ranks:
+                raise ValueError(
+                    f"{where}: both roles need ranks of their own, as many each "
+                    f"(placement.{name}.ranks={guest.ranks}, placement.{guest.colocate_with}.ranks={host.ranks})"
+                )
+            if host.colocate_with is not None:
+                raise ValueError(f"{where}: {guest.colocate_with} itself shares {host.colocate_with}'s reservation")
+        return self
 
 
 class RecipeConfig(Section):

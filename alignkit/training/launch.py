@@ -46,33 +46,40 @@ def ray_launch(
     args: tuple,
     address: str | None,
     reported: tuple[type, ...],
-    roles: dict[str, tuple[int, Any]] | None = None,
+    roles: dict[str, Any] | None = None,
 ) -> tuple[int, list[str]]:
     """`--launcher ray`: `rank_main(*args)` on `nproc` ranks of a Ray role "trainer" (placed by a
     placement group on the cluster at `address`, or a local one), as torchrun would run them.
-    `roles`: other roles to place first, {name: (ranks, Resources)}, which the trainer's ranks find
-    by name (`placement.role_actors`). Returns the exit code and the error line: 2 for an error of
-    the `reported` kinds (bad input), 1 for anything else, naming the role, rank and node."""
+    `roles`: other roles to place first, {name: RoleSpec} (`placement.placed_roles`, a role that
+    shares another's bundles after it), which the trainer's ranks find by name
+    (`placement.role_actors`). Returns the exit code and the error line: 2 for an error of the
+    `reported` kinds (bad input), 1 for anything else, naming the role, rank and node."""
     import json
     import uuid
 
     from alignkit.training.placement import ROLES_ENV, RoleError, init_ray, start_role
 
+    roles = roles or {}
     started = init_ray(address)
     run_id = uuid.uuid4().hex[:8]
-    groups, names = [], {}
+    groups, names = {}, {}
     try:
-        for name, (ranks, resources) in (roles or {}).items():
-            names[name] = [f"alignkit-{run_id}-{name}-{i}" for i in range(ranks)]
-            groups.append(start_role(name, ranks, resources, actor_names=names[name]))
+        for name, spec in roles.items():
+            names[name] = [f"alignkit-{run_id}-{name}-{i}" for i in range(spec.ranks)]
+            # a host's bundles also hold what the roles colocated with it reserve
+            reserve = sum((s.resources for s in roles.values() if s.colocate_with == name), spec.resources)
+            share = groups[spec.colocate_with] if spec.colocate_with else None
+            groups[name] = start_role(
+                name, spec.ranks, spec.resources, actor_names=names[name], reserve=reserve, share=share
+            )
         trainer = start_role("trainer", nproc, _trainer_resources(nproc), env={ROLES_ENV: json.dumps(names)})
-        groups.append(trainer)
+        groups["trainer"] = trainer
         trainer.run(rank_main, *args)
         return 0, []
     except RoleError as exc:
         return (2 if isinstance(exc.cause, reported) else 1), [str(exc)]
     finally:
-        for group in groups:
+        for group in reversed(groups.values()):  # a colocated role before the one whose bundles it shares
             group.stop()
         if started and address is None:  # the local cluster this call started (a demo runs several)
             import ray

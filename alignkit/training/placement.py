@@ -25,7 +25,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ROLES_ENV", "Resources", "RoleError", "RoleGroup", "init_ray", "placed_roles", "role_actors", "start_role"]
+__all__ = [
+    "ROLES_ENV",
+    "Resources",
+    "RoleError",
+    "RoleGroup",
+    "RoleSpec",
+    "init_ray",
+    "placed_roles",
+    "role_actors",
+    "start_role",
+]
 
 # set in a trainer rank by `--launcher ray`: the other roles it may use, {name: [actor names]} as JSON
 ROLES_ENV = "ALIGNKIT_RAY_ROLES"
@@ -50,6 +60,22 @@ class Resources:
     gpus: float = 0.0
     memory_gib: float | None = None
 
+    def __add__(self, other: Resources) -> Resources:
+        """What one bundle reserves for two roles that share it."""
+        memory = None if self.memory_gib is None and other.memory_gib is None else 0.0
+        if memory is not None:
+            memory = (self.memory_gib or 0.0) + (other.memory_gib or 0.0)
+        return Resources(self.cpus + other.cpus, self.gpus + other.gpus, memory)
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """A role as the `placement` section asks for it."""
+
+    ranks: int
+    resources: Resources
+    colocate_with: str | None = None  # the role whose bundles this one's ranks share, rank i on bundle i
+
 
 def init_ray(address: str | None = None, num_cpus: float | None = None) -> bool:
     """Join the cluster at `address` ("auto": the one `ray start` runs here), or start a local one.
@@ -67,14 +93,17 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> bool:
     return True
 
 
-def placed_roles(cfg) -> dict[str, tuple[int, Resources]]:
-    """The roles a recipe config's `placement` section puts on Ray actors of their own:
-    {name: (ranks, Resources)}, those with ranks > 0."""
+def placed_roles(cfg) -> dict[str, RoleSpec]:
+    """The roles a recipe config's `placement` section puts on Ray actors of their own, those with
+    ranks > 0; a role that shares another's reservation comes after it."""
     placement = getattr(cfg, "placement", None)
     if placement is None:
         return {}
     roles = {"generator": placement.generator, "critic": placement.critic, "reward": placement.reward}
-    return {name: (r.ranks, Resources(r.cpus, r.gpus)) for name, r in roles.items() if r.ranks}
+    specs = {name: RoleSpec(r.ranks, Resources(r.cpus, r.gpus), r.colocate_with) for name, r in roles.items()}
+    hosts = [name for name, spec in specs.items() if spec.ranks and spec.colocate_with is None]
+    guests = [name for name, spec in specs.items() if spec.ranks and spec.colocate_with is not None]
+    return {name: specs[name] for name in hosts + guests}
 
 
 class _Worker:
@@ -114,7 +143,9 @@ class RoleGroup:
     name: str
     workers: list[Any]  # Ray actor handles, rank order
     nodes: list[str]  # each rank's node address
-    placement: Any = None  # the placement group
+    placement: Any = None  # the placement group its ranks run on
+    owns_placement: bool = True  # False: another role's (colocated), removed by that role
+    owns_workers: bool = True  # False: a handle on ranks another process started (`role_actors`)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -186,18 +217,17 @@ class RoleGroup:
         return f"{where} failed: {type(exc).__name__}: {exc}"
 
     def stop(self) -> None:
-        """Kill the ranks and free their reservation (idempotent; only the group's creator, which
-        holds the placement group, stops it)."""
-        if self._stopped or self.placement is None:
+        """Kill the ranks and free their reservation (idempotent; only the group's creator stops
+        it, and a colocated role leaves the reservation to the role it shares)."""
+        if self._stopped or not self.owns_workers:
             return
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         self._stopped = True
         for w in self.workers:
             ray.kill(w, no_restart=True)
-        if self.placement is not None:
-            remove_placement_group(self.placement)
+        if self.placement is not None and self.owns_placement:
+            remove_placement_group_quietly(self.placement)
 
 
 def start_role(
@@ -208,31 +238,26 @@ def start_role(
     strategy: str = "PACK",
     ready_timeout_s: float = 120.0,
     actor_names: list[str] | None = None,
+    reserve: Resources | None = None,
+    share: RoleGroup | None = None,
 ) -> RoleGroup:
     """`size` ranks of role `name`, reserved together (a placement group of `size` bundles of
     `resources`, packed on as few nodes as fit unless `strategy` says otherwise), with the
     torch.distributed environment of a group of their own (RANK, WORLD_SIZE, MASTER_ADDR/PORT at
     rank 0's node). A reservation the cluster cannot grant within `ready_timeout_s` is an error
     naming what was asked for. `actor_names`: named actors, which other processes of the job find
-    with `role_actors`."""
+    with `role_actors`. `reserve`: what each bundle holds, when more than this role's `resources`
+    (a role to be colocated on it later). `share`: a started role whose bundles this one's ranks
+    run on (rank i on its bundle i) instead of a reservation of their own."""
     import ray
-    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundle: dict[str, float] = {"CPU": resources.cpus}
-    if resources.gpus:
-        bundle["GPU"] = resources.gpus
-    if resources.memory_gib:
-        bundle["memory"] = resources.memory_gib * 2**30
-    group = placement_group([dict(bundle) for _ in range(size)], strategy=strategy, name=f"alignkit-{name}")
-    try:
-        ray.get(group.ready(), timeout=ready_timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group_quietly(group)
-        raise RoleError(
-            f"role {name}: the cluster could not reserve {size} x {bundle} within {ready_timeout_s:g} s "
-            f"(available: {ray.available_resources()})"
-        ) from None
+    if share is not None:
+        if share.size != size or share.placement is None:
+            raise RoleError(f"role {name}: cannot share role {share.name}'s reservation ({share.size} ranks)")
+        group = share.placement
+    else:
+        group = _reserve(name, size, reserve or resources, strategy, ready_timeout_s)
     actor = ray.remote(_Worker)
     workers = [
         actor.options(
@@ -257,7 +282,29 @@ def start_role(
             for i, w in enumerate(workers)
         ]
     )
-    return RoleGroup(name, workers, nodes, group)
+    return RoleGroup(name, workers, nodes, group, owns_placement=share is None)
+
+
+def _reserve(name: str, size: int, resources: Resources, strategy: str, ready_timeout_s: float):
+    """A placement group of `size` bundles of `resources`, ready."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    bundle: dict[str, float] = {"CPU": resources.cpus}
+    if resources.gpus:
+        bundle["GPU"] = resources.gpus
+    if resources.memory_gib:
+        bundle["memory"] = resources.memory_gib * 2**30
+    group = placement_group([dict(bundle) for _ in range(size)], strategy=strategy, name=f"alignkit-{name}")
+    try:
+        ray.get(group.ready(), timeout=ready_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group_quietly(group)
+        raise RoleError(
+            f"role {name}: the cluster could not reserve {size} x {bundle} within {ready_timeout_s:g} s "
+            f"(available: {ray.available_resources()})"
+        ) from None
+    return group
 
 
 def remove_placement_group_quietly(group) -> None:
@@ -281,4 +328,4 @@ def role_actors(name: str) -> RoleGroup:
         raise RoleError(f"role {name}: not started by the launcher (roles here: {', '.join(roles) or 'none'})")
     workers = [ray.get_actor(actor) for actor in roles[name]]
     nodes = [host for host, _ in ray.get([w.where.remote() for w in workers])]
-    return RoleGroup(name, workers, nodes, None)
+    return RoleGroup(name, workers, nodes, None, owns_workers=False)

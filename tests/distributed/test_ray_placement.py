@@ -12,6 +12,13 @@ from tests.recipes.test_ppo import VOWELS
 
 pytestmark = pytest.mark.distributed
 
+# a quarter CPU each: four actors and the two trainer ranks fit the 2-CPU local cluster
+CRITIC_AND_REWARD = [
+    "placement.critic.ranks=2",
+    "placement.reward.ranks=2",
+    "placement.critic.cpus=0.25",
+    "placement.reward.cpus=0.25",
+]
 STEADY = ("timing/", "throughput/", "rollout/logprob_abs_diff")  # wall-clock times; float noise (below)
 
 
@@ -36,8 +43,10 @@ def same_run(a, b) -> None:
         ("reinforce", ["reinforce.estimator=grpo", "reinforce.steps=2"], ["placement.generator.ranks=2"]),
         # the reward source on a rank of its own, serving both trainer ranks
         ("reinforce", ["reinforce.estimator=grpo", "reinforce.steps=2"], ["placement.reward.ranks=1"]),
+        # critic and reward on ranks of their own, each reward rank in its critic rank's reservation
+        ("ppo", ["ppo.steps=2"], [*CRITIC_AND_REWARD, "placement.reward.colocate_with=critic"]),
     ],
-    ids=["ppo-lora-generator", "ppo-critic", "grpo-two-generators", "grpo-reward-role"],
+    ids=["ppo-lora-generator", "ppo-critic", "grpo-two-generators", "grpo-reward-role", "ppo-critic-reward-colocated"],
 )
 def test_ray_ranks_train_as_torchrun_ranks(tmp_path, recipe, extra, roles):
     """Same seed, same metrics: with generation engines on actors of their own, the weights they
@@ -134,3 +143,51 @@ def test_a_weight_sync_that_never_comes_times_out_with_its_address(ray_cluster):
     message = str(info.value)
     assert "role generator rank 0 on node" in message and "WeightSyncError" in message
     assert f"weight sync over 127.0.0.1:{port} (rank 1 of 2)" in message
+
+
+def _placements() -> dict[str, list[tuple[str, int]]]:
+    """In a trainer rank: each placed role's ranks' (placement group, bundle index)."""
+    import ray
+
+    def where():
+        context = ray.get_runtime_context()
+        return context.get_placement_group_id(), context.get_assigned_resources()
+
+    from alignkit.training.placement import role_actors
+
+    roles = {}
+    for name in ("critic", "reward"):
+        group = role_actors(name)
+        roles[name] = ray.get([w.run.remote(where, (), {}) for w in group.workers])
+    return roles
+
+
+@pytest.mark.parametrize("colocated", [True, False], ids=["colocated", "apart"])
+def test_ray_colocated_roles_share_their_bundles(ray_cluster, colocated):
+    """`placement.reward.colocate_with: critic`: reward rank i runs in critic rank i's bundle (one
+    reservation, both roles' resources in it), not in a placement group of its own."""
+    import ray
+
+    from alignkit.config import PlacementConfig
+    from alignkit.training.launch import ray_launch
+    from alignkit.training.placement import placed_roles
+
+    reward = {"ranks": 2, "cpus": 0.1, **({"colocate_with": "critic"} if colocated else {})}
+    placement = PlacementConfig(critic={"ranks": 2, "cpus": 0.2}, reward=reward)
+    roles = placed_roles(type("Cfg", (), {"placement": placement})())
+    assert list(roles) == ["critic", "reward"]  # the host before its guest
+    code, errors = ray_launch(1, _check_placements, (colocated,), None, (), roles)  # checks in the trainer rank
+    assert (code, errors) == (0, []), errors
+    assert not [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]  # all freed
+
+
+def _check_placements(colocated: bool) -> None:
+    roles = _placements()
+    critic, reward = ([pg for pg, _ in roles[name]] for name in ("critic", "reward"))
+    assert len(set(critic)) == 1 and len(set(reward)) == 1
+    assert (critic == reward) is colocated, roles
+    import ray
+
+    bundles = ray.util.placement_group_table()[critic[0]]["bundles"]
+    # each critic bundle reserves the critic's 0.2 CPU, plus the reward's 0.1 when it shares them
+    assert [b["CPU"] for b in bundles.values()] == pytest.approx([0.3 if colocated else 0.2] * 2)

@@ -1,6 +1,7 @@
 import re
 
 import pytest
+from pydantic import ValidationError
 
 from alignkit.config import ConfigError, find_config, load_config, parse_overrides
 from alignkit.recipes import recipe_module
@@ -149,3 +150,20 @@ def test_a_section_given_as_true_keeps_it_when_a_key_of_it_is_overridden(tmp_pat
     )
     cfg = load_config(sft.Config, path, ["model.gradient_checkpointing.mode=selective"])
     assert cfg.model.gradient_checkpointing.enabled and cfg.model.gradient_checkpointing.mode == "selective"
+
+
+@pytest.mark.parametrize(
+    "reward,critic,message",
+    [
+        ({"ranks": 1, "colocate_with": "critic"}, {"ranks": 2}, "as many each (placement.reward.ranks=1"),
+        ({"ranks": 2, "colocate_with": "critic"}, {"ranks": 0}, "placement.critic.ranks=0"),
+        ({"ranks": 2, "colocate_with": "reward"}, {"ranks": 2}, "cannot share its own"),
+        ({"ranks": 2}, {"ranks": 2, "colocate_with": "generator"}, "placement.generator.ranks=0"),
+    ],
+)
+def test_colocation_needs_two_placed_roles_of_the_same_size(reward, critic, message):
+    from alignkit.config import PlacementConfig
+
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        PlacementConfig(reward=reward, critic=critic)
+    assert PlacementConfig(reward={"ranks": 2, "colocate_with": "critic"}, critic={"ranks": 2}).reward.ranks == 2
