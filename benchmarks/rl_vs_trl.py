@@ -316,7 +316,9 @@ def run_worker(name: str, spec: dict) -> dict:
         "samples_per_s": measured * completions / seconds,
         "iteration_s": seconds / measured,
         "process_s": time.perf_counter() - t0,
-        "mean_tokens": raw["tokens"][-1] if raw["tokens"] else None,
+        # over every iteration: one iteration's 8 prompts are too few to compare the two on
+        "mean_tokens": sum(raw["tokens"]) / len(raw["tokens"]) if raw["tokens"] else None,
+        "mean_reward": sum(raw["reward"]) / len(raw["reward"]) if raw["reward"] else None,
         "reward_first_last": (raw["reward"][0], raw["reward"][-1]) if raw["reward"] else None,
         "timing": raw.get("timing"),
     }
@@ -346,7 +348,7 @@ def main(argv=None) -> None:
         r = results[name] = run_worker(name, spec)
         print(
             f"{name:8s} {r['samples_per_s']:.1f} completions/s ({r['iteration_s']:.2f} s/iteration; mean completion "
-            f"{r['mean_tokens']} tokens; reward {r['reward_first_last'][0]:.3f} -> {r['reward_first_last'][1]:.3f})",
+            f"{r['mean_tokens']:.1f} tokens, reward {r['mean_reward']:.3f}, over all iterations)",
             flush=True,
         )
         if r["timing"]:
