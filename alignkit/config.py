@@ -167,6 +167,10 @@ class VLLMConfig(Section):
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)  # GPU: share of memory for weights + KV cache
     max_num_seqs: int = Field(256, ge=1)  # sequences decoded together
     enforce_eager: bool = True  # no CUDA graphs / compilation: quicker start, slower decoding
+    # > 1: each engine is split over this many generator ranks (vLLM tensor parallel, its
+    # `external_launcher` executor: one shard per rank, weights streamed in and sliced by vLLM).
+    # Only in a role of its own: placement.generator.ranks a multiple of it, under --launcher ray.
+    tensor_parallel_size: int = Field(1, ge=1)
 
 
 class SamplingConfig(Section):

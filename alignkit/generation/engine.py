@@ -19,7 +19,7 @@ from typing import Protocol
 
 from torch import nn
 
-from alignkit.config import SamplingConfig
+from alignkit.config import ConfigError, SamplingConfig
 from alignkit.generation.sampler import Completion, TokenCallback
 
 __all__ = ["Engine", "build_engine"]
@@ -48,6 +48,13 @@ def build_engine(model: nn.Module, tokenizer, sampling: SamplingConfig, autocast
     `autocast` is the precision context of the native sampler's forward passes."""
     if sampling.backend == "vllm":
         from alignkit.generation.vllm import VLLMEngine  # local: vLLM is an optional extra
+
+        if sampling.vllm.tensor_parallel_size > 1:
+            raise ConfigError(
+                f"sampling.vllm.tensor_parallel_size={sampling.vllm.tensor_parallel_size} splits an engine over "
+                "generation ranks of its own: set placement.generator.ranks to a multiple of it and run with "
+                "--launcher ray (an engine inside the trainer's processes is whole: tensor_parallel_size 1)"
+            )
 
         return VLLMEngine(model, tokenizer, sampling.vllm)
     from alignkit.generation.native import NativeEngine

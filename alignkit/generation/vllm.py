@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -81,8 +82,33 @@ def _merged(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield f"{layer}.{leaf}", tensor
 
 
+def _tensor_parallel(size: int, on_gpu: bool) -> dict:
+    """vLLM's arguments for an engine split over `size` processes that the caller started."""
+    if size == 1:
+        return {}
+    if not on_gpu:
+        _remove_stale_shared_memory(int(os.environ.get("RANK", "0")))
+    return {"tensor_parallel_size": size, "distributed_executor_backend": "external_launcher"}
+
+
+def _remove_stale_shared_memory(rank: int) -> None:
+    """vLLM's CPU build joins the ranks of a split engine through a shared-memory segment per rank
+    with a name that is the same for every engine started this way (`-tp:0-[0-1]-cpushm_<rank>`),
+    which a killed engine leaves behind; the next engine then fails creating it (errno 17). Each rank
+    removes its own leftover before it creates one (one split engine per machine at a time on CPU)."""
+    for path in Path("/dev/shm").glob(f"*-cpushm_{rank}"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 class VLLMEngine:
-    def __init__(self, model: nn.Module, tokenizer, cfg: VLLMConfig):
+    """`model` gives the architecture, dtype, stop tokens and (with `push_weights`) the first weights;
+    a skeleton on the meta device does for an engine whose weights arrive by `load_weights`. With
+    `cfg.tensor_parallel_size` T > 1 this process is one of T, each building the same engine over
+    the torch.distributed environment its caller set (RANK < T, WORLD_SIZE T, MASTER_ADDR/PORT) and
+    called with the same prompts and weights (`training/remote_engine.py`)."""
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: VLLMConfig, push_weights: bool = True):
         vllm = _import_vllm()
         module = unwrap(model)
         base = module.get_base_model() if hasattr(module, "peft_config") else module
@@ -110,13 +136,19 @@ class VLLMEngine:
                 kv_cache_memory_bytes=None if on_gpu else int(cfg.kv_cache_gib * 2**30),
                 logprobs_mode="raw_logprobs",
                 seed=0,
+                **_tensor_parallel(cfg.tensor_parallel_size, on_gpu),
             )
         finally:
             torch.set_num_threads = set_num_threads
-        self.update_weights(model)
+        if push_weights:
+            self.update_weights(model)
 
     def update_weights(self, model: nn.Module) -> None:
-        weights = merged_weights(model)
+        self.load_weights(merged_weights(model))
+
+    def load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights with (HF name, full tensor) pairs, consumed one at a time
+        (a tensor-parallel rank keeps its slice of each)."""
 
         def reload(worker) -> None:  # runs on the engine's (in-process) worker
             worker.model_runner.reload_weights(weights_iterator=weights)

@@ -34,6 +34,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "autocast",
     "check_model_dir",
     "check_positions",
+    "causal_lm_skeleton",
     "gathered",
     "hf_class",
     "load_causal_lm",
@@ -488,6 +490,22 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
     skeleton.tie_weights()
     if getattr(hf_model, "generation_config", None) is not None:
         skeleton.generation_config = copy.deepcopy(hf_model.generation_config)
+    return skeleton
+
+
+def causal_lm_skeleton(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """The causal LM `cfg` describes on the meta device: its class, config, dtype and generation
+    config (the stop tokens), no weights and nothing read but the config files. What a generation
+    engine whose weights are pushed to it needs: a 70B policy's engine never holds a copy of its own."""
+    if cfg.path is not None:
+        check_model_dir(cfg.path)
+        hf_config = AutoConfig.from_pretrained(cfg.path)
+    else:
+        hf_config = random_init_config(cfg, tokenizer)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=_dtype(cfg))
+    if cfg.path is not None and Path(cfg.path, "generation_config.json").is_file():
+        skeleton.generation_config = GenerationConfig.from_pretrained(cfg.path)
     return skeleton
 
 

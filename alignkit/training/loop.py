@@ -177,7 +177,11 @@ def _check_resumable(cfg: RecipeConfig, output_dir: Path) -> None:
         return
     old, new = _flatten(yaml.safe_load(saved.read_text()) or {}), _flatten(cfg.model_dump(mode="json"))
     changed = sorted(
-        key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and not key.startswith(_SAFE_ON_RESUME)
+        key
+        for key in old.keys() | new.keys()
+        if old.get(key) != new.get(key)
+        and not key.startswith(_SAFE_ON_RESUME)
+        and not (key not in old and _is_new_default(cfg, key))
     )
     if changed:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:6])
@@ -186,6 +190,20 @@ def _check_resumable(cfg: RecipeConfig, output_dir: Path) -> None:
             f"{output_dir} holds a run with another config, which this one would resume: {shown}{more}. "
             "Use a new output_dir, or checkpoint.resume=false to start over in this one"
         )
+
+
+def _is_new_default(cfg: RecipeConfig, key: str) -> bool:
+    """Whether `key` (dotted) is a setting at its default: one the saved config lacks because an
+    older alignkit wrote it, which changes nothing when it keeps its default."""
+    *path, leaf = key.split(".")
+    section: Any = cfg
+    for name in path:
+        section = getattr(section, name, None)
+    field = getattr(type(section), "model_fields", {}).get(leaf)
+    if field is None:
+        return False
+    default = field.get_default(call_default_factory=True)
+    return getattr(section, leaf) == default
 
 
 def _no_grad_sync(model: nn.Module, sync: bool):

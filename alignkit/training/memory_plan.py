@@ -68,6 +68,7 @@ _LLAMA31_8B = Arch("llama", 128256, 4096, 32, 32, 8, 128, 14336, tied=False)
 _PUBLISHED = {
     "Llama-3.1-8B": _LLAMA31_8B,
     "Llama-3.1-8B-Instruct": _LLAMA31_8B,
+    "Llama-3.1-70B-Instruct": Arch("llama", 128256, 8192, 80, 64, 8, 128, 28672, tied=False),
     "Qwen3-8B": Arch("qwen3", 151936, 4096, 36, 32, 8, 128, 12288, tied=False, qk_norm=True),
     "Qwen3-1.7B": Arch("qwen3", 151936, 2048, 28, 16, 8, 128, 6144, tied=True, qk_norm=True),
 }
@@ -270,7 +271,7 @@ def _extra_models(cfg, recipe: str, arch: Arch, shard: int) -> dict[str, int]:
         if not lora:
             extra["reference"] = own
         extra.update(_critic(cfg, arch, shard))
-        extra.update(_reward_model(cfg.reward, m.precision, arch))
+        extra.update(_reward_model(cfg, m.precision, arch))
     if recipe == "reinforce":
         rf = cfg.reinforce
         if rf.kl_coef and not lora:
@@ -278,7 +279,7 @@ def _extra_models(cfg, recipe: str, arch: Arch, shard: int) -> dict[str, int]:
         if rf.estimator == "onpolicy_distill" and cfg.teacher is not None:
             extra["teacher"] = _frozen(cfg.teacher)
         if cfg.reward is not None:
-            extra.update(_reward_model(cfg.reward, m.precision, arch))
+            extra.update(_reward_model(cfg, m.precision, arch))
     if recipe == "distill" and cfg.mode == "online":
         extra["teacher"] = _frozen(cfg.teacher)
     return extra
@@ -297,8 +298,10 @@ def _arch_or(path: str, policy: Arch) -> Arch:
         return policy
 
 
-def _reward_model(source, precision: str, policy: Arch) -> dict[str, int]:
-    if source.kind != "model":
+def _reward_model(cfg, precision: str, policy: Arch) -> dict[str, int]:
+    """A reward model held whole by every trainer rank, unless Ray places it on ranks of its own."""
+    source = cfg.reward
+    if source.kind != "model" or cfg.placement.reward.ranks:
         return {}
     return {"reward model": count_params(_arch_or(source.path, policy), head=1) * _bytes(precision)[0]}
 

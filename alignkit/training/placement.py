@@ -121,7 +121,11 @@ class _Worker:
     def setup(self, env: dict[str, str], cwd: str) -> None:
         """The rank's environment, and the driver's working directory where this node has it (as a
         torchrun rank inherits it: relative paths and `module:function` rewards resolve alike)."""
+        import ray
+
         os.environ.update(env)
+        if ray.get_gpu_ids():  # Ray shows this actor its own GPU(s) only, numbered from 0
+            os.environ["LOCAL_RANK"] = "0"
         if os.path.isdir(cwd):
             os.chdir(cwd)
             if cwd not in sys.path:
@@ -171,14 +175,25 @@ class RoleGroup:
         """`method(*args)` of rank `rank`'s hosted object, waited for; a failure (raised, or a dead
         actor) is one RoleError naming the role, rank and node. The role keeps running: the caller
         decides whether the run ends."""
+        return self.call_ranks([rank], method, *args)[0]
+
+    def call_ranks(self, ranks: list[int], method: str, *args) -> list[Any]:
+        """As `call_rank`, on several ranks at once (the ranks of one tensor-parallel engine, which
+        must all take part); the results in the order of `ranks`, the first failure raised."""
         import ray
 
-        try:
-            return ray.get(self.workers[rank].call.remote(method, args, {}))
-        except ray.exceptions.RayError as exc:
-            cause = getattr(exc, "cause", None) or exc
-            where = f"role {self.name} rank {rank} on node {self.nodes[rank]}"
-            raise RoleError(f"{where} failed in {method}: {type(cause).__name__}: {cause}") from None
+        refs = [self.workers[rank].call.remote(method, args, {}) for rank in ranks]
+        rank_of = dict(zip(refs, ranks))
+        results, pending = {}, list(refs)
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            try:
+                results[ref] = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                where = f"role {self.name} rank {rank_of[ref]} on node {self.nodes[rank_of[ref]]}"
+                raise RoleError(f"{where} failed in {method}: {type(cause).__name__}: {cause}") from None
+        return [results[ref] for ref in refs]
 
     def wait(self, refs: list[Any], timeout_s: float | None = None) -> list[Any]:
         """The results of one call per rank (`refs` in rank order), failing as `run` does."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -70,17 +70,21 @@ class WeightChannel:
         return sent
 
     def receive(self) -> list[tuple[str, Tensor]]:
-        """Ranks > 0: the (name, tensor) pairs rank 0 sent, on this channel's device."""
+        """Ranks > 0: the (name, tensor) pairs rank 0 sent, on this channel's device, in its order."""
+        return list(self.stream())
+
+    def stream(self) -> Iterator[tuple[str, Tensor]]:
+        """As `receive`, one bucket at a time: a consumer that copies each tensor away (an engine's
+        weight loader) holds one bucket at a time, never the whole model. Iterate to the end: the
+        sender waits for every bucket's broadcast."""
         header = self._header(None)
-        out: list[tuple[str, Tensor] | None] = [None] * len(header)
         for bucket in self._buckets(header):
             dtype = header[bucket[0]][2]
             numels = [_numel(header[i][1]) for i in bucket]
             flat = torch.empty(sum(numels), dtype=dtype, device=self.device)
             self._broadcast(flat, f"weights ({len(bucket)} tensors)")
             for i, piece in zip(bucket, flat.split(numels)):
-                out[i] = (header[i][0], piece.view(header[i][1]))
-        return out  # type: ignore[return-value]
+                yield header[i][0], piece.view(header[i][1])
 
     def close(self) -> None:
         self.group = None

@@ -191,3 +191,27 @@ def _check_placements(colocated: bool) -> None:
     bundles = ray.util.placement_group_table()[critic[0]]["bundles"]
     # each critic bundle reserves the critic's 0.2 CPU, plus the reward's 0.1 when it shares them
     assert [b["CPU"] for b in bundles.values()] == pytest.approx([0.3 if colocated else 0.2] * 2)
+
+
+def test_ray_vllm_engine_split_over_two_generator_ranks(tmp_path):
+    """`sampling.vllm.tensor_parallel_size=2`: one vLLM engine spans both generator ranks (each holds
+    half of every layer, its weights streamed in whole and sliced by vLLM, no copy of the policy); it
+    samples the rollouts the trainer's own whole engine samples, and its log-probs stay the trainer's
+    after every push."""
+    from tests.recipes.test_vllm_recipes import ARCH, VLLM
+
+    args = [*VOWELS, *ARCH, *VLLM, "reinforce.estimator=grpo", "reinforce.steps=2", "checkpoint.every=null"]
+    args += ["checkpoint.save_final=false", "sampling.vllm.kv_cache_gib=0.25"]
+    run_recipe("reinforce", tmp_path / "whole", *args, nproc=1)
+    split = ["placement.generator.ranks=2", "sampling.vllm.tensor_parallel_size=2", "--launcher", "ray"]
+    run_recipe("reinforce", tmp_path / "split", *args, *split, nproc=1)
+    same_run(tmp_path / "whole", tmp_path / "split")
+    assert all(m["rollout/logprob_abs_diff_max"] < 1e-4 for m in read_metrics(tmp_path / "split"))
+
+
+def test_a_split_vllm_engine_needs_its_ranks(tmp_path):
+    base = [*VOWELS, "sampling.backend=vllm", "sampling.vllm.tensor_parallel_size=2"]
+    inside = run_recipe("reinforce", tmp_path / "inside", *base, ok=False)  # in the trainer's process
+    assert inside.returncode == 2 and "placement.generator.ranks to a multiple of it" in inside.stderr
+    odd = run_recipe("reinforce", tmp_path / "odd", *base, "placement.generator.ranks=3", "--launcher", "ray", ok=False)
+    assert odd.returncode == 2 and "not a multiple of sampling.vllm.tensor_parallel_size=2" in odd.stderr

@@ -162,6 +162,24 @@ def test_a_run_resumes_only_under_the_config_that_wrote_its_checkpoints(tmp_path
     assert start_run(fresh).cfg.optim.lr == 0.01
 
 
+def test_a_setting_added_since_the_run_started_resumes_at_its_default(tmp_path):
+    """A run killed under an older alignkit resumes under a newer one: a key its config.yaml lacks
+    is no change while it keeps its default, and is one when set to something else."""
+    import yaml
+
+    first = _cfg(tmp_path)
+    start_run(first)
+    (tmp_path / "checkpoints" / "step_4").mkdir(parents=True)
+    older = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del older["train"]["seed"]  # as if the setting did not exist when the run started
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    start_run(first)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    changed = first.model_copy(update={"train": first.train.model_copy(update={"seed": 5})})
+    with pytest.raises(ConfigError, match=r"train\.seed \(None -> 5\)"):
+        start_run(changed)
+
+
 def test_the_chat_template_trained_with_is_saved_with_the_model(tmp_path, tokenizer):
     """A base model without a template, fine-tuned with `data.chat_template`: final/ carries that
     template, so scoring, serving and the next recipe render conversations as in training."""

@@ -172,6 +172,23 @@ def test_dpo_holds_a_reference_copy_when_scored_online():
     assert plan(cached, "dpo").extra_models == {}
 
 
+def test_roles_placed_by_ray_are_not_on_the_trainer_ranks():
+    """The shipped 70B PPO config: critic and reward model on Ray ranks of their own, generation on
+    split vLLM engines; the trainer's 16 ranks hold the sharded LoRA actor only, and it fits 80 GiB."""
+    from alignkit.recipes import ppo
+
+    cfg = load_config(ppo.Config, "configs/ppo/llama3_70b_lora.yaml")
+    placed = plan(cfg, "ppo", gpus=16, gpu_memory=parse_bytes("80GiB"))
+    assert placed.extra_models == {} and placed.fits()
+    assert arch_of(cfg.model).layers == 80
+    inside = load_config(
+        ppo.Config,
+        "configs/ppo/llama3_70b_lora.yaml",
+        ["placement.reward.ranks=0", "placement.reward.colocate_with=null"],
+    )
+    assert set(plan(inside, "ppo", gpus=16).extra_models) == {"reward model"}
+
+
 def test_suggest_finds_a_fitting_mesh_or_none():
     cfg = _sft()
     best = suggest(cfg, "sft", gpus=4, gpu_memory=parse_bytes("1GiB"))
