@@ -192,10 +192,14 @@ def main(cfg: Config) -> None:
     monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
     pad_id, lora = tokenizer.pad_token_id, cfg.model.lora.enabled
-    actor = wrap_model(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed)
+    # prompts, seeds and sums go by data-parallel rank: a tensor-parallel group samples in lockstep
+    actor = wrap_model(
+        load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed, tensor_parallel=True
+    )
     reference = None
     if not lora:  # a frozen copy of the starting actor
-        reference = wrap_frozen(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed)
+        frozen = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+        reference = wrap_frozen(frozen, d, cfg.distributed, tensor_parallel=True)
     critic = build_critic(run, cfg, tokenizer)  # here, or on Ray ranks of its own (placement.critic)
     updates = pc.steps * pc.epochs * pc.minibatches
     actor_opt = build_optimizer(actor, cfg.optim)

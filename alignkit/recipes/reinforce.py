@@ -245,10 +245,14 @@ def main(cfg: Config) -> None:
     monitor = build_reward_source(cfg.monitor, device=str(d.device)) if cfg.monitor else None
     tokenizer = load_tokenizer(cfg.model)
     pad_id, lora = tokenizer.pad_token_id, cfg.model.lora.enabled
-    actor = wrap_model(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed)
+    # prompts, seeds and sums go by data-parallel rank: a tensor-parallel group samples in lockstep
+    actor = wrap_model(
+        load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed, tensor_parallel=True
+    )
     reference = None
     if rf.kl_coef and not lora:
-        reference = wrap_frozen(load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed), d, cfg.distributed)
+        frozen = load_causal_lm(cfg.model, tokenizer, seed=cfg.train.seed)
+        reference = wrap_frozen(frozen, d, cfg.distributed, tensor_parallel=True)
     teacher = None
     if rf.estimator == "onpolicy_distill":  # scored with the student's tokenizer: they must share it
         teacher = load_causal_lm(cfg.teacher, tokenizer, seed=cfg.train.seed) if cfg.teacher else None
@@ -346,7 +350,7 @@ def main(cfg: Config) -> None:
         # and generated tokens per group that carried signal
         metrics["rollout/groups_drawn"] = flat["drawn"]
         metrics["rollout/groups_discarded"] = flat["drawn"] - flat["groups"]
-        metrics["rollout/draws"] = flat["draws"] / d.world_size
+        metrics["rollout/draws"] = flat["draws"] / d.dp_size
         metrics["rollout/tokens_per_useful_group"] = flat["tokens"] / max(flat["useful"], 1)
         if rf.overlong_buffer:
             metrics["rollout/overlong_penalty"] = (

@@ -172,7 +172,10 @@ def main(cfg: Config) -> None:
         examples, stats = _encode_kept(kept, cfg, tokenizer, str(samples))
         run.log.info(f"iteration {t}: training on {stats.summary()}")
         collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
-        model = fit(it_run, model, make_rows(examples, cfg.data), row_length, collate, sft_token_loss)
+        # sampling above used the whole model on every rank; training may split it (tensor parallel)
+        model = fit(
+            it_run, model, make_rows(examples, cfg.data), row_length, collate, sft_token_loss, tensor_parallel=True
+        )
         save_final(it_run, model, tokenizer)
         barrier(run.dist)
         del model

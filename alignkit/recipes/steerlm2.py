@@ -357,6 +357,7 @@ def main(cfg: Config) -> None:
             lambda g: sum(len(e.input_ids) for e in g.conditioned),
             partial(collate, pad_id=tokenizer.pad_token_id),
             loss_fn,
+            tensor_parallel=True,  # sampling above used whole models; training may split the policy
         )
         save_final(it_run, model, tokenizer, config_updates={"steerlm": fmt.to_config()})
         barrier(run.dist)

@@ -61,7 +61,7 @@ class Critic:
         model_cfg, self.info = critic_model(cfg)
         pc = cfg.ppo
         model = load_sequence_scorer(model_cfg, tokenizer, len(self.info.attributes), seed=cfg.train.seed)
-        model = wrap_model(model, run.dist, cfg.distributed)
+        model = wrap_model(model, run.dist, cfg.distributed, tensor_parallel=True)  # split like the actor
         optimizer = build_optimizer(model, cfg.critic.optim)
         updates = pc.steps * pc.epochs * pc.minibatches
         self.part = (model, optimizer, build_scheduler(optimizer, updates, cfg.critic.optim))

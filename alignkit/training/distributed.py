@@ -194,7 +194,8 @@ def wrap_model(
         if not tensor_parallel:
             raise ConfigError(
                 f"distributed.mesh.tp={d.tp}: this recipe splits its work over processes itself, so it runs data "
-                "parallel only (tensor parallel: sft, steerlm, reward_model, offline dpo); set distributed.mesh.tp=1"
+                "parallel only (tensor parallel: sft, steerlm, reward_model, offline dpo, ppo, reinforce, "
+                "rejection_sampling, steerlm2); set distributed.mesh.tp=1"
             )
         parallelize(model, layers, mesh["tp"])
     data_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]

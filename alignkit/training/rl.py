@@ -98,12 +98,14 @@ class RolloutConfig(Section):
 
 
 def check_processes(cfg, d: Dist) -> None:
-    """Every process gets the same number of prompts, so all run the same collectives (FSDP: the
-    same forwards; generation itself gathers the whole model first and runs without any)."""
-    if cfg.rollout.prompts_per_step % d.world_size:
+    """Every data-parallel rank gets the same number of prompts, so all run the same collectives
+    (FSDP: the same forwards; generation itself gathers the whole model first and runs without
+    any). A tensor-parallel group shares its prompts and seeds: its ranks sample the same tokens in
+    lockstep, each forward's all-reduces among them."""
+    if cfg.rollout.prompts_per_step % d.dp_size:
+        shown = f"{d.dp_size} data-parallel groups of {d.tp}" if d.tp > 1 else str(d.world_size)
         raise ConfigError(
-            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must divide by the number of "
-            f"processes ({d.world_size})"
+            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must divide by the number of processes ({shown})"
         )
 
 
@@ -149,9 +151,9 @@ def sample_and_score(run: Run, cfg, engine: Engine, tokenizer, records: list[Rec
     d = run.dist
     t0 = time.perf_counter()
     order_seed = cfg.train.seed + 104_729 * draw
-    indices = step_prompts(len(records), step, cfg.rollout.prompts_per_step, order_seed)[d.rank :: d.world_size]
+    indices = step_prompts(len(records), step, cfg.rollout.prompts_per_step, order_seed)[d.dp_rank :: d.dp_size]
     base = cfg.train.seed if cfg.sampling.seed is None else cfg.sampling.seed
-    seed = base + 1_000_003 * (step + 1) + 10_007 * d.rank + 7_919 * draw
+    seed = base + 1_000_003 * (step + 1) + 10_007 * d.dp_rank + 7_919 * draw
     rollouts = sample_rollouts(
         engine, tokenizer, records, indices, cfg.sampling, cfg.data.max_seq_len, seed, cfg.data.chat_template
     )
@@ -214,7 +216,7 @@ def sample_useful_groups(
     ones only if the draws ran out (so every process runs the same number of passes). Returns what
     `sample_and_score` does, for the kept groups, and the `Draws`. `ahead`: the one draw made
     during the previous step's update (one-step off-policy); the generation time is the wait for it."""
-    n, share = cfg.sampling.n, cfg.rollout.prompts_per_step // run.dist.world_size
+    n, share = cfg.sampling.n, cfg.rollout.prompts_per_step // run.dist.dp_size
     useful: list[list[Rollout]] = []
     idle: list[list[Rollout]] = []
     stats, t_generate, t_score = Draws(), 0.0, 0.0

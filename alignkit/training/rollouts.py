@@ -212,7 +212,8 @@ def unpad(padded: Tensor, mask: Tensor) -> list[Tensor]:
 
 
 def reduce_sums(sums: dict[str, float], d) -> dict[str, float]:
-    """Sum each statistic over processes (one all-reduce)."""
+    """Sum each statistic over data-parallel ranks (one all-reduce; the ranks of a tensor-parallel
+    group hold the same rollouts, counted once)."""
     keys = sorted(sums)
-    packed = all_reduce_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64), d)
+    packed = all_reduce_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64), d) / d.tp
     return dict(zip(keys, packed.tolist()))

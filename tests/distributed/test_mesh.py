@@ -87,7 +87,7 @@ def test_meshes_that_cannot_work_are_named(tmp_path):
     assert result.returncode == 2
     assert "dp_replicate 1 x dp_shard the rest x tp 3 does not multiply out to this run's 1 process" in result.stderr
     tp = ["distributed.mesh.tp=2", "--nproc", "2"]
-    result = run_cli("run", "ppo", "--config", "tiny", f"output_dir={tmp_path / 'b'}", "ppo.steps=1", *tp)
+    result = run_cli("run", "distill", "--config", "tiny", f"output_dir={tmp_path / 'b'}", *tp)
     assert result.returncode == 2 and "runs data parallel only (tensor parallel: sft, steerlm" in result.stderr
     heads = "model.random_init.num_kv_heads=1"
     result = run_cli("run", "sft", "--config", "tiny", *SHORT, f"output_dir={tmp_path / 'c'}", heads, *tp)
@@ -123,3 +123,51 @@ def test_tensor_parallel_in_the_other_offline_recipes(tmp_path, recipe, extra):
     if recipe == "reward_model":
         one, two = (json.loads((runs[k] / "eval.json").read_text()) for k in ("one", "tp2"))
         assert two.keys() == one.keys() and two == pytest.approx(one, rel=1e-4, abs=1e-6)
+
+
+VOWELS = ["reward.kind=function", "reward.function=tests.recipes.test_ppo:vowel_reward"]
+VLLM_TINY = [  # heads of 32 (vLLM's CPU attention), two KV heads to split
+    "model.random_init.hidden_size=64",
+    "model.random_init.num_heads=2",
+    "model.random_init.num_kv_heads=2",
+    "sampling.backend=vllm",
+    "sampling.vllm.max_model_len=512",
+    "sampling.vllm.kv_cache_gib=0.25",
+]
+RL_SHORT = ["checkpoint.every=null", "checkpoint.save_final=false", "logging.progress=none"]
+
+
+def _all_metrics(out) -> list[dict]:
+    """Every metrics row of a run and of its iterations, wall-clock times left out."""
+    files = [out / "metrics.jsonl", *sorted(out.glob("iteration_*/metrics.jsonl"))]
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "throughput/", "perf/"))} for r in rows]
+
+
+@pytest.mark.parametrize(
+    "recipe, extra, baseline",
+    [
+        ("reinforce", [*VOWELS, "reinforce.estimator=grpo", "reinforce.steps=3"], []),
+        ("ppo", [*VOWELS, "ppo.steps=2"], []),  # actor, reference and critic each split over the group
+        # each rank's vLLM engine is fed the split policy's weights whole (gathered over the group)
+        ("reinforce", [*VOWELS, "reinforce.estimator=grpo", "reinforce.steps=2", *VLLM_TINY], []),
+        # it samples with the whole model, each process its own prompts (batched differently from one
+        # process's), then trains split: against two data-parallel processes
+        ("rejection_sampling", ["rs.iterations=1", "train.micro_batch_size=4"], ["--nproc", "2"]),
+    ],
+    ids=["grpo", "ppo", "grpo-vllm", "rejection_sampling"],
+)
+def test_tensor_parallel_in_the_sampling_recipes(tmp_path, recipe, extra, baseline):
+    """TP 2 on 2 processes against 1 process: a tensor-parallel group shares its prompts and seeds
+    and samples in lockstep, so the rollouts, rewards, losses and KL of every step are the
+    one-process run's (and sums count its rollouts once)."""
+    runs = {}
+    for name, more in (("one", baseline), ("tp2", ["distributed.mesh.tp=2", "--nproc", "2"])):
+        out = tmp_path / name
+        result = run_cli("run", recipe, "--config", "tiny", *RL_SHORT, *extra, f"output_dir={out}", *more)
+        assert result.returncode == 0, result.stderr
+        runs[name] = _all_metrics(out)
+    one, two = runs["one"], runs["tp2"]
+    assert len(one) == len(two) >= 2
+    for a, b in zip(one, two):
+        assert b.keys() == a.keys() and b == pytest.approx(a, rel=1e-4, abs=1e-6)

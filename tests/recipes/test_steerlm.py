@@ -226,3 +226,15 @@ def test_steerlm2_two_processes_share_the_prompts(steerlm_model, steerlm2_run, t
     two = lines(out / "iteration_1/samples.jsonl")
     assert sorted(g["prompt"] for g in two) == sorted(g["prompt"] for g in one)
     assert (out / "final/config.json").is_file()
+    # tensor parallel: each process samples its own prompts with the whole model, as above, then the
+    # policy trains split over both: the samples and every loss of the data-parallel run
+    split = tmp_path / "tp"
+    steerlm2(split, steerlm_model / "final", "--nproc", "2", "distributed.mesh.tp=2", "train.micro_batch_size=1")
+    assert lines(split / "iteration_1/samples.jsonl") == two
+    for it in ("iteration_1", "iteration_2"):
+        dp, tp = (
+            [{k: v for k, v in r.items() if not k.startswith(("timing/", "throughput/", "perf/"))} for r in rows]
+            for rows in (lines(out / it / "metrics.jsonl"), lines(split / it / "metrics.jsonl"))
+        )
+        assert len(dp) == len(tp) > 0
+        assert all(b == pytest.approx(a, rel=1e-4, abs=1e-6) for a, b in zip(dp, tp))
