@@ -34,6 +34,7 @@ __all__ = [
     "init_ray",
     "placed_roles",
     "role_actors",
+    "set_rank_env",
     "start_role",
 ]
 
@@ -62,10 +63,8 @@ class Resources:
 
     def __add__(self, other: Resources) -> Resources:
         """What one bundle reserves for two roles that share it."""
-        memory = None if self.memory_gib is None and other.memory_gib is None else 0.0
-        if memory is not None:
-            memory = (self.memory_gib or 0.0) + (other.memory_gib or 0.0)
-        return Resources(self.cpus + other.cpus, self.gpus + other.gpus, memory)
+        memories = [m for m in (self.memory_gib, other.memory_gib) if m is not None]
+        return Resources(self.cpus + other.cpus, self.gpus + other.gpus, sum(memories) if memories else None)
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,17 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> bool:
         kwargs["num_cpus"] = num_cpus
     ray.init(address=address, **kwargs)
     return True
+
+
+def set_rank_env(env: dict[str, str]) -> None:
+    """`env` (RANK, WORLD_SIZE, LOCAL_RANK, ...) into this Ray actor's environment. An actor holding
+    GPUs sees only its own, numbered from 0, so its LOCAL_RANK (the device it takes) is 0 there
+    whatever its index among the node's ranks."""
+    import ray
+
+    os.environ.update(env)
+    if ray.get_gpu_ids():
+        os.environ["LOCAL_RANK"] = "0"
 
 
 def placed_roles(cfg) -> dict[str, RoleSpec]:
@@ -121,11 +131,7 @@ class _Worker:
     def setup(self, env: dict[str, str], cwd: str) -> None:
         """The rank's environment, and the driver's working directory where this node has it (as a
         torchrun rank inherits it: relative paths and `module:function` rewards resolve alike)."""
-        import ray
-
-        os.environ.update(env)
-        if ray.get_gpu_ids():  # Ray shows this actor its own GPU(s) only, numbered from 0
-            os.environ["LOCAL_RANK"] = "0"
+        set_rank_env(env)
         if os.path.isdir(cwd):
             os.chdir(cwd)
             if cwd not in sys.path:

@@ -35,7 +35,7 @@ from alignkit.config import ConfigError, SamplingConfig
 from alignkit.generation.engine import Engine, build_engine
 from alignkit.generation.sampler import Completion
 from alignkit.training.distributed import Dist, barrier
-from alignkit.training.placement import ROLES_ENV, role_actors
+from alignkit.training.placement import ROLES_ENV, role_actors, set_rank_env
 from alignkit.training.weight_sync import WeightChannel
 
 __all__ = ["GeneratorHost", "RemoteEngine", "rollout_engine"]
@@ -57,7 +57,7 @@ def rollout_engine(cfg, actor: nn.Module, tokenizer, d: Dist, autocast=contextli
             f"placement.generator.ranks={placement.generator.ranks} places generation engines with Ray: "
             "run with --launcher ray (or set it to 0 to generate in the trainer's processes)"
         )
-    tp = cfg.sampling.vllm.tensor_parallel_size if cfg.sampling.backend == "vllm" else 1
+    tp = _engine_span(cfg.sampling)
     if placement.generator.ranks % tp:
         raise ConfigError(
             f"placement.generator.ranks={placement.generator.ranks} is not a multiple of "
@@ -73,10 +73,8 @@ class GeneratorHost:
     def __init__(self, cfg, env: dict[str, str] | None = None):
         from alignkit.models.loading import autocast, causal_lm_skeleton, load_causal_lm, load_tokenizer
 
-        os.environ.update(env or {})
+        set_rank_env(env or {})
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if env and device.type == "cuda":
-            os.environ["LOCAL_RANK"] = "0"  # Ray shows the actor its own GPU only, as cuda:0
         self.tokenizer = load_tokenizer(cfg.model)
         # the plain architecture: a LoRA policy's adapters arrive merged into its weights
         plain = cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"enabled": False})})
@@ -122,7 +120,7 @@ class RemoteEngine:
     def __init__(self, cfg, actor: nn.Module, d: Dist, timeout_s: float):
         self.d, self.timeout_s = d, timeout_s
         self.group = role_actors("generator")
-        tp = cfg.sampling.vllm.tensor_parallel_size if cfg.sampling.backend == "vllm" else 1
+        tp = _engine_span(cfg.sampling)
         engine = d.rank % (self.group.size // tp)  # the engine this trainer rank samples on
         self.ranks = list(range(engine * tp, (engine + 1) * tp))  # its generator ranks
         self.channel = None
@@ -173,6 +171,11 @@ class RemoteEngine:
             for _ in merged_weights(model):  # the other ranks' half of each gather
                 pass
         barrier(self.d)
+
+
+def _engine_span(sampling: SamplingConfig) -> int:
+    """How many generator ranks one engine spans: vLLM's tensor parallel size, 1 for the native engine."""
+    return sampling.vllm.tensor_parallel_size if sampling.backend == "vllm" else 1
 
 
 def _address() -> tuple[str, int]:
