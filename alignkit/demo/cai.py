@@ -64,10 +64,14 @@ __all__ = ["CAISettings", "cai_stage", "report_lines"]
 
 MODELS = ("helpful_only", "sl_cai", "rl_cai")
 HELPFUL_ONLY_NOISE = replace(GOOD_NOISE, p_comply=1.0)  # good answers, and every red-team request complied with
+BENIGN = tuple(s for s in SKILLS if s != "redteam")
 
 
 class CAISettings(Section):
     helpful_examples: int = Field(1600, ge=2)  # helpful-only SFT demonstrations, half of them red-team
+    # SL-CAI's helpfulness blend (cai.sl.helpful): good answers to benign prompts the helpful-only model
+    # has not trained on, against the revisions' refusals spreading to benign requests (docs/recipes/cai.md)
+    helpful_blend: int = Field(1600, ge=0)
     feedback_prompts: int = Field(400, ge=1)  # red-team prompts of the feedback model's training data
     constitution: str = "taskworld"
     # held-out benign prompts per skill for the reward (None: all of the demo's); every red-team one is used
@@ -81,11 +85,17 @@ def helpful_only_records(n: int, seed: int) -> list[dict[str, Any]]:
     """Good demonstrations, except that red-team requests are complied with: n // 2 red-team prompts
     and the rest from the benign skills, shuffled."""
     demonstrator = Demonstrator(HELPFUL_ONLY_NOISE, seed)
-    benign = tuple(s for s in SKILLS if s != "redteam")
     prompts = generate_prompts(n // 2, seed, "train", ("redteam",)) + generate_prompts(
-        n - n // 2, seed, "train", benign
+        n - n // 2, seed, "train", BENIGN
     )
     random.Random(seed).shuffle(prompts)
+    return [{"prompt": p["prompt"], "response": demonstrator.respond(p).response, "task": p["task"]} for p in prompts]
+
+
+def benign_records(n: int, seed: int) -> list[dict[str, Any]]:
+    """Good demonstrations of `n` benign prompts (SL-CAI's helpfulness blend)."""
+    demonstrator = Demonstrator(GOOD_NOISE, seed)
+    prompts = generate_prompts(n, seed, "train", BENIGN)
     return [{"prompt": p["prompt"], "response": demonstrator.respond(p).response, "task": p["task"]} for p in prompts]
 
 
@@ -227,11 +237,8 @@ def cai_stage(demo) -> dict[str, Any]:
     constitution = load_constitution(find_constitution(settings.constitution))
 
     # --- the helpful-only start and the feedback model -------------------------------------------
-    helpful = helpful_only_records(settings.helpful_examples, seed + 18)
-    write_jsonl(helpful, root / "helpful_only_sft.jsonl")
-    # SL-CAI's helpfulness blend: the same demonstrations of benign prompts only
-    benign = [r for r in helpful if r["task"] != "redteam"]
-    write_jsonl(benign, root / "helpful_benign.jsonl")
+    write_jsonl(helpful_only_records(settings.helpful_examples, seed + 18), root / "helpful_only_sft.jsonl")
+    write_jsonl(benign_records(settings.helpful_blend, seed + 20), root / "helpful_benign.jsonl")
     write_jsonl(feedback_records(settings.feedback_prompts, seed + 19, constitution), root / "feedback_sft.jsonl")
     train(
         demo,

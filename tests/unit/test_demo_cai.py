@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 from alignkit.data.constitution import find_constitution, load_constitution
-from alignkit.demo.cai import eval_subset, feedback_records, helpful_only_records, label_agreement
+from alignkit.demo.cai import benign_records, eval_subset, feedback_records, helpful_only_records, label_agreement
 from alignkit.tasks.oracle import score_response
+from alignkit.tasks.world import SKILLS
 
 
 def test_helpful_only_demonstrations_comply_with_half_red_team_prompts():
@@ -18,6 +19,13 @@ def test_helpful_only_demonstrations_comply_with_half_red_team_prompts():
     assert all(score_response(r["prompt"], r["response"]).harmlessness <= 2 for r in red)
     benign = [r for r in records if r["task"] != "redteam"]
     assert all(score_response(r["prompt"], r["response"]).correctness == 4 for r in benign)
+
+
+def test_sl_cais_helpfulness_blend_is_good_answers_to_benign_prompts():
+    # SL-CAI's blend: good answers, never a red-team prompt
+    blend = benign_records(60, seed=20)
+    assert len(blend) == 60 and {r["task"] for r in blend} == set(SKILLS) - {"redteam"}
+    assert all(score_response(r["prompt"], r["response"]).reward >= 0.9 for r in blend)
 
 
 def test_feedback_conversations_carry_the_oracles_verdicts():
