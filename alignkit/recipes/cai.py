@@ -7,7 +7,9 @@ feedback model replace human harm labels (the constitution file: `alignkit.data.
                          for `sl.rounds` rounds a principle is drawn, the feedback model critiques
                          the current answer and then revises it (few-shot examples first); each
                          round's revision (`sl.train_on`) becomes an SFT target, blended with
-                         helpfulness data (`sl.helpful`) so the model does not turn evasive.
+                         helpfulness data (`sl.helpful`) so the model does not turn evasive: SFT
+                         records as they are, and prompt-only records answered by the policy itself
+                         (the paper's helpfulness samples of the helpful model).
           2. `sl_train`  SFT from `model` on the blend -> output_dir/sl/final (the SL-CAI model).
   RL-CAI  3. `rl_data`   the SL-CAI model answers each prompt `rl.n` times, one answer per temperature
                          of `rl.temperatures` (NeMo-Aligner: 0.01 .. 1.51); for each pair of distinct
@@ -117,7 +119,8 @@ class SLConfig(Section):
     critique_tokens: int = Field(128, ge=1)
     revision_tokens: int = Field(128, ge=1)
     train_on: Literal["every_round", "last_round"] = "every_round"  # the paper trains on every round's revision
-    helpful: DatasetConfig | None = None  # SFT records blended into the revisions
+    # SFT records blended into the revisions; a record with a prompt only is answered by the policy (sampling)
+    helpful: DatasetConfig | None = None
     helpful_per_revision: float | None = Field(1.0, ge=0.0)  # helpful records per revision; None: all
 
 
@@ -230,20 +233,44 @@ def critique_and_revise(
     return chains
 
 
-def sl_blend(chains: list[dict[str, Any]], sl: SLConfig, rng) -> list[dict[str, Any]]:
-    """SFT records: the revisions (every round's or the last), plus helpful records, shuffled."""
-    revisions = [
+def revision_records(chains: list[dict[str, Any]], sl: SLConfig) -> list[dict[str, Any]]:
+    """SFT records of the revisions: every round's, or the last (`sl.train_on`); empty ones dropped."""
+    return [
         {"prompt": c["prompt"], "response": r["revision"]}
         for c in chains
         for r in (c["rounds"] if sl.train_on == "every_round" else c["rounds"][-1:])
         if r["revision"]
     ]
-    helpful = []
-    if sl.helpful is not None:
-        helpful = [r.data for r in read_records(sl.helpful.path, sl.helpful.split, sl.helpful.limit)]
-        rng.shuffle(helpful)
-        if sl.helpful_per_revision is not None:
-            helpful = helpful[: round(sl.helpful_per_revision * len(revisions))]
+
+
+def pick_helpful(sl: SLConfig, revisions: int, rng) -> list[Record]:
+    """`sl.helpful`'s records, shuffled, `sl.helpful_per_revision` of them per revision (None: all)."""
+    if sl.helpful is None:
+        return []
+    helpful = read_records(sl.helpful.path, sl.helpful.split, sl.helpful.limit)
+    rng.shuffle(helpful)
+    if sl.helpful_per_revision is not None:
+        helpful = helpful[: round(sl.helpful_per_revision * revisions)]
+    return helpful
+
+
+def is_prompt_only(record: Record) -> bool:
+    return "response" not in record.data and "messages" not in record.data
+
+
+def answer_helpful(model, tokenizer, helpful: list[Record], sl: SLConfig, data: DataConfig) -> list[dict[str, Any]]:
+    """The helpful records as SFT records: prompt-only ones answered by `model` with `sl.sampling`
+    (an empty answer dropped, as an empty revision is). Training on the helpful policy's own answers
+    keeps its benign behaviour where it is (Bai et al. blend in samples of the helpful RLHF model); a
+    written answer would move it toward the writer's."""
+    asked = [r for r in helpful if is_prompt_only(r)]
+    answers = iter(answer_prompts(model, tokenizer, asked, sl.sampling, data) if asked else [])
+    records = [{**r.data, "response": next(answers)} if is_prompt_only(r) else r.data for r in helpful]
+    return [r for r in records if r.get("response", True)]
+
+
+def sl_blend(revisions: list[dict[str, Any]], helpful: list[dict[str, Any]], rng) -> list[dict[str, Any]]:
+    """SFT records: the revisions and the helpful records, shuffled together."""
     blend = revisions + helpful
     rng.shuffle(blend)
     return blend
@@ -466,8 +493,15 @@ def main(cfg: Config) -> None:
             rng = random.Random(f"cai-sl:{c.seed}")
             chains = critique_and_revise(client, constitution, records, answers, c.sl, c.feedback, rng)
             write_jsonl(chains, out / "sl_data" / "chains.jsonl")
-            write_jsonl(sl_blend(chains, c.sl, rng), sl_data)
-            run.log.info(f"SL-CAI: {len(chains)} prompts x {c.sl.rounds} critique-revision rounds -> {sl_data}")
+            revisions = revision_records(chains, c.sl)
+            picked = pick_helpful(c.sl, len(revisions), rng)
+            helpful = answer_helpful(model, tokenizer, picked, c.sl, cfg.data)
+            write_jsonl(sl_blend(revisions, helpful, rng), sl_data)
+            asked = sum(map(is_prompt_only, picked))
+            run.log.info(
+                f"SL-CAI: {len(chains)} prompts x {c.sl.rounds} critique-revision rounds; {len(revisions)} revisions "
+                f"+ {len(helpful)} helpful records ({asked} answered by the policy) -> {sl_data}"
+            )
         barrier(d)
 
     # --- SL-CAI 2: SFT on the revisions blended with helpful data --------------------------------

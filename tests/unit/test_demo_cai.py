@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 
 from alignkit.data.constitution import find_constitution, load_constitution
-from alignkit.demo.cai import benign_records, eval_subset, feedback_records, helpful_only_records, label_agreement
+from alignkit.demo.cai import (
+    _model_metrics,
+    _split,
+    benign_records,
+    eval_subset,
+    feedback_records,
+    helpful_only_records,
+    label_agreement,
+)
 from alignkit.tasks.oracle import score_response
 from alignkit.tasks.world import SKILLS
 
@@ -22,10 +30,22 @@ def test_helpful_only_demonstrations_comply_with_half_red_team_prompts():
 
 
 def test_sl_cais_helpfulness_blend_is_good_answers_to_benign_prompts():
-    # SL-CAI's blend: good answers, never a red-team prompt
     blend = benign_records(60, seed=20)
     assert len(blend) == 60 and {r["task"] for r in blend} == set(SKILLS) - {"redteam"}
     assert all(score_response(r["prompt"], r["response"]).reward >= 0.9 for r in blend)
+
+
+def test_the_metrics_count_benign_refusals():
+    items = [
+        {"task": "redteam", "harmlessness": 0, "reward": 0.1, "refused": False},
+        {"task": "redteam", "harmlessness": 4, "reward": 0.9, "refused": True},
+        {"task": "arith", "harmlessness": 4, "reward": 0.525, "refused": True},
+        {"task": "count", "harmlessness": 4, "reward": 1.0, "refused": False},
+    ]
+    split = _split(items)
+    assert split == ([1.0, 0.0], [0.525, 1.0], [1.0, 0.0])
+    metrics = _model_metrics(*split)
+    assert (metrics["harmful_rate"], metrics["reward"], metrics["benign_refusal_rate"]) == (0.5, 0.7625, 0.5)
 
 
 def test_feedback_conversations_carry_the_oracles_verdicts():
