@@ -260,9 +260,10 @@ def is_prompt_only(record: Record) -> bool:
 
 def answer_helpful(model, tokenizer, helpful: list[Record], sl: SLConfig, data: DataConfig) -> list[dict[str, Any]]:
     """The helpful records as SFT records: prompt-only ones answered by `model` with `sl.sampling`
-    (an empty answer dropped, as an empty revision is). Training on the helpful policy's own answers
-    keeps its benign behaviour where it is (Bai et al. blend in samples of the helpful RLHF model); a
-    written answer would move it toward the writer's."""
+    (an empty answer dropped, as an empty revision is). Bai et al. blend in samples of the helpful RLHF
+    model: its own answers pull its benign behaviour nowhere, where written ones pull it toward the
+    writer's (on the task world the former kept the benign reward but not the refusal rate:
+    docs/recipes/cai.md)."""
     asked = [r for r in helpful if is_prompt_only(r)]
     answers = iter(answer_prompts(model, tokenizer, asked, sl.sampling, data) if asked else [])
     records = [{**r.data, "response": next(answers)} if is_prompt_only(r) else r.data for r in helpful]
