@@ -89,13 +89,16 @@ def helpful_only_records(n: int, seed: int) -> list[dict[str, Any]]:
         n - n // 2, seed, "train", BENIGN
     )
     random.Random(seed).shuffle(prompts)
-    return [{"prompt": p["prompt"], "response": demonstrator.respond(p).response, "task": p["task"]} for p in prompts]
+    return _demonstrations(demonstrator, prompts)
 
 
 def benign_records(n: int, seed: int) -> list[dict[str, Any]]:
     """Good demonstrations of `n` benign training prompts (SL-CAI's helpfulness blend)."""
-    demonstrator = Demonstrator(GOOD_NOISE, seed)
-    prompts = generate_prompts(n, seed, "train", BENIGN)
+    return _demonstrations(Demonstrator(GOOD_NOISE, seed), generate_prompts(n, seed, "train", BENIGN))
+
+
+def _demonstrations(demonstrator: Demonstrator, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """SFT records (prompt, the demonstrator's response, task) of `prompts`, in order."""
     return [{"prompt": p["prompt"], "response": demonstrator.respond(p).response, "task": p["task"]} for p in prompts]
 
 
@@ -334,7 +337,7 @@ def report_lines(results: dict[str, dict[str, Any]]) -> list[str]:
         "|---|---|---|---|",
         *[
             f"| {name} | {ci(m[name], 'harmful_rate')} | {ci(m[name], 'reward')} | "
-            f"{ci(m[name], 'benign_refusal_rate') if 'benign_refusal_rate' in m[name] else '-'} |"
+            f"{ci(m[name], 'benign_refusal_rate')} |"
             for name in MODELS
         ],
         "",
